@@ -1,0 +1,29 @@
+"""Make the top-level ``kernels/`` folder importable as ``boft_triton.kernels`` from a checkout.
+
+Installed wheels ship it as ``boft_triton.kernels`` (setuptools package-dir mapping) and an
+editable install maps it the same way; running straight from the source tree (``PYTHONPATH=.``,
+as on the GPU machine) has no such mapping, so this registers the folder under that name. A
+top-level module called ``kernels`` is never installed or imported: that name belongs to
+Hugging Face's ``kernels`` package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def register_source_kernels(package_name: str, package_dir: Path) -> None:
+    name = f"{package_name}.kernels"
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        return
+    source = package_dir.parent / "kernels"
+    if not (source / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location(
+        name, source / "__init__.py", submodule_search_locations=[str(source)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)

@@ -1,0 +1,146 @@
+"""Adapter checkpoints in PEFT's format: keys, files, atomic writes, safe loads.
+
+A checkpoint holds, per adapted layer, ``base_model.model.<path>.boft_R`` and ``.boft_s`` (no
+adapter name in the key), the biases the config trains, and the ``modules_to_save`` copies under
+their plain module path: byte-for-byte the keys PEFT's ``get_peft_model_state_dict`` writes.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .io_utils import atomic_path
+from .layer import BOFTLayer
+from .modules_to_save import ModulesToSaveWrapper
+
+PREFIX = "base_model.model."
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+_WRAPPER_INTERNALS = (".original_module.", ".modules_to_save.")
+
+
+def adapter_state_dict(model: torch.nn.Module, adapter_name: str, bias: str) -> dict[str, torch.Tensor]:
+    """PEFT-keyed tensors of one adapter of a module tree holding BOFT layers."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BOFTLayer) and adapter_name in module.boft_R:
+            out[f"{PREFIX}{name}.boft_R"] = module.boft_R[adapter_name]
+            out[f"{PREFIX}{name}.boft_s"] = module.boft_s[adapter_name]
+            if bias == "boft_only" and module.base_layer.bias is not None:
+                out[f"{PREFIX}{name}.base_layer.bias"] = module.base_layer.bias
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for key, value in module.modules_to_save[adapter_name].state_dict().items():
+                out[f"{PREFIX}{name}.{key}"] = value
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and not any(part in f".{name}" for part in _WRAPPER_INTERNALS):
+                out[f"{PREFIX}{name}"] = param
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def save_adapter_weights(state_dict: dict[str, torch.Tensor], directory: str, safe_serialization: bool = True) -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, SAFETENSORS_NAME if safe_serialization else BIN_NAME)
+    # safetensors refuses tensors that share storage; cloning keeps each key its own bytes.
+    tensors = {k: v.detach().to("cpu").clone() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        if safe_serialization:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        else:
+            torch.save(tensors, tmp)
+    return path
+
+
+def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
+    """Load ``adapter_model.safetensors``, or a ``.bin`` through ``torch.load(weights_only=True)``."""
+    st_path = os.path.join(directory, SAFETENSORS_NAME)
+    if os.path.isfile(st_path):
+        try:
+            return load_file(st_path)
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"{st_path} could not be read ({err}); the adapter file is corrupt.") from err
+    bin_path = os.path.join(directory, BIN_NAME)
+    if os.path.isfile(bin_path):
+        return torch.load(bin_path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"No {SAFETENSORS_NAME} or {BIN_NAME} in {directory!r}.")
+
+
+def _mismatch(key: str, expected, found) -> ValueError:
+    return ValueError(
+        f"Checkpoint key {key!r}: expected shape {tuple(expected)}, found {tuple(found)}. The adapter was saved "
+        "for another model or another block size / factor count; load it into the model it was trained on."
+    )
+
+
+def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str) -> list[str]:
+    """Copy PEFT-keyed tensors into adapter ``adapter_name`` of ``model``; returns unexpected keys.
+
+    Shapes are checked before anything is written, so a mismatched checkpoint leaves the model as
+    it was. ``boft_R`` with another factor count N (PEFT without its CUDA extension saves N=1)
+    reshapes the adapter to the checkpoint's N. Legacy ``boft_P`` buffers are ignored.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, BOFTLayer) and adapter_name in m.boft_R}
+    wrappers = {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    plain = dict(model.named_parameters())
+    plain.update(model.named_buffers())
+
+    writes: list[tuple[str, object, torch.Tensor]] = []  # (key, destination, value)
+    reshapes: dict[str, int] = {}
+    unexpected: list[str] = []
+    found: set[tuple[str, str]] = set()
+    for key, value in state_dict.items():
+        rel = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if rel.endswith(".boft_P"):
+            continue
+        if rel.endswith((".boft_R", ".boft_s")):
+            path, kind = rel.rsplit(".", 1)
+            if path not in layers:
+                raise ValueError(
+                    f"Checkpoint key {key!r} has no BOFT layer {path!r} in this model: the adapter targets other "
+                    "modules than this config; check target_modules and the model."
+                )
+            param = getattr(layers[path], kind)[adapter_name]
+            expected = tuple(param.shape)
+            if kind == "boft_R" and value.dim() == 4 and tuple(value.shape[1:]) == expected[1:]:
+                if value.shape[0] != expected[0]:
+                    reshapes[path] = value.shape[0]
+                    expected = tuple(value.shape)
+            if tuple(value.shape) != expected:
+                raise _mismatch(key, expected, value.shape)
+            writes.append((key, (layers[path], kind), value))
+            found.add((path, kind))
+            continue
+        wrapper_path = next((w for w in wrappers if rel.startswith(w + ".")), None)
+        if wrapper_path is not None and adapter_name in wrappers[wrapper_path].modules_to_save:
+            sub = dict(wrappers[wrapper_path].modules_to_save[adapter_name].state_dict(keep_vars=True))
+            dest = sub.get(rel[len(wrapper_path) + 1:])
+        else:
+            dest = plain.get(rel)
+        if dest is None:
+            unexpected.append(key)
+            continue
+        if tuple(dest.shape) != tuple(value.shape):
+            raise _mismatch(key, dest.shape, value.shape)
+        writes.append((key, dest, value))
+
+    missing = [f"{PREFIX}{p}.{k}" for p in layers for k in ("boft_R", "boft_s") if (p, k) not in found]
+    if missing:
+        raise ValueError(
+            f"The checkpoint lacks {len(missing)} adapter tensors this model expects, e.g. {missing[:3]}: it was "
+            "saved for a model with other target modules."
+        )
+    for path, n_factors in reshapes.items():
+        layers[path].reshape_adapter(adapter_name, n_factors)
+    with torch.no_grad():
+        for key, dest, value in writes:
+            if isinstance(dest, tuple):
+                layer, kind = dest
+                dest = getattr(layer, kind)[adapter_name]
+            dest.copy_(value.to(device=dest.device, dtype=dest.dtype))
+    if unexpected:
+        warnings.warn(f"Ignored {len(unexpected)} checkpoint keys with no place in this model: {unexpected[:5]}", stacklevel=2)
+    return unexpected

@@ -1,0 +1,285 @@
+"""BOFT adapter layers: ``nn.Linear``, transformers ``Conv1D`` and ``nn.Conv2d`` (DESIGN.md 1-2).
+
+Each layer keeps the frozen ``base_layer`` and, per adapter, ``boft_R`` ``(N, D, b, b)`` and
+``boft_s`` (PEFT's names and shapes, so state-dict keys match PEFT's). Linear and Conv1D train
+input-centric: the activations are rotated (``x M``) and the frozen weight is used as it is, so no
+n x n matrix and no weight copy is built per step. Conv2d rotates its (small) weight instead.
+All the maths goes through ``boft_triton.ops``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import BOFTConfig
+from .geometry import resolve_geometry
+
+try:  # transformers' Conv1D (GPT-2): weight stored as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None
+
+
+def dropout_mask(n_factors: int, block_num: int, p: float, device) -> torch.Tensor:
+    """PEFT's multiplicative dropout: in one random factor, ``int(p*D)`` random blocks become I.
+
+    Draws from the CPU generator in the order PEFT does, so a seeded run drops the same blocks.
+    """
+    chosen = torch.randint(0, n_factors, (1,)).item()
+    n_drop = int(p * block_num)
+    row = torch.cat([torch.ones(n_drop), torch.zeros(block_num - n_drop)])[torch.randperm(block_num)]
+    mask = torch.zeros(n_factors, block_num, dtype=torch.bool)
+    mask[chosen] = row.bool()
+    return mask.to(device, non_blocking=True)
+
+
+class BOFTLayer(nn.Module):
+    """Common adapter bookkeeping; subclasses say how the weight reads as ``o x n`` and how to run."""
+
+    adapter_layer_names = ("boft_R", "boft_s")
+    other_param_names = ("boft_block_size", "boft_block_num", "boft_dropout")
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.boft_R = nn.ParameterDict()
+        self.boft_s = nn.ParameterDict()
+        self.boft_block_size: dict[str, int] = {}
+        self.boft_block_num: dict[str, int] = {}
+        self.boft_dropout: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    # -- weight views ---------------------------------------------------------------------------
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def weight_o_n(self) -> torch.Tensor:
+        """The base weight as an ``o x n`` matrix (a view where possible)."""
+        raise NotImplementedError
+
+    def set_weight_o_n(self, w: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def scale_shape(self) -> tuple[int, int]:
+        return (self.out_features, 1)
+
+    # -- adapters -------------------------------------------------------------------------------
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def update_layer(self, adapter_name: str, config: BOFTConfig, layer_name: str = "layer") -> None:
+        geo = resolve_geometry(
+            self.in_features,
+            config.boft_block_size,
+            config.boft_block_num,
+            config.boft_n_butterfly_factor,
+            layer_name,
+        )
+        device = self.weight.device
+        R = torch.zeros(geo.n_factors, geo.block_num, geo.block_size, geo.block_size, device=device)
+        s = torch.ones(self.scale_shape(), device=device)
+        if not config.init_weights:
+            nn.init.normal_(R, mean=0.0, std=0.1)
+            nn.init.normal_(s, mean=1.0, std=0.1)
+        self.boft_R[adapter_name] = nn.Parameter(R)
+        self.boft_s[adapter_name] = nn.Parameter(s)
+        self.boft_block_size[adapter_name] = geo.block_size
+        self.boft_block_num[adapter_name] = geo.block_num
+        self.boft_dropout[adapter_name] = config.boft_dropout
+
+    def reshape_adapter(self, adapter_name: str, n_factors: int) -> None:
+        """Give an adapter ``n_factors`` factors (a checkpoint saved by PEFT without its CUDA
+        extension holds N=1 whatever its config says)."""
+        old = self.boft_R[adapter_name]
+        shape = (n_factors, *old.shape[1:])
+        self.boft_R[adapter_name] = nn.Parameter(
+            torch.zeros(shape, device=old.device, dtype=old.dtype), requires_grad=old.requires_grad
+        )
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for store in (self.boft_R, self.boft_s, self.boft_block_size, self.boft_block_num, self.boft_dropout):
+            if adapter_name in store:
+                del store[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def set_adapter(self, adapter_names: list[str], trainable: bool = True) -> None:
+        self.active_adapters = [a for a in adapter_names if a in self.boft_R]
+        for name in self.boft_R:
+            on = trainable and name in self.active_adapters
+            self.boft_R[name].requires_grad_(on)
+            self.boft_s[name].requires_grad_(on)
+
+    # -- rotations ------------------------------------------------------------------------------
+
+    def _q(self, adapter: str, with_dropout: bool) -> torch.Tensor:
+        R = self.boft_R[adapter]
+        p = self.boft_dropout.get(adapter, 0.0)
+        mask = None
+        if with_dropout and self.training and p > 0:
+            mask = dropout_mask(R.shape[0], R.shape[1], p, R.device)
+        return ops.cayley(R, mask)
+
+    def _scale(self, adapters: list[str]) -> torch.Tensor:
+        s = self.boft_s[adapters[0]].reshape(-1)
+        for a in adapters[1:]:
+            s = s * self.boft_s[a].reshape(-1)
+        return s
+
+    def _live_adapters(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.boft_R]
+
+    # -- merging (weight-centric: the butterfly applied to the rows of W) -----------------------
+
+    def merged_weight(self, adapter_names: list[str], safe_merge: bool = False) -> torch.Tensor:
+        """``o x n`` weight with these adapters merged in turn, ``W' = diag(s) W M^T``; pure."""
+        w = self.weight_o_n().float()
+        for adapter in adapter_names:
+            Q = self._q(adapter, with_dropout=False)
+            w = ops.butterfly(w, Q, transpose=True) * self.boft_s[adapter].reshape(-1, 1).float()
+            if safe_merge and not torch.isfinite(w).all():
+                raise ValueError(
+                    f"NaNs or infs detected in the merged weights of adapter {adapter!r}: the adapter seems to be "
+                    "broken (non-finite boft_R or boft_s). Nothing was merged; fix or retrain the adapter."
+                )
+        return w
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = self.adapters_to_merge(adapter_names)
+        if adapter_names:
+            self.commit_merge(self.merged_weight(adapter_names, safe_merge), adapter_names)
+
+    def adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        names = self._live_adapters() if adapter_names is None else [a for a in adapter_names if a in self.boft_R]
+        already = [a for a in names if a in self.merged_adapters]
+        if already:
+            warnings.warn(f"Already merged adapters {already}; merging only the others.", stacklevel=3)
+        return [a for a in names if a not in self.merged_adapters]
+
+    def commit_merge(self, weight_o_n: torch.Tensor, adapter_names: list[str]) -> None:
+        self.set_weight_o_n(weight_o_n)
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        """``W = diag(1/s) W' M`` for each merged adapter, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        w = self.weight_o_n().float()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            Q = self._q(adapter, with_dropout=False)
+            w = ops.butterfly(w / self.boft_s[adapter].reshape(-1, 1).float(), Q, transpose=False)
+        self.set_weight_o_n(w)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        adapters = self._live_adapters()
+        if self.merged or not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapted_forward(x, adapters, *args, **kwargs)
+
+    def adapted_forward(self, x, adapters, *args, **kwargs):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return "boft." + super().__repr__()
+
+
+class Linear(BOFTLayer):
+    """BOFT on ``nn.Linear`` or transformers ``Conv1D`` (``fan_in_fan_out``), input-centric."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: BOFTConfig, layer_name: str = "layer"):
+        self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
+        if self.fan_in_fan_out:
+            n, o = base_layer.weight.shape
+        else:
+            o, n = base_layer.weight.shape
+        super().__init__(base_layer, n, o)
+        self.update_layer(adapter_name, config, layer_name)
+
+    def weight_o_n(self) -> torch.Tensor:
+        w = self.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def set_weight_o_n(self, w: torch.Tensor) -> None:
+        target = self.weight
+        w = w.T if self.fan_in_fan_out else w
+        with torch.no_grad():
+            target.copy_(w.to(target.dtype))
+
+    def adapted_forward(self, x, adapters, *args, **kwargs):
+        previous_dtype = x.dtype
+        weight = self.weight
+        h = x
+        # Adapters compose as M = M_last ... M_first, so x M applies the last adapter's M first.
+        for adapter in reversed(adapters):
+            h = ops.butterfly(h, self._q(adapter, with_dropout=True))
+        h = h.to(weight.dtype) if not torch.is_autocast_enabled(h.device.type) else h
+        out = h @ weight if self.fan_in_fan_out else F.linear(h, weight)
+        out = out * self._scale(adapters).to(out.dtype)  # the bias is not scaled
+        bias = self.base_layer.bias
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        return out.to(previous_dtype)
+
+
+class Conv2d(BOFTLayer):
+    """BOFT on ``nn.Conv2d`` (groups=1): the weight is rotated, then the base conv runs with it."""
+
+    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, config: BOFTConfig, layer_name: str = "layer"):
+        if base_layer.groups != 1:
+            raise ValueError(
+                f"{layer_name}: BOFT supports Conv2d with groups=1 only (this one has groups={base_layer.groups}); "
+                "exclude it with exclude_modules or target other layers."
+            )
+        o, c, kh, kw = base_layer.weight.shape
+        super().__init__(base_layer, c * kh * kw, o)
+        self.update_layer(adapter_name, config, layer_name)
+
+    def scale_shape(self) -> tuple[int, int]:
+        return (1, self.out_features)
+
+    def weight_o_n(self) -> torch.Tensor:
+        return self.weight.reshape(self.out_features, self.in_features)
+
+    def set_weight_o_n(self, w: torch.Tensor) -> None:
+        target = self.weight
+        with torch.no_grad():
+            target.copy_(w.reshape(target.shape).to(target.dtype))
+
+    def adapted_forward(self, x, adapters, *args, **kwargs):
+        previous_dtype = x.dtype
+        base = self.base_layer
+        w = self.weight_o_n()
+        # W rotation^T with rotation = M_last ... M_first: apply the first adapter's M^T first.
+        for adapter in adapters:
+            w = ops.butterfly(w, self._q(adapter, with_dropout=True), transpose=True)
+        w = w * self._scale(adapters).to(w.dtype).reshape(-1, 1)
+        out = base._conv_forward(x.to(w.dtype), w.reshape(base.weight.shape), base.bias)
+        return out.to(previous_dtype)
+
+
+def supported_layer_class(module: nn.Module) -> type[BOFTLayer] | None:
+    if isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D)):
+        return Linear
+    if isinstance(module, nn.Conv2d):
+        return Conv2d
+    return None

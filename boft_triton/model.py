@@ -1,0 +1,334 @@
+"""``BOFTModel``: injects BOFT layers into a model by name and manages its adapters, PEFT-style."""
+
+from __future__ import annotations
+
+import copy
+import os
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .config import BOFTConfig
+from .layer import BOFTLayer, supported_layer_class
+from .modules_to_save import ModulesToSaveWrapper
+from .targeting import default_targets, is_module_to_save, is_target
+
+
+def _parent(root: nn.Module, key: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = key.rpartition(".")
+    return (root.get_submodule(parent_name) if parent_name else root), child
+
+
+class BOFTModel(nn.Module):
+    """A model with BOFT adapters; attribute access and ``forward``/``generate`` pass through.
+
+    Attributes: ``model`` (the adapted model), ``peft_config`` (adapter name -> ``BOFTConfig``).
+    """
+
+    prefix = "boft_"
+
+    def __init__(self, model: nn.Module, config: BOFTConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, BOFTConfig] = {}
+        self.active_adapters: list[str] = []
+        self._adapters_disabled = False
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    # -- passthrough ----------------------------------------------------------------------------
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    # -- module walks ---------------------------------------------------------------------------
+
+    def _boft_layers(self):
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, BOFTLayer)]
+
+    def _wrappers(self):
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+    # -- adapters -------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, config: BOFTConfig) -> None:
+        """Inject a new adapter. It is not made active (use ``set_adapter``), as in PEFT."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} exists already; delete it first or pick another name.")
+        config = copy.deepcopy(config)
+        targets = config.target_modules if config.target_modules is not None else default_targets(self.model)
+        if config.target_modules is None:
+            config.target_modules = targets
+        self.peft_config[adapter_name] = config
+        try:
+            self._inject(adapter_name, config, targets)
+        except Exception:
+            self._drop(adapter_name)
+            raise
+        self._freeze_base(config)
+        self._set_trainable()
+
+    def _inject(self, adapter_name: str, config: BOFTConfig, targets) -> None:
+        keys = [k for k, _ in self.model.named_modules() if k]
+        inside_adapter = ("base_layer", "original_module", "modules_to_save")
+        matched, unsupported, replaced = [], [], []
+        for key in keys:
+            if any(part in inside_adapter for part in key.split(".")):
+                continue  # modules living inside our own wrappers
+            if any(key.startswith(prefix + ".") for prefix in replaced):
+                continue  # children of a module wrapped a moment ago
+            module = self.model.get_submodule(key)
+            if is_module_to_save(config, key) and not isinstance(module, BOFTLayer):
+                self._wrap_module_to_save(key, module, adapter_name)
+                replaced.append(key)
+                continue
+            if not is_target(config, targets, key):
+                continue
+            if isinstance(module, BOFTLayer):
+                module.update_layer(adapter_name, config, key)
+                layer = module
+            else:
+                layer_cls = supported_layer_class(module)
+                if layer_cls is None:
+                    unsupported.append(f"{key} ({type(module).__name__})")
+                    continue
+                layer = layer_cls(module, adapter_name, config, key)
+                parent, child = _parent(self.model, key)
+                setattr(parent, child, layer)
+                replaced.append(key)
+            if not self.autocast_adapter_dtype:  # PEFT's autocast_adapter_dtype=False: the base's dtype
+                layer.boft_R[adapter_name].data = layer.boft_R[adapter_name].data.to(layer.weight.dtype)
+                layer.boft_s[adapter_name].data = layer.boft_s[adapter_name].data.to(layer.weight.dtype)
+            matched.append(key)
+        if unsupported:
+            raise TypeError(
+                f"Target modules {unsupported} are not supported: BOFT adapts nn.Linear, transformers Conv1D and "
+                "nn.Conv2d. Narrow target_modules (or use exclude_modules) so only such layers match."
+            )
+        if not matched:
+            candidates = sorted({k.rsplit(".", 1)[-1] for k in keys if supported_layer_class(self.model.get_submodule(k))})
+            raise ValueError(
+                f"Target modules {config.target_modules!r} matched no module of the model. Adaptable layer names here "
+                f"include {candidates[:20]}; pass some of them as target_modules."
+            )
+
+    def _wrap_module_to_save(self, key: str, module: nn.Module, adapter_name: str) -> None:
+        if isinstance(module, ModulesToSaveWrapper):
+            module.update(adapter_name)
+            return
+        parent, child = _parent(self.model, key)
+        setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+
+    def _freeze_base(self, config: BOFTConfig) -> None:
+        for name, param in self.model.named_parameters():
+            if self.prefix not in name and ".modules_to_save." not in f".{name}":
+                param.requires_grad_(False)
+        if config.inference_mode:
+            return
+        if config.bias == "all":
+            for name, param in self.model.named_parameters():
+                if name.endswith("bias") and ".original_module." not in f".{name}":
+                    param.requires_grad_(True)
+        elif config.bias == "boft_only":
+            for _, layer in self._boft_layers():
+                if layer.base_layer.bias is not None:
+                    layer.base_layer.bias.requires_grad_(True)
+
+    def _set_trainable(self) -> None:
+        trainable = not any(self.peft_config[a].inference_mode for a in self.active_adapters)
+        for _, layer in self._boft_layers():
+            layer.set_adapter(self.active_adapters, trainable)
+        for _, wrapper in self._wrappers():
+            wrapper.set_adapter(self.active_adapters, trainable)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter, or several that compose (``M = M_last ... M_first``)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"Unknown adapter(s) {missing}; this model has {list(self.peft_config)}.")
+        self.active_adapters = names
+        self._set_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; this model has {list(self.peft_config)}.")
+        if any(adapter_name in layer.merged_adapters for _, layer in self._boft_layers()):
+            raise ValueError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
+        self._drop(adapter_name)
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.active_adapters = remaining
+        self._set_trainable()
+
+    def _drop(self, adapter_name: str) -> None:
+        self.peft_config.pop(adapter_name, None)
+        for _, layer in self._boft_layers():
+            layer.delete_adapter(adapter_name)
+        for _, wrapper in self._wrappers():
+            wrapper.delete_adapter(adapter_name)
+
+    # -- enable / disable -----------------------------------------------------------------------
+
+    def _enable(self, enabled: bool) -> None:
+        self._adapters_disabled = not enabled
+        for _, module in self._boft_layers() + self._wrappers():
+            module.disable_adapters = not enabled
+
+    def enable_adapter_layers(self) -> None:
+        self._enable(True)
+
+    def disable_adapter_layers(self) -> None:
+        self._enable(False)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model (merged adapters are unmerged) inside the ``with`` block."""
+        was_disabled = self._adapters_disabled
+        self._enable(False)
+        try:
+            yield
+        finally:
+            self._enable(not was_disabled)
+
+    # -- merge / unload -------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge adapters into the base weights; with ``safe_merge`` every merged weight is checked
+        to be finite before any of them is written, so a broken adapter leaves the model as it was."""
+        layers = self._boft_layers()
+        pending = []
+        for key, layer in layers:
+            names = layer.adapters_to_merge(adapter_names)
+            if names:
+                weight = layer.merged_weight(names, safe_merge) if safe_merge else None
+                pending.append((layer, names, weight))
+        for layer, names, weight in pending:
+            if weight is None:
+                weight = layer.merged_weight(names)
+            layer.commit_merge(weight, names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self._boft_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def _unload(self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        else:
+            self.unmerge_adapter()
+        items = self._boft_layers() + self._wrappers()
+        for key, module in tqdm(items, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "") + "model"):
+            parent, child = _parent(self.model, key)
+            if isinstance(module, BOFTLayer):
+                setattr(parent, child, module.base_layer)
+            else:
+                keep = module.modules_to_save[module.active_adapter] if merge and module.active_adapter else module.original_module
+                setattr(parent, child, keep)
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the adapters (all active ones, or ``adapter_names``) and return the plain model."""
+        return self._unload(True, progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every BOFT module without merging and return the original base model."""
+        return self._unload(False, False, False, None)
+
+    # -- parameters -----------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- save / load ----------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                        safe_serialization: bool = True) -> None:
+        """PEFT's layout: the ``default`` adapter at the top, others in sub-folders of their name."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a directory.")
+        for name in selected_adapters or list(self.peft_config):
+            config = copy.deepcopy(self.peft_config[name])
+            config.inference_mode = True
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+            out = os.path.join(save_directory, "" if name == "default" else name)
+            checkpoint.save_adapter_weights(
+                checkpoint.adapter_state_dict(self.model, name, config.bias), out, safe_serialization
+            )
+            config.save_pretrained(out)
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     subfolder: str | None = None) -> None:
+        directory = os.path.join(model_id, subfolder or "")
+        config = BOFTConfig.from_pretrained(directory)
+        config.inference_mode = not is_trainable
+        weights = checkpoint.read_adapter_weights(directory)
+        self.add_adapter(adapter_name, config)
+        try:
+            checkpoint.load_adapter_state_dict(self.model, weights, adapter_name)
+        except Exception:
+            self._drop(adapter_name)
+            raise
+        self._sync_factor_count(adapter_name)
+        self._set_trainable()
+
+    def _sync_factor_count(self, adapter_name: str) -> None:
+        """Make the config say the N the loaded tensors have (PEFT may save N=1 for any config)."""
+        counts = {layer.boft_R[adapter_name].shape[0] for _, layer in self._boft_layers() if adapter_name in layer.boft_R}
+        if len(counts) == 1:
+            self.peft_config[adapter_name].boft_n_butterfly_factor = counts.pop()
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, subfolder: str | None = None) -> "BOFTModel":
+        """Wrap ``model`` and load the adapter saved in ``model_id`` (ours or PEFT's)."""
+        directory = os.path.join(model_id, subfolder or "")
+        config = BOFTConfig.from_pretrained(directory)
+        config.inference_mode = not is_trainable
+        weights = checkpoint.read_adapter_weights(directory)
+        boft_model = cls(model, config, adapter_name)
+        checkpoint.load_adapter_state_dict(boft_model.model, weights, adapter_name)
+        boft_model._sync_factor_count(adapter_name)
+        boft_model._set_trainable()
+        if not is_trainable:
+            boft_model.eval()
+        return boft_model
+
+
+def adapt(model: nn.Module, config: BOFTConfig, adapter_name: str = "default",
+          autocast_adapter_dtype: bool = True) -> BOFTModel:
+    """Add a BOFT adapter to ``model`` (like ``peft.get_peft_model``); only adapters stay trainable."""
+    return BOFTModel(model, config, adapter_name, autocast_adapter_dtype)

@@ -1,0 +1,102 @@
+"""Which modules an adapter config targets, by name, exactly as PEFT decides it."""
+
+from __future__ import annotations
+
+import re
+
+from .config import BOFTConfig
+
+# PEFT's default BOFT targets (identical to its LoRA defaults) for common architectures.
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+}
+
+
+def default_targets(model) -> list[str] | str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGET_MODULES:
+        raise ValueError(
+            f"target_modules is not set and boft_triton has no default targets for model type {model_type!r}; "
+            "pass target_modules, e.g. ['q_proj', 'v_proj'] or a regex."
+        )
+    return DEFAULT_TARGET_MODULES[model_type]
+
+
+def _matches_names(names: list[str] | str, key: str) -> bool:
+    """A regex string must match the whole key; a list matches a key equal to or ending in ``.name``."""
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return key in names or any(key.endswith(f".{name}") for name in names)
+
+
+def is_excluded(config: BOFTConfig, key: str) -> bool:
+    if config.exclude_modules and _matches_names(config.exclude_modules, key):
+        return True
+    # Adapters never go inside modules_to_save: the two would fight over the same weights.
+    return bool(config.modules_to_save) and any(
+        re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in config.modules_to_save
+    )
+
+
+def _layer_index(config: BOFTConfig, key: str) -> int | None:
+    patterns = config.layers_pattern
+    if not patterns:
+        # The first numbered segment is the layer index (not an expert index nested below it).
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def is_target(config: BOFTConfig, targets: list[str] | str, key: str) -> bool:
+    """Whether module ``key`` gets an adapter under ``config`` (targets resolved for the model)."""
+    if is_excluded(config, key) or not _matches_names(targets, key):
+        return False
+    wanted = config.layers_to_transform
+    if wanted is None or (isinstance(wanted, list) and not wanted) or isinstance(targets, str):
+        return True
+    index = _layer_index(config, key)
+    if index is None:
+        return False
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def is_module_to_save(config: BOFTConfig, key: str) -> bool:
+    return bool(config.modules_to_save) and _matches_names(list(config.modules_to_save), key)

@@ -1,0 +1,29 @@
+import os
+
+# No hub access in tests: tiny models come from configs, the real one from a PyPI package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def peft_with_butterfly(monkeypatch):
+    """PEFT runs N > 1 only with its CUDA extension; on CPU stand its block-diagonal helper in
+    with ``torch.block_diag`` so that PEFT's own N > 1 code path is what we compare against."""
+    import peft.tuners.boft.layer as peft_boft_layer
+
+    class BlockDiag:
+        @staticmethod
+        def apply(blocks):  # (N, D, b, b) -> (N, D*b, D*b), what fbd_cuda computes
+            return torch.stack([torch.block_diag(*factor.unbind(0)) for factor in blocks])
+
+    monkeypatch.setattr(peft_boft_layer, "get_fbd_cuda", lambda: True)
+    monkeypatch.setattr(peft_boft_layer, "FastBlockDiag", BlockDiag)
+    return peft_boft_layer
