@@ -6,9 +6,10 @@
 
 from pathlib import Path
 
-from ._source_tree import register_source_kernels
+from ._source_tree import register_source_subpackage
 
-register_source_kernels(__name__, Path(__file__).resolve().parent)
+for _folder in ("kernels", "bench"):
+    register_source_subpackage(__name__, Path(__file__).resolve().parent, _folder)
 
 from .config import BOFTConfig  # noqa: E402
 from .layer import BOFTLayer, Conv2d, Linear  # noqa: E402

@@ -1,8 +1,9 @@
-"""Make the top-level ``kernels/`` folder importable as ``boft_triton.kernels`` from a checkout.
+"""Make the top-level ``kernels/`` and ``bench/`` folders importable as ``boft_triton.kernels``
+and ``boft_triton.bench`` from a checkout.
 
-Installed wheels ship it as ``boft_triton.kernels`` (setuptools package-dir mapping) and an
-editable install maps it the same way; running straight from the source tree (``PYTHONPATH=.``,
-as on the GPU machine) has no such mapping, so this registers the folder under that name. A
+Installed wheels ship them under those names (setuptools package-dir mapping) and an editable
+install maps them the same way; running straight from the source tree (``PYTHONPATH=.``, as on
+the GPU machine) has no such mapping, so this registers the folders under those names. A
 top-level module called ``kernels`` is never installed or imported: that name belongs to
 Hugging Face's ``kernels`` package.
 """
@@ -14,11 +15,11 @@ import sys
 from pathlib import Path
 
 
-def register_source_kernels(package_name: str, package_dir: Path) -> None:
-    name = f"{package_name}.kernels"
+def register_source_subpackage(package_name: str, package_dir: Path, folder: str) -> None:
+    name = f"{package_name}.{folder}"
     if name in sys.modules or importlib.util.find_spec(name) is not None:
         return
-    source = package_dir.parent / "kernels"
+    source = package_dir.parent / folder
     if not (source / "__init__.py").is_file():
         return
     spec = importlib.util.spec_from_file_location(

@@ -2,8 +2,8 @@
 
 ``cayley(R, mask)`` and ``butterfly(x, Q, transpose)`` are differentiable. CUDA tensors go to the
 Triton kernels (``boft_triton.kernels``), CPU tensors to the torch path (``torch_ops``); the
-environment variable ``BOFT_TRITON_BACKEND=auto|triton|torch`` forces one (with
-``TRITON_INTERPRET=1`` the kernels run on CPU tensors, which is how CI tests them). Both
+environment variable ``BOFT_TRITON_BACKEND=auto|triton|torch`` forces one (``triton`` together
+with ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors, which is how CI tests them). Both
 backends compute the same maths; a missing Triton on a GPU falls back to the torch path with one
 warning, never to different maths.
 """
@@ -44,10 +44,9 @@ def backend_for(t: torch.Tensor) -> str:
     backend = requested_backend()
     if backend == "torch":
         return "torch"
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if backend == "auto" and not (t.is_cuda or (interpret and t.device.type == "cpu")):
+    if backend == "auto" and not t.is_cuda:
         return "torch"
-    if backend == "triton" and not (t.is_cuda or interpret):
+    if backend == "triton" and not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise RuntimeError(
             "BOFT_TRITON_BACKEND=triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors; "
             "unset it (auto) to use the torch path on the CPU."

@@ -1,9 +1,8 @@
 """The torch path of the functional ops: the same algorithm as the kernels, in plain torch ops.
 
-Used on CPU tensors (and as the fallback when Triton is unavailable). Autograd differentiates
-it directly; it is also what the kernels are tested against, beside the dense fp64 reference.
-Permutations are index gathers and the block-diagonal products are batched matmuls, so no
-n x n matrix is ever formed.
+Used on CPU tensors (and as the fallback when Triton is unavailable); the kernels are tested
+against it and against the dense fp64 reference. Permutations are index gathers and the
+block-diagonal products batched matmuls, so no n x n matrix is ever formed.
 """
 
 from __future__ import annotations
@@ -29,30 +28,80 @@ def cayley(R: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     return Q
 
 
-def _apply_factor(x: torch.Tensor, q: torch.Tensor, level: int) -> torch.Tensor:
-    """``x B_level`` for rows x ``[T, n]``, with ``B = P blockdiag(q) P^T`` and q ``[D, b, b]``."""
-    T, n = x.shape
-    D, b, _ = q.shape
+def _factor_order(n_factors: int, transpose: bool) -> list[int]:
+    """Levels in the order they act on row vectors: ``x M = x B_{N-1} ... B_0``,
+    ``x M^T = x B_0^T ... B_{N-1}^T``."""
+    return list(range(n_factors)) if transpose else list(reversed(range(n_factors)))
+
+
+def _to_blocks(h: torch.Tensor, level: int, D: int, b: int) -> torch.Tensor:
+    """``(h P_level)`` viewed as ``[D, T, b]`` (block-major, for bmm)."""
+    T, n = h.shape
     if level:
-        into, back = butterfly_gathers(n, b, level, x.device)
-        x = x[:, into]  # x P
-    y = torch.bmm(x.view(T, D, b).transpose(0, 1), q).transpose(0, 1).reshape(T, n)
-    return y[:, back] if level else y  # y P^T
+        h = h[:, butterfly_gathers(n, b, level, h.device)[0]]
+    return h.view(T, D, b).transpose(0, 1)
+
+
+def _from_blocks(blocks: torch.Tensor, level: int) -> torch.Tensor:
+    """Inverse of ``_to_blocks``: ``[D, T, b]`` -> ``(.) P_level^T`` as ``[T, n]``."""
+    D, T, b = blocks.shape
+    h = blocks.transpose(0, 1).reshape(T, D * b)
+    return h[:, butterfly_gathers(D * b, b, level, h.device)[1]] if level else h
+
+
+def _apply(h: torch.Tensor, Q: torch.Tensor, level: int, transpose: bool) -> torch.Tensor:
+    """``h B_level`` (or ``h B_level^T``), ``B = P blockdiag(Q_level) P^T``."""
+    D, b = Q.shape[1], Q.shape[2]
+    q = Q[level].transpose(-1, -2) if transpose else Q[level]
+    return _from_blocks(torch.bmm(_to_blocks(h, level, D, b), q), level)
+
+
+class _Butterfly(torch.autograd.Function):
+    """``y = x M`` (or ``x M^T``) saving only x and Q; backward recomputes the factor inputs.
+
+    For a factor ``y_i = u_i B_i`` with ``B_i = P_i blockdiag(Q_i) P_i^T`` and upstream ``g_i``:
+    ``dl/du_i = g_i B_i^T`` and ``dl/dQ_i[j] = sum_rows (u_i P_i)[:, j]^T (g_i P_i)[:, j]``
+    (block j of width b). For the transposed factor ``u B_i^T`` the block gradient is transposed.
+    Factors are visited in reverse order of application, so ``dl/dx = g M^T`` (or ``g M``).
+    """
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, Q: torch.Tensor, transpose: bool) -> torch.Tensor:
+        h = x2d.float()
+        for level in _factor_order(Q.shape[0], transpose):
+            h = _apply(h, Q, level, transpose)
+        ctx.save_for_backward(x2d, Q)
+        ctx.transpose = transpose
+        return h.to(x2d.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2d, Q = ctx.saved_tensors
+        transpose = ctx.transpose
+        D, b = Q.shape[1], Q.shape[2]
+        order = _factor_order(Q.shape[0], transpose)
+        inputs, h = [], x2d.float()
+        for level in order:  # recompute the input of every factor
+            inputs.append(h)
+            h = _apply(h, Q, level, transpose)
+        g = grad_out.float()
+        grad_q = torch.zeros_like(Q) if ctx.needs_input_grad[1] else None
+        for level, u in zip(reversed(order), reversed(inputs)):
+            g_blocks = _to_blocks(g, level, D, b)
+            if grad_q is not None:
+                dq = torch.bmm(_to_blocks(u, level, D, b).transpose(1, 2), g_blocks)  # [D, b, b]
+                grad_q[level] += dq.transpose(-1, -2) if transpose else dq
+            q = Q[level] if transpose else Q[level].transpose(-1, -2)  # B^T for xM, B for xM^T
+            g = _from_blocks(torch.bmm(g_blocks, q), level)
+        grad_x = g.to(x2d.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_q, None
 
 
 def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """``x M`` (or ``x M^T``) over the last dim of x, ``M = B_{N-1} ... B_0``; Q is ``[N, D, b, b]``.
 
-    Computes in fp32 and returns x's dtype.
+    Computes in fp32 and returns x's dtype; saves only x and Q for backward.
     """
-    shape, dtype = x.shape, x.dtype
-    N = Q.shape[0]
-    h = x.reshape(-1, shape[-1]).float()
-    Q = Q.float()
-    if transpose:  # x M^T = x B_0^T B_1^T ... B_{N-1}^T
-        for level in range(N):
-            h = _apply_factor(h, Q[level].transpose(-1, -2), level)
-    else:  # x M = x B_{N-1} ... B_0
-        for level in reversed(range(N)):
-            h = _apply_factor(h, Q[level], level)
-    return h.reshape(shape).to(dtype)
+    shape = x.shape
+    y = _Butterfly.apply(x.reshape(-1, shape[-1]), Q.float(), transpose)
+    return y.reshape(shape)

@@ -7,6 +7,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a GPU the Triton kernels run in Triton's interpreter. The variable must be set before
+# any @triton.jit decorator runs, i.e. before boft_triton.kernels.* is first imported. It only
+# takes effect where a test asks for the triton backend (BOFT_TRITON_BACKEND=triton or a direct
+# kernel call): on CPU tensors `auto` keeps using the torch path.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -68,3 +68,15 @@ def test_permutation_matches_design_description():
     P = dense_permutation(16, 4, 1)
     assert torch.equal(P[torch.arange(16), perm], torch.ones(16, dtype=P.dtype))
     assert torch.equal(geometry.butterfly_perm(16, 4, 0), torch.arange(16))
+
+
+@pytest.mark.parametrize("N", [1, 3])
+def test_butterfly_saves_only_its_input_and_q(N):
+    """Backward recomputes the per-factor intermediates: N factors cost no more memory than one."""
+    n, b = 32, 2
+    Q = torch_ops.cayley(torch.randn(N, n // b, b, b)).requires_grad_()
+    x = torch.randn(64, n, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch_ops.butterfly(x, Q)
+    assert sum(t.numel() for t in saved) == x.numel() + Q.numel()
