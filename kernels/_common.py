@@ -1,0 +1,125 @@
+"""Plumbing shared by the kernel files: the Triton import guard, output allocation, timing,
+launch bookkeeping and the tuning-cache lookup.
+
+Importing this module raises ImportError when Triton is missing or older than 3.2, so
+``boft_triton.ops`` can fall back to the torch path with one warning.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl  # noqa: F401  (re-exported for the kernel files)
+except Exception as err:  # pragma: no cover - depends on the environment
+    raise ImportError(f"triton is not importable: {err}") from err
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+if _version_tuple(triton.__version__) < (3, 2):  # pragma: no cover
+    raise ImportError(f"boft_triton kernels need triton>=3.2, found {triton.__version__}")
+
+TRITON_VERSION = triton.__version__
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (kernels run on CPU tensors, one program at a time)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+# Outputs every kernel fully overwrites are allocated here, so tests can switch to NaN-filled
+# buffers (fla's trick) and catch an element a kernel forgot to write.
+NAN_FILL_OUTPUTS = False
+
+
+def new_empty(*shape, dtype, device) -> torch.Tensor:
+    if NAN_FILL_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    """Name used in tuning-cache keys: the GPU's marketing name, or ``cpu-interpreter``."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device is None and torch.cuda.is_available() and not interpreting():
+        return torch.cuda.get_device_name()
+    return "cpu-interpreter"
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few splits so the deterministic reduction is exercised
+
+
+def cpu_do_bench(fn, warmup: int = 1, rep: int = 3, **_ignored) -> float:
+    """Median wall-clock milliseconds of ``fn()``; the interpreter's stand-in for do_bench."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def do_bench(fn, device: torch.device) -> float:
+    """Milliseconds per call: ``triton.testing.do_bench`` on CUDA, a CPU timer otherwise."""
+    if device.type == "cuda":
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
+    return cpu_do_bench(fn)
+
+
+# What the last launch of each kernel family used: {"butterfly_fwd": ("cache"|"autotune"|
+# "default", config dict)}. Read by tests and by the tune command's report.
+LAST_LAUNCH: dict[str, tuple[str, dict]] = {}
+
+
+def cached_config(kind: str, n: int, b: int, N: int, dtype: torch.dtype, device: torch.device) -> dict | None:
+    """The tuned config for ``kind`` ("fwd" or "bwd") of this shape from the tuning cache, if any."""
+    from boft_triton import tuning  # lazy: tuning imports the kernels for benchmarking
+
+    entry = tuning.lookup(device_name(device), n, b, N, dtype)
+    if entry is None:
+        return None
+    return entry.get(kind)
+
+
+def kernel_op(name: str, fake):
+    """Register a launcher as the custom op ``name`` (``boft_triton::...``).
+
+    On GPUs this is ``torch.library.triton_op``: torch.compile traces into the launcher and sees
+    the kernels through ``wrap_triton``, with no graph break. Under ``TRITON_INTERPRET=1``,
+    ``wrap_triton`` hands back the raw interpreted kernel, and tracing the launcher with fake
+    tensors would run it on data-less tensors; there the op is a plain opaque ``custom_op`` with
+    the shape-only ``fake`` implementation, so eager runs the very same kernels and
+    torch.compile(fullgraph=True) still traces it as one node. Chosen once, at import.
+    """
+
+    def register(fn):
+        if interpreting():
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fake)
+            return op
+        return torch.library.triton_op(name, mutates_args=())(fn)
+
+    return register

@@ -1,0 +1,407 @@
+"""The Triton kernels (cayley, butterfly) against the torch path and the dense fp64 reference.
+
+On a machine without CUDA the kernels run in Triton's interpreter on CPU tensors: the variable
+must be set before any ``@triton.jit`` decorator runs, i.e. before ``boft_triton.kernels.*`` is
+first imported, hence at the very top of this module. With CUDA the same tests run the compiled
+kernels on the GPU. Each interpreted program costs about a millisecond, so the shapes are small
+and the cases a representative matrix, not the full product.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+import boft_triton  # noqa: E402,F401  (registers boft_triton.kernels from the source tree)
+from boft_triton import reference, torch_ops  # noqa: E402
+
+kc = importlib.import_module("boft_triton.kernels.cayley")
+kb = importlib.import_module("boft_triton.kernels.butterfly")
+kcommon = importlib.import_module("boft_triton.kernels._common")
+
+pytestmark = pytest.mark.kernels
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _nan_outputs(monkeypatch, tmp_path):
+    """Kernel outputs start as NaN, so an element a kernel forgets to write fails the test; and
+    no user tuning cache leaks in (default tiles)."""
+    monkeypatch.setattr(kcommon, "NAN_FILL_OUTPUTS", True)
+    monkeypatch.setenv("BOFT_TRITON_TUNE_CACHE", str(tmp_path / "no-cache.json"))
+    from boft_triton import tuning
+
+    tuning.clear_memo()
+    yield
+    tuning.clear_memo()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-relative error in fp64; NaN anywhere never passes."""
+    assert not torch.isnan(a).any(), "NaN in kernel output (unwritten element?)"
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def rand_q(N, D, b, scale=1.0, mask=None):
+    R = scale * torch.randn(N, D, b, b, dtype=torch.float64)
+    Q = reference.dense_cayley(R)
+    if mask is not None:
+        Q = torch.where(mask[..., None, None], torch.eye(b, dtype=Q.dtype), Q)
+    return Q
+
+
+# ---------------------------------------------------------------------------------------------
+# cayley
+
+CAYLEY_CASES = [
+    # (N, D, b, scale, masked)
+    (1, 3, 2, 1.0, False),
+    (2, 5, 3, 1e-4, True),
+    (2, 3, 4, 10.0, True),
+    (1, 4, 5, 1.0, False),
+    (2, 2, 6, 1.0, True),
+    (3, 2, 8, 10.0, False),
+    (1, 2, 16, 1e-4, True),
+    (1, 2, 32, 1.0, False),
+    (1, 1, 45, 3.0, False),
+    (1, 2, 64, 1.0, True),
+]
+
+
+@pytest.mark.parametrize(
+    "N,D,b,scale,masked", CAYLEY_CASES, ids=[f"N{c[0]}-D{c[1]}-b{c[2]}-R{c[3]:g}-mask{int(c[4])}" for c in CAYLEY_CASES]
+)
+def test_cayley(N, D, b, scale, masked):
+    R64 = scale * torch.randn(N, D, b, b, dtype=torch.float64)
+    mask = (torch.rand(N, D) < 0.4) if masked else None
+    if masked:
+        mask[0, 0] = True
+    R = R64.float().to(DEVICE).requires_grad_()
+    m = mask.to(DEVICE) if masked else None
+    Q = kc.cayley(R, m)
+    assert Q.dtype == torch.float32 and Q.shape == R.shape
+    Q_t = torch_ops.cayley(R, m)
+    R_ref = R64.clone().requires_grad_()
+    Q_ref = reference.dense_cayley(R_ref)
+    if masked:
+        Q_ref = torch.where(mask[..., None, None], torch.eye(b, dtype=Q_ref.dtype), Q_ref)
+    assert rel_err(Q, Q_ref) <= 1e-5
+    assert rel_err(Q, Q_t) <= 1e-5
+    eye = torch.eye(b, dtype=torch.float64)
+    assert rel_err(Q.double().cpu() @ Q.double().cpu().transpose(-1, -2), eye.expand(N, D, b, b)) <= 1e-5
+
+    G = torch.randn(N, D, b, b, dtype=torch.float64)
+    (dR,) = torch.autograd.grad(Q, R, G.float().to(DEVICE))
+    (dR_t,) = torch.autograd.grad(Q_t, R, G.float().to(DEVICE))
+    (dR_ref,) = torch.autograd.grad(Q_ref, R_ref, G)
+    assert dR.dtype == R.dtype
+    assert rel_err(dR, dR_ref) <= 1e-5
+    assert rel_err(dR, dR_t) <= 1e-5
+    if masked:
+        assert (dR.cpu()[mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cayley_low_precision_params(dtype):
+    """R in bf16/fp16: maths in fp32 on the rounded values, Q fp32, dl/dR in R's dtype."""
+    R = torch.randn(2, 3, 6, 6).to(dtype).to(DEVICE).requires_grad_()
+    Q = kc.cayley(R)
+    assert Q.dtype == torch.float32
+    Q_t = torch_ops.cayley(R)
+    assert rel_err(Q, Q_t) <= 1e-5
+    G = torch.randn_like(Q)
+    (dR,) = torch.autograd.grad(Q, R, G)
+    (dR_t,) = torch.autograd.grad(Q_t, R, G)
+    assert dR.dtype == dtype
+    assert rel_err(dR, dR_t) <= TOL[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# butterfly
+
+# (T, n, b, N, R scale): every b in {2,4,6,8,16,32,64} and odd b {3,5,45} with N=1; N from 1 to
+# its maximum for (n=32, b=4); T in {1, 7, 129}; coarse-block counts that do not divide the tile.
+BUTTERFLY_CASES = [
+    (7, 8, 2, 1, 1.0),
+    (7, 16, 2, 4, 1.0),
+    (1, 12, 4, 1, 10.0),
+    (7, 32, 4, 1, 1.0),
+    (7, 32, 4, 2, 1e-4),
+    (7, 32, 4, 3, 1.0),
+    (7, 32, 4, 4, 10.0),
+    (129, 32, 4, 3, 1.0),
+    (7, 18, 6, 1, 1.0),
+    (7, 36, 6, 2, 1.0),
+    (1, 48, 6, 3, 10.0),
+    (7, 48, 8, 2, 1.0),
+    (129, 64, 8, 2, 1.0),
+    (7, 48, 16, 1, 1.0),
+    (7, 64, 16, 2, 1.0),
+    (7, 64, 32, 1, 10.0),
+    (1, 64, 32, 2, 1.0),
+    (7, 128, 64, 1, 1.0),
+    (7, 9, 3, 1, 1.0),
+    (7, 15, 5, 1, 1e-4),
+    (129, 90, 45, 1, 1.0),
+]
+
+
+def case_id(c):
+    return f"T{c[0]}-n{c[1]}-b{c[2]}-N{c[3]}"
+
+
+def check_butterfly(T, n, b, N, scale, transpose, dtype=torch.float32, mask=None):
+    """Values and both gradients against the torch path and the dense fp64 reference."""
+    D = n // b
+    Q64 = rand_q(N, D, b, scale, mask)
+    x64 = torch.randn(T, n, dtype=torch.float64)
+    g64 = torch.randn(T, n, dtype=torch.float64)
+    x = x64.to(dtype).to(DEVICE).requires_grad_()
+    Q = Q64.float().to(DEVICE).requires_grad_()
+    g = g64.to(dtype).to(DEVICE)
+
+    y = kb.butterfly(x, Q, transpose)
+    assert y.dtype == dtype and y.shape == x.shape
+    dx, dQ = torch.autograd.grad(y, (x, Q), g)
+    assert dx.dtype == dtype and dQ.dtype == torch.float32
+
+    # dense fp64 reference on the same (rounded) inputs
+    xr = x.detach().double().cpu().requires_grad_()
+    Qr = Q.detach().double().cpu().requires_grad_()
+    M = reference.dense_rotation(Qr)
+    yr = xr @ (M.T if transpose else M)
+    dxr, dQr = torch.autograd.grad(yr, (xr, Qr), g.double().cpu())
+    tol = TOL[dtype]
+    assert rel_err(y, yr) <= tol
+    assert rel_err(dx, dxr) <= tol
+    assert rel_err(dQ, dQr) <= tol
+    if dtype == torch.float32:  # the torch path, same fp32 algorithm
+        yt = torch_ops.butterfly(x, Q, transpose)
+        dxt, dQt = torch.autograd.grad(yt, (x, Q), g)
+        assert rel_err(y, yt) <= 1e-5
+        assert rel_err(dx, dxt) <= 1e-5
+        assert rel_err(dQ, dQt) <= 1e-5
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
+@pytest.mark.parametrize("T,n,b,N,scale", BUTTERFLY_CASES, ids=[case_id(c) for c in BUTTERFLY_CASES])
+def test_butterfly_fused(T, n, b, N, scale, transpose):
+    assert kb.use_fused(n, b, N)
+    check_butterfly(T, n, b, N, scale, transpose)
+
+
+PASSES_CASES = [(7, 32, 4, 3, 1.0), (129, 24, 6, 2, 1.0), (7, 15, 5, 1, 1.0), (1, 64, 16, 2, 10.0)]
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
+@pytest.mark.parametrize("T,n,b,N,scale", PASSES_CASES, ids=[case_id(c) for c in PASSES_CASES])
+def test_butterfly_passes(monkeypatch, T, n, b, N, scale, transpose):
+    """The one-factor-per-launch path that large coarse blocks take, forced on small shapes."""
+    monkeypatch.setattr(kb, "FUSED_MAX_ELEMENTS", 0)
+    assert not kb.use_fused(n, b, N)
+    check_butterfly(T, n, b, N, scale, transpose)
+    assert kb.LAST_LAUNCH["factor_bwd"][0] == "default"
+
+
+LOWP_CASES = [(7, 32, 4, 3, 1.0), (129, 64, 8, 2, 1.0), (7, 45, 45, 1, 1.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T,n,b,N,scale", LOWP_CASES, ids=[case_id(c) for c in LOWP_CASES])
+def test_butterfly_low_precision(T, n, b, N, scale, dtype):
+    check_butterfly(T, n, b, N, scale, transpose=(T == 7), dtype=dtype)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "passes"])
+def test_butterfly_low_precision_passes(monkeypatch, fused):
+    if not fused:
+        monkeypatch.setattr(kb, "FUSED_MAX_ELEMENTS", 0)
+    check_butterfly(7, 24, 6, 2, 1.0, transpose=False, dtype=torch.bfloat16)
+
+
+def test_butterfly_with_dropout_mask():
+    """Some blocks are the identity (multiplicative dropout): cayley(R, mask) -> butterfly, with
+    gradients to R through both kernels, against the torch path."""
+    N, D, b, T = 3, 8, 4, 7
+    R = (0.5 * torch.randn(N, D, b, b)).to(DEVICE).requires_grad_()
+    x = torch.randn(2, T, D * b, device=DEVICE, requires_grad=True)  # leading shape [2, T]
+    mask = torch.zeros(N, D, dtype=torch.bool, device=DEVICE)
+    mask[1, torch.randperm(D)[: D // 2]] = True
+    y = kb.butterfly(x, kc.cayley(R, mask))
+    yt = torch_ops.butterfly(x, torch_ops.cayley(R, mask))
+    g = torch.randn_like(y)
+    dx, dR = torch.autograd.grad(y, (x, R), g)
+    dxt, dRt = torch.autograd.grad(yt, (x, R), g)
+    assert y.shape == x.shape
+    assert rel_err(y, yt) <= 1e-5 and rel_err(dx, dxt) <= 1e-5 and rel_err(dR, dRt) <= 1e-5
+    assert (dR[mask] == 0).all()
+
+
+@pytest.mark.parametrize("n,b,N", [(32, 4, 3), (45, 45, 1), (48, 6, 3)], ids=lambda v: str(v))
+def test_rotation_is_orthogonal(n, b, N):
+    """M from the kernel (rows of I through it) is orthogonal, and transpose gives M^T (merge use)."""
+    Q = rand_q(N, n // b, b, 2.0).float().to(DEVICE)
+    eye = torch.eye(n, device=DEVICE)
+    M = kb.butterfly(eye, Q)
+    MT = kb.butterfly(eye, Q, True)
+    assert rel_err(M @ M.T, eye) <= 1e-5
+    assert rel_err(MT, M.T) <= 1e-5
+    assert rel_err(M, reference.dense_rotation(Q.double().cpu())) <= 1e-5
+
+
+def test_frozen_q_and_determinism():
+    """Only x needs a gradient: dl/dx through the forward kernel with the flipped transpose. And
+    the dQ reduction is deterministic (same bits twice)."""
+    Q = rand_q(2, 8, 4).float().to(DEVICE)
+    x = torch.randn(129, 32, device=DEVICE, requires_grad=True)
+    g = torch.randn(129, 32, device=DEVICE)
+    (dx,) = torch.autograd.grad(kb.butterfly(x, Q), x, g)
+    assert rel_err(dx, torch_ops.butterfly(g, Q, transpose=True)) <= 1e-5
+    Qg = Q.clone().requires_grad_()
+    d1 = torch.autograd.grad(kb.butterfly(x, Qg), Qg, g)[0]
+    d2 = torch.autograd.grad(kb.butterfly(x, Qg), Qg, g)[0]
+    assert torch.equal(d1, d2)
+
+
+@pytest.mark.parametrize(
+    "cfg_fwd,cfg_bwd",
+    [({"BT": 1, "G": 1, "num_warps": 2}, {"BT": 2, "G": 4, "num_warps": 2}), ({"BT": 64, "G": 8, "num_warps": 4}, {"BT": 4, "G": 1, "num_warps": 4})],
+    ids=["small-tiles", "big-tiles"],
+)
+def test_tile_configs_agree(cfg_fwd, cfg_bwd):
+    """Other tiles (coarse blocks past the end, rows not a multiple of BT) give the same result."""
+    T, n, b, N = 7, 24, 4, 2  # 3 coarse blocks of 8
+    Q = rand_q(N, n // b, b).float().to(DEVICE).requires_grad_()
+    x = torch.randn(T, n, device=DEVICE, requires_grad=True)
+    g = torch.randn(T, n, device=DEVICE)
+    with kb.forced_config("fwd", cfg_fwd), kb.forced_config("bwd", cfg_bwd):
+        y = kb.butterfly(x, Q)
+        dx, dQ = torch.autograd.grad(y, (x, Q), g)
+    assert kb.LAST_LAUNCH["butterfly_fwd"] == ("forced", cfg_fwd)
+    assert kb.LAST_LAUNCH["butterfly_bwd"] == ("forced", cfg_bwd)
+    yt = torch_ops.butterfly(x, Q)
+    dxt, dQt = torch.autograd.grad(yt, (x, Q), g)
+    assert rel_err(y, yt) <= 1e-5 and rel_err(dx, dxt) <= 1e-5 and rel_err(dQ, dQt) <= 1e-5
+
+
+def test_empty_rows():
+    Q = rand_q(2, 4, 4).float().to(DEVICE)
+    x = torch.randn(0, 16, device=DEVICE, requires_grad=True)
+    y = kb.butterfly(x, Q)
+    assert y.shape == (0, 16)
+
+
+def test_ops_dispatch_uses_kernels(monkeypatch):
+    """boft_triton.ops with BOFT_TRITON_BACKEND=triton reaches these kernels."""
+    from boft_triton import ops
+
+    monkeypatch.setenv("BOFT_TRITON_BACKEND", "triton")
+    kb.LAST_LAUNCH.clear()
+    R = torch.randn(2, 4, 4, 4, device=DEVICE)
+    x = torch.randn(3, 16, device=DEVICE)
+    y = ops.butterfly(x, ops.cayley(R))
+    assert "butterfly_fwd" in kb.LAST_LAUNCH and "cayley_fwd" in kc.LAST_LAUNCH
+    assert rel_err(y, torch_ops.butterfly(x, torch_ops.cayley(R))) <= 1e-5
+
+
+def test_compile_fullgraph_one_frame():
+    """torch.compile(fullgraph=True) traces cayley + butterfly (forward and backward) as one
+    frame. On CUDA the ops are triton_ops and Inductor sees the kernels; under the interpreter
+    they are opaque custom ops with fake implementations (aot_eager backend)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("inductor" if DEVICE.type == "cuda" else "aot_eager")
+
+    def f(x, R):
+        return kb.butterfly(x, kc.cayley(R), False)
+
+    x = torch.randn(5, 16, device=DEVICE, requires_grad=True)
+    R = (0.3 * torch.randn(2, 4, 4, 4, device=DEVICE)).requires_grad_()
+    w = torch.randn(5, 16, device=DEVICE)  # not |y|^2: M is orthogonal, so that has no dl/dR
+    y = torch.compile(f, fullgraph=True, backend=backend)(x, R)
+    (y * w).sum().backward()
+    assert backend.frame_count == 1
+    x2, R2 = x.detach().requires_grad_(), R.detach().requires_grad_()
+    yt = torch_ops.butterfly(x2, torch_ops.cayley(R2))
+    (yt * w).sum().backward()
+    assert rel_err(y, yt) <= 1e-5 and rel_err(x.grad, x2.grad) <= 1e-5 and rel_err(R.grad, R2.grad) <= 1e-5
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("version", [None, "3.1.0"], ids=["missing", "too-old"])
+def test_import_guard(monkeypatch, version):
+    """No triton, or triton < 3.2: importing the kernels raises ImportError (ops.py falls back)."""
+    import importlib.util
+    import types
+
+    if version is None:
+        monkeypatch.setitem(sys.modules, "triton", None)
+    else:
+        fake = types.ModuleType("triton")
+        fake.__version__ = version
+        fake.language = types.ModuleType("triton.language")
+        monkeypatch.setitem(sys.modules, "triton", fake)
+        monkeypatch.setitem(sys.modules, "triton.language", fake.language)
+    spec = importlib.util.spec_from_file_location("_guard_probe", kcommon.__file__)
+    with pytest.raises(ImportError):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+_SM90_SCRIPT = r"""
+import importlib, os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import boft_triton
+kb = importlib.import_module("boft_triton.kernels.butterfly")
+kc = importlib.import_module("boft_triton.kernels.cayley")
+
+def compile_(fn, sig, consts):
+    sig = {**sig, **{k: "constexpr" for k in consts}}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+for b, N, tr, BT, G, dt in [(4, 3, False, 16, 2, "fp32"), (6, 2, True, 8, 2, "bf16"), (2, 4, False, 16, 4, "fp16"), (45, 1, True, 2, 1, "bf16")]:
+    g = kb.geometry(b << (N - 1), b, N)
+    cx = dict(B=b, H=g["H"], HP=g["HP"], NP=g["NP"], NF=N, TRANSPOSE=tr, BT=BT, G=G)
+    compile_(kb._butterfly_fwd_kernel, {"x_ptr": f"*{dt}", "q_ptr": "*fp32", "y_ptr": f"*{dt}", "T": "i32", "NCB": "i32", "D": "i32"}, cx)
+    compile_(kb._butterfly_bwd_kernel, {"x_ptr": f"*{dt}", "g_ptr": f"*{dt}", "q_ptr": "*fp32", "dx_ptr": f"*{dt}", "dqp_ptr": "*fp32", "T": "i32", "ROWS": "i32", "NCB": "i32", "D": "i32"}, {**cx, "NFP": triton.next_power_of_2(N)})
+    fc = dict(LEVEL=N - 1, B=b, H=g["H"], HP=g["HP"], NP=g["NP"], TRANS=tr, BT=BT, NBP=2)
+    compile_(kb._factor_fwd_kernel, {"x_ptr": f"*{dt}", "q_ptr": "*fp32", "y_ptr": "*fp32", "T": "i32", "D": "i32"}, fc)
+    compile_(kb._factor_bwd_kernel, {"u_ptr": f"*{dt}", "h_ptr": "*fp32", "q_ptr": "*fp32", "du_ptr": f"*{dt}", "dqp_ptr": "*fp32", "T": "i32", "ROWS": "i32", "D": "i32", "NF": "i32"}, fc)
+for b in (5, 64):
+    bp = triton.next_power_of_2(b)
+    cst = dict(B=b, BP=bp, BN=max(1, 2048 // (bp * bp)), HAS_MASK=True)
+    compile_(kc._cayley_fwd_kernel, {"r_ptr": "*bf16", "mask_ptr": "*i8", "q_ptr": "*fp32", "ainv_ptr": "*fp32", "NBLK": "i32"}, cst)
+    compile_(kc._cayley_bwd_kernel, {"dq_ptr": "*fp32", "ainv_ptr": "*fp32", "mask_ptr": "*i8", "dr_ptr": "*bf16", "NBLK": "i32"}, cst)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code a GPU compile rejects (rebinding a constexpr in a static loop,
+    non-power-of-two aranges, ...): compile every kernel ahead of time for an H100 (sm_90) down
+    to a cubin, which needs no GPU. Runs in a subprocess because this module interprets."""
+    import subprocess
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SM90_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("no ptxas in this Triton install")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]

@@ -1,0 +1,130 @@
+"""``boft_triton.tuning`` end to end: shapes from a model, timing, the JSON cache, and the kernel
+launchers picking the cached tile.
+
+Without CUDA the kernels run in Triton's interpreter; ``TRITON_INTERPRET`` must be set before
+any ``@triton.jit`` decorator runs (before ``boft_triton.kernels.*`` is imported), hence here.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+
+import boft_triton  # noqa: E402,F401
+from boft_triton import torch_ops, tuning  # noqa: E402
+
+kb = importlib.import_module("boft_triton.kernels.butterfly")
+kcommon = importlib.import_module("boft_triton.kernels._common")
+
+pytestmark = pytest.mark.kernels
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Adapted(nn.Module):
+    """Stands in for an adapted layer: a base layer and a ``boft_R`` ParameterDict."""
+
+    def __init__(self, n, o, b, N, dtype=torch.float32):
+        super().__init__()
+        self.base_layer = nn.Linear(n, o, dtype=dtype)
+        self.boft_R = nn.ParameterDict({"default": nn.Parameter(torch.zeros(N, n // b, b, b))})
+
+
+@pytest.fixture
+def cache_file(tmp_path, monkeypatch):
+    path = tmp_path / "tune.json"
+    monkeypatch.setenv(tuning.CACHE_ENV, str(path))
+    tuning.clear_memo()
+    yield path
+    tuning.clear_memo()
+
+
+def test_collect_shapes():
+    model = nn.Sequential(
+        Adapted(16, 8, 4, 2), nn.ReLU(), Adapted(16, 8, 4, 2), Adapted(24, 4, 6, 1, torch.bfloat16), nn.Linear(4, 4)
+    )
+    assert tuning.collect_shapes(model) == [(16, 4, 2, torch.float32), (24, 6, 1, torch.bfloat16)]
+
+
+def test_default_cache_path(monkeypatch):
+    import platformdirs
+
+    monkeypatch.delenv(tuning.CACHE_ENV, raising=False)
+    assert tuning.cache_path().parent == type(tuning.cache_path())(platformdirs.user_cache_dir("boft_triton"))
+    monkeypatch.setenv(tuning.CACHE_ENV, "/tmp/x.json")
+    assert str(tuning.cache_path()) == "/tmp/x.json"
+
+
+def test_tune_writes_cache_and_launcher_uses_it(cache_file, capsys):
+    model = nn.Sequential(Adapted(24, 8, 4, 2), Adapted(15, 8, 5, 1))
+    shapes = tuning.collect_shapes(model)
+    rows = tuning.tune(shapes, tokens_per_step=9, dtype=torch.float32, device=DEVICE, max_configs=3)
+    assert {(r["n"], r["b"], r["N"], r["kind"]) for r in rows} == {
+        (24, 4, 2, "fwd"), (24, 4, 2, "bwd"), (15, 5, 1, "fwd"), (15, 5, 1, "bwd")
+    }
+    assert all(r["time_ms"] > 0 and r["gbps"] > 0 and r["path"] == "fused" for r in rows)
+    printed = capsys.readouterr().out
+    assert "n24-b4-N2" in printed and "GB/s" in printed
+    table = tuning.format_table(rows)
+    assert table.count("\n") == len(rows) and "n15-b5-N1" in table
+
+    # the cache: one entry per shape, keyed by device, Triton version, dtype and shape
+    data = json.loads(cache_file.read_text())
+    assert data["format"] == tuning.CACHE_FORMAT
+    key = tuning.cache_key(kcommon.device_name(DEVICE), kcommon.TRITON_VERSION, torch.float32, 24, 4, 2)
+    assert set(data["entries"]) == {key, tuning.cache_key(kcommon.device_name(DEVICE), kcommon.TRITON_VERSION, torch.float32, 15, 5, 1)}
+    entry = data["entries"][key]
+    assert entry["fwd"] == next(r["config"] for r in rows if r["n"] == 24 and r["kind"] == "fwd")
+    assert not [p for p in cache_file.parent.iterdir() if p.name.startswith(".tune-")]  # no temp left
+
+    # the launchers read it (memoised) and use the cached tile for this shape, in both directions
+    Q = torch_ops.cayley(torch.randn(2, 6, 4, 4)).to(DEVICE).requires_grad_()
+    x = torch.randn(5, 24, device=DEVICE, requires_grad=True)
+    y = kb.butterfly(x, Q)
+    assert kb.LAST_LAUNCH["butterfly_fwd"] == ("cache", entry["fwd"])
+    y.backward(torch.randn_like(y))
+    assert kb.LAST_LAUNCH["butterfly_bwd"] == ("cache", entry["bwd"])
+    # another dtype is another key: not in the cache
+    kb.butterfly(x.detach().bfloat16(), Q.detach())
+    assert kb.LAST_LAUNCH["butterfly_fwd"][0] != "cache"
+
+
+def test_cached_config_is_what_runs(cache_file):
+    """A hand-written entry with a non-default tile is the one launched, and gives the same maths;
+    a later tune merges into the file instead of replacing it."""
+    n, b, N = 24, 4, 2
+    odd = {"fwd": {"BT": 1, "G": 2, "num_warps": 2}, "bwd": {"BT": 2, "G": 1, "num_warps": 2}}
+    key = tuning.cache_key(kcommon.device_name(DEVICE), kcommon.TRITON_VERSION, torch.float32, n, b, N)
+    cache_file.write_text(json.dumps({"format": tuning.CACHE_FORMAT, "entries": {key: odd}}))
+    tuning.clear_memo()
+    assert odd["fwd"] != kb.default_config(n, b, N, "fwd", 7)
+    Q = torch_ops.cayley(torch.randn(N, n // b, b, b)).to(DEVICE).requires_grad_()
+    x = torch.randn(7, n, device=DEVICE, requires_grad=True)
+    y = kb.butterfly(x, Q)
+    assert kb.LAST_LAUNCH["butterfly_fwd"] == ("cache", odd["fwd"])
+    g = torch.randn_like(y)
+    dx, dQ = torch.autograd.grad(y, (x, Q), g)
+    assert kb.LAST_LAUNCH["butterfly_bwd"] == ("cache", odd["bwd"])
+    yt = torch_ops.butterfly(x, Q)
+    dxt, dQt = torch.autograd.grad(yt, (x, Q), g)
+    for a, ref in ((y, yt), (dx, dxt), (dQ, dQt)):
+        assert ((a - ref).norm() / ref.norm()).item() <= 1e-5
+
+    tuning.tune([(16, 4, 1)], tokens_per_step=4, dtype=torch.float32, device=DEVICE, max_configs=1, verbose=False)
+    entries = json.loads(cache_file.read_text())["entries"]
+    assert entries[key] == odd and len(entries) == 2
+
+
+def test_corrupt_cache_is_ignored(cache_file):
+    cache_file.write_text("{not json")
+    tuning.clear_memo()
+    Q = torch_ops.cayley(torch.randn(1, 4, 4, 4)).to(DEVICE)
+    kb.butterfly(torch.randn(3, 16, device=DEVICE), Q)
+    assert kb.LAST_LAUNCH["butterfly_fwd"][0] in ("default", "autotune")
