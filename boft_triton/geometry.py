@@ -107,15 +107,3 @@ def _butterfly_perm_cpu(n: int, block_size: int, level: int) -> torch.Tensor:
 def butterfly_perm(n: int, block_size: int, level: int) -> torch.Tensor:
     """``perm_level`` of DESIGN.md on the CPU: ``P[r, perm[r]] = 1``. Level 0 is the identity."""
     return _butterfly_perm_cpu(n, block_size, level)
-
-
-@lru_cache(maxsize=256)
-def butterfly_gathers(n: int, block_size: int, level: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index vectors on ``device`` such that ``x P = x[:, into]`` and ``y P^T = y[:, back]``.
-
-    Cached per device so a training step never rebuilds or copies them.
-    """
-    perm = _butterfly_perm_cpu(n, block_size, level)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(n)
-    return inv.to(device), perm.to(device)

@@ -29,8 +29,9 @@ def dropout_mask(n_factors: int, block_num: int, p: float, device) -> torch.Tens
     """PEFT's multiplicative dropout: in one random factor, ``int(p*D)`` random blocks become I.
 
     Draws from the CPU generator in the order PEFT does, so a seeded run drops the same blocks.
+    The chosen factor stays a tensor (no ``.item()``), so ``torch.compile`` needs no graph break.
     """
-    chosen = torch.randint(0, n_factors, (1,)).item()
+    chosen = torch.randint(0, n_factors, (1,))
     n_drop = int(p * block_num)
     row = torch.cat([torch.ones(n_drop), torch.zeros(block_num - n_drop)])[torch.randperm(block_num)]
     mask = torch.zeros(n_factors, block_num, dtype=torch.bool)

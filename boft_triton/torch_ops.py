@@ -1,15 +1,16 @@
 """The torch path of the functional ops: the same algorithm as the kernels, in plain torch ops.
 
 Used on CPU tensors (and as the fallback when Triton is unavailable); the kernels are tested
-against it and against the dense fp64 reference. Permutations are index gathers and the
-block-diagonal products batched matmuls, so no n x n matrix is ever formed.
+against it and against the dense fp64 reference. The block-diagonal products are batched
+matmuls and the permutations reshapes and permutes of the activations (as in the kernels'
+registers), so no n x n matrix and no index tensor is ever formed, and the path compiles with
+``torch.compile`` as it is.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .geometry import butterfly_gathers
 
 
 def cayley(R: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,18 +36,28 @@ def _factor_order(n_factors: int, transpose: bool) -> list[int]:
 
 
 def _to_blocks(h: torch.Tensor, level: int, D: int, b: int) -> torch.Tensor:
-    """``(h P_level)`` viewed as ``[D, T, b]`` (block-major, for bmm)."""
+    """``(h P_level)`` viewed as ``[D, T, b]`` (block-major, for bmm).
+
+    Inside a group of ``b 2^level`` columns, block y of ``h P`` is half-block y of the group's
+    first half followed by half-block y of its second half: a reshape and a permute, no index.
+    """
     T, n = h.shape
-    if level:
-        h = h[:, butterfly_gathers(n, b, level, h.device)[0]]
-    return h.view(T, D, b).transpose(0, 1)
+    if level == 0:
+        return h.view(T, D, b).transpose(0, 1)
+    y = 2**level  # blocks per group
+    h = h.view(T, n // (b * y), 2, y, b // 2).permute(0, 1, 3, 2, 4)  # [T, group, block, half, b/2]
+    return h.reshape(T, D, b).transpose(0, 1)
 
 
 def _from_blocks(blocks: torch.Tensor, level: int) -> torch.Tensor:
     """Inverse of ``_to_blocks``: ``[D, T, b]`` -> ``(.) P_level^T`` as ``[T, n]``."""
     D, T, b = blocks.shape
-    h = blocks.transpose(0, 1).reshape(T, D * b)
-    return h[:, butterfly_gathers(D * b, b, level, h.device)[1]] if level else h
+    h = blocks.transpose(0, 1)
+    if level == 0:
+        return h.reshape(T, D * b)
+    y = 2**level
+    h = h.reshape(T, D // y, y, 2, b // 2).permute(0, 1, 3, 2, 4)  # [T, group, half, block, b/2]
+    return h.reshape(T, D * b)
 
 
 def _apply(h: torch.Tensor, Q: torch.Tensor, level: int, transpose: bool) -> torch.Tensor:

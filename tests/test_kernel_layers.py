@@ -1,0 +1,79 @@
+"""The adapter layers end to end on the Triton kernels (interpreter on CPU, compiled on CUDA),
+and torch.compile of a BOFT layer without graph breaks."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+from boft_triton import BOFTConfig, adapt
+from tiny_models import build, call, rel_err
+
+pytestmark = pytest.mark.kernels
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _train(model, inputs, steps=3):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = call(model, inputs).float().logsumexp(-1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("n_factors", [1, 2])
+def test_tiny_llama_trains_the_same_on_kernels_and_torch_path(monkeypatch, n_factors):
+    base, inputs = build("Llama")
+    config = BOFTConfig(target_modules=["q_proj", "v_proj"], boft_block_size=8, boft_n_butterfly_factor=n_factors,
+                        init_weights=False)
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    models, losses = {}, {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("BOFT_TRITON_BACKEND", backend)
+        torch.manual_seed(0)
+        models[backend] = adapt(copy.deepcopy(base), config).to(DEVICE)
+        losses[backend] = _train(models[backend], inputs)
+    assert losses["torch"][-1] != losses["torch"][0], "the adapter must train"
+    assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-5)
+    theirs = dict(models["torch"].named_parameters())
+    for name, p in models["triton"].named_parameters():
+        if p.requires_grad:
+            assert rel_err(p, theirs[name]) < 1e-5, name
+
+
+def test_merge_on_kernels_matches_torch_path(monkeypatch):
+    base, inputs = build("MLP2")
+    config = BOFTConfig(target_modules=["lin0"], boft_block_size=4, boft_n_butterfly_factor=3, init_weights=False)
+    merged = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("BOFT_TRITON_BACKEND", backend)
+        torch.manual_seed(0)
+        merged[backend] = adapt(copy.deepcopy(base), config).merge_and_unload().lin0.weight
+    assert rel_err(merged["triton"], merged["torch"]) < 1e-5
+
+
+@pytest.mark.parametrize("model_name,targets", [("MLP2", ["lin0"]), ("Conv2d2", ["conv2d"])])
+def test_compile_fullgraph_one_frame(model_name, targets):
+    """Forward and backward of an adapted model compile as one frame (no graph break)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    base, inputs = build(model_name)
+    model = adapt(base, BOFTConfig(target_modules=targets, boft_block_size=2, boft_n_butterfly_factor=2,
+                                   boft_dropout=0.25, init_weights=False)).to(DEVICE)
+    model.train()
+    inputs = tuple(t.to(DEVICE) for t in inputs)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    torch.manual_seed(1)
+    out = compiled(*inputs)
+    out.sum().backward()
+    assert counter.frame_count == 1
+    torch.manual_seed(1)
+    model.zero_grad()
+    assert rel_err(out, model(*inputs)) < 1e-5
