@@ -39,7 +39,16 @@ def adapter_state_dict(model: torch.nn.Module, adapter_name: str, bias: str) -> 
         for name, param in model.named_parameters():
             if name.endswith("bias") and not any(part in f".{name}" for part in _WRAPPER_INTERNALS):
                 out[f"{PREFIX}{name}"] = param
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    return {k: _full(v).detach().contiguous() for k, v in out.items()}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded DTensor (a collective: every rank must call it)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
 
 
 def save_adapter_weights(state_dict: dict[str, torch.Tensor], directory: str, safe_serialization: bool = True) -> str:
@@ -140,6 +149,10 @@ def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.
             if isinstance(dest, tuple):
                 layer, kind = dest
                 dest = getattr(layer, kind)[adapter_name]
+            if _is_dtensor(dest):  # FSDP2: each rank keeps its shard of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(dest.dtype), dest.device_mesh, dest.placements)
             dest.copy_(value.to(device=dest.device, dtype=dest.dtype))
     if unexpected:
         warnings.warn(f"Ignored {len(unexpected)} checkpoint keys with no place in this model: {unexpected[:5]}", stacklevel=2)

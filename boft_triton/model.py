@@ -221,6 +221,12 @@ class BOFTModel(nn.Module):
         """Merge adapters into the base weights; with ``safe_merge`` every merged weight is checked
         to be finite before any of them is written, so a broken adapter leaves the model as it was."""
         layers = self._boft_layers()
+        if any(checkpoint._is_dtensor(layer.weight) for _, layer in layers):
+            raise RuntimeError(
+                "This model's weights are sharded (FSDP2); merging needs whole weights. Save the adapter "
+                "(save_pretrained gathers it), load it into an unsharded copy of the base model with "
+                "BOFTModel.from_pretrained, and merge there."
+            )
         pending = []
         for key, layer in layers:
             names = layer.adapters_to_merge(adapter_names)
@@ -275,8 +281,12 @@ class BOFTModel(nn.Module):
     # -- save / load ----------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True) -> None:
-        """PEFT's layout: the ``default`` adapter at the top, others in sub-folders of their name."""
+                        safe_serialization: bool = True, is_main_process: bool = True) -> None:
+        """PEFT's layout: the ``default`` adapter at the top, others in sub-folders of their name.
+
+        With FSDP2-sharded adapters every rank must call this (the full tensors are gathered);
+        only the one with ``is_main_process`` writes.
+        """
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a directory.")
         for name in selected_adapters or list(self.peft_config):
@@ -285,10 +295,10 @@ class BOFTModel(nn.Module):
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
             out = os.path.join(save_directory, "" if name == "default" else name)
-            checkpoint.save_adapter_weights(
-                checkpoint.adapter_state_dict(self.model, name, config.bias), out, safe_serialization
-            )
-            config.save_pretrained(out)
+            tensors = checkpoint.adapter_state_dict(self.model, name, config.bias)
+            if is_main_process:
+                checkpoint.save_adapter_weights(tensors, out, safe_serialization)
+                config.save_pretrained(out)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      subfolder: str | None = None) -> None:

@@ -1,0 +1,68 @@
+"""Multi-process training on CPU (gloo): DDP through accelerate and FSDP2 through torchrun give
+the adapter a one-process run gives on the same global batch; the FSDP2 adapter is saved whole
+and loads in PEFT and in boft_triton."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from boft_triton import BOFTModel
+from tiny_models import call, llama, rel_err
+
+pytestmark = pytest.mark.slow
+SCRIPT = Path(__file__).parent / "distributed" / "train_tiny_llama.py"
+BIN = Path(sys.executable).parent
+
+
+def _run(cmd, tmp_path, **env):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
+    full_env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    for mode in ("single", "ddp", "fsdp2"):
+        (root / mode).mkdir()
+    _run([sys.executable, str(SCRIPT), "--mode", "single", str(root / "single")], root)
+    _run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), "--mode", "ddp", str(root / "ddp")],
+         root, ACCELERATE_USE_CPU="1")
+    _run([str(BIN / "torchrun"), "--nproc_per_node", "2", str(SCRIPT), "--mode", "fsdp2", str(root / "fsdp2")], root)
+    return root
+
+
+def _adapter(run_dir):
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_multi_process_adapter_equals_single_process(runs, mode):
+    single, multi = _adapter(runs / "single"), _adapter(runs / mode)
+    assert single.keys() == multi.keys()
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in single.items() if k.endswith("boft_R"))
+    for key in single:
+        assert rel_err(multi[key], single[key]) < 1e-5, key
+
+
+def test_fsdp2_adapter_loads_in_peft_and_boft_triton(runs, peft_with_butterfly):
+    import peft
+
+    torch.manual_seed(0)
+    base = llama()  # the script's base model: same seed, same config
+    inputs = {"input_ids": torch.randint(0, 64, (2, 8))}
+    ours = BOFTModel.from_pretrained(copy.deepcopy(base), runs / "fsdp2" / "adapter")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), runs / "fsdp2" / "adapter")
+    assert rel_err(call(ours, inputs), call(theirs, inputs)) < 1e-5
+
+
+def test_merging_a_sharded_model_says_what_to_do(runs):
+    assert "load it into an unsharded copy" in (runs / "fsdp2" / "merge_error.txt").read_text()
