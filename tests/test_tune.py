@@ -128,3 +128,19 @@ def test_corrupt_cache_is_ignored(cache_file):
     Q = torch_ops.cayley(torch.randn(1, 4, 4, 4)).to(DEVICE)
     kb.butterfly(torch.randn(3, 16, device=DEVICE), Q)
     assert kb.LAST_LAUNCH["butterfly_fwd"][0] in ("default", "autotune")
+
+
+def test_tune_command_end_to_end(tmp_path, monkeypatch):
+    """`boft-triton tune` on a tiny BERT config: table printed, cache written, launcher uses it."""
+    from transformers import BertConfig
+
+    from boft_triton.cli import main
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+               vocab_size=64).save_pretrained(tmp_path / "tiny-bert")
+    cache = tmp_path / "cache.json"
+    code = main(["tune", "--model", str(tmp_path / "tiny-bert"), "--targets", "query,value", "--block-size", "4",
+                 "--factors", "2", "--tokens", "8", "--dtype", "fp32", "--cache", str(cache), "--max-configs", "2"])
+    assert code == 0
+    entries = json.loads(cache.read_text())
+    assert any("n=32,b=4,N=2" in key for key in json.dumps(entries).split('"'))

