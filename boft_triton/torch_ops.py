@@ -108,11 +108,51 @@ class _Butterfly(torch.autograd.Function):
         return grad_x, grad_q, None
 
 
+def coarse_blocks(Q: torch.Tensor) -> torch.Tensor:
+    """M's diagonal blocks ``[n/L, L, L]``, ``L = b 2^(N-1)`` (M is block-diagonal at that size).
+
+    Rows of ``H = [I_L I_L ... I_L]`` times M are exactly those blocks side by side, so the factor
+    path builds them from an L-row input: cheap, differentiable, and never n x n.
+    """
+    N, D, b, _ = Q.shape
+    if N == 1:
+        return Q[0]
+    L, n = b * 2 ** (N - 1), D * b
+    eye_rows = torch.eye(L, device=Q.device, dtype=Q.dtype).repeat(1, n // L)  # [L, n]
+    return _Butterfly.apply(eye_rows, Q, False).view(L, n // L, L).transpose(0, 1)
+
+
+# Matmuls narrower than this waste most of a CPU's vector units; pack blocks up to it.
+MIN_MATMUL_WIDTH = 32
+
+
+def _packed(blocks: torch.Tensor) -> torch.Tensor:
+    """Group g consecutive ``L x L`` blocks into one block-diagonal ``gL x gL`` block, so the
+    batched matmul runs on at least ``MIN_MATMUL_WIDTH`` columns (still O(n L), never n x n)."""
+    C, L, _ = blocks.shape
+    g = 1
+    while g * L < MIN_MATMUL_WIDTH and C % (2 * g) == 0:
+        g *= 2
+    if g == 1:
+        return blocks
+    eye = torch.eye(g, device=blocks.device, dtype=blocks.dtype)
+    grouped = torch.einsum("cgij,gh->cgihj", blocks.view(C // g, g, L, L), eye)
+    return grouped.reshape(C // g, g * L, g * L)
+
+
 def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """``x M`` (or ``x M^T``) over the last dim of x, ``M = B_{N-1} ... B_0``; Q is ``[N, D, b, b]``.
 
-    Computes in fp32 and returns x's dtype; saves only x and Q for backward.
+    Computes in fp32 and returns x's dtype. The rows are multiplied by M's coarse blocks in one
+    batched matmul, which on CPUs beats N passes of small strided copies; the factor-by-factor
+    ``_Butterfly`` (the kernels' algorithm) builds those blocks. Saved for backward: x and the
+    ``n x L`` coarse blocks.
     """
-    shape = x.shape
-    y = _Butterfly.apply(x.reshape(-1, shape[-1]), Q.float(), transpose)
-    return y.reshape(shape)
+    shape, n = x.shape, x.shape[-1]
+    blocks = _packed(coarse_blocks(Q.float()))
+    if transpose:
+        blocks = blocks.transpose(-1, -2)
+    L = blocks.shape[-1]
+    rows = x.reshape(-1, n // L, L).float().transpose(0, 1)  # [n/L, T, L]
+    y = torch.bmm(rows, blocks).transpose(0, 1)
+    return y.reshape(shape).to(x.dtype)
