@@ -1,13 +1,43 @@
-"""The models and batches the benchmarks run on, built offline."""
+"""The models and batches the benchmarks run on, built offline.
+
+=============  ======  =========================================================  =================
+name           device  model and batch                                            default targets
+=============  ======  =========================================================  =================
+minilm         CPU     packaged all-MiniLM-L6-v2 (n = 384), a batch of reviews     query,key,value
+tiny-llama     CPU     Llama-shaped, hidden 256, 4 layers, random tokens           q_proj,v_proj
+llama-1b       GPU     Llama-3.2-1B dims (hidden 2048, 16 layers), bf16, random    q_proj,v_proj
+llama-3b       GPU     Llama-3.2-3B dims (hidden 3072, 28 layers), bf16, random    q_proj,v_proj
+=============  ======  =========================================================  =================
+
+``--targets qv`` adapts the query and value projections, ``all-linear`` every linear layer of the
+transformer blocks (not the LM head or the classifier). Llama weights are random (built from a
+config, no download): the numbers are speed and memory only, the loss is meaningless.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .training_step import Workload
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-def minilm_reviews(batch_size: int = 16, max_length: int = 128) -> Workload:
+LLAMA_QV = ["q_proj", "v_proj"]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MINILM_QKV = ["query", "key", "value"]
+# BERT's "dense" names the attention output, the FFN's two layers and the pooler (all n = 384 or 1536).
+MINILM_ALL_LINEAR = ["query", "key", "value", "dense"]
+
+LLAMA_1B = dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256)
+LLAMA_3B = dict(hidden=3072, layers=28, heads=24, kv_heads=8, intermediate=8192, vocab=128256)
+TINY_LLAMA = dict(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=688, vocab=2048)
+
+
+def minilm_reviews(batch_size: int = 16, max_length: int = 128, targets=None, dtype: str = "fp32") -> Workload:
     """The default training job's setup: packaged all-MiniLM-L6-v2, a batch of real reviews,
     BOFT/LoRA on the attention projections, the classification head trained."""
     from boft_triton.data import TokenizingCollate, load_reviews
@@ -15,29 +45,87 @@ def minilm_reviews(batch_size: int = 16, max_length: int = 128) -> Workload:
 
     data = load_reviews()
     tokenizer, model, _ = load_model(resolve_model_path("all-MiniLM-L6-v2"), data.label_names)
-    pairs = list(zip(data.train_texts[:batch_size], data.train_labels[:batch_size]))
+    model = model.to(DTYPES[dtype])
+    # The longest reviews first, so the batch is max_length tokens wide (reviews are long enough).
+    order = sorted(range(len(data.train_texts)), key=lambda i: -len(data.train_texts[i]))
+    pairs = [(data.train_texts[i], data.train_labels[i]) for i in order[:batch_size]]
     batch = TokenizingCollate(tokenizer, max_length)(pairs)
-    return Workload("minilm-reviews", model, batch, ["query", "key", "value"], ["classifier"])
+    return Workload("minilm", model, batch, list(targets or MINILM_QKV), ["classifier"],
+                    batch_size=batch_size, seq_len=int(batch["input_ids"].shape[1]), dtype=dtype,
+                    description="all-MiniLM-L6-v2 (packaged), Amazon fine-food reviews, classification head")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
 
 
 def llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
-          batch_size: int, seq_len: int, targets: list[str], name: str, dtype=torch.float32) -> Workload:
+          batch_size: int, seq_len: int, targets: list[str], name: str, dtype: str = "fp32") -> Workload:
     """A Llama-shaped causal LM from a config (random weights: speed and memory only)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                         max_position_embeddings=max(seq_len, 128))
+                         max_position_embeddings=max(seq_len, 128), tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype)
+    with _default_dtype(DTYPES[dtype]):  # built in its dtype: no fp32 copy of a 3B model
+        model = LlamaForCausalLM(config)
     ids = torch.randint(0, vocab, (batch_size, seq_len))
-    return Workload(name, model, {"input_ids": ids, "labels": ids.clone()}, targets, [])
+    return Workload(name, model, {"input_ids": ids, "labels": ids.clone()}, list(targets), [],
+                    batch_size=batch_size, seq_len=seq_len, dtype=dtype,
+                    description=f"Llama-shaped causal LM, hidden {hidden}, {layers} layers, random weights and tokens")
 
 
-def tiny_llama(batch_size: int = 4, seq_len: int = 128) -> Workload:
-    return llama(256, 4, 8, 4, 688, 2048, batch_size, seq_len, ["q_proj", "v_proj"], "tiny-llama")
+def tiny_llama(batch_size: int = 4, seq_len: int = 128, targets=None, dtype: str = "fp32") -> Workload:
+    return llama(**TINY_LLAMA, batch_size=batch_size, seq_len=seq_len, targets=list(targets or LLAMA_QV),
+                 name="tiny-llama", dtype=dtype)
 
 
-LLAMA_1B = dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256)
-LLAMA_3B = dict(hidden=3072, layers=28, heads=24, kv_heads=8, intermediate=8192, vocab=128256)
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+def llama_1b(batch_size: int = 4, seq_len: int = 1024, targets=None, dtype: str = "bf16") -> Workload:
+    return llama(**LLAMA_1B, batch_size=batch_size, seq_len=seq_len, targets=list(targets or LLAMA_QV),
+                 name="llama-1b", dtype=dtype)
+
+
+def llama_3b(batch_size: int = 2, seq_len: int = 1024, targets=None, dtype: str = "bf16") -> Workload:
+    return llama(**LLAMA_3B, batch_size=batch_size, seq_len=seq_len, targets=list(targets or LLAMA_QV),
+                 name="llama-3b", dtype=dtype)
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    build: Callable[..., Workload]
+    batch_size: int
+    seq_len: int
+    dtype: str
+    device: str  # where it is meant to run: cpu | cuda
+    targets: dict = field(default_factory=dict)  # preset name -> module names
+
+
+WORKLOADS = {
+    "minilm": WorkloadSpec(minilm_reviews, 16, 128, "fp32", "cpu",
+                           {"default": MINILM_QKV, "qv": ["query", "value"], "all-linear": MINILM_ALL_LINEAR}),
+    "tiny-llama": WorkloadSpec(tiny_llama, 4, 128, "fp32", "cpu",
+                               {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}),
+    "llama-1b": WorkloadSpec(llama_1b, 4, 1024, "bf16", "cuda",
+                             {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}),
+    "llama-3b": WorkloadSpec(llama_3b, 2, 1024, "bf16", "cuda",
+                             {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}),
+}
+
+
+def build(name: str, batch_size: int | None = None, seq_len: int | None = None, targets: str = "default",
+          dtype: str | None = None) -> Workload:
+    """Workload ``name`` with its defaults for whatever is None; ``targets`` is a preset name."""
+    spec = WORKLOADS[name]
+    if targets not in spec.targets:
+        raise ValueError(f"unknown targets preset {targets!r} for {name}; choose from {sorted(spec.targets)}")
+    work = spec.build(batch_size or spec.batch_size, seq_len or spec.seq_len, spec.targets[targets],
+                      dtype or spec.dtype)
+    work.targets_preset = targets
+    return work

@@ -1,0 +1,111 @@
+"""The training-step benchmark end to end on CPU at a tiny size: the machinery, the results JSON
+schema, the Markdown and the PNG charts. A smoke test, not a timing assertion."""
+
+import argparse
+import json
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+from boft_triton.bench import command  # noqa: E402
+from boft_triton.bench.methods import FLOOR, ours, peft_boft, peft_oft  # noqa: E402
+from boft_triton.bench.training_step import validate  # noqa: E402
+
+METHODS = "floor,peft-lora-r16,peft-boft-b4-N2,boft_triton-b4-N2,boft_triton-b12-N2"
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args([
+        "--workload", "tiny-llama", "--batch-size", "1", "--seq-len", "16", "--device", "cpu",
+        "--warmup", "1", "--steps", "1", "--boft", "4x2,12x2", "--lora-ranks", "16", "--oft-block-sizes", "",
+        "--methods", METHODS, "--threads", "1", "--output-dir", str(out), "--name", "smoke", "--strict",
+    ])
+    assert command.run(args) == 0
+    return out
+
+
+def test_results_json_follows_the_schema(bench_run):
+    payload = json.loads((bench_run / "smoke.json").read_text())
+    validate(payload)
+    assert payload["workload"]["name"] == "tiny-llama"
+    assert payload["workload"]["tokens"] == 16
+    assert payload["environment"]["device_type"] == "cpu"
+    assert {k: payload["settings"][k] for k in ("warmup", "steps", "lr")} == {"warmup": 1, "steps": 1, "lr": 1e-3}
+    assert payload["baselines"] == ["floor", "peft-lora-r16"]
+    assert [r["method"] for r in payload["rows"]] == METHODS.split(",")
+    status = {r["method"]: r["status"] for r in payload["rows"]}
+    assert status.pop("boft_triton-b12-N2") == "skipped"
+    assert set(status.values()) == {"ok"}
+
+
+def test_rows_carry_times_memory_ratios_and_losses(bench_run):
+    payload = json.loads((bench_run / "smoke.json").read_text())
+    rows = {r["method"]: r for r in payload["rows"]}
+    skipped = rows.pop("boft_triton-b12-N2")
+    assert "does not divide 256" in skipped["reason"]
+    for name, r in rows.items():
+        assert r["step_ms"] > 0 and r["tokens_per_s"] > 0, name
+        assert len(r["step_ms_all"]) == 1 and len(r["losses"]) == 3, name  # warm-up, timed, memory step
+        assert r["saved_activations_mib"] > 0, name
+        assert r["peak_mem_mib"] is None, name  # CPU run
+        if payload["environment"]["cpu_rss_note"] is None:
+            assert r["rss_peak_growth_mib"] is not None and r["rss_peak_growth_mib"] >= 0, name
+        assert set(r["ratios"]) == {"floor", "peft-lora-r16"}, name
+    assert rows["floor"]["ratios"]["floor"]["step_ms"] == pytest.approx(1.0)
+    assert rows["peft-lora-r16"]["ratios"]["peft-lora-r16"]["saved_activations_mib"] == pytest.approx(1.0)
+    assert rows["floor"]["trainable_params"] == 0  # no head on a causal LM: nothing to train
+    # The two BOFT implementations train the same parameters...
+    assert rows["peft-boft-b4-N2"]["trainable_params"] == rows["boft_triton-b4-N2"]["trainable_params"]
+    # ...and every adapter starts at the identity, so the first loss is the floor's for all.
+    first = rows["floor"]["loss_first"]
+    for name, r in rows.items():
+        assert r["loss_first"] == pytest.approx(first, rel=1e-5), name
+    assert rows["boft_triton-b4-N2"]["loss_last"] == pytest.approx(rows["peft-boft-b4-N2"]["loss_last"], rel=1e-4)
+
+
+def test_markdown_and_charts_are_written(bench_run):
+    table = (bench_run / "smoke.md").read_text()
+    assert "| floor |" in table and "| boft_triton-b4-N2 |" in table and "skipped" in table
+    for suffix in ("time", "memory"):
+        png = bench_run / f"smoke-{suffix}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_plots_redraw_from_the_json(bench_run, tmp_path):
+    from boft_triton.bench.plots import plot_results
+
+    paths = plot_results(bench_run / "smoke.json", tmp_path)
+    assert sorted(p.name for p in paths) == ["smoke-memory.png", "smoke-time.png"]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"schema": 2}))
+    with pytest.raises(ValueError, match="missing"):
+        plot_results(broken, tmp_path)
+
+
+def test_shapes_that_do_not_fit_are_explained():
+    from torch import nn
+
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(384, 384))
+    assert FLOOR.skip_reason(model, ["q_proj"]) is None
+    assert ours(4, 4).skip_reason(model, ["q_proj"]) is None
+    assert peft_boft(8, 2).skip_reason(model, ["q_proj"]) is None
+    assert "does not divide 384" in ours(4, 8).skip_reason(model, ["q_proj"])
+    assert "does not divide 384" in peft_oft(256).skip_reason(model, ["q_proj"])
+    assert "no module" in ours(4, 1).skip_reason(model, ["v_proj"])
+
+
+def test_unknown_method_names_are_refused():
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args(["--methods", "floor,peft-lora-r7"])
+    from boft_triton.cli_errors import CLIError
+
+    with pytest.raises(CLIError, match="peft-lora-r7"):
+        command.select_methods(args)
