@@ -13,7 +13,17 @@ PEFT's format; merge a copy with ``merge_and_unload`` and check that it gives th
 logits on the whole test split; write ``metrics.json`` and ``loss_curve.png``.
 
 Outputs in ``--output-dir``: ``adapter/`` (adapter_config.json + adapter_model.safetensors),
-``metrics.json``, ``loss_curve.png``.
+``metrics.json``, ``loss_curve.png``; with ``--save-every N`` also ``checkpoints/`` (see
+:mod:`boft_triton.train_state`), which ``--resume`` continues from, bit for bit.
+
+Several processes: ``accelerate launch --config_file configs/accelerate_ddp.yaml -m boft_triton.cli
+train ...`` (or ``accelerate launch --multi_gpu --num_processes K``; on CPU add
+``ACCELERATE_USE_CPU=1``). Only adapter and modules_to_save parameters require grad, so DDP
+all-reduces only those; ``metrics.json`` records what DDP's reducer holds and a per-process digest
+of the final adapter.
+
+Debug switches (environment, for tests): ``BOFT_TRITON_DEBUG_NAN_STEP=k`` makes step k's loss
+NaN; ``BOFT_TRITON_DEBUG_STEP_DELAY=seconds`` sleeps after every step. Both are read once.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -50,6 +61,7 @@ _HEAD_NAMES = ("classifier", "score")
 _METRICS_SCHEMA = 1
 # |merged - adapter| logit tolerance, relative to max(1, max |logit|): float noise only.
 _MERGE_TOLERANCE = {"fp32": 1e-3, "bf16": 1e-1, "fp16": 5e-2}
+_DTYPES = ("fp32", "bf16", "fp16")
 
 
 class TrainingDiverged(CLIError):
@@ -111,11 +123,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="accelerate mixed precision (default: fp32)")
+    g.add_argument("--base-dtype", choices=_DTYPES, default="fp32",
+                   help="dtype the base model is loaded in; adapters stay fp32 (default: fp32)")
     g.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument("--output-dir", default="runs/train",
                    help="where adapter/, metrics.json and loss_curve.png go (default: runs/train)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="write a resumable checkpoint every N steps to OUTPUT_DIR/checkpoints "
+                        "(adapter, optimizer, scheduler, RNG, data position; default: 0 = never)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, metavar="K",
+                   help="keep the K newest checkpoints (default: 2)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="continue from the latest checkpoint in --output-dir, or from PATH; the run "
+                        "options must be the ones the checkpoint was written with")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -124,6 +148,10 @@ def _check_args(args: argparse.Namespace) -> None:
     for name, value in positive.items():
         if value < 1:
             raise CLIError(f"{name} must be at least 1, got {value}")
+    if args.save_every < 0:
+        raise CLIError(f"--save-every must be 0 (never) or positive, got {args.save_every}")
+    if args.keep_checkpoints < 1:
+        raise CLIError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
     if not args.lr > 0:
         raise CLIError(f"--lr must be positive, got {args.lr}")
     if not 0.0 <= args.warmup < 1.0:
@@ -193,8 +221,9 @@ def load_data(args: argparse.Namespace):
     return ds
 
 
-def load_model(path: str, label_names: list[str]):
+def load_model(path: str, label_names: list[str], dtype: str = "fp32"):
     """Tokenizer and ``AutoModelForSequenceClassification`` with a fresh head; offline-friendly."""
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -208,6 +237,7 @@ def load_model(path: str, label_names: list[str]):
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
             output_loading_info=True,
+            dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype],
         )
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -305,11 +335,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from . import BOFTConfig, adapt
+    from . import BOFTConfig, adapt, train_checks, train_state
     from .data import TokenizingCollate, length_sorted
     from .plotting import plot_loss_curve
 
@@ -321,11 +351,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(AcceleratorState, "_shared_state", None):
         AcceleratorState._reset_state(reset_partial_state=False)
     try:
-        accelerator = Accelerator(mixed_precision=mixed, cpu=args.cpu)
+        # seedable sampler: epoch e's order depends on (seed, e) only, so a resumed run finds its
+        # data position from the step count, and every process draws the same permutation
+        accelerator = Accelerator(
+            mixed_precision=mixed, cpu=args.cpu,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     except (ValueError, RuntimeError) as exc:
         raise CLIError(f"--precision {args.precision} is not available here: {exc}") from None
     main = accelerator.is_main_process
     show = main and not args.no_progress
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded and (args.save_every or args.resume):
+        raise CLIError("--save-every / --resume are not supported with FSDP yet; use DDP "
+                       "(configs/accelerate_ddp.yaml) for resumable runs")
+    nan_step = int(os.environ.get("BOFT_TRITON_DEBUG_NAN_STEP", "0") or 0)
+    step_delay = float(os.environ.get("BOFT_TRITON_DEBUG_STEP_DELAY", "0") or 0)
 
     def say(msg: str) -> None:
         if main:
@@ -338,8 +378,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     ds = load_data(args)
     majority_label, majority_acc = ds.majority_baseline()
+    fingerprint = _fingerprint(args, ds, accelerator.num_processes)
+    resume_path = None
+    if args.resume:  # fail fast, before the model loads: a missing, damaged or foreign checkpoint
+        resume_path = train_state.resolve(args.resume, out_dir)
+        train_state.check_matches(resume_path, train_state.verify(resume_path), fingerprint)
     model_path = resolve_model_path(args.model)
-    tokenizer, base, missing = load_model(model_path, ds.label_names)
+    tokenizer, base, missing = load_model(model_path, ds.label_names, args.base_dtype)
     modules_to_save = resolve_modules_to_save(args.modules_to_save, base)
     targets = parse_targets(args.targets)
     config = BOFTConfig(
@@ -356,7 +401,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     )
     try:
         model = adapt(base, config)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise CLIError(f"cannot add the BOFT adapter to {args.model}: {exc}") from None
     adapted = sorted({n for n, m in model.named_modules() if hasattr(m, "boft_R") and hasattr(m, "base_layer")})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -375,17 +420,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     collate = TokenizingCollate(tokenizer, args.max_length)
     train_set = list(zip(ds.train_texts, ds.train_labels))
     test_texts, test_labels = length_sorted(ds.test_texts, ds.test_labels)
+    # own generators: starting a loader's iterator then draws nothing from the global RNG (which
+    # BOFT dropout uses), so a resumed run's RNG stream is the uninterrupted run's
     train_dl = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
-                          drop_last=len(train_set) >= args.batch_size * accelerator.num_processes)
+                          drop_last=len(train_set) >= args.batch_size * accelerator.num_processes,
+                          generator=torch.Generator().manual_seed(args.seed))
     eval_dl = DataLoader(list(zip(test_texts, test_labels)), batch_size=args.eval_batch_size,
-                         shuffle=False, collate_fn=collate)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+                         shuffle=False, collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=args.lr, weight_decay=args.weight_decay)
     warmup = int(args.warmup * args.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.steps, warmup))
     # the scheduler is not prepared: accelerate would step it once per process, while --steps
     # counts optimizer steps whatever the process count
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP swaps them
 
     # -- before ------------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -394,36 +443,70 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     timings["eval_before"] = time.perf_counter() - t
     say(f"accuracy before training: {acc_before:.3f} ({timings['eval_before']:.1f}s)")
 
+    # -- resume ------------------------------------------------------------------------------------
+    start_step, losses = 0, []
+    resumed_from = None
+    if resume_path is not None:
+        start_step, losses = train_state.load(accelerator, model, optimizer, scheduler, resume_path,
+                                              fingerprint)
+        resumed_from = str(resume_path)
+        say(f"resumed from {resume_path} at step {start_step}")
+    last_checkpoint = resumed_from
+
     # -- train -------------------------------------------------------------------------------------
     t = time.perf_counter()
-    losses: list[float] = []
     model.train()
-    bar = tqdm(total=args.steps, desc="train", disable=not show, dynamic_ncols=True)
-    step, epoch = 0, 0
+    bar = tqdm(total=args.steps, initial=start_step, desc="train", disable=not show, dynamic_ncols=True)
+    steps_per_epoch = max(1, len(train_dl))
+    step = start_step
+    epoch, skip = divmod(step, steps_per_epoch)
+    check_grad = args.precision != "fp16"  # fp16's loss scaler skips non-finite steps by design
     while step < args.steps:
-        if hasattr(train_dl, "set_epoch"):
-            train_dl.set_epoch(epoch)
-        for batch in train_dl:
+        loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        skip = 0
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        for batch in loader:
             loss = model(**batch).loss
+            if step + 1 == nan_step:
+                loss = loss * float("nan")
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(params, 1.0)
+            grad_norm = accelerator.clip_grad_norm_(params, 1.0)
+            if grad_norm is None:  # accelerate returns None on non-syncing (accumulation) steps
+                grad_norm = 0.0
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            # one reduction and one host sync per step, as before: mean loss and the grad norm
+            stats = torch.stack([loss.detach().float(), torch.as_tensor(grad_norm, dtype=torch.float32,
+                                                                        device=loss.device)])
+            value, norm = accelerator.reduce(stats, reduction="mean").tolist()
+            if not math.isfinite(value) or (check_grad and not math.isfinite(norm)):
+                what = f"loss became {value}" if not math.isfinite(value) else f"gradient norm became {norm}"
+                kept = (f"the last good checkpoint is {last_checkpoint} (continue with --resume)"
+                        if last_checkpoint else "no checkpoint was written (see --save-every)")
+                raise TrainingDiverged(
+                    f"training {what} at step {step + 1}; stopped before the optimizer step; {kept}; "
+                    f"try a lower --lr")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            value = float(accelerator.reduce(loss.detach(), reduction="mean"))
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"training loss became {value} at step {step + 1}; try a lower --lr")
             losses.append(value)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
+            if args.save_every and step % args.save_every == 0:
+                last_checkpoint = str(train_state.save(accelerator, model, optimizer, scheduler, out_dir,
+                                                       step, losses, fingerprint, args.keep_checkpoints))
+            if step_delay:
+                time.sleep(step_delay)
             if step >= args.steps:
                 break
         epoch += 1
     bar.close()
     timings["train"] = time.perf_counter() - t
-    say(f"trained {args.steps} steps in {timings['train']:.1f}s "
-        f"({timings['train'] / args.steps:.2f}s/step); loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    trained = args.steps - start_step
+    say(f"trained {trained} steps in {timings['train']:.1f}s "
+        f"({timings['train'] / max(1, trained):.2f}s/step); loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 
     # -- after -------------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -440,20 +523,36 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     adapter_dir = out_dir / "adapter"
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        unwrapped.save_pretrained(str(adapter_dir))
+    # every process calls: under FSDP the adapter is gathered; only the main process writes
+    unwrapped.save_pretrained(str(adapter_dir), is_main_process=main)
     accelerator.wait_for_everyone()
     timings["save"] = time.perf_counter() - t
+    orthogonality = train_checks.block_orthogonality(unwrapped)
+    say(f"orthogonality: max |Q^T Q - I| over {orthogonality['blocks']} Cayley blocks "
+        f"{orthogonality['max_abs_QtQ_minus_I_per_block']:.2e}")
+    distributed = {"type": str(accelerator.distributed_type).rsplit(".", 1)[-1],
+                   "all_reduced": train_checks.all_reduced_parameters(model)}
+    if accelerator.num_processes > 1 and not sharded:
+        distributed["replicas"] = train_checks.replica_digests(accelerator, unwrapped)
+        say(f"replicas: {accelerator.num_processes} processes end with "
+            f"{'identical' if distributed['replicas']['identical'] else 'DIFFERENT'} adapters")
 
     # -- merged model gives the adapter's logits ------------------------------------------------------
     t = time.perf_counter()
-    merged = copy.deepcopy(unwrapped).merge_and_unload()
-    logits2, _ = evaluate(merged, eval_dl, accelerator, "merge check", show)
-    check = merge_check(logits1, logits2, args.precision)
-    del merged
+    coarsest = max((args.precision, args.base_dtype), key=lambda d: _MERGE_TOLERANCE[d])
+    if sharded:  # sharded weights cannot be merged in place; merge the saved adapter offline
+        check = {"skipped": "FSDP: weights are sharded; use boft-triton merge on the saved adapter",
+                 "passed": True}
+    else:
+        merged = copy.deepcopy(unwrapped).merge_and_unload()
+        logits2, _ = evaluate(merged, eval_dl, accelerator, "merge check", show)
+        check = merge_check(logits1, logits2, coarsest)
+        del merged
     timings["merge_check"] = time.perf_counter() - t
-    say(f"merge check: max |logit diff| {check['max_abs_logit_diff']:.2e} (tolerance "
-        f"{check['tolerance']:.1e}), prediction agreement {check['prediction_agreement']:.4f} "
-        f"({timings['merge_check']:.1f}s)")
+    if not sharded:
+        say(f"merge check: max |logit diff| {check['max_abs_logit_diff']:.2e} (tolerance "
+            f"{check['tolerance']:.1e}), prediction agreement {check['prediction_agreement']:.4f} "
+            f"({timings['merge_check']:.1f}s)")
 
     timings["total"] = time.perf_counter() - t_start
     metrics = {
@@ -473,6 +572,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "global_batch_size": args.batch_size * accelerator.num_processes,
             "lr": args.lr, "warmup_steps": warmup, "weight_decay": args.weight_decay,
             "max_length": args.max_length, "precision": args.precision, "seed": args.seed,
+            "base_dtype": args.base_dtype, "resumed_from": resumed_from,
+            "save_every": args.save_every, "last_checkpoint": last_checkpoint,
             "num_processes": accelerator.num_processes, "device": str(accelerator.device),
             "torch_threads": torch.get_num_threads(),
         },
@@ -483,6 +584,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "loss_first_10pct": _mean(losses[: max(1, len(losses) // 10)]),
         "loss_last_10pct": _mean(losses[-max(1, len(losses) // 10):]),
         "merge_check": check,
+        "orthogonality": orthogonality,
+        "distributed": distributed,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "files": {"adapter": "adapter", "metrics": "metrics.json", "loss_curve": "loss_curve.png"},
         "versions": _versions(),
@@ -502,6 +605,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             f"predictions differ); see {out_dir / 'metrics.json'}"
         )
     return metrics
+
+
+def _fingerprint(args: argparse.Namespace, ds, num_processes: int) -> dict[str, Any]:
+    """What a checkpoint must share with the run resuming it (anything that changes the path)."""
+    keys = ("model", "data", "text_column", "label_column", "targets", "block_size", "block_num",
+            "factors", "dropout", "modules_to_save", "steps", "batch_size", "lr", "warmup",
+            "weight_decay", "precision", "base_dtype", "seed", "max_length")
+    fp = {k: getattr(args, k) for k in keys}
+    fp.update(num_processes=num_processes, label_names=list(ds.label_names),
+              train_size=len(ds.train_texts))
+    return fp
 
 
 def _mean(xs: list[float]) -> float:

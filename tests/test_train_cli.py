@@ -307,3 +307,15 @@ def test_error_bad_options(capsys, tiny_bert, csv_data, tmp_path):
 def test_merge_error_not_an_adapter(capsys, tmp_path):
     err = _error(capsys, ["merge", str(tmp_path), "--output-dir", str(tmp_path / "o")])
     assert "not an adapter directory" in err
+
+
+def test_error_targets_that_fit_nothing(capsys, tiny_bert, csv_data, tmp_path):
+    common = ["train", "--model", str(tiny_bert), "--data", str(csv_data), "--text-column", "review",
+              "--label-column", "sentiment", "--output-dir", str(tmp_path)]
+    err = _error(capsys, common + ["--targets", "q_proj,v_proj"])  # Llama names on a BERT
+    assert "matched no module" in err and "query" in err  # lists the adaptable names
+    err = _error(capsys, common + ["--targets", "word_embeddings"])  # an nn.Embedding
+    assert "not supported" in err and "word_embeddings" in err
+    err = _error(capsys, common + ["--block-size", "64"])  # wider than every 32-wide layer
+    assert "cannot add the BOFT adapter" in err
+    assert "--save-every must be 0" in _error(capsys, common + ["--save-every", "-1"])
