@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=None,
                    help="examples per step (default: minilm 16, tiny-llama 4, llama-1b 4, llama-3b 2)")
     g.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per example (default: minilm 128, tiny-llama 128, llama-* 1024)")
+                   help="tokens per example (default: minilm 128, tiny-llama 128, llama-1b 2048 (issue 5's setting), llama-3b 1024)")
     g.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="model dtype (default: fp32 for minilm/tiny-llama, bf16 for llama-*)")
     g.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")

@@ -87,7 +87,7 @@ def tiny_llama(batch_size: int = 4, seq_len: int = 128, targets=None, dtype: str
                  name="tiny-llama", dtype=dtype)
 
 
-def llama_1b(batch_size: int = 4, seq_len: int = 1024, targets=None, dtype: str = "bf16") -> Workload:
+def llama_1b(batch_size: int = 4, seq_len: int = 2048, targets=None, dtype: str = "bf16") -> Workload:
     return llama(**LLAMA_1B, batch_size=batch_size, seq_len=seq_len, targets=list(targets or LLAMA_QV),
                  name="llama-1b", dtype=dtype)
 
@@ -112,7 +112,7 @@ WORKLOADS = {
                            {"default": MINILM_QKV, "qv": ["query", "value"], "all-linear": MINILM_ALL_LINEAR}),
     "tiny-llama": WorkloadSpec(tiny_llama, 4, 128, "fp32", "cpu",
                                {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}),
-    "llama-1b": WorkloadSpec(llama_1b, 4, 1024, "bf16", "cuda",
+    "llama-1b": WorkloadSpec(llama_1b, 4, 2048, "bf16", "cuda",
                              {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}),
     "llama-3b": WorkloadSpec(llama_3b, 2, 1024, "bf16", "cuda",
                              {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}),
