@@ -20,7 +20,6 @@ from .modules_to_save import ModulesToSaveWrapper
 PREFIX = "base_model.model."
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
-_WRAPPER_INTERNALS = (".original_module.", ".modules_to_save.")
 
 
 def adapter_state_dict(model: torch.nn.Module, adapter_name: str, bias: str) -> dict[str, torch.Tensor]:
@@ -35,19 +34,25 @@ def adapter_state_dict(model: torch.nn.Module, adapter_name: str, bias: str) -> 
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for key, value in module.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PREFIX}{name}.{key}"] = value
-    if bias == "all":
+    if bias == "all":  # every bias, keyed as PEFT keys them (wrappers: this adapter's copy, original)
+        own_copy, any_copy = f".modules_to_save.{adapter_name}.", ".modules_to_save."
         for name, param in model.named_parameters():
-            if name.endswith("bias") and not any(part in f".{name}" for part in _WRAPPER_INTERNALS):
-                out[f"{PREFIX}{name}"] = param
+            if not name.endswith("bias"):
+                continue
+            if own_copy in f".{name}":
+                name = f".{name}".replace(own_copy, any_copy)[1:]
+            elif any_copy in f".{name}":
+                continue  # another adapter's copy
+            out[f"{PREFIX}{name}"] = param
     return {k: _full(v).detach().contiguous() for k, v in out.items()}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP2-sharded DTensor (a collective: every rank must call it)."""
-    return t.full_tensor() if _is_dtensor(t) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
 
 
@@ -78,6 +83,14 @@ def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"No {SAFETENSORS_NAME} or {BIN_NAME} in {directory!r}.")
 
 
+def _trains_bias(bias: str, rel: str, layers: dict) -> bool:
+    if not rel.endswith("bias"):
+        return False
+    if bias == "all":
+        return True
+    return bias == "boft_only" and rel.endswith(".base_layer.bias") and rel[: -len(".base_layer.bias")] in layers
+
+
 def _mismatch(key: str, expected, found) -> ValueError:
     return ValueError(
         f"Checkpoint key {key!r}: expected shape {tuple(expected)}, found {tuple(found)}. The adapter was saved "
@@ -85,8 +98,13 @@ def _mismatch(key: str, expected, found) -> ValueError:
     )
 
 
-def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str) -> list[str]:
+def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str,
+                            bias: str = "none") -> list[str]:
     """Copy PEFT-keyed tensors into adapter ``adapter_name`` of ``model``; returns unexpected keys.
+
+    Besides the adapter and ``modules_to_save`` tensors, only the biases the config trains
+    (``bias``) may be written into base modules: any other key is reported, never copied over a
+    frozen base weight.
 
     Shapes are checked before anything is written, so a mismatched checkpoint leaves the model as
     it was. ``boft_R`` with another factor count N (PEFT without its CUDA extension saves N=1)
@@ -124,11 +142,15 @@ def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.
             found.add((path, kind))
             continue
         wrapper_path = next((w for w in wrappers if rel.startswith(w + ".")), None)
-        if wrapper_path is not None and adapter_name in wrappers[wrapper_path].modules_to_save:
+        inner = rel[len(wrapper_path) + 1:] if wrapper_path else ""
+        if wrapper_path is not None and adapter_name in wrappers[wrapper_path].modules_to_save \
+                and not inner.startswith("original_module."):
             sub = dict(wrappers[wrapper_path].modules_to_save[adapter_name].state_dict(keep_vars=True))
-            dest = sub.get(rel[len(wrapper_path) + 1:])
-        else:
+            dest = sub.get(inner.removeprefix("modules_to_save."))  # PEFT also writes bias="all" copies so
+        elif _trains_bias(bias, rel, layers):
             dest = plain.get(rel)
+        else:
+            dest = None
         if dest is None:
             unexpected.append(key)
             continue
@@ -149,7 +171,7 @@ def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.
             if isinstance(dest, tuple):
                 layer, kind = dest
                 dest = getattr(layer, kind)[adapter_name]
-            if _is_dtensor(dest):  # FSDP2: each rank keeps its shard of the full tensor
+            if is_dtensor(dest):  # FSDP2: each rank keeps its shard of the full tensor
                 from torch.distributed.tensor import distribute_tensor
 
                 value = distribute_tensor(value.to(dest.dtype), dest.device_mesh, dest.placements)

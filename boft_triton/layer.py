@@ -229,16 +229,20 @@ class Linear(BOFTLayer):
     def adapted_forward(self, x, adapters, *args, **kwargs):
         previous_dtype = x.dtype
         weight = self.weight
+        # Draw the dropout masks in adapter order (PEFT's RNG order), then apply them reversed:
+        # adapters compose as M = M_last ... M_first, so x M applies the last adapter's M first.
+        rotations = [self._q(adapter, with_dropout=True) for adapter in adapters]
         h = x
-        # Adapters compose as M = M_last ... M_first, so x M applies the last adapter's M first.
-        for adapter in reversed(adapters):
-            h = ops.butterfly(h, self._q(adapter, with_dropout=True))
+        for Q in reversed(rotations):
+            h = ops.butterfly(h, Q)
         h = h.to(weight.dtype) if not torch.is_autocast_enabled(h.device.type) else h
         out = h @ weight if self.fan_in_fan_out else F.linear(h, weight)
-        out = out * self._scale(adapters).to(out.dtype)  # the bias is not scaled
+        # The fp32 scale promotes the product (as in PEFT): rounding s to bf16 first would erase
+        # any change of s below 2^-8, freezing it in low-precision training. The bias is not scaled.
+        out = out * self._scale(adapters)
         bias = self.base_layer.bias
         if bias is not None:
-            out = out + bias.to(out.dtype)
+            out = out + bias
         return out.to(previous_dtype)
 
 
@@ -273,7 +277,7 @@ class Conv2d(BOFTLayer):
         # W rotation^T with rotation = M_last ... M_first: apply the first adapter's M^T first.
         for adapter in adapters:
             w = ops.butterfly(w, self._q(adapter, with_dropout=True), transpose=True)
-        w = w * self._scale(adapters).to(w.dtype).reshape(-1, 1)
+        w = (w * self._scale(adapters).reshape(-1, 1)).to(base.weight.dtype)  # scale in fp32, then the base dtype
         out = base._conv_forward(x.to(w.dtype), w.reshape(base.weight.shape), base.bias)
         return out.to(previous_dtype)
 

@@ -88,7 +88,6 @@ class BOFTModel(nn.Module):
         except Exception:
             self._drop(adapter_name)
             raise
-        self._freeze_base(config)
         self._set_trainable()
 
     def _inject(self, adapter_name: str, config: BOFTConfig, targets) -> None:
@@ -119,6 +118,7 @@ class BOFTModel(nn.Module):
                 parent, child = _parent(self.model, key)
                 setattr(parent, child, layer)
                 replaced.append(key)
+            layer.disable_adapters = self._adapters_disabled
             if not self.autocast_adapter_dtype:  # PEFT's autocast_adapter_dtype=False: the base's dtype
                 layer.boft_R[adapter_name].data = layer.boft_R[adapter_name].data.to(layer.weight.dtype)
                 layer.boft_s[adapter_name].data = layer.boft_s[adapter_name].data.to(layer.weight.dtype)
@@ -140,25 +140,28 @@ class BOFTModel(nn.Module):
             module.update(adapter_name)
             return
         parent, child = _parent(self.model, key)
-        setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+        wrapper = ModulesToSaveWrapper(module, adapter_name)
+        wrapper.disable_adapters = self._adapters_disabled
+        setattr(parent, child, wrapper)
 
-    def _freeze_base(self, config: BOFTConfig) -> None:
+    def _freeze_base(self, trainable: bool) -> None:
+        """Freeze the base model, then unfreeze the biases the active adapters' configs train."""
         for name, param in self.model.named_parameters():
             if self.prefix not in name and ".modules_to_save." not in f".{name}":
                 param.requires_grad_(False)
-        if config.inference_mode:
-            return
-        if config.bias == "all":
+        modes = {self.peft_config[a].bias for a in self.active_adapters} if trainable else set()
+        if "all" in modes:
             for name, param in self.model.named_parameters():
                 if name.endswith("bias") and ".original_module." not in f".{name}":
                     param.requires_grad_(True)
-        elif config.bias == "boft_only":
+        if "boft_only" in modes:
             for _, layer in self._boft_layers():
                 if layer.base_layer.bias is not None:
                     layer.base_layer.bias.requires_grad_(True)
 
     def _set_trainable(self) -> None:
         trainable = not any(self.peft_config[a].inference_mode for a in self.active_adapters)
+        self._freeze_base(trainable)
         for _, layer in self._boft_layers():
             layer.set_adapter(self.active_adapters, trainable)
         for _, wrapper in self._wrappers():
@@ -221,7 +224,7 @@ class BOFTModel(nn.Module):
         """Merge adapters into the base weights; with ``safe_merge`` every merged weight is checked
         to be finite before any of them is written, so a broken adapter leaves the model as it was."""
         layers = self._boft_layers()
-        if any(checkpoint._is_dtensor(layer.weight) for _, layer in layers):
+        if any(checkpoint.is_dtensor(layer.weight) for _, layer in layers):
             raise RuntimeError(
                 "This model's weights are sharded (FSDP2); merging needs whole weights. Save the adapter "
                 "(save_pretrained gathers it), load it into an unsharded copy of the base model with "
@@ -308,7 +311,7 @@ class BOFTModel(nn.Module):
         weights = checkpoint.read_adapter_weights(directory)
         self.add_adapter(adapter_name, config)
         try:
-            checkpoint.load_adapter_state_dict(self.model, weights, adapter_name)
+            checkpoint.load_adapter_state_dict(self.model, weights, adapter_name, config.bias)
         except Exception:
             self._drop(adapter_name)
             raise
@@ -330,7 +333,7 @@ class BOFTModel(nn.Module):
         config.inference_mode = not is_trainable
         weights = checkpoint.read_adapter_weights(directory)
         boft_model = cls(model, config, adapter_name)
-        checkpoint.load_adapter_state_dict(boft_model.model, weights, adapter_name)
+        checkpoint.load_adapter_state_dict(boft_model.model, weights, adapter_name, config.bias)
         boft_model._sync_factor_count(adapter_name)
         boft_model._set_trainable()
         if not is_trainable:

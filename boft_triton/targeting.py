@@ -99,4 +99,6 @@ def is_target(config: BOFTConfig, targets: list[str] | str, key: str) -> bool:
 
 
 def is_module_to_save(config: BOFTConfig, key: str) -> bool:
-    return bool(config.modules_to_save) and _matches_names(list(config.modules_to_save), key)
+    """PEFT's rule, a bare suffix match: ``classifier`` also wraps ``pre_classifier``. Matching
+    it exactly is what makes PEFT's checkpoints load into the same modules."""
+    return bool(config.modules_to_save) and any(key.endswith(m) for m in config.modules_to_save)
