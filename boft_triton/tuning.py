@@ -23,6 +23,7 @@ CACHE_ENV = "BOFT_TRITON_TUNE_CACHE"
 CACHE_FORMAT = 1
 
 
+@lru_cache(maxsize=1)
 def default_cache_path() -> Path:
     import platformdirs
 
@@ -61,6 +62,7 @@ def _load(path: str) -> dict:
 
 def clear_memo() -> None:
     _load.cache_clear()
+    _entry.cache_clear()
 
 
 def lookup(device_name: str, n: int, b: int, N: int, dtype: torch.dtype) -> dict | None:
@@ -69,7 +71,13 @@ def lookup(device_name: str, n: int, b: int, N: int, dtype: torch.dtype) -> dict
         import triton
     except ImportError:
         return None
-    return _load(str(cache_path())).get(cache_key(device_name, triton.__version__, dtype, n, b, N))
+    return _entry(str(cache_path()), cache_key(device_name, triton.__version__, dtype, n, b, N))
+
+
+@lru_cache(maxsize=4096)
+def _entry(path: str, key: str) -> dict | None:
+    """Memoised per (file, key): kernel launches look their tile up on every call."""
+    return _load(path).get(key)
 
 
 def _write(path: Path, new_entries: dict) -> None:

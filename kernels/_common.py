@@ -7,6 +7,7 @@ Importing this module raises ImportError when Triton is missing or older than 3.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -53,13 +54,18 @@ def new_empty(*shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=16)
+def _cuda_name(index: int | None) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def device_name(device: torch.device | str | None = None) -> str:
     """Name used in tuning-cache keys: the GPU's marketing name, or ``cpu-interpreter``."""
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return _cuda_name(device.index)
     if device is None and torch.cuda.is_available() and not interpreting():
-        return torch.cuda.get_device_name()
+        return _cuda_name(None)
     return "cpu-interpreter"
 
 
