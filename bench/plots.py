@@ -87,11 +87,7 @@ def plot_results(results_json: str | Path, out_dir: str | Path | None = None) ->
         _bars(ax, rows, "step_ms", lora)
         ax.set_xlabel("training-step time relative to the floor (absolute: ms)")
         ax.set_title("step time (lower is better)\n" + subtitle, fontsize=8)
-        if footer:
-            fig.text(0.01, 0.005, footer, fontsize=6, va="bottom")
-        fig.tight_layout(rect=(0, 0.03 if footer else 0, 1, 1))
-        written.append(out / f"{path.stem}-time.png")
-        fig.savefig(written[-1])
+        written.append(_save(fig, out / f"{path.stem}-time.png", footer))
     finally:
         plt.close(fig)
 
@@ -107,11 +103,16 @@ def plot_results(results_json: str | Path, out_dir: str | Path | None = None) ->
             _bars(ax, rows, metric, lora)
             ax.set_xlabel(f"{MEMORY_TITLES.get(metric, metric)} relative to the floor (absolute: MiB)", fontsize=8)
         fig.suptitle("memory (lower is better)\n" + subtitle, fontsize=8)
-        if footer:
-            fig.text(0.01, 0.005, footer, fontsize=6, va="bottom")
-        fig.tight_layout(rect=(0, 0.03 if footer else 0, 1, 1))
-        written.append(out / f"{path.stem}-memory.png")
-        fig.savefig(written[-1])
+        written.append(_save(fig, out / f"{path.stem}-memory.png", footer))
     finally:
         plt.close(fig)
     return written
+
+
+def _save(fig, target: Path, footer: str | None) -> Path:
+    """Lay out (leaving room for the footer line) and write one chart."""
+    if footer:
+        fig.text(0.01, 0.005, footer, fontsize=6, va="bottom")
+    fig.tight_layout(rect=(0, 0.03 if footer else 0, 1, 1))
+    fig.savefig(target)
+    return target
