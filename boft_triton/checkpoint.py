@@ -146,7 +146,8 @@ def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.
         if wrapper_path is not None and adapter_name in wrappers[wrapper_path].modules_to_save \
                 and not inner.startswith("original_module."):
             sub = dict(wrappers[wrapper_path].modules_to_save[adapter_name].state_dict(keep_vars=True))
-            dest = sub.get(inner.removeprefix("modules_to_save."))  # PEFT also writes bias="all" copies so
+            # PEFT keys the copy's bias as "<m>.modules_to_save.bias" under bias="all"
+            dest = sub.get(inner.removeprefix("modules_to_save."))
         elif _trains_bias(bias, rel, layers):
             dest = plain.get(rel)
         else:

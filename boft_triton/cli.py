@@ -54,14 +54,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
-    except RuntimeError as exc:
-        # failed self-checks (e.g. train's merge check) are reported plainly, status 1
-        from .train import MergeCheckError
-
-        if isinstance(exc, MergeCheckError) and not os.environ.get("BOFT_TRITON_DEBUG"):
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            return 1
-        raise
 
 
 if __name__ == "__main__":

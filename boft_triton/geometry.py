@@ -24,11 +24,6 @@ class ButterflyGeometry:
     block_num: int
     n_factors: int
 
-    @property
-    def coarse_block(self) -> int:
-        """``L = b * 2**(N-1)``: M is block-diagonal with ``n / L`` blocks of this size."""
-        return self.block_size * 2 ** (self.n_factors - 1)
-
 
 def _valid_choices(n: int, n_factors: int) -> tuple[list[int], list[int]]:
     """Block sizes and block numbers that satisfy PEFT's rules for width ``n`` and N factors."""

@@ -42,6 +42,7 @@ def dropout_mask(n_factors: int, block_num: int, p: float, device) -> torch.Tens
 class BOFTLayer(nn.Module):
     """Common adapter bookkeeping; subclasses say how the weight reads as ``o x n`` and how to run."""
 
+    # PEFT's BaseTunerLayer attributes, kept for code that introspects tuner layers.
     adapter_layer_names = ("boft_R", "boft_s")
     other_param_names = ("boft_block_size", "boft_block_num", "boft_dropout")
 
@@ -139,9 +140,6 @@ class BOFTLayer(nn.Module):
             s = s * self.boft_s[a].reshape(-1)
         return s
 
-    def _live_adapters(self) -> list[str]:
-        return [a for a in self.active_adapters if a in self.boft_R]
-
     # -- merging (weight-centric: the butterfly applied to the rows of W) -----------------------
 
     def merged_weight(self, adapter_names: list[str], safe_merge: bool = False) -> torch.Tensor:
@@ -163,7 +161,7 @@ class BOFTLayer(nn.Module):
             self.commit_merge(self.merged_weight(adapter_names, safe_merge), adapter_names)
 
     def adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
-        names = self._live_adapters() if adapter_names is None else [a for a in adapter_names if a in self.boft_R]
+        names = self.active_adapters if adapter_names is None else [a for a in adapter_names if a in self.boft_R]
         already = [a for a in names if a in self.merged_adapters]
         if already:
             warnings.warn(f"Already merged adapters {already}; merging only the others.", stacklevel=3)
@@ -192,7 +190,7 @@ class BOFTLayer(nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        adapters = self._live_adapters()
+        adapters = self.active_adapters  # set_adapter keeps only adapters this layer has
         if self.merged or not adapters:
             return self.base_layer(x, *args, **kwargs)
         return self.adapted_forward(x, adapters, *args, **kwargs)

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli_errors import CLIError
+from .cli_errors import CheckFailed, CLIError
 
 HELP = "fine-tune a sequence classifier with a BOFT adapter (accelerate-ready)"
 
@@ -70,7 +70,7 @@ class TrainingDiverged(CLIError):
     exit_code = 1
 
 
-class MergeCheckError(RuntimeError):
+class MergeCheckError(CheckFailed):
     """The merged model's logits differ from the adapter's beyond float noise (a bug)."""
 
 

@@ -80,7 +80,11 @@ def test_butterfly_saves_one_row_of_input_per_row(N):
     def saved_numel(T):
         x = torch.randn(T, n, requires_grad=True)
         seen = {}
-        pack = lambda t: seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t
+
+        def pack(t):  # count each saved storage once
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             torch_ops.butterfly(x, Q)
         return sum(seen.values()) // 4
