@@ -102,7 +102,7 @@ def select_methods(args: argparse.Namespace):
         known = {m.name: m for m in methods}
         unknown = [w for w in wanted if w not in known]
         if unknown:
-            from boft_triton.cli_errors import CLIError
+            from boft_triton.cli.errors import CLIError
 
             raise CLIError(f"unknown method(s) {unknown}; with these options the methods are {sorted(known)} "
                              "(add shapes with --boft / --lora-ranks / --oft-block-sizes)")
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from boft_triton.cli_errors import CLIError
+    from boft_triton.cli.errors import CLIError
 
     for option, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
                                  ("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 1),
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    from boft_triton.cli_errors import CLIError
+    from boft_triton.cli.errors import CLIError
 
     try:
         return run(args)

@@ -40,8 +40,8 @@ TINY_LLAMA = dict(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=688, v
 def minilm_reviews(batch_size: int = 16, max_length: int = 128, targets=None, dtype: str = "fp32") -> Workload:
     """The default training job's setup: packaged all-MiniLM-L6-v2, a batch of real reviews,
     BOFT/LoRA on the attention projections, the classification head trained."""
-    from boft_triton.data import TokenizingCollate, load_reviews
-    from boft_triton.train import load_model, resolve_model_path
+    from boft_triton.cli.data import TokenizingCollate, load_reviews
+    from boft_triton.cli.train import load_model, resolve_model_path
 
     data = load_reviews()
     tokenizer, model, _ = load_model(resolve_model_path("all-MiniLM-L6-v2"), data.label_names)

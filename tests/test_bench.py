@@ -105,7 +105,7 @@ def test_unknown_method_names_are_refused():
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     args = parser.parse_args(["--methods", "floor,peft-lora-r7"])
-    from boft_triton.cli_errors import CLIError
+    from boft_triton.cli.errors import CLIError
 
     with pytest.raises(CLIError, match="peft-lora-r7"):
         command.select_methods(args)

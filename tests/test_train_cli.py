@@ -22,8 +22,8 @@ transformers = pytest.importorskip("transformers")
 
 from boft_triton import BOFTModel  # noqa: E402
 from boft_triton.cli import main  # noqa: E402
-from boft_triton.cli_errors import DataError  # noqa: E402
-from boft_triton.data import TokenizingCollate, load_table  # noqa: E402
+from boft_triton.cli.errors import DataError  # noqa: E402
+from boft_triton.cli.data import TokenizingCollate, load_table  # noqa: E402
 
 GOOD = ["great", "tasty", "love", "perfect", "best", "yummy", "fresh", "delicious"]
 BAD = ["awful", "stale", "bad", "broken", "worst", "bland", "soggy", "gross"]

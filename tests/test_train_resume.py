@@ -29,7 +29,8 @@ from safetensors.torch import load_file  # noqa: E402
 from test_train_cli import csv_data, tiny_bert  # noqa: E402,F401  (fixtures)
 from tiny_models import rel_err  # noqa: E402
 
-from boft_triton import BOFTConfig, adapt, train_state  # noqa: E402
+from boft_triton import BOFTConfig, adapt  # noqa: E402
+from boft_triton.cli import train_state  # noqa: E402
 from boft_triton.cli import main  # noqa: E402
 from boft_triton.layer import BOFTLayer  # noqa: E402
 

@@ -14,7 +14,7 @@ logits on the whole test split; write ``metrics.json`` and ``loss_curve.png``.
 
 Outputs in ``--output-dir``: ``adapter/`` (adapter_config.json + adapter_model.safetensors),
 ``metrics.json``, ``loss_curve.png``; with ``--save-every N`` also ``checkpoints/`` (see
-:mod:`boft_triton.train_state`), which ``--resume`` continues from, bit for bit.
+:mod:`boft_triton.cli.train_state`), which ``--resume`` continues from, bit for bit.
 
 Several processes: ``accelerate launch --config_file configs/accelerate_ddp.yaml -m boft_triton.cli
 train ...`` (or ``accelerate launch --multi_gpu --num_processes K``; on CPU add
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli_errors import CheckFailed, CLIError
+from .errors import CheckFailed, CLIError
 
 HELP = "fine-tune a sequence classifier with a BOFT adapter (accelerate-ready)"
 
@@ -339,7 +339,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from . import BOFTConfig, adapt, train_checks, train_state
+    from .. import BOFTConfig, adapt
+    from . import train_checks, train_state
     from .data import TokenizingCollate, length_sorted
     from .plotting import plot_loss_curve
 
@@ -627,7 +628,7 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"boft_triton": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "accelerate": accelerate.__version__,

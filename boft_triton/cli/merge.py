@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_errors import CLIError
+from .errors import CLIError
 
 HELP = "merge a saved BOFT adapter into its base model and save the merged model"
 _HEAD_NAMES = ("classifier", "score")
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                               AutoTokenizer)
     from transformers.utils import logging as hf_logging
 
-    from . import BOFTModel
+    from .. import BOFTModel
     from .train import resolve_model_path
 
     hf_logging.set_verbosity_error()

@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .cli_errors import CLIError
+from .errors import CLIError
 
 FORMAT = 1
 LATEST = "latest"

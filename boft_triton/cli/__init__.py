@@ -4,7 +4,7 @@ Each subcommand lives in its own module exposing ``HELP`` (one line), ``add_argu
 and ``run(args) -> int``; register it in :data:`COMMANDS`. Modules are imported when the parser
 is built, so keep their top-level imports light (import torch inside ``run``).
 
-Problems the user can fix raise :class:`~boft_triton.cli_errors.CLIError`: ``main`` prints
+Problems the user can fix raise :class:`~boft_triton.cli.errors.CLIError`: ``main`` prints
 ``error: <message>`` and returns 2 instead of showing a traceback (``BOFT_TRITON_DEBUG=1`` shows
 it). Runs under ``accelerate launch -m boft_triton.cli train ...`` unchanged.
 """
@@ -16,13 +16,13 @@ import importlib
 import os
 import sys
 
-from .cli_errors import CLIError
+from .errors import CLIError
 
 # name -> module
 COMMANDS: dict[str, str] = {
-    "train": "boft_triton.train",
-    "merge": "boft_triton.cli_merge",
-    "tune": "boft_triton.cli_tune",
+    "train": "boft_triton.cli.train",
+    "merge": "boft_triton.cli.merge",
+    "tune": "boft_triton.cli.tune",
     "bench": "boft_triton.bench.command",
 }
 
@@ -55,6 +55,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

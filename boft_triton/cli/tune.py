@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .cli_errors import CLIError
+from .errors import CLIError
 
 HELP = "autotune the Triton kernels for the adapted layer shapes of a model and cache the winners"
 
@@ -33,7 +33,7 @@ def _adapted_model(args):
     import torch
     from transformers import AutoConfig, AutoModel
 
-    from . import BOFTConfig, adapt
+    from .. import BOFTConfig, adapt
     from .train import parse_targets, resolve_model_path
 
     path = resolve_model_path(args.model)
@@ -53,7 +53,7 @@ def _adapted_model(args):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from . import tuning
+    from .. import tuning
 
     if args.tokens < 1:
         raise CLIError(f"--tokens must be at least 1, got {args.tokens}")

@@ -18,8 +18,8 @@ from typing import Any
 def block_orthogonality(model) -> dict[str, Any]:
     import torch
 
-    from . import ops
-    from .layer import BOFTLayer
+    from .. import ops
+    from ..layer import BOFTLayer
 
     worst, worst_layer, layers, blocks = 0.0, None, 0, 0
     with torch.no_grad():

@@ -11,7 +11,7 @@ a train and a test split):
   ``split`` column (values ``train``/``test``) gives the split; without one, a seeded stratified
   hold-out of ``test_fraction`` of the rows per class becomes the test split.
 
-Everything the user can get wrong raises :class:`~boft_triton.cli_errors.DataError` with a message
+Everything the user can get wrong raises :class:`~boft_triton.cli.errors.DataError` with a message
 that names the file, column, row or label involved.
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .cli_errors import DataError
+from .errors import DataError
 
 REVIEWS_LABEL_NAMES = ("other", "great")  # index 1 = a 5-star ("great") review
 _SPLIT_NAMES = {"train": "train", "training": "train", "test": "test", "testing": "test"}
