@@ -21,10 +21,11 @@ BIN = Path(sys.executable).parent
 
 
 def _run(cmd, tmp_path, **env):
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
+    # faulthandler: should a rank ever die in native code, its stacks are in the assertion message
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **env}
     full_env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-12000:]
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +34,11 @@ def runs(tmp_path_factory):
     for mode in ("single", "ddp", "fsdp2"):
         (root / mode).mkdir()
     _run([sys.executable, str(SCRIPT), "--mode", "single", str(root / "single")], root)
+    # free ports only: accelerate picks one for --main_process_port 0, torchrun for --standalone
     _run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), "--mode", "ddp", str(root / "ddp")],
-         root, ACCELERATE_USE_CPU="1")
-    _run([str(BIN / "torchrun"), "--nproc_per_node", "2", str(SCRIPT), "--mode", "fsdp2", str(root / "fsdp2")], root)
+          "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+          str(SCRIPT), "--mode", "ddp", str(root / "ddp")], root, ACCELERATE_USE_CPU="1")
+    _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(SCRIPT), "--mode", "fsdp2", str(root / "fsdp2")], root)
     return root
 
 

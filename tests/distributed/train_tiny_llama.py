@@ -2,7 +2,7 @@
 
     python train_tiny_llama.py --mode single OUT
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_tiny_llama.py --mode ddp OUT
-    torchrun --nproc_per_node 2 train_tiny_llama.py --mode fsdp2 OUT
+    torchrun --standalone --nproc_per_node 2 train_tiny_llama.py --mode fsdp2 OUT
 
 Every mode trains on the same global batch (each rank on its equal share), so the adapters must
 agree. The main process writes OUT/adapter (PEFT format) and OUT/losses.json.
@@ -71,13 +71,30 @@ def main():
             json.dump(losses, fh)
     if args.mode == "fsdp2":
         try:
-            boft_model.merge_and_unload()
+            boft_model.merge_and_unload()  # refused on every rank alike, before any collective
         except RuntimeError as err:
             if main_process:
                 with open(os.path.join(args.out, "merge_error.txt"), "w") as fh:
                     fh.write(str(err))
-        torch.distributed.destroy_process_group()
+    end_process_group(accelerator)
 
+
+def end_process_group(accelerator) -> None:
+    """Leave the process group on every rank, after every rank has finished its collectives and
+    its writes. Without this, a rank with nothing left to write (rank 1) could reach interpreter
+    shutdown while a gloo worker thread still had to release its last collective of the backward
+    pass: that release needs the GIL (the work keeps the backward's Python context), and taking
+    the GIL during shutdown aborts the process ("terminate called without an active exception").
+    Waiting in the barrier releases the GIL, so the worker threads finish first.
+    """
+    import torch.distributed as dist
+
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()  # destroys the process group
+    elif dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 if __name__ == "__main__":
     main()
