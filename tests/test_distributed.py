@@ -55,6 +55,14 @@ def test_multi_process_adapter_equals_single_process(runs, mode):
         assert rel_err(multi[key], single[key]) < 1e-5, key
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_every_rank_leaves_the_process_group(runs, mode):
+    ended = sorted(p.name for p in (runs / mode / "ended").iterdir())
+    assert ended == ["rank0", "rank1"]
+    for name in ended:
+        assert (runs / mode / "ended" / name).read_text() == "process group initialised: False\n"
+
+
 def test_fsdp2_adapter_loads_in_peft_and_boft_triton(runs, peft_with_butterfly):
     import peft
 

@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tiny_models import llama  # noqa: E402
@@ -41,7 +42,6 @@ def main():
         accelerator = Accelerator(cpu=True)
         rank, world, main_process = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     elif args.mode == "fsdp2":
-        import torch.distributed as dist
         from torch.distributed.fsdp import fully_shard
 
         dist.init_process_group("gloo")
@@ -77,6 +77,10 @@ def main():
                 with open(os.path.join(args.out, "merge_error.txt"), "w") as fh:
                     fh.write(str(err))
     end_process_group(accelerator)
+    # every rank reports that it left the process group (the test checks both ranks did)
+    os.makedirs(os.path.join(args.out, "ended"), exist_ok=True)
+    with open(os.path.join(args.out, "ended", f"rank{rank}"), "w") as fh:
+        fh.write(f"process group initialised: {dist.is_available() and dist.is_initialized()}\n")
 
 
 def end_process_group(accelerator) -> None:
@@ -87,8 +91,6 @@ def end_process_group(accelerator) -> None:
     the GIL during shutdown aborts the process ("terminate called without an active exception").
     Waiting in the barrier releases the GIL, so the worker threads finish first.
     """
-    import torch.distributed as dist
-
     if accelerator is not None:
         accelerator.wait_for_everyone()
         accelerator.end_training()  # destroys the process group
