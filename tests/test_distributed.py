@@ -3,6 +3,7 @@ the adapter a one-process run gives on the same global batch; the FSDP2 adapter 
 and loads in PEFT and in boft_triton."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -57,10 +58,11 @@ def test_multi_process_adapter_equals_single_process(runs, mode):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_every_rank_leaves_the_process_group(runs, mode):
-    ended = sorted(p.name for p in (runs / mode / "ended").iterdir())
-    assert ended == ["rank0", "rank1"]
-    for name in ended:
-        assert (runs / mode / "ended" / name).read_text() == "process group initialised: False\n"
+    ended = {p.name: json.loads(p.read_text()) for p in (runs / mode / "ended").iterdir()}
+    assert sorted(ended) == ["rank0", "rank1"]
+    assert not any(e["initialised"] for e in ended.values())
+    if mode == "ddp":  # the gloo backend was joined: no worker thread outlives the run
+        assert all(e["gloo_threads"] == 0 for e in ended.values()), ended
 
 
 def test_fsdp2_adapter_loads_in_peft_and_boft_triton(runs, peft_with_butterfly):

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckFailed, CLIError
+from .process_group import end_process_group, exit_without_finalizing
 
 HELP = "fine-tune a sequence classifier with a BOFT adapter (accelerate-ready)"
 
@@ -323,26 +324,12 @@ def merge_check(adapter_logits, merged_logits, precision: str) -> dict[str, Any]
 
 
 def run(args: argparse.Namespace) -> int:
-    train(args)
-    _leave_process_group()
+    train(args)  # its model, optimizer and accelerator are released when it returns
+    # every rank leaves the process group cleanly (only on success: after an error on one rank a
+    # barrier could meet another rank's collective); see process_group for what raced
+    if end_process_group():
+        exit_without_finalizing(0)
     return 0
-
-
-def _leave_process_group() -> None:
-    """End a multi-process run cleanly on every rank: wait until every rank has finished its
-    collectives and writes, then destroy the process group.
-
-    Without it a rank with nothing left to write could reach interpreter shutdown while a gloo
-    worker thread still had to release a collective launched in the last backward pass; that
-    release needs the GIL (the work holds the backward's Python context) and aborts the process
-    during shutdown. The barrier's wait releases the GIL, so the workers finish first. Only on
-    success: after an error on one rank a barrier could meet another rank's collective.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:

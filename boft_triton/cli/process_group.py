@@ -1,0 +1,69 @@
+"""Leaving a multi-process run (gloo on CPU, or any backend) without racing its worker threads.
+
+What raced (torch 2.13, gloo): every collective launched during a backward pass (DDP's gradient
+all-reduce, FSDP2's reduce-scatter) keeps the backward's Python context, and FSDP2/DTensor
+collectives keep Python-owned tensors. A gloo worker thread drops its reference to a finished
+collective a moment after the caller has been told it finished, and dropping the last reference
+takes the GIL. So:
+
+- if that rank's main thread had already begun interpreter shutdown (rank 1 has nothing left to
+  write, so it gets there first), taking the GIL ends the worker thread with a forced unwind:
+  ``terminate called without an active exception``, SIGABRT;
+- if the main thread was joining the worker threads while holding the GIL (the process group
+  freed from a C++ owner such as DDP's reducer), the two wait for each other for ever.
+
+``end_process_group`` closes both doors. It waits in a barrier (every rank has finished its
+collectives and its writes), lets go of every module that holds the group (the caller frees its
+DDP-wrapped model before calling, ``accelerator`` drops its own references), and destroys the
+group from Python: that destructor releases the GIL and joins the worker threads, so each one
+drops its last collective while the interpreter is fully alive, and none is left running.
+
+One case it cannot join: once FSDP2/DTensor functional collectives have used the group, torch
+2.13 keeps the gloo backend alive in C++ after ``destroy_process_group``, so its threads outlive
+it (``gloo_threads_left`` says so). ``exit_without_finalizing`` is for that case: it flushes and
+ends the process with its exit code but without the interpreter shutdown those threads race.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+
+
+def end_process_group(accelerator=None) -> int:
+    """Barrier, drop references, destroy the default process group on this rank.
+
+    Call it on every rank, after the last collective and after the caller has deleted its
+    references to DDP/FSDP-wrapped models and optimizers. Returns the number of gloo worker
+    threads still running afterwards (0 when the backend was joined; see the module docstring).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    dist.barrier()
+    if accelerator is not None:
+        accelerator.free_memory()  # the prepared (DDP-wrapped) models and optimizers it keeps
+    gc.collect()  # modules in reference cycles release the group now, while it is still registered
+    dist.destroy_process_group()
+    return gloo_threads_left()
+
+
+def gloo_threads_left() -> int:
+    """How many of this process's threads are gloo's (0 where the platform does not say)."""
+    names = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/comm") as fh:
+                names.append(fh.read().strip())
+    except OSError:
+        return 0
+    return sum(name.startswith(("pt_gloo", "gloo")) for name in names)
+
+
+def exit_without_finalizing(code: int = 0) -> None:
+    """Flush and end the process now, skipping interpreter shutdown (see the module docstring)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
