@@ -5,6 +5,7 @@ and loads in PEFT and in boft_triton."""
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,16 @@ def _run(cmd, tmp_path, **env):
     # faulthandler: should a rank ever die in native code, its stacks are in the assertion message
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **env}
     full_env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-12000:]
+    # its own session, so that a hang (caught by the timeout) takes every rank down with the launcher
+    with subprocess.Popen(cmd, cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:
+        try:
+            _, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    assert proc.returncode == 0, stderr[-12000:]
 
 
 @pytest.fixture(scope="module")
