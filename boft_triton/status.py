@@ -8,6 +8,7 @@ from typing import Literal
 from torch import nn
 
 from .layer import BOFTLayer
+from .modules_to_save import ModulesToSaveWrapper
 
 IRREGULAR = "irregular"
 
@@ -42,27 +43,40 @@ class TunerModelStatus:
     quantization_backend: str | None | Literal["irregular"] = None
 
 
-def _requires_grad(layer: BOFTLayer, adapter: str) -> bool | str:
-    flags = {layer.boft_R[adapter].requires_grad, layer.boft_s[adapter].requires_grad}
-    return flags.pop() if len(flags) == 1 else IRREGULAR
+def _flag(values: list[bool]) -> bool | str:
+    return True if all(values) else False if not any(values) else IRREGULAR
+
+
+def _adapter_params(module: nn.Module) -> dict[str, list[nn.Parameter]]:
+    if isinstance(module, BOFTLayer):
+        return {a: [module.boft_R[a], module.boft_s[a]] for a in module.boft_R}
+    return {a: list(copy.parameters()) for a, copy in module.modules_to_save.items()}
 
 
 def layer_status(root: nn.Module) -> list[TunerLayerStatus]:
+    """PEFT's ``get_layer_status``: the BOFT layers and the ``modules_to_save`` wrappers, in order."""
     out = []
-    for name, layer in root.named_modules():
-        if not isinstance(layer, BOFTLayer):
+    for name, module in root.named_modules():
+        if isinstance(module, BOFTLayer):
+            module_type, active, merged = f"boft.{type(module).__name__}", module.active_adapters, module.merged_adapters
+        elif isinstance(module, ModulesToSaveWrapper):
+            module_type, merged = "ModulesToSaveWrapper", []
+            active = [module.active_adapter] if module.active_adapter else []
+        else:
             continue
-        adapters = sorted(layer.boft_R)
+        params = _adapter_params(module)
         out.append(TunerLayerStatus(
             name=name,
-            module_type=f"boft.{type(layer).__name__}",
-            enabled=not layer.disable_adapters,
-            active_adapters=list(layer.active_adapters),
-            merged_adapters=list(layer.merged_adapters),
-            requires_grad={a: _requires_grad(layer, a) for a in adapters},
-            available_adapters=adapters,
-            devices={a: sorted({str(layer.boft_R[a].device), str(layer.boft_s[a].device)}) for a in adapters},
+            module_type=module_type,
+            enabled=not module.disable_adapters,
+            active_adapters=list(active),
+            merged_adapters=list(merged),
+            requires_grad={a: _flag([p.requires_grad for p in ps]) for a, ps in params.items()},
+            available_adapters=sorted(params),
+            devices={a: sorted({p.device.type for p in ps}) for a, ps in params.items()},
         ))
+    if not out:
+        raise ValueError("No adapter layers found in the model: it holds no BOFT layer (every adapter was unloaded?).")
     return out
 
 
@@ -89,8 +103,8 @@ def model_status(boft_model, layers: list[TunerLayerStatus]) -> TunerModelStatus
         total_params=total,
         num_adapter_layers=len(layers),
         enabled=enabled,
-        active_adapters=_same_or_irregular([sorted(s.active_adapters) for s in layers]),
-        merged_adapters=_same_or_irregular([sorted(s.merged_adapters) for s in layers]),
+        active_adapters=_same_or_irregular([s.active_adapters for s in layers]),
+        merged_adapters=_same_or_irregular([s.merged_adapters for s in layers]),
         requires_grad=requires_grad,
         available_adapters=sorted({a for s in layers for a in s.available_adapters}),
         devices={a: sorted(d) for a, d in devices.items()},
