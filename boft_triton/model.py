@@ -93,7 +93,13 @@ class BOFTModel(nn.Module):
 
         forward.__signature__ = signature
         forward.__doc__ = type(self.model).forward.__doc__
+        forward.passes_through = True
         self.forward = types.MethodType(forward, self)
+
+    def forwards_unchanged(self) -> bool:
+        """Whether ``forward`` still just calls the wrapped model (no one replaced it)."""
+        forward = self.__dict__.get("forward")
+        return forward is None or getattr(getattr(forward, "__func__", None), "passes_through", False)
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
