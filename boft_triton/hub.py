@@ -10,12 +10,8 @@ def resolve_adapter_dir(model_id: str | os.PathLike, subfolder: str | None = Non
                         **hub_kwargs) -> str:
     """A local folder holding the adapter: ``model_id`` itself when it is a folder, otherwise the
     Hub repo ``model_id`` at ``revision``, fetched (or read from the cache) with huggingface_hub."""
-    local = os.path.join(model_id, subfolder or "")
-    if os.path.isdir(model_id):
-        if revision is not None:
-            raise ValueError(f"revision={revision!r} was given, but {str(model_id)!r} is a local folder, which has no "
-                             "revisions; drop revision or pass a Hub repo id.")
-        return local
+    if os.path.isdir(model_id):  # a local folder has no revisions: PEFT ignores revision there too
+        return os.path.join(model_id, subfolder or "")
     from huggingface_hub import snapshot_download
 
     allow = [f"{subfolder}/*"] if subfolder else None

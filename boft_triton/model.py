@@ -101,6 +101,24 @@ class BOFTModel(nn.Module):
         forward = self.__dict__.get("forward")
         return forward is None or getattr(getattr(forward, "__func__", None), "passes_through", False)
 
+    # The per-instance forward is bound to this object: copies made without __init__ get their own.
+    def __getstate__(self):  # pickle, deepcopy: the function is rebuilt on load, not pickled
+        state = self.__dict__.copy()
+        if self.forwards_unchanged():
+            state.pop("forward", None)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if "forward" not in self.__dict__:
+            self._expose_forward_signature()
+
+    def _replicate_for_data_parallel(self):  # nn.DataParallel copies __dict__, bound forward included
+        replica = super()._replicate_for_data_parallel()
+        if self.forwards_unchanged():
+            replica._expose_forward_signature()
+        return replica
+
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
 

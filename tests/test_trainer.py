@@ -142,3 +142,16 @@ def test_sft_trainer_trains_and_saves_the_adapter(tmp_path):
     x = torch.randint(2, 64, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, model.eval()(input_ids=x).logits)
+
+
+def test_forward_signature_survives_copies_pickling_and_replicas(tmp_path):
+    import inspect
+
+    model = adapt(_base(), BOFTConfig(**CONFIG))
+    expected = list(inspect.signature(model.get_base_model().forward).parameters)
+    assert "input_ids" in expected and "labels" in expected
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)  # the per-instance forward is rebuilt on load, not pickled
+    for other in (copy.deepcopy(model), torch.load(path, weights_only=False), model._replicate_for_data_parallel()):
+        assert list(inspect.signature(other.forward).parameters) == expected
+        assert other.forward.__self__ is other  # bound to the copy, not to the original
