@@ -415,6 +415,28 @@ class BOFTModel(nn.Module):
         """Upload the adapter(s), saved in PEFT's layout, to the Hub repo ``repo_id`` (see ``hub.push_to_hub``)."""
         return hub.push_to_hub(self, repo_id, **kwargs)
 
+    @property
+    def active_peft_config(self) -> BOFTConfig:
+        """The config of the (first) active adapter, as ``PeftModel.active_peft_config``."""
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The ``modules_to_save`` names of every adapter together (None when none has any), as PEFT."""
+        names = {m for config in self.peft_config.values() for m in (config.modules_to_save or [])}
+        return names or None
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch gradients of these adapters (their BOFT tensors and ``modules_to_save`` copies) on or off."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for _, layer in self._boft_layers():
+            for name in names & set(layer.boft_R):
+                layer.boft_R[name].requires_grad_(requires_grad)
+                layer.boft_s[name].requires_grad_(requires_grad)
+        for _, wrapper in self._wrappers():
+            for name in names & set(wrapper.modules_to_save):
+                wrapper.modules_to_save[name].requires_grad_(requires_grad)
+
     def get_layer_status(self) -> list[status.TunerLayerStatus]:
         """One entry per adapted layer: enabled, active / merged / available adapters, requires_grad, devices."""
         return status.layer_status(self)  # names as PEFT gives them: "model.<path>"

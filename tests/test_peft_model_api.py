@@ -267,3 +267,18 @@ def test_exact_name_targets_with_layers_to_transform_match_peft(tmp_path):
     ids = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_active_peft_config_modules_to_save_and_set_requires_grad_like_peft():
+    torch.manual_seed(0)
+    base = MLP()
+    config = dict(target_modules=["lin0"], boft_block_size=2, modules_to_save=["lin1"])
+    ours = adapt(copy.deepcopy(base), BOFTConfig(**config))
+    theirs = _quiet_peft(peft.get_peft_model, copy.deepcopy(base), peft.BOFTConfig(**config))
+    for model in (ours, theirs):
+        model.add_adapter("b", BOFTConfig(**config) if model is ours else peft.BOFTConfig(**config))
+        model.set_requires_grad("b")
+        model.set_requires_grad(["default"], requires_grad=False)
+    assert _trainable(ours, "model.") == _trainable(theirs, "base_model.model.")
+    assert ours.modules_to_save == theirs.modules_to_save == {"lin1"}
+    assert ours.active_peft_config.modules_to_save == ["lin1"]
