@@ -155,3 +155,20 @@ def test_forward_signature_survives_copies_pickling_and_replicas(tmp_path):
     for other in (copy.deepcopy(model), torch.load(path, weights_only=False), model._replicate_for_data_parallel()):
         assert list(inspect.signature(other.forward).parameters) == expected
         assert other.forward.__self__ is other  # bound to the copy, not to the original
+
+
+def test_load_best_model_at_end_reloads_the_best_adapter_checkpoint(tmp_path):
+    model = adapt(_base(), BOFTConfig(**CONFIG))
+    args = _args(tmp_path, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+                 load_best_model_at_end=True, metric_for_best_model="loss", learning_rate=5e-2)
+    trainer = BOFTTrainer(model=model, args=args, train_dataset=_data(), eval_dataset=_data(8))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None
+    saved = load_file(os.path.join(best, "adapter_model.safetensors"))
+    assert any(k.endswith("boft_R") for k in saved)
+    for key, value in saved.items():  # PEFT key -> our parameter name (adapter "default")
+        name = key.removeprefix("base_model.")
+        name = (f"{name}.default" if name.endswith(("boft_R", "boft_s"))
+                else name.replace(".classifier.", ".classifier.modules_to_save.default."))
+        torch.testing.assert_close(model.get_parameter(name).detach(), value, rtol=0, atol=0, msg=key)
