@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 import tempfile
 
+# What load_adapter / from_pretrained pass on to huggingface_hub.snapshot_download.
+HUB_KEYWORDS = {"token", "cache_dir", "force_download", "local_files_only", "proxies", "repo_type"}
+
 
 def resolve_adapter_dir(model_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
                         **hub_kwargs) -> str:
     """A local folder holding the adapter: ``model_id`` itself when it is a folder, otherwise the
     Hub repo ``model_id`` at ``revision``, fetched (or read from the cache) with huggingface_hub."""
+    unknown = sorted(set(hub_kwargs) - HUB_KEYWORDS)
+    if unknown:
+        raise TypeError(f"Unexpected keyword arguments {unknown}; the Hub download takes {sorted(HUB_KEYWORDS)}.")
     if os.path.isdir(model_id):  # a local folder has no revisions: PEFT ignores revision there too
         return os.path.join(model_id, subfolder or "")
     from huggingface_hub import snapshot_download

@@ -191,6 +191,8 @@ def test_loading_keywords_and_hub_revision(tmp_path, monkeypatch):
     loaded = BOFTModel.from_pretrained(copy.deepcopy(base), tmp_path / "repo", low_cpu_mem_usage=True,
                                        torch_device="cpu")
     torch.testing.assert_close(loaded(x), trained(x))
+    with pytest.raises(TypeError, match="ephemeral_gpu_offload"):  # never silently ignored
+        BOFTModel.from_pretrained(copy.deepcopy(base), tmp_path / "repo", ephemeral_gpu_offload=True)
     asked = {}
 
     def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
