@@ -9,11 +9,16 @@ import pytest
 import torch
 
 from boft_triton import BOFTConfig, adapt
-from tiny_models import MLP
+from tiny_models import MLP, MLP2
 
 peft = pytest.importorskip("peft")
 
-CONFIG = dict(target_modules=["lin0", "lin1"], boft_block_size=2, init_weights=False, modules_to_save=None)
+# (model, input width, config): one butterfly factor, and two (PEFT's N > 1 code, see conftest).
+SETUPS = {
+    "N1": (MLP, 10, dict(target_modules=["lin0", "lin1"], boft_block_size=2, init_weights=False)),
+    "N2": (MLP2, 32, dict(target_modules=["lin0", "lin1"], boft_block_size=4, boft_n_butterfly_factor=2,
+                          init_weights=False)),
+}
 
 # Each step is (method, args) called on `model.base_model` (PEFT's tuner model; ours is itself),
 # except delete_adapter, called on the model (PeftModel must update its own active adapter).
@@ -41,18 +46,20 @@ SCENARIOS = {
 }
 
 
-def _pair():
+def _pair(setup="N1"):
+    build, width, config = SETUPS[setup]
     torch.manual_seed(0)
-    base = MLP().eval()
+    base = build().eval()
     torch.manual_seed(1)
-    ours = adapt(copy.deepcopy(base), BOFTConfig(**CONFIG))
-    ours.add_adapter("b", BOFTConfig(**CONFIG))
+    ours = adapt(copy.deepcopy(base), BOFTConfig(**config))
+    ours.add_adapter("b", BOFTConfig(**config))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.BOFTConfig(**CONFIG))
-        theirs.add_adapter("b", peft.BOFTConfig(**CONFIG))
-    theirs.load_state_dict({k: v for k, v in _as_peft_state(ours).items()}, strict=False)
-    return ours.eval(), theirs.eval()
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.BOFTConfig(**config))
+        theirs.add_adapter("b", peft.BOFTConfig(**config))
+    result = theirs.load_state_dict(_as_peft_state(ours), strict=False)
+    assert not result.unexpected_keys  # same tensors, same shapes (N included) on both sides
+    return ours.eval(), theirs.eval(), torch.randn(6, width)
 
 
 def _as_peft_state(ours):
@@ -77,10 +84,10 @@ def _state(model):
     return [(s.name, s.enabled, s.active_adapters, s.merged_adapters) for s in layers]
 
 
+@pytest.mark.parametrize("setup", list(SETUPS))
 @pytest.mark.parametrize("steps", list(SCENARIOS.values()), ids=list(SCENARIOS))
-def test_state_matrix_matches_peft(steps):
-    ours, theirs = _pair()
-    x = torch.randn(6, 10)
+def test_state_matrix_matches_peft(steps, setup, peft_with_butterfly):
+    ours, theirs, x = _pair(setup)
     for method, args in steps:
         our_result, our_error, our_said = _run(ours, method, args)
         their_result, their_error, their_said = _run(theirs, method, args)
@@ -99,8 +106,7 @@ def test_state_matrix_matches_peft(steps):
 def test_switching_a_merged_model_serves_the_new_adapter_only():
     """The reported case: `default` merged, set_adapter("b") must serve b, and merge_and_unload
     must then bake in b alone."""
-    ours, _ = _pair()
-    x = torch.randn(6, 10)
+    ours, _, x = _pair()
     only_b = copy.deepcopy(ours)
     only_b.set_adapter("b")
     with torch.no_grad():
