@@ -301,6 +301,11 @@ class BOFTModel(nn.Module):
         self._adapters_disabled = not enabled
         for _, module in self._boft_layers() + self._wrappers():
             module.disable_adapters = not enabled
+        # As PEFT: disabled adapters are frozen, enabling makes the active ones trainable again.
+        if enabled:
+            self._set_trainable()
+        else:
+            self.set_requires_grad(list(self.peft_config), requires_grad=False)
 
     def enable_adapter_layers(self) -> None:
         self._enable(True)

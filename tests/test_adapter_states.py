@@ -81,7 +81,7 @@ def _run(model, method, args):
 
 def _state(model):
     layers = model.get_layer_status()
-    return [(s.name, s.enabled, s.active_adapters, s.merged_adapters) for s in layers]
+    return [(s.name, s.enabled, s.active_adapters, s.merged_adapters, s.requires_grad) for s in layers]
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))
