@@ -69,17 +69,19 @@ def save_adapter_weights(state_dict: dict[str, torch.Tensor], directory: str, sa
     return path
 
 
-def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
-    """Load ``adapter_model.safetensors``, or a ``.bin`` through ``torch.load(weights_only=True)``."""
+def read_adapter_weights(directory: str, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Load ``adapter_model.safetensors``, or a ``.bin`` through ``torch.load(weights_only=True)``,
+    onto ``device`` (the CPU by default)."""
+    device = str(device) if device is not None else "cpu"
     st_path = os.path.join(directory, SAFETENSORS_NAME)
     if os.path.isfile(st_path):
         try:
-            return load_file(st_path)
+            return load_file(st_path, device=device)
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"{st_path} could not be read ({err}); the adapter file is corrupt.") from err
     bin_path = os.path.join(directory, BIN_NAME)
     if os.path.isfile(bin_path):
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
+        return torch.load(bin_path, map_location=device, weights_only=True)
     raise FileNotFoundError(f"No {SAFETENSORS_NAME} or {BIN_NAME} in {directory!r}.")
 
 

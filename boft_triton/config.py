@@ -14,6 +14,8 @@ from .io_utils import atomic_write_text
 CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE = "BOFT"
 BIAS_MODES = ("none", "all", "boft_only")
+# PEFT's TaskType values (peft.TaskType is a str enum, so its members compare equal to these).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
 @dataclass
@@ -52,6 +54,9 @@ class BOFTConfig:
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):
                 setattr(self, name, sorted(value))
+        self.task_type = getattr(self.task_type, "value", self.task_type)  # peft.TaskType -> its string
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"Invalid task type: {self.task_type!r}. Must be one of {', '.join(TASK_TYPES)} (or None).")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
         if self.boft_block_size == 0 and self.boft_block_num == 0:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
+import types
+import warnings
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, hub, status
 from .config import BOFTConfig
 from .layer import BOFTLayer, supported_layer_class
 from .modules_to_save import ModulesToSaveWrapper
-from .targeting import default_targets, is_module_to_save, is_target
+from .targeting import ALL_LINEAR, add_task_heads, all_linear_targets, default_targets, is_module_to_save, is_target
 
 
 def _parent(root: nn.Module, key: str) -> tuple[nn.Module, str]:
@@ -22,24 +25,47 @@ def _parent(root: nn.Module, key: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), child
 
 
+def _refuse_adapted(model: nn.Module) -> None:
+    """A second ``adapt()`` would re-initialise the adapters in place (losing their training and
+    swapping the Parameters under any optimizer), so it is refused."""
+    if isinstance(model, BOFTModel):
+        raise ValueError(
+            "This model is already a BOFTModel. To add a second adapter call model.add_adapter(name, config) "
+            "(then model.set_adapter(name)); to start over call model.unload() and adapt the model it returns."
+        )
+    adapted = [n for n, m in model.named_modules() if isinstance(m, (BOFTLayer, ModulesToSaveWrapper))]
+    if adapted:
+        raise ValueError(
+            f"This model already holds BOFT adapter modules ({adapted[:3]}...): it was adapted before, and adapting "
+            "it again would reset the trained adapter. Use the BOFTModel that adapt() returned: its add_adapter(name, "
+            "config) adds another adapter; its unload() gives back the plain model."
+        )
+
+
 class BOFTModel(nn.Module):
     """A model with BOFT adapters; attribute access and ``forward``/``generate`` pass through.
 
     Attributes: ``model`` (the adapted model), ``peft_config`` (adapter name -> ``BOFTConfig``).
+    ``BOFTModel`` plays both of PEFT's roles, ``PeftModel`` and the tuner model (``BoftModel``):
+    ``base_model`` is this object itself, so PEFT-style ``model.base_model.model`` is the
+    transformers model, and ``model.base_model.<tuner method>`` works.
     """
 
     prefix = "boft_"
 
-    def __init__(self, model: nn.Module, config: BOFTConfig, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True) -> None:
+    def __init__(self, model: nn.Module, config: BOFTConfig | None = None, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, *,
+                 peft_config: BOFTConfig | None = None) -> None:
         super().__init__()
+        _refuse_adapted(model)
         self.model = model
         self.peft_config: dict[str, BOFTConfig] = {}
         self.active_adapters: list[str] = []
         self._adapters_disabled = False
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        self.add_adapter(adapter_name, _one_config(peft_config, config), low_cpu_mem_usage)
+        self.set_adapter(adapter_name, inference_mode=self.peft_config[adapter_name].inference_mode)
+        self._expose_forward_signature()
 
     # -- passthrough ----------------------------------------------------------------------------
 
@@ -54,11 +80,56 @@ class BOFTModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    def _expose_forward_signature(self) -> None:
+        """Give ``forward`` the wrapped model's signature: transformers' Trainer keeps only the
+        batch columns the forward names (``remove_unused_columns``), and ``*args, **kwargs`` name none."""
+        try:
+            signature = inspect.signature(type(self.model).forward)
+        except (TypeError, ValueError):
+            return
+
+        def forward(self, *args, **kwargs):
+            return self.model(*args, **kwargs)
+
+        forward.__signature__ = signature
+        forward.__doc__ = type(self.model).forward.__doc__
+        forward.passes_through = True
+        self.forward = types.MethodType(forward, self)
+
+    def forwards_unchanged(self) -> bool:
+        """Whether ``forward`` still just calls the wrapped model (no one replaced it)."""
+        forward = self.__dict__.get("forward")
+        return forward is None or getattr(getattr(forward, "__func__", None), "passes_through", False)
+
+    # The per-instance forward is bound to this object: copies made without __init__ get their own.
+    def __getstate__(self):  # pickle, deepcopy: the function is rebuilt on load, not pickled
+        state = self.__dict__.copy()
+        if self.forwards_unchanged():
+            state.pop("forward", None)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if "forward" not in self.__dict__:
+            self._expose_forward_signature()
+
+    def _replicate_for_data_parallel(self):  # nn.DataParallel copies __dict__, bound forward included
+        replica = super()._replicate_for_data_parallel()
+        if self.forwards_unchanged():
+            replica._expose_forward_signature()
+        return replica
+
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         return self.model
+
+    @property
+    def base_model(self) -> "BOFTModel":
+        """PEFT's ``PeftModel.base_model`` is the tuner model, whose ``.model`` is the transformers
+        model; this class is both, so it returns itself (``model.base_model.model`` is the model)."""
+        return self
 
     @property
     def active_adapter(self) -> str | list[str]:
@@ -74,20 +145,35 @@ class BOFTModel(nn.Module):
 
     # -- adapters -------------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, config: BOFTConfig) -> None:
-        """Inject a new adapter. It is not made active (use ``set_adapter``), as in PEFT."""
+    def add_adapter(self, adapter_name: str, peft_config: BOFTConfig | None = None, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool | None = None, *, config: BOFTConfig | None = None) -> None:
+        """Inject a new adapter. It is not made active (use ``set_adapter``), as in PEFT.
+
+        ``peft_config`` is PEFT's name for the config (``config=`` is accepted too).
+        ``low_cpu_mem_usage`` is accepted for PEFT compatibility: the new tensors are created
+        directly on the layer's device, at their final size, so there is nothing to save.
+        """
+        config = _one_config(peft_config, config)
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} exists already; delete it first or pick another name.")
         config = copy.deepcopy(config)
+        add_task_heads(config)
+        if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+            config.target_modules = all_linear_targets(self.model, config)
         targets = config.target_modules if config.target_modules is not None else default_targets(self.model)
         if config.target_modules is None:
             config.target_modules = targets
         self.peft_config[adapter_name] = config
+        keep_autocast = self.autocast_adapter_dtype
+        if autocast_adapter_dtype is not None:
+            self.autocast_adapter_dtype = autocast_adapter_dtype
         try:
             self._inject(adapter_name, config, targets)
         except Exception:
             self._drop(adapter_name)
             raise
+        finally:
+            self.autocast_adapter_dtype = keep_autocast
         self._set_trainable()
 
     def _inject(self, adapter_name: str, config: BOFTConfig, targets) -> None:
@@ -167,14 +253,26 @@ class BOFTModel(nn.Module):
         for _, wrapper in self._wrappers():
             wrapper.set_adapter(self.active_adapters, trainable)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter, or several that compose (``M = M_last ... M_first``)."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter, or several that compose (``M = M_last ... M_first``).
+
+        As in PEFT, the activated adapters become trainable unless ``inference_mode=True``, and a
+        merged model is unmerged first (with a warning): the merged weights hold the old adapters.
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         missing = [n for n in names if n not in self.peft_config]
         if missing:
             raise ValueError(f"Unknown adapter(s) {missing}; this model has {list(self.peft_config)}.")
+        self._unmerge_before_switch()
         self.active_adapters = names
+        for name in names:
+            self.peft_config[name].inference_mode = inference_mode
         self._set_trainable()
+
+    def _unmerge_before_switch(self) -> None:
+        if any(layer.merged for _, layer in self._boft_layers()):
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=3)
+            self.unmerge_adapter()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -184,7 +282,9 @@ class BOFTModel(nn.Module):
         self._drop(adapter_name)
         remaining = [a for a in self.active_adapters if a != adapter_name]
         if not remaining and self.peft_config:
-            remaining = [next(iter(self.peft_config))]
+            remaining = [sorted(self.peft_config)[0]]  # PEFT's choice: the first remaining name
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                          f"{remaining[0]}.", stacklevel=2)
         self.active_adapters = remaining
         self._set_trainable()
 
@@ -201,6 +301,11 @@ class BOFTModel(nn.Module):
         self._adapters_disabled = not enabled
         for _, module in self._boft_layers() + self._wrappers():
             module.disable_adapters = not enabled
+        # As PEFT: disabled adapters are frozen, enabling makes the active ones trainable again.
+        if enabled:
+            self._set_trainable()
+        else:
+            self.set_requires_grad(list(self.peft_config), requires_grad=False)
 
     def enable_adapter_layers(self) -> None:
         self._enable(True)
@@ -292,6 +397,7 @@ class BOFTModel(nn.Module):
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a directory.")
+        self._refuse_empty_save()
         for name in selected_adapters or list(self.peft_config):
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
@@ -303,13 +409,59 @@ class BOFTModel(nn.Module):
                 checkpoint.save_adapter_weights(tensors, out, safe_serialization)
                 config.save_pretrained(out)
 
+    def _refuse_empty_save(self) -> None:
+        if not self.peft_config:
+            raise ValueError(
+                "This model has no adapter left (every adapter was deleted), so save_pretrained would write an empty "
+                "folder. Add or load an adapter first, or save the plain model with model.unload().save_pretrained()."
+            )
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the adapter(s), saved in PEFT's layout, to the Hub repo ``repo_id`` (see ``hub.push_to_hub``)."""
+        return hub.push_to_hub(self, repo_id, **kwargs)
+
+    @property
+    def active_peft_config(self) -> BOFTConfig:
+        """The config of the (first) active adapter, as ``PeftModel.active_peft_config``."""
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The ``modules_to_save`` names of every adapter together (None when none has any), as PEFT."""
+        names = {m for config in self.peft_config.values() for m in (config.modules_to_save or [])}
+        return names or None
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch gradients of these adapters (their BOFT tensors and ``modules_to_save`` copies) on or off."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for _, layer in self._boft_layers():
+            for name in names & set(layer.boft_R):
+                layer.boft_R[name].requires_grad_(requires_grad)
+                layer.boft_s[name].requires_grad_(requires_grad)
+        for _, wrapper in self._wrappers():
+            for name in names & set(wrapper.modules_to_save):
+                wrapper.modules_to_save[name].requires_grad_(requires_grad)
+
+    def get_layer_status(self) -> list[status.TunerLayerStatus]:
+        """One entry per adapted layer: enabled, active / merged / available adapters, requires_grad, devices."""
+        return status.layer_status(self)  # names as PEFT gives them: "model.<path>"
+
+    def get_model_status(self) -> status.TunerModelStatus:
+        """The layer statuses summarised; a field that differs between layers reads ``"irregular"``."""
+        return status.model_status(self, self.get_layer_status())
+
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     subfolder: str | None = None) -> None:
-        directory = os.path.join(model_id, subfolder or "")
+                     subfolder: str | None = None, torch_device: str | None = None, low_cpu_mem_usage: bool = False,
+                     revision: str | None = None, **hub_kwargs) -> None:
+        """Load an adapter saved by ``save_pretrained`` (ours or PEFT's) from a folder or Hub repo.
+
+        ``torch_device`` is where the checkpoint tensors are read to (the adapter then lives on
+        its layer's device); ``revision`` and ``hub_kwargs`` go to the Hub download."""
+        directory = hub.resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
         config = BOFTConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
-        weights = checkpoint.read_adapter_weights(directory)
-        self.add_adapter(adapter_name, config)
+        weights = checkpoint.read_adapter_weights(directory, torch_device)
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage)
         try:
             checkpoint.load_adapter_state_dict(self.model, weights, adapter_name, config.bias)
         except Exception:
@@ -326,13 +478,16 @@ class BOFTModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, subfolder: str | None = None) -> "BOFTModel":
-        """Wrap ``model`` and load the adapter saved in ``model_id`` (ours or PEFT's)."""
-        directory = os.path.join(model_id, subfolder or "")
+                        is_trainable: bool = False, subfolder: str | None = None, torch_device: str | None = None,
+                        low_cpu_mem_usage: bool = False, revision: str | None = None,
+                        autocast_adapter_dtype: bool = True, **hub_kwargs) -> "BOFTModel":
+        """Wrap ``model`` and load the adapter saved in ``model_id`` (ours or PEFT's; a folder or a
+        Hub repo id). The keywords are ``PeftModel.from_pretrained``'s (see ``load_adapter``)."""
+        directory = hub.resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
         config = BOFTConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
-        weights = checkpoint.read_adapter_weights(directory)
-        boft_model = cls(model, config, adapter_name)
+        weights = checkpoint.read_adapter_weights(directory, torch_device)
+        boft_model = cls(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
         checkpoint.load_adapter_state_dict(boft_model.model, weights, adapter_name, config.bias)
         boft_model._sync_factor_count(adapter_name)
         boft_model._set_trainable()
@@ -341,7 +496,15 @@ class BOFTModel(nn.Module):
         return boft_model
 
 
-def adapt(model: nn.Module, config: BOFTConfig, adapter_name: str = "default",
-          autocast_adapter_dtype: bool = True) -> BOFTModel:
-    """Add a BOFT adapter to ``model`` (like ``peft.get_peft_model``); only adapters stay trainable."""
-    return BOFTModel(model, config, adapter_name, autocast_adapter_dtype)
+def _one_config(peft_config: BOFTConfig | None, config: BOFTConfig | None) -> BOFTConfig:
+    if (peft_config is None) == (config is None):
+        raise TypeError("Pass the adapter's BOFTConfig once, as peft_config (PEFT's name) or config.")
+    return peft_config if peft_config is not None else config
+
+
+def adapt(model: nn.Module, config: BOFTConfig | None = None, adapter_name: str = "default",
+          autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, *,
+          peft_config: BOFTConfig | None = None) -> BOFTModel:
+    """Add a BOFT adapter to ``model`` (like ``peft.get_peft_model``, whose ``peft_config=``
+    keyword works too); only adapters stay trainable. An already adapted model is refused."""
+    return BOFTModel(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, peft_config=peft_config)

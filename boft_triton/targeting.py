@@ -92,6 +92,8 @@ def is_target(config: BOFTConfig, targets: list[str] | str, key: str) -> bool:
     wanted = config.layers_to_transform
     if wanted is None or (isinstance(wanted, list) and not wanted) or isinstance(targets, str):
         return True
+    if key in targets:
+        return True  # PEFT: a module named in full is taken as it is, whatever layers_to_transform says
     index = _layer_index(config, key)
     if index is None:
         return False
@@ -102,3 +104,63 @@ def is_module_to_save(config: BOFTConfig, key: str) -> bool:
     """PEFT's rule, a bare suffix match: ``classifier`` also wraps ``pre_classifier``. Matching
     it exactly is what makes PEFT's checkpoints load into the same modules."""
     return bool(config.modules_to_save) and any(key.endswith(m) for m in config.modules_to_save)
+
+
+# PEFT's task models add their heads to ``modules_to_save`` (PeftModelForSequenceClassification
+# and ForTokenClassification: "classifier" and "score"; ForQuestionAnswering: "qa_outputs"), so the
+# head trains and is saved with the adapter. The other task types add nothing.
+TASK_TYPE_HEADS: dict[str, list[str]] = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+}
+
+
+def add_task_heads(config: BOFTConfig) -> None:
+    """Extend ``config.modules_to_save`` with the heads of its ``task_type``, as PEFT does."""
+    heads = TASK_TYPE_HEADS.get(config.task_type or "", [])
+    if heads:
+        config.modules_to_save = list(config.modules_to_save or []) + [
+            h for h in heads if h not in (config.modules_to_save or [])
+        ]
+
+
+ALL_LINEAR = "all-linear"
+
+
+def all_linear_targets(model, config: BOFTConfig) -> list[str]:
+    """PEFT's ``target_modules="all-linear"``: every ``nn.Linear`` / ``Conv1D`` by its full name,
+    except the output layer (a transformers model's output embeddings, or for SEQ_CLS its
+    ``score`` / ``classifier`` head) and anything inside an existing adapter layer."""
+    from torch import nn
+
+    from .layer import BOFTLayer, Conv1D
+
+    linear_classes = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+    names = set()
+    excluded = set()
+    for name, module in model.named_modules():
+        if isinstance(module, BOFTLayer) and isinstance(module.base_layer, linear_classes):
+            names.add(name)
+            excluded.update(f"{name}.{sub}" for sub, _ in module.named_modules() if sub)
+        elif isinstance(module, linear_classes):
+            names.add(name)
+    output = _output_layer(model, config)
+    if output is not None:
+        excluded.update(name for name, module in model.named_modules() if module is output)
+    return sorted(names - excluded)
+
+
+def _output_layer(model, config: BOFTConfig):
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return None  # PEFT only knows the output layer of transformers models
+    output = model.get_output_embeddings()
+    if output is not None:
+        return output
+    if config.task_type == "SEQ_CLS":
+        for head in ("score", "classifier"):  # PEFT's SEQ_CLS_HEAD_NAMES, in its order
+            if getattr(model, head, None) is not None:
+                return getattr(model, head)
+    return None

@@ -36,6 +36,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -332,22 +333,84 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class _Run:
+    """What every phase of one ``train()`` shares: the arguments, the accelerator and timings."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    out_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def show(self) -> bool:
+        return self.main and not self.args.no_progress
+
+    @property
+    def sharded(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def say(self, msg: str) -> None:
+        if self.main:
+            print(msg, flush=True)
+
+
+@dataclass
+class _Adapted:
+    """The data and the adapted model, as the load phase leaves them."""
+
+    ds: Any
+    tokenizer: Any
+    model: Any
+    config: Any
+    model_path: str
+    missing: list[str]
+    adapted: list[str]
+    trainable: int
+    total: int
+    fingerprint: dict[str, Any]
+    resume_path: Path | None
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run the whole job; returns the metrics dict (also written to ``metrics.json``)."""
     _check_args(args)
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    run = _start(args)
+    accelerator, out_dir, timings = run.accelerator, run.out_dir, run.timings
+    job = _load_data_and_adapt(run)
+    model, optimizer, scheduler, train_dl, eval_dl, warmup = _prepare_training(run, job)
+    acc_before = _evaluate_before(run, model, eval_dl)
+    start_step, losses, resumed_from = _resume(run, job, model, optimizer, scheduler)
+    losses, last_checkpoint = _train_steps(run, job, model, optimizer, scheduler, train_dl, start_step, losses,
+                                           resumed_from)
+    logits1, acc_after = _evaluate_after(run, job, model, eval_dl)
+    unwrapped, adapter_dir, orthogonality, distributed = _save_adapter(run, model)
+    check = _check_merged_model(run, unwrapped, eval_dl, logits1)
+    timings["total"] = time.perf_counter() - t_start
+    metrics = _metrics(run, job, model, warmup, resumed_from, last_checkpoint, losses, acc_before, acc_after,
+                       check, orthogonality, distributed)
+    _write_outputs(run, job, metrics, losses, acc_before, acc_after, adapter_dir)
+    accelerator.wait_for_everyone()
+    if not check["passed"]:
+        raise MergeCheckError(
+            f"the merged model's logits differ from the adapter's by {check['max_abs_logit_diff']:.3e} "
+            f"(tolerance {check['tolerance']:.1e}; {check['disagreements']} of {check['num_examples']} "
+            f"predictions differ); see {out_dir / 'metrics.json'}"
+        )
+    return metrics
 
-    import torch
+
+def _start(args: argparse.Namespace) -> _Run:
+    """The accelerator (precision, seedable sampler) and the seed."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from .. import BOFTConfig, adapt
-    from . import train_checks, train_state
-    from .data import TokenizingCollate, length_sorted
-    from .plotting import plot_loss_curve
+    from accelerate.utils import DataLoaderConfiguration, set_seed
 
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[args.precision]
     # AcceleratorState is a process-wide singleton: forget a previous in-process run's precision
@@ -364,30 +427,27 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     except (ValueError, RuntimeError) as exc:
         raise CLIError(f"--precision {args.precision} is not available here: {exc}") from None
-    main = accelerator.is_main_process
-    show = main and not args.no_progress
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-    if sharded and (args.save_every or args.resume):
+    run = _Run(args, accelerator, Path(args.output_dir))
+    if run.sharded and (args.save_every or args.resume):
         raise CLIError("--save-every / --resume are not supported with FSDP yet; use DDP "
                        "(configs/accelerate_ddp.yaml) for resumable runs")
-    nan_step = int(os.environ.get("BOFT_TRITON_DEBUG_NAN_STEP", "0") or 0)
-    step_delay = float(os.environ.get("BOFT_TRITON_DEBUG_STEP_DELAY", "0") or 0)
-
-    def say(msg: str) -> None:
-        if main:
-            print(msg, flush=True)
-
     set_seed(args.seed)
-    out_dir = Path(args.output_dir)
+    return run
 
-    # -- data, model, adapter --------------------------------------------------------------------
+
+def _load_data_and_adapt(run: _Run) -> _Adapted:
+    """Data, base model and the BOFT adapter; a bad --resume fails here, before the model loads."""
+    from .. import BOFTConfig, adapt
+    from . import train_state
+
+    args, accelerator = run.args, run.accelerator
     t = time.perf_counter()
     ds = load_data(args)
     majority_label, majority_acc = ds.majority_baseline()
     fingerprint = _fingerprint(args, ds, accelerator.num_processes)
     resume_path = None
     if args.resume:  # fail fast, before the model loads: a missing, damaged or foreign checkpoint
-        resume_path = train_state.resolve(args.resume, out_dir)
+        resume_path = train_state.resolve(args.resume, run.out_dir)
         train_state.check_matches(resume_path, train_state.verify(resume_path), fingerprint)
     model_path = resolve_model_path(args.model)
     tokenizer, base, missing = load_model(model_path, ds.label_names, args.base_dtype)
@@ -412,18 +472,28 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     adapted = sorted({n for n, m in model.named_modules() if hasattr(m, "boft_R") and hasattr(m, "base_layer")})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    timings["load"] = time.perf_counter() - t
+    run.timings["load"] = time.perf_counter() - t
 
-    say(f"data: {ds.source}; split {ds.split}")
-    say(f"      train {len(ds.train_texts)}, test {len(ds.test_texts)}, labels {ds.label_names}; "
-        f"majority baseline {majority_label!r} = {majority_acc:.3f}")
-    say(f"model: {args.model} ({model_path}); newly initialised: {', '.join(missing) or 'nothing'}")
-    say(f"adapter: BOFT b={args.block_size or '-'} D={args.block_num or '-'} N={args.factors} on "
-        f"{len(adapted)} layers ({targets}); modules_to_save={modules_to_save}; "
-        f"trainable {trainable:,} of {total:,} params ({100 * trainable / total:.3f}%)")
+    run.say(f"data: {ds.source}; split {ds.split}")
+    run.say(f"      train {len(ds.train_texts)}, test {len(ds.test_texts)}, labels {ds.label_names}; "
+            f"majority baseline {majority_label!r} = {majority_acc:.3f}")
+    run.say(f"model: {args.model} ({model_path}); newly initialised: {', '.join(missing) or 'nothing'}")
+    run.say(f"adapter: BOFT b={args.block_size or '-'} D={args.block_num or '-'} N={args.factors} on "
+            f"{len(adapted)} layers ({targets}); modules_to_save={modules_to_save}; "
+            f"trainable {trainable:,} of {total:,} params ({100 * trainable / total:.3f}%)")
+    return _Adapted(ds, tokenizer, model, config, model_path, missing, adapted, trainable, total, fingerprint,
+                    resume_path)
 
-    # -- loaders, optimizer ------------------------------------------------------------------------
-    collate = TokenizingCollate(tokenizer, args.max_length)
+
+def _prepare_training(run: _Run, job: _Adapted):
+    """Loaders, AdamW and the warmup/decay schedule, prepared by accelerate."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .data import TokenizingCollate, length_sorted
+
+    args, accelerator, ds = run.args, run.accelerator, job.ds
+    collate = TokenizingCollate(job.tokenizer, args.max_length)
     train_set = list(zip(ds.train_texts, ds.train_labels))
     test_texts, test_labels = length_sorted(ds.test_texts, ds.test_labels)
     # own generators: starting a loader's iterator then draws nothing from the global RNG (which
@@ -433,6 +503,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                           generator=torch.Generator().manual_seed(args.seed))
     eval_dl = DataLoader(list(zip(test_texts, test_labels)), batch_size=args.eval_batch_size,
                          shuffle=False, collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
+    model = job.model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=args.lr, weight_decay=args.weight_decay)
     warmup = int(args.warmup * args.steps)
@@ -440,29 +511,50 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     # the scheduler is not prepared: accelerate would step it once per process, while --steps
     # counts optimizer steps whatever the process count
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
-    params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP swaps them
+    return model, optimizer, scheduler, train_dl, eval_dl, warmup
 
-    # -- before ------------------------------------------------------------------------------------
+
+def _evaluate_before(run: _Run, model, eval_dl) -> float:
     t = time.perf_counter()
-    logits0, labels0 = evaluate(model, eval_dl, accelerator, "eval before", show)
+    logits0, labels0 = evaluate(model, eval_dl, run.accelerator, "eval before", run.show)
     acc_before = _accuracy(logits0, labels0)
-    timings["eval_before"] = time.perf_counter() - t
-    say(f"accuracy before training: {acc_before:.3f} ({timings['eval_before']:.1f}s)")
+    run.timings["eval_before"] = time.perf_counter() - t
+    run.say(f"accuracy before training: {acc_before:.3f} ({run.timings['eval_before']:.1f}s)")
+    return acc_before
 
-    # -- resume ------------------------------------------------------------------------------------
+
+def _resume(run: _Run, job: _Adapted, model, optimizer, scheduler) -> tuple[int, list[float], str | None]:
+    """Step, losses and RNG state from ``--resume``'s checkpoint (step 0 and no losses without it)."""
+    from . import train_state
+
     start_step, losses = 0, []
     resumed_from = None
-    if resume_path is not None:
-        start_step, losses = train_state.load(accelerator, model, optimizer, scheduler, resume_path,
-                                              fingerprint)
-        resumed_from = str(resume_path)
-        say(f"resumed from {resume_path} at step {start_step}")
-    last_checkpoint = resumed_from
+    if job.resume_path is not None:
+        start_step, losses = train_state.load(run.accelerator, model, optimizer, scheduler, job.resume_path,
+                                              job.fingerprint)
+        resumed_from = str(job.resume_path)
+        run.say(f"resumed from {job.resume_path} at step {start_step}")
+    return start_step, losses, resumed_from
 
-    # -- train -------------------------------------------------------------------------------------
+
+def _train_steps(run: _Run, job: _Adapted, model, optimizer, scheduler, train_dl, start_step: int,
+                 losses: list[float], resumed_from: str | None) -> tuple[list[float], str | None]:
+    """The optimizer steps from ``start_step`` to ``--steps``; checkpoints every ``--save-every``;
+    stops before the optimizer step on a non-finite loss or gradient. Returns the losses and the
+    last checkpoint written (or resumed from)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import train_state
+
+    args, accelerator = run.args, run.accelerator
+    nan_step = int(os.environ.get("BOFT_TRITON_DEBUG_NAN_STEP", "0") or 0)
+    step_delay = float(os.environ.get("BOFT_TRITON_DEBUG_STEP_DELAY", "0") or 0)
+    params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP swaps them
+    last_checkpoint = resumed_from
     t = time.perf_counter()
     model.train()
-    bar = tqdm(total=args.steps, initial=start_step, desc="train", disable=not show, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=start_step, desc="train", disable=not run.show, dynamic_ncols=True)
     steps_per_epoch = max(1, len(train_dl))
     step = start_step
     epoch, skip = divmod(step, steps_per_epoch)
@@ -501,77 +593,96 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
             if args.save_every and step % args.save_every == 0:
-                last_checkpoint = str(train_state.save(accelerator, model, optimizer, scheduler, out_dir,
-                                                       step, losses, fingerprint, args.keep_checkpoints))
+                last_checkpoint = str(train_state.save(accelerator, model, optimizer, scheduler, run.out_dir,
+                                                       step, losses, job.fingerprint, args.keep_checkpoints))
             if step_delay:
                 time.sleep(step_delay)
             if step >= args.steps:
                 break
         epoch += 1
     bar.close()
-    timings["train"] = time.perf_counter() - t
+    run.timings["train"] = time.perf_counter() - t
     trained = args.steps - start_step
-    say(f"trained {trained} steps in {timings['train']:.1f}s "
-        f"({timings['train'] / max(1, trained):.2f}s/step); loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    run.say(f"trained {trained} steps in {run.timings['train']:.1f}s "
+            f"({run.timings['train'] / max(1, trained):.2f}s/step); loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    return losses, last_checkpoint
 
-    # -- after -------------------------------------------------------------------------------------
+
+def _evaluate_after(run: _Run, job: _Adapted, model, eval_dl):
     t = time.perf_counter()
-    logits1, labels1 = evaluate(model, eval_dl, accelerator, "eval after", show)
+    logits1, labels1 = evaluate(model, eval_dl, run.accelerator, "eval after", run.show)
     acc_after = _accuracy(logits1, labels1)
-    timings["eval_after"] = time.perf_counter() - t
-    say(f"accuracy after training: {acc_after:.3f} ({timings['eval_after']:.1f}s); "
-        f"majority baseline {majority_acc:.3f}")
+    run.timings["eval_after"] = time.perf_counter() - t
+    run.say(f"accuracy after training: {acc_after:.3f} ({run.timings['eval_after']:.1f}s); "
+            f"majority baseline {job.ds.majority_baseline()[1]:.3f}")
+    return logits1, acc_after
 
-    # -- save adapter ------------------------------------------------------------------------------
+
+def _save_adapter(run: _Run, model):
+    """``adapter/`` in PEFT's format, then the orthogonality and replica checks of what was saved."""
+    from . import train_checks
+
+    accelerator, main = run.accelerator, run.main
     t = time.perf_counter()
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    adapter_dir = out_dir / "adapter"
+    adapter_dir = run.out_dir / "adapter"
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        run.out_dir.mkdir(parents=True, exist_ok=True)
     # every process calls: under FSDP the adapter is gathered; only the main process writes
     unwrapped.save_pretrained(str(adapter_dir), is_main_process=main)
     accelerator.wait_for_everyone()
-    timings["save"] = time.perf_counter() - t
+    run.timings["save"] = time.perf_counter() - t
     orthogonality = train_checks.block_orthogonality(unwrapped)
-    say(f"orthogonality: max |Q^T Q - I| over {orthogonality['blocks']} Cayley blocks "
-        f"{orthogonality['max_abs_QtQ_minus_I_per_block']:.2e}")
+    run.say(f"orthogonality: max |Q^T Q - I| over {orthogonality['blocks']} Cayley blocks "
+            f"{orthogonality['max_abs_QtQ_minus_I_per_block']:.2e}")
     distributed = {"type": str(accelerator.distributed_type).rsplit(".", 1)[-1],
                    "all_reduced": train_checks.all_reduced_parameters(model)}
-    if accelerator.num_processes > 1 and not sharded:
+    if accelerator.num_processes > 1 and not run.sharded:
         distributed["replicas"] = train_checks.replica_digests(accelerator, unwrapped)
-        say(f"replicas: {accelerator.num_processes} processes end with "
-            f"{'identical' if distributed['replicas']['identical'] else 'DIFFERENT'} adapters")
+        run.say(f"replicas: {accelerator.num_processes} processes end with "
+                f"{'identical' if distributed['replicas']['identical'] else 'DIFFERENT'} adapters")
+    return unwrapped, adapter_dir, orthogonality, distributed
 
-    # -- merged model gives the adapter's logits ------------------------------------------------------
+
+def _check_merged_model(run: _Run, unwrapped, eval_dl, logits1) -> dict[str, Any]:
+    """A merged copy (``merge_and_unload``) must give the adapter's logits on the test split."""
+    args = run.args
     t = time.perf_counter()
     coarsest = max((args.precision, args.base_dtype), key=lambda d: _MERGE_TOLERANCE[d])
-    if sharded:  # sharded weights cannot be merged in place; merge the saved adapter offline
+    if run.sharded:  # sharded weights cannot be merged in place; merge the saved adapter offline
         check = {"skipped": "FSDP: weights are sharded; use boft-triton merge on the saved adapter",
                  "passed": True}
     else:
         merged = copy.deepcopy(unwrapped).merge_and_unload()
-        logits2, _ = evaluate(merged, eval_dl, accelerator, "merge check", show)
+        logits2, _ = evaluate(merged, eval_dl, run.accelerator, "merge check", run.show)
         check = merge_check(logits1, logits2, coarsest)
         del merged
-    timings["merge_check"] = time.perf_counter() - t
-    if not sharded:
-        say(f"merge check: max |logit diff| {check['max_abs_logit_diff']:.2e} (tolerance "
-            f"{check['tolerance']:.1e}), prediction agreement {check['prediction_agreement']:.4f} "
-            f"({timings['merge_check']:.1f}s)")
+    run.timings["merge_check"] = time.perf_counter() - t
+    if not run.sharded:
+        run.say(f"merge check: max |logit diff| {check['max_abs_logit_diff']:.2e} (tolerance "
+                f"{check['tolerance']:.1e}), prediction agreement {check['prediction_agreement']:.4f} "
+                f"({run.timings['merge_check']:.1f}s)")
+    return check
 
-    timings["total"] = time.perf_counter() - t_start
-    metrics = {
+
+def _metrics(run: _Run, job: _Adapted, model, warmup: int, resumed_from, last_checkpoint, losses,
+             acc_before: float, acc_after: float, check, orthogonality, distributed) -> dict[str, Any]:
+    import torch
+
+    args, accelerator = run.args, run.accelerator
+    majority_label, majority_acc = job.ds.majority_baseline()
+    return {
         "schema_version": _METRICS_SCHEMA,
         "command": "boft-triton train " + " ".join(getattr(args, "argv", []) or []),
-        "model": {"name": args.model, "path": model_path, "newly_initialised": missing,
+        "model": {"name": args.model, "path": job.model_path, "newly_initialised": job.missing,
                   "class": type(accelerator.unwrap_model(model).get_base_model()).__name__},
-        "dataset": ds.summary(),
+        "dataset": job.ds.summary(),
         "adapter": {
-            "config": config.to_dict(),
-            "adapted_layers": len(adapted),
-            "trainable_params": trainable,
-            "total_params": total,
+            "config": job.config.to_dict(),
+            "adapted_layers": len(job.adapted),
+            "trainable_params": job.trainable,
+            "total_params": job.total,
         },
         "training": {
             "steps": args.steps, "batch_size_per_process": args.batch_size,
@@ -592,25 +703,27 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "merge_check": check,
         "orthogonality": orthogonality,
         "distributed": distributed,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
         "files": {"adapter": "adapter", "metrics": "metrics.json", "loss_curve": "loss_curve.png"},
         "versions": _versions(),
     }
-    if main:
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        plot_loss_curve(losses, out_dir / "loss_curve.png",
-                        title=f"BOFT on {Path(args.model).name}: acc {acc_before:.3f} -> {acc_after:.3f} "
-                              f"(majority {majority_acc:.3f})")
-        say(f"wrote {adapter_dir}/, {out_dir / 'metrics.json'}, {out_dir / 'loss_curve.png'} "
-            f"(total {timings['total']:.1f}s)")
-    accelerator.wait_for_everyone()
-    if not check["passed"]:
-        raise MergeCheckError(
-            f"the merged model's logits differ from the adapter's by {check['max_abs_logit_diff']:.3e} "
-            f"(tolerance {check['tolerance']:.1e}; {check['disagreements']} of {check['num_examples']} "
-            f"predictions differ); see {out_dir / 'metrics.json'}"
-        )
-    return metrics
+
+
+def _write_outputs(run: _Run, job: _Adapted, metrics, losses, acc_before: float, acc_after: float,
+                   adapter_dir: Path) -> None:
+    """``metrics.json`` and ``loss_curve.png``, by the main process."""
+    from .plotting import plot_loss_curve
+
+    if not run.main:
+        return
+    out_dir, args = run.out_dir, run.args
+    majority_acc = job.ds.majority_baseline()[1]
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_loss_curve(losses, out_dir / "loss_curve.png",
+                    title=f"BOFT on {Path(args.model).name}: acc {acc_before:.3f} -> {acc_after:.3f} "
+                          f"(majority {majority_acc:.3f})")
+    run.say(f"wrote {adapter_dir}/, {out_dir / 'metrics.json'}, {out_dir / 'loss_curve.png'} "
+            f"(total {run.timings['total']:.1f}s)")
 
 
 def _fingerprint(args: argparse.Namespace, ds, num_processes: int) -> dict[str, Any]:
