@@ -146,6 +146,13 @@ class BOFTLayer(nn.Module):
 
     def _q(self, adapter: str, with_dropout: bool) -> torch.Tensor:
         R = self.boft_R[adapter]
+        if R.is_meta:
+            raise RuntimeError(
+                "This adapter's parameters are on the meta device: accelerate offloaded them (dispatch_model, "
+                "cpu_offload or disk_offload applied to the adapted model). Offload or dispatch the base model "
+                "first, then adapt() it: the adapter's parameters are created where each base layer computes and "
+                "must stay there to train."
+            )
         p = self.boft_dropout.get(adapter, 0.0)
         mask = None
         if with_dropout and self.training and p > 0:
