@@ -203,6 +203,11 @@ def test_quantized_llama_trains_like_its_dequantized_twin_and_round_trips(llama_
     reloaded = BOFTModel.from_pretrained(load_quantized(llama_dir, kind), tmp_path)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    # The same checkpoint loads onto a plain (dequantized) base, e.g. to merge there.
+    on_plain = BOFTModel.from_pretrained(dequantized_model(load_quantized(llama_dir, kind)), tmp_path)
+    q_proj = on_plain.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer) is nn.Linear
+    assert torch.equal(q_proj.boft_R["default"], attn.q_proj.boft_R["default"])
 
 
 # -- merging --------------------------------------------------------------------------------------
