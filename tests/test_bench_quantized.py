@@ -45,3 +45,16 @@ def test_qlora_and_qboft_rows_on_a_4bit_base(tmp_path):
     assert plain["quantization"] is None
     # 4-bit block linears: the base's weights shrink (embeddings stay fp32, so by less than 8x)
     assert work["base_weights_mib"] < 0.8 * plain["base_weights_mib"]
+
+
+def test_interleaved_timing_runs_on_a_4bit_base(capsys):
+    from boft_triton.bench import interleaved
+
+    assert interleaved.main([
+        "--workload", "tiny-llama", "--quantize", "nf4", "--batch-size", "1", "--seq-len", "16", "--boft", "4x2",
+        "--lora-ranks", "16", "--methods", "peft-lora-r16,peft-boft-b4-N2,boft_triton-b4-N2", "--rounds", "1",
+        "--threads", "1",
+    ]) == 0
+    out = capsys.readouterr().out
+    assert "peft-boft-b4-N2: skipped, does not adapt bitsandbytes layers" in out
+    assert "tiny-llama-nf4" in out and "boft_triton-b4-N2" in out and "peft-lora-r16" in out
