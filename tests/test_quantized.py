@@ -18,7 +18,7 @@ from tiny_models import rel_err
 
 bnb = pytest.importorskip("bitsandbytes")
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 class Holder(nn.Module):
@@ -90,7 +90,7 @@ def assert_same_adapted_model(quant_model, plain_model, x, tol):
 CONFIG = dict(target_modules=["first", "proj"], boft_block_size=4, boft_n_butterfly_factor=2, init_weights=False)
 
 
-@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double-quant"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_4bit_base_equals_the_adapter_on_its_dequantized_weight(quant_type, double_quant, compute_dtype):
@@ -237,3 +237,20 @@ def test_merging_into_a_quantized_base_is_refused_and_nothing_is_merged(how):
     with torch.no_grad():
         assert torch.equal(model(x), before)
     assert isinstance(model.unload().proj, bnb.nn.Linear4bit)  # unloading without merging still works
+
+
+def test_all_linear_picks_the_same_layers_on_a_quantized_model(llama_dir):
+    """``target_modules="all-linear"`` (issue 10) must see bitsandbytes layers as the Linears they
+    replace: the same modules adapted as on the plain model."""
+    from transformers import LlamaForCausalLM
+
+    config = dict(target_modules="all-linear", boft_block_size=4)
+    try:
+        plain = adapt(LlamaForCausalLM.from_pretrained(llama_dir), BOFTConfig(**config))
+    except ValueError as err:
+        if "matched no module" not in str(err):
+            raise
+        pytest.skip("target_modules='all-linear' is not implemented on this branch (issue 10 adds it)")
+    quantized = adapt(load_quantized(llama_dir, "nf4"), BOFTConfig(**config))
+    adapted = {n for n, _ in plain._boft_layers()}
+    assert adapted and adapted == {n for n, _ in quantized._boft_layers()}
