@@ -156,7 +156,7 @@ def _run(args: argparse.Namespace, device) -> int:
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise CLIError("--quantize needs bitsandbytes: pip install 'boft-triton[quant]'")
-    work = workloads.build(name, args.batch_size, args.seq_len, args.targets, args.dtype, args.quantize)
+    work = workloads.build(name, args.batch_size, args.seq_len, args.targets, args.dtype, args.quantize, device)
     env = environment(device)
     print(f"{work.name}: batch {work.batch_size} x {work.seq_len} tokens, {work.dtype}, targets {work.targets}; "
           f"{env['device']}; {len(methods)} methods, {args.warmup} warm-up + {args.steps} timed steps each", flush=True)

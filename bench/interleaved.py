@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or "cpu")
     work = workloads.build(args.workload or "tiny-llama", args.batch_size, args.seq_len, args.targets, args.dtype,
-                           args.quantize)
+                           args.quantize, device)
     batch = {k: v.to(device) for k, v in work.batch.items()}
     runs = {}
     with peft_butterfly_without_cuda_extension():

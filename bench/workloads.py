@@ -105,7 +105,7 @@ def llama_3b(batch_size: int = 2, seq_len: int = 1024, targets=None, dtype: str 
 QUANTIZE = ("nf4", "fp4", "int8")
 
 
-def _bnb_linear(linear: torch.nn.Linear, kind: str, compute_dtype: torch.dtype) -> torch.nn.Module:
+def _bnb_linear(linear: torch.nn.Linear, kind: str, compute_dtype: torch.dtype, device) -> torch.nn.Module:
     import bitsandbytes as bnb
 
     has_bias = linear.bias is not None
@@ -119,12 +119,13 @@ def _bnb_linear(linear: torch.nn.Linear, kind: str, compute_dtype: torch.dtype) 
                                      compress_statistics=True)
         if has_bias:
             q.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-    return q.to("cpu")  # bitsandbytes quantizes when the layer is moved
+    return q.to(device)  # bitsandbytes quantizes when the layer is moved (on that device)
 
 
-def quantize(work: Workload, kind: str) -> Workload:
+def quantize(work: Workload, kind: str, device="cpu") -> Workload:
     """Replace the linear layers of ``work.model`` (not ``lm_head`` nor the task heads) by
-    bitsandbytes layers of ``kind``, in place; the workload's name gets ``-<kind>``."""
+    bitsandbytes layers of ``kind``, quantized on ``device`` (where they then live), in place;
+    the workload's name gets ``-<kind>``."""
     if kind not in QUANTIZE:
         raise ValueError(f"unknown quantization {kind!r}; choose from {QUANTIZE}")
     keep = {"lm_head", *work.heads}
@@ -132,7 +133,7 @@ def quantize(work: Workload, kind: str) -> Workload:
     for name, module in list(work.model.named_modules()):
         if type(module) is torch.nn.Linear and not set(name.split(".")) & keep:
             parent_name, _, child = name.rpartition(".")
-            setattr(work.model.get_submodule(parent_name), child, _bnb_linear(module, kind, compute_dtype))
+            setattr(work.model.get_submodule(parent_name), child, _bnb_linear(module, kind, compute_dtype, device))
     detail = "8-bit (LLM.int8)" if kind == "int8" else f"4-bit {kind.upper()} + double quantisation"
     work.name = f"{work.name}-{kind}"
     work.description += f"; block linears in bitsandbytes {detail}, compute {work.dtype}"
@@ -163,13 +164,14 @@ WORKLOADS = {
 
 
 def build(name: str, batch_size: int | None = None, seq_len: int | None = None, targets: str = "default",
-          dtype: str | None = None, quantization: str | None = None) -> Workload:
+          dtype: str | None = None, quantization: str | None = None, device="cpu") -> Workload:
     """Workload ``name`` with its defaults for whatever is None; ``targets`` is a preset name;
-    ``quantization`` (nf4 / fp4 / int8) puts the base's linear layers in bitsandbytes."""
+    ``quantization`` (nf4 / fp4 / int8) puts the base's linear layers in bitsandbytes, quantized
+    on ``device`` (a GPU quantizes a 1B model in a moment, a CPU takes a while)."""
     spec = WORKLOADS[name]
     if targets not in spec.targets:
         raise ValueError(f"unknown targets preset {targets!r} for {name}; choose from {sorted(spec.targets)}")
     work = spec.build(batch_size or spec.batch_size, seq_len or spec.seq_len, spec.targets[targets],
                       dtype or spec.dtype)
     work.targets_preset = targets
-    return quantize(work, quantization) if quantization else work
+    return quantize(work, quantization, device) if quantization else work

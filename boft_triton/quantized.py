@@ -40,18 +40,6 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return bias.dtype if bias is not None else torch.float32
 
 
-def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """The ``out x in`` weight a bitsandbytes layer multiplies by, in fp32 (for tests and error reports)."""
-    import bitsandbytes.functional as F
-
-    weight = module.weight
-    if is_4bit(module):
-        return F.dequantize_4bit(weight.data, weight.quant_state).float()
-    if getattr(weight, "CB", None) is not None and weight.dtype == torch.int8:
-        return F.int8_vectorwise_dequant(weight.CB, weight.SCB).float()
-    return weight.float()  # Linear8bitLt(has_fp16_weights=True) before quantisation: a plain weight
-
-
 def merge_refusal(layer_name: str, module: nn.Module) -> str:
     kind = "4-bit" if is_4bit(module) else "8-bit"
     return (

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from boft_triton import BOFTConfig, BOFTModel, adapt
-from boft_triton.quantized import dequantized_weight, is_quantized
+from boft_triton.quantized import is_4bit, is_quantized
 from tiny_models import rel_err
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -49,6 +49,17 @@ def linear_8bit(plain: nn.Linear) -> nn.Module:
                             has_fp16_weights=False)
     q.load_state_dict(plain.state_dict())
     return q.to("cpu")  # quantizes
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The ``out x in`` weight a bitsandbytes layer multiplies by, in fp32 (read before any eval-mode
+    forward: bitsandbytes repacks 4-bit weights for its CPU kernel there)."""
+    import bitsandbytes.functional as F
+
+    weight = module.weight
+    if is_4bit(module):
+        return F.dequantize_4bit(weight.data, weight.quant_state).float()
+    return F.int8_vectorwise_dequant(weight.CB, weight.SCB).float()
 
 
 def dequantized_linear(q: nn.Module, dtype) -> nn.Linear:
