@@ -13,6 +13,7 @@ Examples::
     python -m boft_triton.bench.command --workload tiny-llama
     python -m boft_triton.bench.command --workload llama-1b --targets all-linear --seq-len 2048  # GPU
     python -m boft_triton.bench.command --methods floor,peft-lora-r16,boft_triton-b4-N1 --steps 3
+    python -m boft_triton.bench.command --workload tiny-llama --quantize nf4   # QBOFT against QLoRA
 
 Method names: ``floor``, ``peft-lora-r<r>``, ``peft-oft-b<b>``, ``peft-boft-b<b>-N<N>``,
 ``boft_triton-b<b>-N<N>``. A shape that does not fit the workload's layers is skipped with the
@@ -52,7 +53,7 @@ def _ints(spec: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .methods import DEFAULT_BOFT_SHAPES, DEFAULT_LORA_RANKS, DEFAULT_OFT_BLOCK_SIZES
-    from .workloads import WORKLOADS
+    from .workloads import QUANTIZE, WORKLOADS
 
     g = p.add_argument_group("workload")
     g.add_argument("--workload", default=None, choices=sorted(WORKLOADS),
@@ -66,6 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per example (default: minilm 128, tiny-llama 128, llama-1b 2048 (issue 5's setting), llama-3b 1024)")
     g.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="model dtype (default: fp32 for minilm/tiny-llama, bf16 for llama-*)")
+    g.add_argument("--quantize", default=None, choices=QUANTIZE,
+                   help="put the base's block linears in bitsandbytes (4-bit NF4/FP4 with double quantisation, "
+                        "or 8-bit) before adapting: QLoRA (peft-lora-r16) against QBOFT (boft_triton-*); "
+                        "PEFT's OFT and BOFT do not adapt bitsandbytes layers and are skipped")
     g.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is steadier on a shared machine)")
@@ -144,7 +149,14 @@ def _run(args: argparse.Namespace, device) -> int:
         print(f"note: {name} is meant for {spec.device}; running it on {device.type} anyway", flush=True)
     methods = select_methods(args)
     print(f"building {name} ...", flush=True)
-    work = workloads.build(name, args.batch_size, args.seq_len, args.targets, args.dtype)
+    if args.quantize:
+        import importlib.util
+
+        from boft_triton.cli.errors import CLIError
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise CLIError("--quantize needs bitsandbytes: pip install 'boft-triton[quant]'")
+    work = workloads.build(name, args.batch_size, args.seq_len, args.targets, args.dtype, args.quantize, device)
     env = environment(device)
     print(f"{work.name}: batch {work.batch_size} x {work.seq_len} tokens, {work.dtype}, targets {work.targets}; "
           f"{env['device']}; {len(methods)} methods, {args.warmup} warm-up + {args.steps} timed steps each", flush=True)
@@ -177,6 +189,7 @@ def markdown_report(payload: dict, table: str) -> str:
         "",
         f"- workload: {work['description']}; batch {work['batch_size']} x {work['seq_len']} tokens "
         f"({work['tokens']} per step), {work['dtype']}, targets {', '.join(work['targets'])}",
+        f"- base weights: {work['base_weights_mib']:.1f} MiB" if work.get("base_weights_mib") is not None else "",
         f"- {s['warmup']} warm-up + {s['steps']} timed steps per method (median), AdamW lr {s['lr']}",
         f"- torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, triton {env['triton']}, "
         f"boft_triton backend {env['boft_backend']}, commit {env['commit']}{' (dirty)' if env.get('dirty') else ''}, "
@@ -185,7 +198,7 @@ def markdown_report(payload: dict, table: str) -> str:
     ]
     if env.get("cpu_rss_note"):
         lines.append(f"- RSS growth not measured: {env['cpu_rss_note']}")
-    return "\n".join(lines) + "\n\n" + table + "\n"
+    return "\n".join(line for line in lines if line) + "\n\n" + table + "\n"
 
 
 def main(argv=None) -> int:

@@ -35,6 +35,7 @@ class Method:
     label: str = ""  # short name for tables and charts
     config: dict = field(default_factory=dict)  # the method's hyper-parameters, recorded in the JSON
     check: Optional[Callable[[int], Optional[str]]] = None  # input width -> why it does not fit
+    quantized_base: bool = True  # can it adapt bitsandbytes layers (QLoRA / QBOFT)?
 
     def skip_reason(self, model: nn.Module, targets: list[str]) -> Optional[str]:
         """Why this method cannot be put on ``model`` at ``targets`` (None when it can)."""
@@ -59,7 +60,7 @@ def target_widths(model: nn.Module, targets: list[str]) -> dict[str, int]:
     for name, module in model.named_modules():
         if not any(name == t or name.endswith("." + t) for t in targets):
             continue
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear):  # bitsandbytes layers too (subclasses)
             out[name] = module.in_features
         elif type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer, weight (n, o)
             out[name] = module.weight.shape[0]
@@ -110,7 +111,7 @@ def peft_oft(block_size: int) -> Method:
         config = peft.OFTConfig(r=0, oft_block_size=block_size, target_modules=targets, modules_to_save=heads or None)
         return peft.get_peft_model(model, config)
     return Method(f"peft-oft-b{block_size}", "oft", _quiet_peft(build), f"PEFT OFT b{block_size}",
-                  {"oft_block_size": block_size}, _oft_check(block_size))
+                  {"oft_block_size": block_size}, _oft_check(block_size), quantized_base=False)
 
 
 def _boft_check(block_size: int, n_factors: int):
@@ -155,7 +156,7 @@ def peft_boft(block_size: int, n_factors: int) -> Method:
     return Method(f"peft-boft-b{block_size}-N{n_factors}", "boft", _quiet_peft(build),
                   f"PEFT BOFT b{block_size} N{n_factors}",
                   {"boft_block_size": block_size, "boft_n_butterfly_factor": n_factors, "impl": "peft"},
-                  _boft_check(block_size, n_factors))
+                  _boft_check(block_size, n_factors), quantized_base=False)
 
 
 def ours(block_size: int, n_factors: int) -> Method:

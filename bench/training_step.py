@@ -102,6 +102,7 @@ class Workload:
     dtype: str = "fp32"
     description: str = ""
     targets_preset: str = "default"
+    quantization: Optional[str] = None  # nf4 | fp4 | int8: the base's linears are bitsandbytes layers
 
     @property
     def tokens(self) -> int:
@@ -111,7 +112,11 @@ class Workload:
         return {"name": self.name, "description": self.description, "batch_size": self.batch_size,
                 "seq_len": self.seq_len, "tokens": self.tokens, "dtype": self.dtype,
                 "targets": list(self.targets), "targets_preset": self.targets_preset, "heads": list(self.heads),
-                "base_params": sum(p.numel() for p in self.model.parameters())}
+                "base_params": sum(p.numel() for p in self.model.parameters()),
+                "quantization": self.quantization,
+                # what the base's weights take (4-bit weights count as stored, packed; their
+                # per-block scales are not parameters and are left out)
+                "base_weights_mib": sum(p.numel() * p.element_size() for p in self.model.parameters()) / MIB}
 
 
 # ----------------------------------------------------------------------------- memory probes
@@ -307,6 +312,8 @@ def run(work: Workload, methods: list[Method], device: torch.device, warmup: int
     for method in methods:
         row = _method_fields(method, work)
         reason = method.skip_reason(work.model, work.targets)
+        if reason is None and work.quantization and not method.quantized_base:
+            reason = f"{method.label or method.name} does not adapt bitsandbytes layers"
         if reason is None and method.name.startswith("peft-"):
             import importlib.util
 

@@ -12,6 +12,11 @@ llama-3b       GPU     Llama-3.2-3B dims (hidden 3072, 28 layers), bf16, random 
 ``--targets qv`` adapts the query and value projections, ``all-linear`` every linear layer of the
 transformer blocks (not the LM head or the classifier). Llama weights are random (built from a
 config, no download): the numbers are speed and memory only, the loss is meaningless.
+
+``--quantize nf4|fp4|int8`` turns every linear layer of the blocks into a bitsandbytes layer
+(``Linear4bit`` with double quantisation, compute dtype = the workload's dtype, or ``Linear8bitLt``)
+before any method is put on it, as ``BitsAndBytesConfig`` loading does (LM head, embeddings and
+task heads stay as they are): QLoRA (PEFT LoRA on the 4-bit base) against QBOFT.
 """
 
 from __future__ import annotations
@@ -97,6 +102,45 @@ def llama_3b(batch_size: int = 2, seq_len: int = 1024, targets=None, dtype: str 
                  name="llama-3b", dtype=dtype)
 
 
+QUANTIZE = ("nf4", "fp4", "int8")
+
+
+def _bnb_linear(linear: torch.nn.Linear, kind: str, compute_dtype: torch.dtype, device) -> torch.nn.Module:
+    import bitsandbytes as bnb
+
+    has_bias = linear.bias is not None
+    if kind == "int8":
+        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
+        q.load_state_dict(linear.state_dict())
+    else:
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
+                              quant_type=kind, compress_statistics=True)
+        q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type=kind,
+                                     compress_statistics=True)
+        if has_bias:
+            q.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+    return q.to(device)  # bitsandbytes quantizes when the layer is moved (on that device)
+
+
+def quantize(work: Workload, kind: str, device="cpu") -> Workload:
+    """Replace the linear layers of ``work.model`` (not ``lm_head`` nor the task heads) by
+    bitsandbytes layers of ``kind``, quantized on ``device`` (where they then live), in place;
+    the workload's name gets ``-<kind>``."""
+    if kind not in QUANTIZE:
+        raise ValueError(f"unknown quantization {kind!r}; choose from {QUANTIZE}")
+    keep = {"lm_head", *work.heads}
+    compute_dtype = DTYPES[work.dtype]
+    for name, module in list(work.model.named_modules()):
+        if type(module) is torch.nn.Linear and not set(name.split(".")) & keep:
+            parent_name, _, child = name.rpartition(".")
+            setattr(work.model.get_submodule(parent_name), child, _bnb_linear(module, kind, compute_dtype, device))
+    detail = "8-bit (LLM.int8)" if kind == "int8" else f"4-bit {kind.upper()} + double quantisation"
+    work.name = f"{work.name}-{kind}"
+    work.description += f"; block linears in bitsandbytes {detail}, compute {work.dtype}"
+    work.quantization = kind
+    return work
+
+
 @dataclass(frozen=True)
 class WorkloadSpec:
     build: Callable[..., Workload]
@@ -120,12 +164,14 @@ WORKLOADS = {
 
 
 def build(name: str, batch_size: int | None = None, seq_len: int | None = None, targets: str = "default",
-          dtype: str | None = None) -> Workload:
-    """Workload ``name`` with its defaults for whatever is None; ``targets`` is a preset name."""
+          dtype: str | None = None, quantization: str | None = None, device="cpu") -> Workload:
+    """Workload ``name`` with its defaults for whatever is None; ``targets`` is a preset name;
+    ``quantization`` (nf4 / fp4 / int8) puts the base's linear layers in bitsandbytes, quantized
+    on ``device`` (a GPU quantizes a 1B model in a moment, a CPU takes a while)."""
     spec = WORKLOADS[name]
     if targets not in spec.targets:
         raise ValueError(f"unknown targets preset {targets!r} for {name}; choose from {sorted(spec.targets)}")
     work = spec.build(batch_size or spec.batch_size, seq_len or spec.seq_len, spec.targets[targets],
                       dtype or spec.dtype)
     work.targets_preset = targets
-    return work
+    return quantize(work, quantization, device) if quantization else work

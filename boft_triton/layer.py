@@ -3,7 +3,9 @@
 Each layer keeps the frozen ``base_layer`` and, per adapter, ``boft_R`` ``(N, D, b, b)`` and
 ``boft_s`` (PEFT's names and shapes, so state-dict keys match PEFT's). Linear and Conv1D train
 input-centric: the activations are rotated (``x M``) and the frozen weight is used as it is, so no
-n x n matrix and no weight copy is built per step. Conv2d rotates its (small) weight instead.
+n x n matrix and no weight copy is built per step; they call ``base_layer`` itself on the rotated
+activations, so any base that behaves like a Linear works (bitsandbytes 4-/8-bit, accelerate-offloaded
+layers whose hooks load the weight). Conv2d rotates its (small) weight instead.
 All the maths goes through ``boft_triton.ops``.
 """
 
@@ -12,10 +14,9 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import offload, ops, quantized
 from .config import BOFTConfig
 from .geometry import resolve_geometry
 
@@ -66,6 +67,23 @@ class BOFTLayer(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def base_dtype(self) -> torch.dtype:
+        """The floating dtype the base computes in (a quantized weight's storage dtype is not it)."""
+        if quantized.is_quantized(self.base_layer):
+            return quantized.compute_dtype(self.base_layer)
+        return self.weight.dtype
+
+    def check_mergeable(self, layer_name: str = "layer") -> None:
+        """Raise before anything is merged when this base cannot take a merged weight."""
+        if quantized.is_quantized(self.base_layer):
+            raise ValueError(quantized.merge_refusal(layer_name, self.base_layer))
+        if offload.is_offloaded(self.base_layer):
+            raise ValueError(
+                f"{layer_name}: the base layer is offloaded by accelerate (its weight is on the meta device); "
+                "nothing was merged. Load the base model without offloading, load the adapter with "
+                "BOFTModel.from_pretrained, and merge there."
+            )
+
     def weight_o_n(self) -> torch.Tensor:
         """The base weight as an ``o x n`` matrix (a view where possible)."""
         raise NotImplementedError
@@ -90,7 +108,7 @@ class BOFTLayer(nn.Module):
             config.boft_n_butterfly_factor,
             layer_name,
         )
-        device = self.weight.device
+        device = offload.module_device(self.base_layer)  # offloaded bases: where their hook runs them
         R = torch.zeros(geo.n_factors, geo.block_num, geo.block_size, geo.block_size, device=device)
         s = torch.ones(self.scale_shape(), device=device)
         if not config.init_weights:
@@ -128,6 +146,13 @@ class BOFTLayer(nn.Module):
 
     def _q(self, adapter: str, with_dropout: bool) -> torch.Tensor:
         R = self.boft_R[adapter]
+        if R.is_meta:
+            raise RuntimeError(
+                "This adapter's parameters are on the meta device: accelerate offloaded them (dispatch_model, "
+                "cpu_offload or disk_offload applied to the adapted model). Offload or dispatch the base model "
+                "first, then adapt() it: the adapter's parameters are created where each base layer computes and "
+                "must stay there to train."
+            )
         p = self.boft_dropout.get(adapter, 0.0)
         mask = None
         if with_dropout and self.training and p > 0:
@@ -158,6 +183,7 @@ class BOFTLayer(nn.Module):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = self.adapters_to_merge(adapter_names)
         if adapter_names:
+            self.check_mergeable()
             self.commit_merge(self.merged_weight(adapter_names, safe_merge), adapter_names)
 
     def adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
@@ -209,8 +235,8 @@ class Linear(BOFTLayer):
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
         if self.fan_in_fan_out:
             n, o = base_layer.weight.shape
-        else:
-            o, n = base_layer.weight.shape
+        else:  # from the layer, not its weight: a 4-bit weight is stored packed
+            n, o = base_layer.in_features, base_layer.out_features
         super().__init__(base_layer, n, o)
         self.update_layer(adapter_name, config, layer_name)
 
@@ -226,21 +252,23 @@ class Linear(BOFTLayer):
 
     def adapted_forward(self, x, adapters, *args, **kwargs):
         previous_dtype = x.dtype
-        weight = self.weight
         # Draw the dropout masks in adapter order (PEFT's RNG order), then apply them reversed:
         # adapters compose as M = M_last ... M_first, so x M applies the last adapter's M first.
         rotations = [self._q(adapter, with_dropout=True) for adapter in adapters]
         h = x
         for Q in reversed(rotations):
             h = ops.butterfly(h, Q)
-        h = h.to(weight.dtype) if not torch.is_autocast_enabled(h.device.type) else h
-        out = h @ weight if self.fan_in_fan_out else F.linear(h, weight)
+        if not quantized.is_quantized(self.base_layer) and not torch.is_autocast_enabled(h.device.type):
+            h = h.to(self.weight.dtype)  # bitsandbytes layers cast to their compute dtype themselves
+        # The base layer itself runs (its hooks too: offload, device maps), bias included.
+        out = self.base_layer(h, *args, **kwargs)
+        # The output scale leaves the bias unscaled: y = (out - b) s + b, written as out + (out - b)(s - 1)
+        # so that s = 1 returns the base output bit for bit and rounding in (out - b) is damped by s - 1.
         # The fp32 scale promotes the product (as in PEFT): rounding s to bf16 first would erase
-        # any change of s below 2^-8, freezing it in low-precision training. The bias is not scaled.
-        out = out * self._scale(adapters)
-        bias = self.base_layer.bias
-        if bias is not None:
-            out = out + bias
+        # any change of s below 2^-8, freezing it in low-precision training.
+        s = self._scale(adapters)
+        bias = offload.module_tensor(self.base_layer, "bias")
+        out = out * s if bias is None else torch.addcmul(out, out - bias, s - 1)
         return out.to(previous_dtype)
 
 

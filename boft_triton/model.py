@@ -206,8 +206,8 @@ class BOFTModel(nn.Module):
                 replaced.append(key)
             layer.disable_adapters = self._adapters_disabled
             if not self.autocast_adapter_dtype:  # PEFT's autocast_adapter_dtype=False: the base's dtype
-                layer.boft_R[adapter_name].data = layer.boft_R[adapter_name].data.to(layer.weight.dtype)
-                layer.boft_s[adapter_name].data = layer.boft_s[adapter_name].data.to(layer.weight.dtype)
+                layer.boft_R[adapter_name].data = layer.boft_R[adapter_name].data.to(layer.base_dtype())
+                layer.boft_s[adapter_name].data = layer.boft_s[adapter_name].data.to(layer.base_dtype())
             matched.append(key)
         if unsupported:
             raise TypeError(
@@ -339,6 +339,7 @@ class BOFTModel(nn.Module):
         for key, layer in layers:
             names = layer.adapters_to_merge(adapter_names)
             if names:
+                layer.check_mergeable(key)  # quantized / offloaded bases refuse before anything is written
                 weight = layer.merged_weight(names, safe_merge) if safe_merge else None
                 pending.append((layer, names, weight))
         for layer, names, weight in pending:
