@@ -3,7 +3,10 @@
     python -m pytest bench/test_micro_ops.py --benchmark-only
     python -m pytest bench/test_micro_ops.py --benchmark-only -k cuda --benchmark-json out.json
 
-Not part of the test run (``testpaths = ["tests"]``). Implementations:
+Every case first checks its op's result (and, for fwdbwd, its gradients) against the dense fp64
+reference (``boft_triton.reference``), then times it. ``--benchmark-disable`` runs each case once,
+checks only: that is how the test suite runs this file (``tests/test_micro_ops_checks.py``).
+Implementations:
 
 - ``torch``: the torch path (``boft_triton.torch_ops``), what CPU tensors use; on CPU and CUDA.
 - ``triton``: the Triton kernels (``BOFT_TRITON_BACKEND=triton``); CUDA only, skipped without a GPU.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from boft_triton import ops, torch_ops
+from boft_triton import ops, reference, torch_ops
 from boft_triton.geometry import resolve_geometry
 
 pytest.importorskip("pytest_benchmark")
@@ -105,6 +108,49 @@ def _sync_after(fn, device):
     return run
 
 
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def _assert_close(name, got, expected, dtype):
+    """Relative error in norm against the fp64 reference, at the tolerance of the op's dtype."""
+    got, expected = got.detach().double(), expected.detach().double()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+    assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+def _check_butterfly(fn, x, Q, g, mode):
+    """``y = x M`` and, for fwdbwd, ``dl/dx`` and ``dl/dQ`` against the dense rotation in fp64."""
+    x64 = x.detach().double().requires_grad_()
+    Q64 = Q.detach().double().requires_grad_()
+    y64 = x64 @ reference.dense_rotation(Q64)
+    if mode == "fwd":
+        with torch.no_grad():
+            _assert_close("y", fn(x, Q), y64, x.dtype)
+        return
+    y = fn(x, Q)
+    _assert_close("y", y, y64, x.dtype)
+    dx, dQ = torch.autograd.grad(y, (x, Q), g)
+    dx64, dQ64 = torch.autograd.grad(y64, (x64, Q64), g.double())
+    _assert_close("dl/dx", dx, dx64, x.dtype)
+    _assert_close("dl/dQ", dQ, dQ64, x.dtype)
+
+
+def _check_cayley(fn, R, G, mode):
+    """``Q = (I - S)(I + S)^-1`` and, for fwdbwd, ``dl/dR`` against the dense formula in fp64."""
+    R64 = R.detach().double().requires_grad_()
+    Q64 = reference.dense_cayley(R64)
+    if mode == "fwd":
+        with torch.no_grad():
+            _assert_close("Q", fn(R), Q64, torch.float32)
+        return
+    Q = fn(R)
+    _assert_close("Q", Q, Q64, torch.float32)
+    (dR,) = torch.autograd.grad(Q, R, G)
+    (dR64,) = torch.autograd.grad(Q64, R64, G.double())
+    _assert_close("dl/dR", dR, dR64, torch.float32)
+
+
 def _record(benchmark, nbytes: int) -> None:
     benchmark.extra_info["ideal_bytes"] = nbytes
     stats = getattr(benchmark, "stats", None)
@@ -121,6 +167,7 @@ def _butterfly_case(benchmark, backend, T, n, b, N, dtype, device, mode):
     Q = torch_ops.cayley(0.1 * torch.randn(N, D, b, b, device=device)).requires_grad_(mode == "fwdbwd")
     g = torch.randn(T, n, device=device, dtype=dtype)
     fn = _butterfly_fn(backend)
+    _check_butterfly(fn, x, Q, g, mode)
     elem = x.element_size()
     if mode == "fwd":
         def step():
@@ -142,6 +189,7 @@ def _cayley_case(benchmark, backend, N, D, b, device, mode):
     R = (0.1 * torch.randn(N, D, b, b, device=device)).requires_grad_(mode == "fwdbwd")
     G = torch.randn(N, D, b, b, device=device)
     fn = _cayley_fn(backend)
+    _check_cayley(fn, R, G, mode)
     if mode == "fwd":
         def step():
             with torch.no_grad():

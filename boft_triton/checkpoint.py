@@ -13,6 +13,7 @@ import warnings
 import torch
 from safetensors.torch import load_file, save_file
 
+from .geometry import resolve_geometry
 from .io_utils import atomic_path
 from .layer import BOFTLayer
 from .modules_to_save import ModulesToSaveWrapper
@@ -100,6 +101,20 @@ def _mismatch(key: str, expected, found) -> ValueError:
     )
 
 
+def _check_factor_count(key: str, shape) -> None:
+    """A ``boft_R`` of ``(N, D, b, b)`` with another N than the layer's: the butterfly must fit
+    N factors of D blocks of b (PEFT's rules), else the forward would fail far from the load."""
+    n_factors, block_num, block_size = int(shape[0]), int(shape[1]), int(shape[2])
+    try:
+        resolve_geometry(block_num * block_size, block_size, 0, n_factors)
+    except ValueError as err:
+        raise ValueError(
+            f"Checkpoint key {key!r} has shape {tuple(shape)}: {n_factors} butterfly factors of {block_num} blocks "
+            f"of {block_size} do not fit this layer ({err}). The checkpoint is damaged or was not saved for this "
+            "model; load the adapter it was trained as."
+        ) from None
+
+
 def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str,
                             bias: str = "none") -> list[str]:
     """Copy PEFT-keyed tensors into adapter ``adapter_name`` of ``model``; returns unexpected keys.
@@ -136,6 +151,7 @@ def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.
             expected = tuple(param.shape)
             if kind == "boft_R" and value.dim() == 4 and tuple(value.shape[1:]) == expected[1:]:
                 if value.shape[0] != expected[0]:
+                    _check_factor_count(key, value.shape)
                     reshapes[path] = value.shape[0]
                     expected = tuple(value.shape)
             if tuple(value.shape) != expected:

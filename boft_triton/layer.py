@@ -26,18 +26,29 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
 
 
-def dropout_mask(n_factors: int, block_num: int, p: float, device) -> torch.Tensor:
-    """PEFT's multiplicative dropout: in one random factor, ``int(p*D)`` random blocks become I.
+@torch.library.custom_op("boft_triton::dropout_mask", mutates_args=())
+def dropout_mask(R: torch.Tensor, p: float) -> torch.Tensor:
+    """PEFT's multiplicative dropout for ``R`` ``(N, D, b, b)``: a bool ``(N, D)`` mask on R's device
+    in which, in one random factor, ``int(p*D)`` random blocks are True (they become I).
 
-    Draws from the CPU generator in the order PEFT does, so a seeded run drops the same blocks.
-    The chosen factor stays a tensor (no ``.item()``), so ``torch.compile`` needs no graph break.
+    Draws from the CPU generator in PEFT's order (``randint`` then ``randperm``), so a seeded run
+    drops the same blocks as PEFT. It is a custom op so that ``torch.compile`` keeps it as one
+    opaque call (no graph break) instead of tracing the draws: inductor would otherwise replace
+    them with its own random stream (different blocks than eager and PEFT). R, read only for its
+    shape and device, also keeps two layers' calls apart so that no pass merges them into one draw.
     """
+    n_factors, block_num = R.shape[0], R.shape[1]
     chosen = torch.randint(0, n_factors, (1,))
-    n_drop = int(p * block_num)
-    row = torch.cat([torch.ones(n_drop), torch.zeros(block_num - n_drop)])[torch.randperm(block_num)]
-    mask = torch.zeros(n_factors, block_num, dtype=torch.bool)
-    mask[chosen] = row.bool()
-    return mask.to(device, non_blocking=True)
+    # PEFT shuffles ``[1]*n_drop + [0]*(D-n_drop)`` with ``randperm(D)``: block i is dropped iff
+    # ``perm[i] < n_drop``; the same draw, without indexing.
+    row = torch.randperm(block_num) < int(p * block_num)
+    mask = (torch.arange(n_factors) == chosen).unsqueeze(1) & row
+    return mask.to(R.device)
+
+
+@dropout_mask.register_fake
+def _(R: torch.Tensor, p: float) -> torch.Tensor:
+    return R.new_empty(R.shape[:2], dtype=torch.bool)
 
 
 class BOFTLayer(nn.Module):
@@ -156,7 +167,7 @@ class BOFTLayer(nn.Module):
         p = self.boft_dropout.get(adapter, 0.0)
         mask = None
         if with_dropout and self.training and p > 0:
-            mask = dropout_mask(R.shape[0], R.shape[1], p, R.device)
+            mask = dropout_mask(R.detach(), p)
         return ops.cayley(R, mask)
 
     def _scale(self, adapters: list[str]) -> torch.Tensor:

@@ -399,7 +399,15 @@ class BOFTModel(nn.Module):
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a directory.")
         self._refuse_empty_save()
-        for name in selected_adapters or list(self.peft_config):
+        if selected_adapters is None:
+            selected_adapters = list(self.peft_config)
+        unknown = [name for name in selected_adapters if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"selected_adapters names adapter(s) {unknown} that this model does not have; "
+                             f"its adapters are {list(self.peft_config)}.")
+        if is_main_process:  # as PEFT: the directory exists afterwards, even when no adapter is selected
+            os.makedirs(save_directory, exist_ok=True)
+        for name in selected_adapters:
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             if config.base_model_name_or_path is None:

@@ -15,6 +15,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_tune_cache(tmp_path_factory):
+    """Kernel launches read tiles from ``$BOFT_TRITON_TUNE_CACHE`` or the user's cache: point them
+    (and every subprocess) at an empty file of this session's own, never a developer's cache."""
+    from boft_triton import tuning
+
+    previous = os.environ.get(tuning.CACHE_ENV)
+    os.environ[tuning.CACHE_ENV] = str(tmp_path_factory.mktemp("tune-cache") / "tune.json")
+    tuning.clear_memo()
+    yield
+    if previous is None:
+        os.environ.pop(tuning.CACHE_ENV, None)
+    else:
+        os.environ[tuning.CACHE_ENV] = previous
+    tuning.clear_memo()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -78,6 +78,28 @@ def test_mismatched_checkpoint_names_key_and_shapes(tmp_path):
         BOFTModel.from_pretrained(copy.deepcopy(base), tmp_path)
 
 
+@pytest.mark.parametrize("model_name,block_size,n_factors", [("MLP", 2, 2), ("MLP2", 4, 5), ("MLP2", 4, 0)],
+                         ids=["D5-odd", "N5-needs-16-blocks", "N0"])
+def test_checkpoint_factor_count_that_cannot_fit_fails_at_load(tmp_path, model_name, block_size, n_factors):
+    """A boft_R whose factor count cannot fit the layer (D blocks of b) is refused at load with the
+    key named; it must not load and then fail in the forward."""
+    from safetensors.torch import load_file, save_file
+
+    base, inputs = build(model_name)
+    adapt(copy.deepcopy(base), BOFTConfig(target_modules=["lin0"], boft_block_size=block_size)).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.lin0.boft_R"
+    tensors[key] = torch.zeros(n_factors, *tensors[key].shape[1:])
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=rf"{key.replace('.', '[.]')}.*\({n_factors}, .*do not fit"):
+        BOFTModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    model = adapt(copy.deepcopy(base), BOFTConfig(target_modules=["lin0"], boft_block_size=block_size))
+    with pytest.raises(ValueError, match=key.replace(".", "[.]")):
+        model.load_adapter(tmp_path, "loaded")
+    assert list(model.peft_config) == ["default"]
+    call(model, inputs)
+
+
 def test_checkpoint_for_other_targets(tmp_path):
     base, _ = build("MLP")
     adapt(copy.deepcopy(base), BOFTConfig(target_modules=["lin1"], boft_block_size=2)).save_pretrained(tmp_path)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from boft_triton import BOFTConfig, adapt
+from boft_triton import BOFTConfig, BOFTModel, adapt
 from tiny_models import build, call, rel_err
 
 pytestmark = pytest.mark.kernels
@@ -57,23 +57,68 @@ def test_merge_on_kernels_matches_torch_path(monkeypatch):
     assert rel_err(merged["triton"], merged["torch"]) < 1e-5
 
 
+def _dropout_config(targets, **kwargs):
+    return BOFTConfig(target_modules=targets, boft_block_size=2, boft_n_butterfly_factor=2, boft_dropout=0.5,
+                      init_weights=False, **kwargs)
+
+
+def _trainable_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("model_name,targets", [("MLP2", ["lin0"]), ("Conv2d2", ["conv2d"])])
 def test_compile_fullgraph_one_frame(model_name, targets):
-    """Forward and backward of an adapted model compile as one frame (no graph break)."""
+    """In train mode with dropout, forward and backward of an adapted model compile with the default
+    backend (inductor) as one frame, and the compiled step draws the same blocks as eager."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     base, inputs = build(model_name)
-    model = adapt(base, BOFTConfig(target_modules=targets, boft_block_size=2, boft_n_butterfly_factor=2,
-                                   boft_dropout=0.25, init_weights=False)).to(DEVICE)
+    model = adapt(base, _dropout_config(targets)).to(DEVICE)
     model.train()
     inputs = tuple(t.to(DEVICE) for t in inputs)
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, fullgraph=True, backend=counter)
-    torch.manual_seed(1)
-    out = compiled(*inputs)
-    out.sum().backward()
+    outputs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        out = compiled(*inputs)
+        out.sum().backward()
+        grads = _trainable_grads(model)
+        model.zero_grad()
+        torch.manual_seed(seed)
+        expected = model(*inputs)
+        expected.sum().backward()
+        assert rel_err(out, expected) < 1e-5
+        for name, grad in _trainable_grads(model).items():
+            assert rel_err(grads[name], grad) < 1e-5, name
+        model.zero_grad()
+        outputs.append(out.detach())
     assert counter.frame_count == 1
-    torch.manual_seed(1)
-    model.zero_grad()
-    assert rel_err(out, model(*inputs)) < 1e-5
+    assert rel_err(outputs[0], outputs[1]) > 1e-4, "the two seeds must drop different blocks"
+
+
+def test_compiled_dropout_draws_match_peft(tmp_path, peft_with_butterfly):
+    """Two adapters, two layers: the inductor-compiled model drops PEFT's blocks under PEFT's seed
+    (same random calls, same order)."""
+    from peft import BOFTConfig as PeftBOFTConfig
+    from peft import get_peft_model
+
+    torch._dynamo.reset()
+    base, inputs = build("MLP2")
+    kwargs = {"target_modules": ["lin0", "lin1"], "boft_block_size": 2, "boft_n_butterfly_factor": 2,
+              "boft_dropout": 0.5, "init_weights": False}
+    theirs = get_peft_model(copy.deepcopy(base), PeftBOFTConfig(**kwargs))
+    theirs.add_adapter("other", PeftBOFTConfig(**kwargs))
+    theirs.base_model.set_adapter(["default", "other"])
+    theirs.save_pretrained(tmp_path, selected_adapters=["default", "other"])
+    ours = BOFTModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    ours.load_adapter(tmp_path / "other", "other", is_trainable=True)
+    ours.set_adapter(["default", "other"])
+    theirs.train(), ours.train()
+    compiled = torch.compile(ours, fullgraph=True)
+    for seed in range(2):
+        torch.manual_seed(seed)
+        expected = theirs(*inputs)
+        torch.manual_seed(seed)
+        assert rel_err(compiled(*inputs), expected) < 1e-5

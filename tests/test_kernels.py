@@ -258,18 +258,57 @@ def test_rotation_is_orthogonal(n, b, N):
     assert rel_err(M, reference.dense_rotation(Q.double().cpu())) <= 1e-5
 
 
-def test_frozen_q_and_determinism():
-    """Only x needs a gradient: dl/dx through the forward kernel with the flipped transpose. And
-    the dQ reduction is deterministic (same bits twice)."""
+def test_frozen_q():
+    """Only x needs a gradient: dl/dx through the forward kernel with the flipped transpose."""
     Q = rand_q(2, 8, 4).float().to(DEVICE)
     x = torch.randn(129, 32, device=DEVICE, requires_grad=True)
     g = torch.randn(129, 32, device=DEVICE)
     (dx,) = torch.autograd.grad(kb.butterfly(x, Q), x, g)
     assert rel_err(dx, torch_ops.butterfly(g, Q, transpose=True)) <= 1e-5
-    Qg = Q.clone().requires_grad_()
-    d1 = torch.autograd.grad(kb.butterfly(x, Qg), Qg, g)[0]
-    d2 = torch.autograd.grad(kb.butterfly(x, Qg), Qg, g)[0]
-    assert torch.equal(d1, d2)
+
+
+def _interpreter_runs_programs_in_reverse(monkeypatch) -> list:
+    """Make Triton's interpreter run each launch's programs in reverse grid order; returns the list
+    of program ids as they run. (It runs them one at a time in grid order, so getting the same bits
+    twice under the interpreter would show nothing about a GPU, where programs run in any order.)"""
+    import builtins
+
+    from triton.runtime import interpreter
+
+    executor_code = interpreter.GridExecutor.__call__.__code__
+
+    def grid_range(*args):  # only the grid loops of GridExecutor.__call__ run backwards
+        steps = builtins.range(*args)
+        return reversed(steps) if sys._getframe(1).f_code is executor_code else steps
+
+    order = []
+    set_grid_idx = interpreter.interpreter_builder.set_grid_idx
+    monkeypatch.setattr(interpreter, "range", grid_range, raising=False)
+    monkeypatch.setattr(interpreter.interpreter_builder, "set_grid_idx",
+                        lambda *idx: (order.append(idx), set_grid_idx(*idx))[1])
+    return order
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "passes"])
+def test_dq_reduction_does_not_depend_on_program_order(monkeypatch, fused):
+    """The dQ reduction is deterministic: each program writes its own partial dQ (no float atomics,
+    whose sum would change with the order programs finish in), so dQ has the same bits whatever
+    order the programs run in. Under the interpreter: grid order, then reversed. On a GPU: repeated
+    launches of many programs."""
+    if not fused:
+        monkeypatch.setattr(kb, "FUSED_MAX_ELEMENTS", 0)
+    Q = rand_q(2, 8, 4).float().to(DEVICE).requires_grad_()
+    x = torch.randn(1000, 32, device=DEVICE)
+    g = torch.randn(1000, 32, device=DEVICE)
+    first = torch.autograd.grad(kb.butterfly(x, Q), Q, g)[0]
+    if DEVICE.type == "cuda":
+        for _ in range(20):
+            assert torch.equal(torch.autograd.grad(kb.butterfly(x, Q), Q, g)[0], first)
+        return
+    order = _interpreter_runs_programs_in_reverse(monkeypatch)
+    reversed_order = torch.autograd.grad(kb.butterfly(x, Q), Q, g)[0]
+    assert len(set(order)) > 1 and order[0] != (0, 0, 0), "the programs must have run in another order"
+    assert torch.equal(reversed_order, first)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """``boft-triton train`` checkpoints, resume, divergence, several processes, bf16, accelerate configs.
 
-- A run killed with SIGKILL after its 2nd checkpoint and resumed gives the losses and adapter of
+- A run killed with SIGKILL right after its 2nd checkpoint and resumed gives the losses and adapter of
   an uninterrupted run, bit for bit (CPU, same seed; BOFT dropout on, so RNG state matters, and
   the run crosses an epoch boundary, so the data position matters).
 - Damaged, foreign or missing checkpoints are ``error: ...`` and nothing is deleted.
@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -80,32 +79,24 @@ def killed_and_resumed(tiny_bert, csv_data, tmp_path_factory):
     """(uninterrupted run, killed-then-resumed run) output folders; 8 steps of 6 per epoch."""
     root = tmp_path_factory.mktemp("resume")
     ref, run = root / "ref", root / "run"
-    reference = subprocess.Popen(_cli(_argv(tiny_bert, csv_data, ref)), cwd=root, env=_env(),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # the killed run: a debug delay after each step leaves time to kill it after checkpoint 2 (step 4)
-    victim = subprocess.Popen(_cli(_argv(tiny_bert, csv_data, run, "--save-every", "2")), cwd=root,
-                              env=_env(BOFT_TRITON_DEBUG_STEP_DELAY="0.5"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    latest = run / "checkpoints" / "latest"  # names a checkpoint only once it is complete
-
-    def second_done():
-        try:
-            return latest.read_text().strip() == train_state.step_name(4)
-        except OSError:
-            return False
-
-    deadline = time.monotonic() + 240
-    while not second_done() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert victim.poll() is None, victim.stderr.read()[-4000:]  # still running: kill it mid-training
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    victim.stderr.close()
-    assert not (run / "metrics.json").exists() and not (run / "adapter").exists()
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000004"
-    _run(_argv(tiny_bert, csv_data, run, "--save-every", "2", "--resume"), root)
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-4000:]
-    reference.stderr.close()
+    # the uninterrupted run goes alongside; its output goes to a file, so no pipe can fill and stall it
+    with open(root / "reference.log", "w") as log:
+        reference = subprocess.Popen(_cli(_argv(tiny_bert, csv_data, ref)), cwd=root, env=_env(),
+                                     stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # the killed run SIGKILLs itself right after checkpoint 2 (step 4) is complete: no timing window
+        victim = subprocess.run(_cli(_argv(tiny_bert, csv_data, run, "--save-every", "2")), cwd=root,
+                                env=_env(BOFT_TRITON_DEBUG_KILL_AFTER_CHECKPOINT="4"),
+                                capture_output=True, text=True, timeout=300)
+        assert victim.returncode == -signal.SIGKILL, victim.stderr[-4000:]
+        assert not (run / "metrics.json").exists() and not (run / "adapter").exists()
+        assert (run / "checkpoints" / "latest").read_text().strip() == "step-000004"
+        _run(_argv(tiny_bert, csv_data, run, "--save-every", "2", "--resume"), root)
+        assert reference.wait(timeout=300) == 0, (root / "reference.log").read_text()[-4000:]
+    finally:
+        if reference.poll() is None:  # a failed assertion above must not leave it running
+            reference.kill()
+            reference.wait()
     return ref, run
 
 
@@ -199,7 +190,8 @@ def test_ddp_two_processes_match_one_process(tiny_bert, csv_data, tmp_path):
     pads its own batch to its own longest text, so the GEMMs have other shapes (float rounding)."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "boft_triton.cli"]
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",  # a free port
+              "-m", "boft_triton.cli"]
     _run(launch + _argv(tiny_bert, csv_data, ddp, "--dropout", "0", "--batch-size", "4", steps=4),
          tmp_path, ACCELERATE_USE_CPU="1")
     assert main(_argv(tiny_bert, csv_data, single, "--dropout", "0", steps=4)) == 0
@@ -274,8 +266,9 @@ def test_bf16_base_keeps_bf16_activations_and_fp32_adapters(tiny_bert, monkeypat
     with torch.no_grad(), bf16.disable_adapter(), fp32.disable_adapter():
         base_err = rel_err(bf16(**batch).logits.float(), fp32(**batch).logits)
     err = rel_err(out16.logits.float(), out32.logits)
-    # (each adapted layer rounds its rotated input to bf16 once more: measured 1.8e-2 vs 6.7e-3)
-    assert err < min(3 * base_err, 3e-2), (err, base_err)
+    # (each adapted layer rounds its rotated input to bf16 once more: measured 3.5e-2 against the
+    # base model's own 2.1e-2 on these reviews, a deep chain at initializer_range 0.2)
+    assert err < 2.5 * base_err, (err, base_err)
     grads32 = {n: p.grad for n, p in fp32.named_parameters() if p.requires_grad}
     g16, g32 = [], []
     for name, p in bf16.named_parameters():

@@ -130,17 +130,58 @@ def test_corrupt_cache_is_ignored(cache_file):
     assert kb.LAST_LAUNCH["butterfly_fwd"][0] in ("default", "autotune")
 
 
-def test_tune_command_end_to_end(tmp_path, monkeypatch):
-    """`boft-triton tune` on a tiny BERT config: table printed, cache written, launcher uses it."""
-    from transformers import BertConfig
+_LAUNCH_SCRIPT = """
+import json, os, sys
+import torch
+from boft_triton import torch_ops
+from boft_triton.kernels import butterfly as kb
+Q = torch_ops.cayley(torch.randn(2, 8, 4, 4))  # n=32, b=4, N=2: the tiny BERT's adapted shape
+kb.butterfly(torch.randn(3, 32), Q)
+print(json.dumps(kb.LAST_LAUNCH["butterfly_fwd"]))
+"""
 
-    from boft_triton.cli import main
+
+def _fresh_process(args, env, cwd):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _launch_source(env, cwd):
+    """(source, config) of a butterfly forward launched in a new process with ``env``."""
+    return tuple(json.loads(_fresh_process(["-c", _LAUNCH_SCRIPT], env, cwd).splitlines()[-1]))
+
+
+@pytest.mark.slow
+def test_tune_command_then_a_new_process_launches_with_the_tuned_tile(tmp_path):
+    """`boft-triton tune` on a tiny BERT config, then a kernel launch in a fresh process: without
+    --cache the launch reads what tune wrote; with --cache FILE it reads it once given the
+    BOFT_TRITON_TUNE_CACHE=FILE that tune prints (and, without it, does not)."""
+    from transformers import BertConfig
 
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                vocab_size=64).save_pretrained(tmp_path / "tiny-bert")
-    cache = tmp_path / "cache.json"
-    code = main(["tune", "--model", str(tmp_path / "tiny-bert"), "--targets", "query,value", "--block-size", "4",
-                 "--factors", "2", "--tokens", "8", "--dtype", "fp32", "--cache", str(cache), "--max-configs", "2"])
-    assert code == 0
-    entries = json.loads(cache.read_text())
-    assert any("n=32,b=4,N=2" in key for key in json.dumps(entries).split('"'))
+    env = {k: v for k, v in os.environ.items() if k != tuning.CACHE_ENV}
+    env.update(TRITON_INTERPRET="1", XDG_CACHE_HOME=str(tmp_path / "xdg"), HF_HUB_OFFLINE="1")
+    tune = ["-m", "boft_triton.cli", "tune", "--model", str(tmp_path / "tiny-bert"), "--targets", "query,value",
+            "--block-size", "4", "--factors", "2", "--tokens", "8", "--dtype", "fp32", "--max-configs", "2"]
+    key = tuning.cache_key(kcommon.device_name("cpu"), kcommon.TRITON_VERSION, torch.float32, 32, 4, 2)
+
+    out = _fresh_process(tune, env, tmp_path)  # the default file: the one launches read
+    default_file = tmp_path / "xdg" / "boft_triton" / "tune.json"
+    assert "kernel launches read this file" in out
+    entry = json.loads(default_file.read_text())["entries"][key]
+    assert _launch_source(env, tmp_path) == ("cache", entry["fwd"])
+
+    default_file.unlink()
+    named = tmp_path / "named.json"
+    out = _fresh_process(tune + ["--cache", str(named)], env, tmp_path)
+    entry = json.loads(named.read_text())["entries"][key]
+    assert _launch_source(env, tmp_path)[0] != "cache"
+    assignment = next(line for line in out.splitlines() if f"{tuning.CACHE_ENV}=" in line)
+    value = assignment.split(f"{tuning.CACHE_ENV}=", 1)[1].strip()
+    assert value == str(named.resolve())
+    assert _launch_source({**env, tuning.CACHE_ENV: value}, tmp_path) == ("cache", entry["fwd"])

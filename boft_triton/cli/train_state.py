@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,16 @@ def save(accelerator, model, optimizer, scheduler, output_dir, step: int, losses
             shutil.rmtree(trash, ignore_errors=True)
         _prune(root, keep, final)
     accelerator.wait_for_everyone()
+    _debug_crash_after(step)
     return final
+
+
+def _debug_crash_after(step: int) -> None:
+    """``BOFT_TRITON_DEBUG_KILL_AFTER_CHECKPOINT=k`` (for tests): the process SIGKILLs itself as
+    soon as checkpoint k is complete, a crash at a known point with no cleanup, so that a resume
+    test needs no race against a running process."""
+    if os.environ.get("BOFT_TRITON_DEBUG_KILL_AFTER_CHECKPOINT") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+from pathlib import Path
 
 from .errors import CLIError
 
@@ -25,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factors", type=int, default=1, help="butterfly factors N")
     p.add_argument("--tokens", type=int, default=16384, help="rows (tokens per step per device) to tune for")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16", help="activation dtype")
-    p.add_argument("--cache", default=None, help="cache file (default: the user cache dir, or $BOFT_TRITON_TUNE_CACHE)")
+    p.add_argument("--cache", default=None,
+                   help="cache file to write (default: the one kernel launches read, $BOFT_TRITON_TUNE_CACHE or the "
+                        "user cache dir); launches read another file only with BOFT_TRITON_TUNE_CACHE=FILE")
     p.add_argument("--max-configs", type=int, default=None, help="try at most this many tiles per shape")
 
 
@@ -64,5 +68,15 @@ def run(args: argparse.Namespace) -> int:
     shapes = tuning.collect_shapes(model)
     rows = tuning.tune(shapes, args.tokens, dtype=dtype, cache_path=args.cache, max_configs=args.max_configs)
     print(tuning.format_table(rows))
-    print(f"cache: {args.cache or tuning.cache_path()}")
+    print(_where_launches_read(Path(args.cache) if args.cache else tuning.cache_path(), tuning))
     return 0
+
+
+def _where_launches_read(written: Path, tuning) -> str:
+    """Kernel launches read only ``$BOFT_TRITON_TUNE_CACHE`` or the user cache file: say whether
+    they will read the file just written, and if not, how to make them."""
+    read = tuning.cache_path()
+    if written.resolve() == read.resolve():
+        return f"cache: {written} (kernel launches read this file)"
+    return (f"cache: {written}\nkernel launches read {read}; to use the tuned tiles, run them with "
+            f"{tuning.CACHE_ENV}={shlex.quote(str(written.resolve()))}")
