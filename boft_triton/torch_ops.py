@@ -122,6 +122,44 @@ def coarse_blocks(Q: torch.Tensor) -> torch.Tensor:
     return _Butterfly.apply(eye_rows, Q, False).view(L, n // L, L).transpose(0, 1)
 
 
+def group_columns(n: int, L: int, interleave: int, width: int, chunk: int, device=None) -> torch.Tensor:
+    """Columns ``[n/width, width]`` of the blocks of a group of consecutive factors.
+
+    Factor i mixes, inside a coarse block of ``L = 2^N h`` columns (``h = b/2``, or b when N=1),
+    an h-chunk's offset with bit i of its chunk index. So factors ``k0..k1-1`` act on blocks of
+    ``width = 2^(k1-k0) h`` columns: fixed outer bits, fixed low bits ``j < interleave = 2^k0``;
+    block ``o*interleave + j`` holds columns ``o*(interleave*width) + m*(interleave*chunk) + j*chunk
+    + off`` for ``m < 2^(k1-k0)``, ``off < chunk``. With interleave 1 the blocks are contiguous.
+    """
+    blk = torch.arange(n // width, device=device)
+    t = torch.arange(width, device=device)
+    outer, j = blk // interleave, blk % interleave
+    m, off = t // chunk, t % chunk
+    return (outer * (interleave * width) + j * chunk)[:, None] + (m * (interleave * chunk) + off)[None, :]
+
+
+def group_blocks(Q: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+    """The dense blocks ``[n/W, W, W]`` of ``B_{k1-1} ... B_{k0}`` (the factors of one group, as
+    applied to row vectors), in Q's dtype and differentiable in Q; never n x n.
+
+    Row t of an input with ones at column t of every block, pushed through the group's factors,
+    holds row t of every block side by side (the factors never mix two blocks).
+    """
+    N, D, b, _ = Q.shape
+    n = D * b
+    chunk = b // 2 if N > 1 else b
+    width, interleave = chunk << (k1 - k0), 1 << k0
+    if N == 1:
+        return Q[0]
+    cols = group_columns(n, chunk << N, interleave, width, chunk, Q.device)  # [NB, W]
+    rows = torch.arange(width, device=Q.device).expand_as(cols)
+    probe = torch.zeros(width, n, device=Q.device, dtype=Q.dtype)
+    probe[rows.reshape(-1), cols.reshape(-1)] = 1.0
+    for level in reversed(range(k0, k1)):
+        probe = _apply(probe, Q, level, False)
+    return probe[:, cols].transpose(0, 1)  # [NB, W(row t), W]
+
+
 # Matmuls narrower than this waste most of a CPU's vector units; pack blocks up to it.
 MIN_MATMUL_WIDTH = 32
 
@@ -133,8 +171,14 @@ def _packed(blocks: torch.Tensor) -> torch.Tensor:
     g = 1
     while g * L < MIN_MATMUL_WIDTH and C % (2 * g) == 0:
         g *= 2
+    return _packed_by(blocks, g)
+
+
+def _packed_by(blocks: torch.Tensor, g: int) -> torch.Tensor:
+    """``[C, L, L]`` -> ``[C/g, gL, gL]``: each g consecutive blocks as one block-diagonal block."""
     if g == 1:
         return blocks
+    C, L, _ = blocks.shape
     eye = torch.eye(g, device=blocks.device, dtype=blocks.dtype)
     grouped = torch.einsum("cgij,gh->cgihj", blocks.view(C // g, g, L, L), eye)
     return grouped.reshape(C // g, g * L, g * L)
