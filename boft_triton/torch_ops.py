@@ -139,25 +139,26 @@ def group_columns(n: int, L: int, interleave: int, width: int, chunk: int, devic
 
 
 def group_blocks(Q: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
-    """The dense blocks ``[n/W, W, W]`` of ``B_{k1-1} ... B_{k0}`` (the factors of one group, as
-    applied to row vectors), in Q's dtype and differentiable in Q; never n x n.
+    """The dense blocks ``[n/W, W, W]`` of ``B_{k1-1} ... B_{k0}`` (one group of factors, blocks
+    laid out as ``group_columns`` says), in Q's dtype, differentiable in Q, never n x n.
 
-    Row t of an input with ones at column t of every block, pushed through the group's factors,
-    holds row t of every block side by side (the factors never mix two blocks).
+    Built level by level, ``P_k = B_k P_{k-1}`` from ``P_{k0-1} = I``: factor k mixes the h-offset
+    with bit k of the chunk index, so a block of ``P_k`` is two blocks of ``P_{k-1}`` (bit k = 0, 1)
+    multiplied by the h x h quadrants of the Q blocks that pair them: one einsum per level, on
+    tensors the size of the blocks (the bytes sum geometrically to about 2 n W).
     """
     N, D, b, _ = Q.shape
-    n = D * b
-    chunk = b // 2 if N > 1 else b
-    width, interleave = chunk << (k1 - k0), 1 << k0
     if N == 1:
         return Q[0]
-    cols = group_columns(n, chunk << N, interleave, width, chunk, Q.device)  # [NB, W]
-    rows = torch.arange(width, device=Q.device).expand_as(cols)
-    probe = torch.zeros(width, n, device=Q.device, dtype=Q.dtype)
-    probe[rows.reshape(-1), cols.reshape(-1)] = 1.0
-    for level in reversed(range(k0, k1)):
-        probe = _apply(probe, Q, level, False)
-    return probe[:, cols].transpose(0, 1)  # [NB, W(row t), W]
+    h, S = b // 2, 1 << k0
+    blocks = torch.eye(h, device=Q.device, dtype=Q.dtype).expand(D * 2, h, h)  # P_{k0-1}: [n/h, h, h]
+    for k in range(k0, k1):
+        Y, W = 1 << (k - k0), blocks.shape[-1]  # chunks below bit k in the group, width of P_{k-1}
+        outer = D >> k
+        A = blocks.reshape(outer, 2, S, Y, h, W)  # [outer, bit k, low bits, y, row offset, col]
+        q = Q[k].reshape(outer, Y, S, 2, h, 2, h)  # [outer, y, low bits, row half, o, col half, o']
+        blocks = torch.einsum("nyjaobp,nbjypc->njayobc", q, A).reshape(outer * S, 2 * W, 2 * W)
+    return blocks
 
 
 # Matmuls narrower than this waste most of a CPU's vector units; pack blocks up to it.

@@ -287,8 +287,6 @@ def apply_into(x, delta, transpose, interleave, chunk, y, key) -> None:
     LAST_LAUNCH["butterfly_fwd"] = (source, dict(cfg))
     BT = cfg["BT"]
     programs = min(triton.cdiv(T, BT), max(1, triton.cdiv(cfg["PPS"] * num_sms(x.device), grp["NB"])))
-    if delta.dtype != x.dtype and x.dtype != torch.float32:
-        delta = delta.to(x.dtype)  # the dot rounds it to x's dtype anyway: read half the bytes
     wrap_triton(_apply_kernel)[(programs, grp["NB"])](
         x, delta, y, T, n, WB=grp["WB"], WP=grp["WP"], S=grp["S"], H=grp["H"], TRANS=transpose, BT=BT,
         **_dot_meta(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
@@ -296,59 +294,64 @@ def apply_into(x, delta, transpose, interleave, chunk, y, key) -> None:
 
 
 def grad(x, g, delta, transpose, interleave, chunk, need_dx, key):
-    """``(dx or None, dDelta)`` of ``y = x + x Delta`` (``Delta^T``) for contiguous x, g."""
+    """``(dx or None, dDelta partials [splits, NB, W, W])`` of ``y = x + x Delta`` (``Delta^T``)
+    for contiguous x, g; the caller sums the partials (fixed order: deterministic)."""
     T, n = x.shape
     grp = _group_of(n, delta, interleave, chunk)
     dx = new_empty(T, n, dtype=x.dtype, device=x.device) if need_dx else None
     if T == 0:
-        return dx, torch.zeros_like(delta)
+        return dx, torch.zeros((1, *delta.shape), dtype=torch.float32, device=x.device)
     source, cfg = pick_config("bwd", *key, x.dtype, x.device)
     LAST_LAUNCH["butterfly_bwd"] = (source, dict(cfg))
     splits, rows = _splits(T, grp["NB"], x.device)
     partial = new_empty(splits, *delta.shape, dtype=torch.float32, device=x.device)
-    d_op = delta.to(x.dtype) if (delta.dtype != x.dtype and x.dtype != torch.float32) else delta
     wrap_triton(_grad_kernel)[(splits, grp["NB"])](
-        x, g, d_op, dx if need_dx else x, partial, T, n, rows, grp["NB"],
+        x, g, delta, dx if need_dx else x, partial, T, n, rows, grp["NB"],
         WB=grp["WB"], WP=grp["WP"], S=grp["S"], H=grp["H"], TRANS=transpose, WRITE_DX=need_dx, RC=RC,
         **_dot_meta(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
     )
-    return dx, partial.sum(0) if splits > 1 else partial[0]
+    return dx, partial
 
 
 # ---------------------------------------------------------------------------------------------
 # ops and autograd
 
 
-def _block_apply_fake(x, delta, transpose, interleave, chunk, n, b, N):
+def _block_apply_fake(x, delta, delta_op, transpose, interleave, chunk, n, b, N):
     return x.new_empty(x.shape)
 
 
-def _block_grad_fake(x, g, delta, transpose, interleave, chunk, need_dx, n, b, N):
-    return x.new_empty(x.shape), delta.new_empty(delta.shape)
+def _block_grad_fake(x, g, delta_op, transpose, interleave, chunk, need_dx, n, b, N):
+    splits, _ = _splits(x.shape[0], delta_op.shape[0], x.device)
+    return x.new_empty(x.shape), delta_op.new_empty((splits, *delta_op.shape), dtype=torch.float32)
 
 
 @kernel_op("boft_triton::block_apply", _block_apply_fake)
-def block_apply(x: torch.Tensor, delta: torch.Tensor, transpose: bool, interleave: int, chunk: int,
-                n: int, b: int, N: int) -> torch.Tensor:
+def block_apply(x: torch.Tensor, delta: torch.Tensor, delta_op: torch.Tensor, transpose: bool, interleave: int,
+                chunk: int, n: int, b: int, N: int) -> torch.Tensor:
     """``x + x Delta`` on each block of columns (``Delta^T`` with transpose); x ``[T, n]``.
-    (n, b, N) name the layer shape for the tuning cache."""
+
+    delta (fp32) is what autograd differentiates; the kernel reads delta_op, the same values in
+    the dot's storage dtype (x's 16-bit dtype: the dot rounds to it anyway, and it is half the
+    bytes). (n, b, N) name the layer shape for the tuning cache."""
     x = x.contiguous()
     y = new_empty(*x.shape, dtype=x.dtype, device=x.device)
-    apply_into(x, delta.contiguous(), transpose, interleave, chunk, y, (n, b, N))
+    apply_into(x, delta_op.contiguous(), transpose, interleave, chunk, y, (n, b, N))
     return y
 
 
 @kernel_op("boft_triton::block_grad", _block_grad_fake)
-def block_grad(x: torch.Tensor, g: torch.Tensor, delta: torch.Tensor, transpose: bool, interleave: int, chunk: int,
+def block_grad(x: torch.Tensor, g: torch.Tensor, delta_op: torch.Tensor, transpose: bool, interleave: int, chunk: int,
                need_dx: bool, n: int, b: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dl/dx, dl/dDelta)`` of ``block_apply``; dl/dx is x (unwritten) when not need_dx."""
-    dx, dd = grad(x.contiguous(), g.contiguous(), delta.contiguous(), transpose, interleave, chunk, need_dx, (n, b, N))
-    return (dx if dx is not None else torch.empty_like(x)), dd
+    """``(dl/dx, dl/dDelta partials)`` of ``block_apply``; dl/dx is unwritten when not need_dx."""
+    dx, partial = grad(x.contiguous(), g.contiguous(), delta_op.contiguous(), transpose, interleave, chunk, need_dx,
+                       (n, b, N))
+    return (dx if dx is not None else torch.empty_like(x)), partial
 
 
 def _setup_context(ctx, inputs, output):
-    x, delta, transpose, interleave, chunk, n, b, N = inputs
-    ctx.save_for_backward(x, delta)
+    x, delta, delta_op, transpose, interleave, chunk, n, b, N = inputs
+    ctx.save_for_backward(x, delta_op)
     ctx.args = (transpose, interleave, chunk)
     ctx.key = (n, b, N)
 
@@ -357,15 +360,16 @@ def _backward(ctx, g):
     """``y = x (I + Delta)``: ``dl/dx = g (I + Delta)^T``, ``dl/dDelta = x^T g``; with transpose
     (``y = x (I + Delta)^T``): ``dl/dx = g (I + Delta)``, ``dl/dDelta = g^T x``; per block of
     columns. (``dl/dQ`` follows through the block builder's autograd.)"""
-    x, delta = ctx.saved_tensors
+    x, delta_op = ctx.saved_tensors
     transpose, interleave, chunk = ctx.args
+    none = (None,) * 7
     if g is None:
-        return (None,) * 8
+        return None, None, *none
     if not ctx.needs_input_grad[1]:  # blocks frozen: dl/dx alone is the transposed product
-        return block_apply(g, delta, not transpose, interleave, chunk, *ctx.key), *(None,) * 7
+        return block_apply(g, delta_op, delta_op, not transpose, interleave, chunk, *ctx.key), None, *none
     need_dx = ctx.needs_input_grad[0]
-    dx, dd = block_grad(x, g, delta, transpose, interleave, chunk, need_dx, *ctx.key)
-    return (dx if need_dx else None), dd, *(None,) * 6
+    dx, partial = block_grad(x, g, delta_op, transpose, interleave, chunk, need_dx, *ctx.key)
+    return (dx if need_dx else None), (partial[0] if partial.shape[0] == 1 else partial.sum(0)), *none
 
 
 block_apply.register_autograd(_backward, setup_context=_setup_context)
@@ -380,8 +384,9 @@ def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torc
     if transpose:  # x M^T = x M_lo^T ... M_hi^T
         pairs.reverse()
     h = x.reshape(-1, n)
+    store = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
     for grp, delta in pairs:
-        h = block_apply(h, delta, transpose, grp["S"], grp["H"], n, b, N)
+        h = block_apply(h, delta, delta.detach().to(store), transpose, grp["S"], grp["H"], n, b, N)
     return h.reshape(shape)
 
 
