@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared device call: kernel tests on CUDA, kernel microbenchmarks, then the Llama-1B
-# training-step benchmark (q/v, bf16, seq 2048, batch 4) for every method. Nothing is installed:
+# The one prepared device call (under 8 minutes): kernel tests on CUDA, kernel microbenchmarks, then
+# the Llama-1B training-step benchmark (q/v, bf16, seq 2048, batch 4) for every method, LoRA r16 included. Nothing is installed:
 # it runs from the source tree on the device's own torch/triton. Results land in $OUT (or
 # bench/results), named after the card and date; commit them under bench/results/.
 #   usage (device machine, repo root):  bash bench/gpu_run.sh
@@ -9,6 +9,6 @@ out="${OUT:-bench/results}"
 mkdir -p "$out"
 export PYTHONPATH=. HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu-info.csv"
-timeout 330 python -m boft_triton.bench.gpu_check --out "$out" 2>&1 | tee "$out/gpu-check.log"
-timeout 250 python -m boft_triton.bench.command --workload llama-1b --targets qv --steps 3 --warmup 1 \
+timeout 270 python -m boft_triton.bench.gpu_check --out "$out" 2>&1 | tee "$out/gpu-check.log"
+timeout 190 python -m boft_triton.bench.command --workload llama-1b --targets qv --steps 3 --warmup 1 \
   --output-dir "$out" 2>&1 | tee "$out/llama-1b.log"

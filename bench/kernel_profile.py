@@ -252,6 +252,43 @@ def compile_markdown(rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# roofline estimate (H100 SXM)
+
+H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3
+H100_BF16_TENSOR = 989e12  # dense bf16 tensor-core flop/s
+
+
+def roofline_rows(T: int = 8192, n: int = 2048, ratios: dict | None = None) -> list[dict]:
+    """Per shape, bf16: microseconds the bytes need at full bandwidth against what the tensor-core
+    flops need at peak. Bytes are the ideal times the interpreter-measured ratio when given
+    (``ratios[(b, N)] = (fwd, fwd_bwd)``); flops count the padded/packed dot width."""
+    from boft_triton.kernels import butterfly as kb
+
+    rows = []
+    for b, N in SHAPES:
+        width = sum(g["WP"] for g in kb.plan(n, b, N))  # multiply-adds per element, forward
+        fwd_ratio, both_ratio = (ratios or {}).get((b, N), (1.0, 1.0))
+        fwd_bytes, both_bytes = 2 * T * n * 2 * fwd_ratio, 5 * T * n * 2 * both_ratio
+        fwd_flops = 2 * T * n * width
+        both_flops = 3 * fwd_flops  # backward: dx and dDelta, one product each
+        row = {"b": b, "N": N, "L": b << (N - 1), "T": T, "n": n, "dot_width": width,
+               "fwd_us_bytes": 1e6 * fwd_bytes / H100_BANDWIDTH, "fwd_us_flops": 1e6 * fwd_flops / H100_BF16_TENSOR,
+               "fwd_bwd_us_bytes": 1e6 * both_bytes / H100_BANDWIDTH,
+               "fwd_bwd_us_flops": 1e6 * both_flops / H100_BF16_TENSOR}
+        row["bound"] = "bandwidth" if row["fwd_bwd_us_bytes"] >= row["fwd_bwd_us_flops"] else "compute"
+        rows.append(row)
+    return rows
+
+
+def roofline_markdown(rows: list[dict]) -> str:
+    lines = ["| b x N | L | dot width | fwd us: bytes / flops | fwd+bwd us: bytes / flops | bound |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['b']} x {r['N']} | {r['L']} | {r['dot_width']} | {r['fwd_us_bytes']:.1f} / {r['fwd_us_flops']:.1f} | "
+                     f"{r['fwd_bwd_us_bytes']:.1f} / {r['fwd_bwd_us_flops']:.1f} | {r['bound']} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # command line
 
 
@@ -264,13 +301,14 @@ def _write(out: Path, stem: str, rows: list[dict], table: str, title: str) -> No
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Interpreter traffic and sm_90/sm_80 compile reports of the butterfly kernels.")
-    parser.add_argument("report", choices=["traffic", "compile"])
+    parser.add_argument("report", choices=["traffic", "compile", "roofline"])
     parser.add_argument("--n", type=int, default=1024, help="traffic: layer width")
     parser.add_argument("--T", type=int, default=512, help="traffic: rows (batch x sequence)")
     parser.add_argument("--widths", default="2048,3072,4096,512,1024", help="compile: layer widths")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--out", default=None, help="write JSON + Markdown into this folder")
     parser.add_argument("--tag", default="", help="suffix of the result file names (e.g. 'before')")
+    parser.add_argument("--traffic-json", default=None, help="roofline: a traffic report whose byte ratios to use")
     args = parser.parse_args(argv)
     date = time.strftime("%Y-%m-%d")
     tag = f"-{args.tag}" if args.tag else ""
@@ -279,6 +317,15 @@ def main(argv=None) -> int:
         table = traffic_markdown(rows)
         title = f"Interpreter traffic, {args.dtype}, n={args.n}, T={args.T} (targets: fwd <= {TARGET_FWD}x, fwd+bwd <= {TARGET_FWD_BWD}x)"
         stem = f"interp-traffic-{date}{tag}"
+    elif args.report == "roofline":
+        ratios = None
+        if args.traffic_json:
+            data = json.loads(Path(args.traffic_json).read_text())["rows"]
+            ratios = {(r["b"], r["N"]): (r["fwd_ratio"], r["fwd_bwd_ratio"]) for r in data}
+        rows = roofline_rows(ratios=ratios)
+        table = roofline_markdown(rows)
+        title = "Roofline estimate, H100 SXM (3.35 TB/s, 989 bf16 TFLOP/s), bf16, T=8192, n=2048"
+        stem = f"roofline-h100-{date}{tag}"
     else:
         widths = [int(w) for w in args.widths.split(",")]
         rows = compile_rows(widths, SHAPES, dtype_name=args.dtype)
