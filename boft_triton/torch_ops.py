@@ -122,25 +122,15 @@ def coarse_blocks(Q: torch.Tensor) -> torch.Tensor:
     return _Butterfly.apply(eye_rows, Q, False).view(L, n // L, L).transpose(0, 1)
 
 
-def group_columns(n: int, L: int, interleave: int, width: int, chunk: int, device=None) -> torch.Tensor:
-    """Columns ``[n/width, width]`` of the blocks of a group of consecutive factors.
-
-    Factor i mixes, inside a coarse block of ``L = 2^N h`` columns (``h = b/2``, or b when N=1),
-    an h-chunk's offset with bit i of its chunk index. So factors ``k0..k1-1`` act on blocks of
-    ``width = 2^(k1-k0) h`` columns: fixed outer bits, fixed low bits ``j < interleave = 2^k0``;
-    block ``o*interleave + j`` holds columns ``o*(interleave*width) + m*(interleave*chunk) + j*chunk
-    + off`` for ``m < 2^(k1-k0)``, ``off < chunk``. With interleave 1 the blocks are contiguous.
-    """
-    blk = torch.arange(n // width, device=device)
-    t = torch.arange(width, device=device)
-    outer, j = blk // interleave, blk % interleave
-    m, off = t // chunk, t % chunk
-    return (outer * (interleave * width) + j * chunk)[:, None] + (m * (interleave * chunk) + off)[None, :]
-
-
 def group_blocks(Q: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
-    """The dense blocks ``[n/W, W, W]`` of ``B_{k1-1} ... B_{k0}`` (one group of factors, blocks
-    laid out as ``group_columns`` says), in Q's dtype, differentiable in Q, never n x n.
+    """The dense blocks ``[n/W, W, W]`` of ``B_{k1-1} ... B_{k0}`` (one group of factors), in Q's
+    dtype, differentiable in Q, never n x n.
+
+    Layout: factor i mixes, inside a coarse block of ``L = 2^N h`` columns (``h = b/2``), an
+    h-chunk's offset with bit i of its chunk index. So factors ``k0..k1-1`` act on blocks of
+    ``W = 2^(k1-k0) h`` columns with fixed outer bits and fixed low bits ``j < S = 2^k0``: block
+    ``o*S + j`` holds columns ``o*(S*W) + m*(S*h) + j*h + off`` (``m < 2^(k1-k0)``, ``off < h``),
+    rows and columns in that (m, off) order. With k0 = 0 the blocks are contiguous.
 
     Built level by level, ``P_k = B_k P_{k-1}`` from ``P_{k0-1} = I``: factor k mixes the h-offset
     with bit k of the chunk index, so a block of ``P_k`` is two blocks of ``P_{k-1}`` (bit k = 0, 1)
@@ -172,14 +162,8 @@ def _packed(blocks: torch.Tensor) -> torch.Tensor:
     g = 1
     while g * L < MIN_MATMUL_WIDTH and C % (2 * g) == 0:
         g *= 2
-    return _packed_by(blocks, g)
-
-
-def _packed_by(blocks: torch.Tensor, g: int) -> torch.Tensor:
-    """``[C, L, L]`` -> ``[C/g, gL, gL]``: each g consecutive blocks as one block-diagonal block."""
     if g == 1:
         return blocks
-    C, L, _ = blocks.shape
     eye = torch.eye(g, device=blocks.device, dtype=blocks.dtype)
     grouped = torch.einsum("cgij,gh->cgihj", blocks.view(C // g, g, L, L), eye)
     return grouped.reshape(C // g, g * L, g * L)

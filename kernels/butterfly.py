@@ -58,7 +58,7 @@ def plan(n: int, b: int, N: int) -> tuple[dict, ...]:
     """The groups of factors of an (n, b, N) butterfly, in the order they act on ``x M``.
 
     Each group: levels ``[k0, k1)``, block width W, column interleave S and chunk H (see
-    ``torch_ops.group_columns``), pack (consecutive blocks merged block-diagonally), and the
+    ``torch_ops.group_blocks``), pack (consecutive blocks merged block-diagonally), and the
     padded power-of-two width WP the kernels tile. ``x M^T`` runs the groups in reverse."""
     if N > 1 and b % 2:
         raise ValueError(f"butterfly: block size {b} must be even with {N} factors")
@@ -100,9 +100,16 @@ def deltas(Q: torch.Tensor, n: int) -> list[torch.Tensor]:
     for g in plan(n, b, N):
         blocks = torch_ops.group_blocks(Q.float(), g["k0"], g["k1"])
         if g["pack"] > 1:
-            blocks = torch_ops._packed_by(blocks, g["pack"])
+            blocks = _packed(blocks, g["pack"])
         out.append(blocks - torch.eye(g["WB"], device=Q.device, dtype=blocks.dtype))
     return out
+
+
+def _packed(blocks: torch.Tensor, p: int) -> torch.Tensor:
+    """``[C, W, W]`` -> ``[C/p, pW, pW]``: each p consecutive blocks as one block-diagonal block."""
+    C, W, _ = blocks.shape
+    eye = torch.eye(p, device=blocks.device, dtype=blocks.dtype)
+    return torch.einsum("cpij,pq->cpiqj", blocks.view(C // p, p, W, W), eye).reshape(C // p, p * W, p * W)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +173,7 @@ def pick_config(kind: str, n: int, b: int, N: int, dtype: torch.dtype, device: t
 
 @triton.jit
 def _columns(i_b, WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, H: tl.constexpr):
-    """Columns [WP] of block i_b (see torch_ops.group_columns) and their mask."""
+    """Columns [WP] of block i_b (see torch_ops.group_blocks) and their mask."""
     o_w = tl.arange(0, WP)
     if S == 1:
         o_col = i_b * WB + o_w
