@@ -101,7 +101,11 @@ def deltas(Q: torch.Tensor, n: int) -> list[torch.Tensor]:
         blocks = torch_ops.group_blocks(Q.float(), g["k0"], g["k1"])
         if g["pack"] > 1:
             blocks = _packed(blocks, g["pack"])
-        out.append(blocks - torch.eye(g["WB"], device=Q.device, dtype=blocks.dtype))
+        if g["pack"] > 1 or (N > 1 and g["k1"] - g["k0"] > 1):  # a fresh tensor: Delta in place
+            blocks.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+        else:  # a view of Q itself
+            blocks = blocks - torch.eye(g["WB"], device=Q.device, dtype=blocks.dtype)
+        out.append(blocks)
     return out
 
 
@@ -274,11 +278,13 @@ def _group_of(n: int, delta: torch.Tensor, interleave: int, chunk: int) -> dict:
     return dict(WB=WB, WP=max(MIN_BLOCK, next_pow2(WB)), S=interleave, H=chunk if interleave > 1 else WB, NB=NB)
 
 
-def _splits(T: int, NB: int, device: torch.device) -> tuple[int, int]:
-    """Row splits of the backward, set by T and the device only (never the tile config, so the
-    dDelta reduction order, hence its bits, do not change with tuning): (splits, rows per split)."""
+def _splits(T: int, NB: int, WP: int, device: torch.device) -> tuple[int, int]:
+    """Row splits of the backward, set by T, the shape and the device only (never the tile config,
+    so the dDelta reduction order, hence its bits, do not change with tuning): (splits, rows per
+    split). Each split covers at least 8 WP rows, so its Delta read and dDelta partial (WP^2
+    values each) cost at most about 1/8 of the bytes its rows move."""
     want = max(1, -(-4 * num_sms(device) // max(NB, 1)))
-    splits = max(1, min(-(-T // (4 * RC)), want))
+    splits = max(1, min(-(-T // (4 * RC)), want, T // (8 * WP)))
     rows = -(-T // splits)
     rows = -(-rows // RC) * RC
     return -(-T // rows), rows
@@ -293,7 +299,10 @@ def apply_into(x, delta, transpose, interleave, chunk, y, key) -> None:
     source, cfg = pick_config("fwd", *key, x.dtype, x.device)
     LAST_LAUNCH["butterfly_fwd"] = (source, dict(cfg))
     BT = cfg["BT"]
-    programs = min(triton.cdiv(T, BT), max(1, triton.cdiv(cfg["PPS"] * num_sms(x.device), grp["NB"])))
+    # enough programs to fill the device (PPS per SM), each with at least 4 WP rows, so that its
+    # Delta tile (WP^2 values) costs at most 1/8 of the bytes its rows move
+    programs = min(triton.cdiv(T, BT), max(1, triton.cdiv(cfg["PPS"] * num_sms(x.device), grp["NB"])),
+                   max(1, T // (4 * grp["WP"])))
     wrap_triton(_apply_kernel)[(programs, grp["NB"])](
         x, delta, y, T, n, WB=grp["WB"], WP=grp["WP"], S=grp["S"], H=grp["H"], TRANS=transpose, BT=BT,
         **_dot_meta(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
@@ -310,7 +319,7 @@ def grad(x, g, delta, transpose, interleave, chunk, need_dx, key):
         return dx, torch.zeros((1, *delta.shape), dtype=torch.float32, device=x.device)
     source, cfg = pick_config("bwd", *key, x.dtype, x.device)
     LAST_LAUNCH["butterfly_bwd"] = (source, dict(cfg))
-    splits, rows = _splits(T, grp["NB"], x.device)
+    splits, rows = _splits(T, grp["NB"], grp["WP"], x.device)
     partial = new_empty(splits, *delta.shape, dtype=torch.float32, device=x.device)
     wrap_triton(_grad_kernel)[(splits, grp["NB"])](
         x, g, delta, dx if need_dx else x, partial, T, n, rows, grp["NB"],
@@ -329,7 +338,7 @@ def _block_apply_fake(x, delta, delta_op, transpose, interleave, chunk, n, b, N)
 
 
 def _block_grad_fake(x, g, delta_op, transpose, interleave, chunk, need_dx, n, b, N):
-    splits, _ = _splits(x.shape[0], delta_op.shape[0], x.device)
+    splits, _ = _splits(x.shape[0], delta_op.shape[0], max(MIN_BLOCK, next_pow2(delta_op.shape[-1])), x.device)
     return x.new_empty(x.shape), delta_op.new_empty((splits, *delta_op.shape), dtype=torch.float32)
 
 
