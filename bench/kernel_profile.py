@@ -1,6 +1,6 @@
 """What the butterfly kernels cost, measured without a GPU.
 
-Two reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|compile``):
+Three reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|compile|roofline``):
 
 - **traffic**: runs the forward and the backward in Triton's interpreter and counts the bytes every
   kernel loads and stores (masked lanes excluded), the multiply-adds done by ``tl.dot`` and the
@@ -12,6 +12,13 @@ Two reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|comp
   the 16-byte alignment / divisible-by-16 specialisation a real launch gives, and reads registers
   and spills (``ptxas -v``), shared memory, tensor-core instructions and global-load widths
   (``cuobjdump -sass``). Both tools ship inside Triton's NVIDIA backend; no GPU is needed.
+- **roofline**: per shape on an H100, the microseconds the bytes need at full bandwidth against
+  those the tensor-core flops need at peak (``--traffic-json`` scales the bytes by a measured
+  traffic report).
+
+The torch ops on the parameter side (building the coarse blocks from Q, mapping their gradient
+back, casts, partial sums) are counted separately by a dispatch mode: they cost O(n L) bytes per
+call, independent of the row count T.
 
 ``--out DIR`` writes ``<report>-<date>.json`` and ``.md`` there (the committed ones live in
 bench/results/). The traffic report needs ``TRITON_INTERPRET=1`` before Triton is imported; this
