@@ -291,7 +291,7 @@ def test_frozen_q_and_determinism():
 def test_tile_configs_agree(cfg_fwd, cfg_bwd):
     """Other configs (rows not a multiple of the tile, programs looping over several tiles) give
     the same result, and the same dQ bits (the reduction does not depend on the config)."""
-    T, n, b, N = 520, 24, 4, 2  # 3 coarse blocks of 8, packed 3 to a 24-wide block
+    T, n, b, N = 1040, 24, 4, 2  # 3 coarse blocks of 8, packed 3 to a 24-wide block
     assert kb._splits(T, 1, 32, DEVICE)[0] > 1  # the backward's dDelta sums several row splits
     Q = rand_q(N, n // b, b).float().to(DEVICE).requires_grad_()
     x = torch.randn(T, n, device=DEVICE, requires_grad=True)
