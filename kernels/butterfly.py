@@ -138,13 +138,14 @@ def candidates(n: int, b: int, N: int, kind: str) -> list[dict]:
 
 
 def default_config(n: int, b: int, N: int, kind: str, T: int = 0) -> dict:
-    """The untuned config: 64-row tiles (128 for narrow blocks), 4 programs per SM, 8 warps for
-    128-wide blocks (their Delta tile and accumulators need the registers), else 4."""
+    """The untuned config: 64-row tiles (128 for narrow blocks), 4 programs per SM, 8 warps where
+    the tiles need the registers (forward at 128-wide blocks; backward from 64-wide ones, whose
+    dDelta accumulator takes 201 registers a thread on sm_80 with 4 warps, 175 with 8; 113 / 67 on
+    sm_90), else 4."""
     WP = max(g["WP"] for g in plan(n, b, N))
-    warps = 8 if WP >= 128 else 4
     if kind == "fwd":
-        return {"BT": 128 if WP <= 32 else 64, "PPS": 4, "num_warps": warps, "num_stages": 3}
-    return {"PPS": 4, "num_warps": warps, "num_stages": 2}
+        return {"BT": 128 if WP <= 32 else 64, "PPS": 4, "num_warps": 8 if WP >= 128 else 4, "num_stages": 3}
+    return {"PPS": 4, "num_warps": 8 if WP >= 64 else 4, "num_stages": 2}
 
 
 _REQUIRED = {"fwd": ("BT", "PPS", "num_warps"), "bwd": ("PPS", "num_warps")}
