@@ -6,8 +6,9 @@ Run from the source tree on the device machine (nothing installed there):
 
 1. pytest of the kernel tests on CUDA (fp32/bf16/fp16 cases are in the tests themselves);
 2. butterfly forward and forward+backward at T=16384, n=4096, bf16, (b, N) in
-   {(8,1), (8,2), (4,4), (32,2)}: Triton kernels vs the torch path vs torch.compile of the torch
-   path, as time and as a fraction of the measured device copy bandwidth;
+   {(4,1), (8,2), (4,4), (32,2), (64,1)} (packed 16-wide dots, 16/32/64-wide tensor-core blocks):
+   Triton kernels vs the torch path vs torch.compile of the torch path, as time and as a fraction
+   of the measured device copy bandwidth (issue 8's targets: forward >= 80%, backward >= 60%);
 3. Cayley forward+backward for 1024 blocks of 8x8 and 128 of 32x32 vs torch.linalg.solve.
 Writes ``gpu-check-<card>-<date>.json`` and ``.md`` into --out (default bench/results).
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-BUTTERFLY_SHAPES = [(8, 1), (8, 2), (4, 4), (32, 2)]
+BUTTERFLY_SHAPES = [(4, 1), (8, 2), (4, 4), (32, 2), (64, 1)]
 CAYLEY_SHAPES = [(1024, 8), (128, 32)]
 
 
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
     tests_rc = 0
     if not args.skip_tests:
         tests = ["tests/test_kernels.py", "tests/test_kernel_layers.py", "tests/test_torch_path.py"]
-        tests_rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", *tests,
+        # (the ahead-of-time sm_90 compile test is for machines without a GPU: skipped here)
+        tests_rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", *tests, "-k", "not compile_for_sm90",
                                     f"--junitxml={out / 'gpu-tests.xml'}"])
     card = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()

@@ -141,7 +141,7 @@ def tune(
     shapes: ``(n, b, N[, dtype])`` tuples, e.g. from ``collect_shapes``. tokens_per_step: rows T
     of the activations (batch x sequence). dtype overrides the shapes' dtypes. cache_path
     defaults to ``$BOFT_TRITON_TUNE_CACHE`` or the user cache dir. Returns one row per shape and
-    direction: shape, path (fused/passes), best config, time in ms and achieved GB/s.
+    direction: shape, path (dot block widths, packing), best config, time in ms and achieved GB/s.
     """
     from boft_triton.kernels import _common
     from boft_triton.kernels import butterfly as kb
@@ -159,12 +159,12 @@ def tune(
         x = torch.randn(T, n, generator=gen).to(device=device, dtype=dt)
         g = torch.randn(T, n, generator=gen).to(device=device, dtype=dt)
         Q = cayley(0.1 * torch.randn(N, n // b, b, b, generator=gen)).to(device)
-        y = torch.empty_like(x)
         es = x.element_size()
         q_bytes = Q.numel() * 4
-        work = {
-            "fwd": (lambda: kb.fwd_into(x, Q, False, y), 2 * T * n * es + q_bytes),
-            "bwd": (lambda: kb.bwd(x, g, Q, False), 3 * T * n * es + 2 * q_bytes),
+        Qg = Q.clone().requires_grad_()
+        work = {  # whole calls: block builder + kernels (the backward config is timed with dQ wanted)
+            "fwd": (lambda: kb.butterfly(x, Q), 2 * T * n * es + q_bytes),
+            "bwd": (lambda: torch.autograd.grad(kb.butterfly(x, Qg), Qg, g), 3 * T * n * es + 2 * q_bytes),
         }
         entry = {}
         for kind, (fn, nbytes) in work.items():
@@ -182,7 +182,7 @@ def tune(
             entry[f"{kind}_ms"] = ms
             row = {
                 "n": n, "b": b, "N": N, "dtype": _dtype_name(dt), "T": T, "kind": kind,
-                "path": "fused" if kb.use_fused(n, b, N) else "passes",
+                "path": kb.path_name(n, b, N),
                 "config": dict(cfg), "time_ms": ms, "gbps": nbytes / (ms * 1e-3) / 1e9,
                 "candidates": len(configs),
             }

@@ -1,29 +1,34 @@
-"""Butterfly rotation of rows: ``y = x M`` (or ``x M^T``), ``M = B_{N-1} ... B_0``.
+"""Butterfly rotation of rows, ``y = x M`` (or ``x M^T``), as dense block products on tensor cores.
 
-``B_i = P_i blockdiag(Q_i) P_i^T``. Factor i acts inside contiguous groups of ``b 2^i`` columns,
-so M is block-diagonal with coarse blocks of ``L = b 2^(N-1)`` columns.
+``M = B_{N-1} ... B_0`` is block-diagonal with coarse blocks of ``L = b 2^(N-1)`` columns, so
+(as Monarch matrices and FlashFFTConv do with structured products) the rotation is applied as
+dense ``L x L`` block products with ``tl.dot``:
 
-Fused path (L small enough for registers): one program holds a ``[BT, G*L]`` tile (BT rows, G
-coarse blocks) as ``[BT, G*C, HP]`` *chunks*: each block of b columns is NP = 2 halves of
-``H = b/2`` columns (NP = 1, ``H = b`` when N = 1, so odd b works), each half padded to the power
-of two HP. ``x P_i`` then is a pure reshape/permute of the tile: within a group of ``b 2^i``
-columns, block y pairs chunk y of the first half with chunk y of the second half, i.e.
+1. **Blocks once per call.** ``torch_ops.group_blocks`` builds the blocks ``Mc`` (fp32) from Q
+   with a few batched torch ops (cost O(n L N b), nothing next to the T n L of the product); their
+   backward ``dMc -> dQ`` is that builder's autograd, and the Cayley backward runs as before.
+2. **Residual form.** The kernels apply ``y_c = x_c + x_c Delta_c`` with ``Delta = Mc - I``, so the
+   identity part of M is exact and only the (small) rotation is rounded to x's dtype for the dot.
+   Operands are x's dtype (bf16/fp16) with fp32 accumulation; fp32 inputs use ``tf32x3`` (fp32
+   accuracy on tensor cores). Programs are persistent over row tiles: each loads its Delta tile
+   once, then streams rows, so x is read once and y written once.
+3. **Backward.** ``dx = g Mc^T = g + g Delta^T`` and ``dDelta = sum_rows x_c^T g_c`` in one pass over
+   (x, g). The row sum is deterministic: fixed row *splits* (set by T and the device) each write a
+   partial that torch sums, and inside a split rows are reduced in chunks of a fixed ``RC`` rows
+   (not a tuned parameter). No float atomics; the bits do not depend on the tile config. When x
+   needs no gradient the dx half is compiled out; when Q needs none, dx is the forward kernel with
+   the transpose flipped.
+4. **Every (b, N).**
+   - small coarse blocks (below tl.dot's 16): several consecutive blocks are packed into one
+     block-diagonal block of at least 16 columns (``pack``), so every product is a 16-wide dot;
+   - large coarse blocks (``L > MAX_BLOCK``): the factors are applied in groups of consecutive
+     levels, each group with its own dense blocks of at most MAX_BLOCK columns (a group of high
+     levels acts on interleaved columns; the kernels gather them with a column map).
 
-    [BT, G*C, HP] -> [BT*X, 2, Y, HP] -> permute(0, 2, 1, 3) -> [BT, NBLK, 2*HP]
-
-with ``Y = 2^i`` blocks per group and ``X = G L / (b 2^i)`` groups. The block products are
-broadcast-multiply-and-sum (b is 2..64 and padded, below tl.dot's 16 minimum for small b). All N
-factors are applied in registers: one read and one write of x.
-
-Passes path (large L): one launch per factor; each program gathers ``[BT, NBP, BB]`` blocks straight
-from memory with the permuted column indices, so no register permutation is needed. Intermediates
-are fp32 buffers.
-
-Backward: ``dl/dx = g M^T`` fused with ``dl/dQ``; the per-factor inputs are recomputed from x in
-registers. The sum over rows is deterministic: each program loops over a fixed row range (a
-*split*, independent of the tile config) and writes its partial dQ to ``[splits, N, D, b, b]``,
-which torch sums. No float atomics.
+Widths that are not a power of two are padded to one (masked lanes, zero Delta).
 """
+
+from __future__ import annotations
 
 import contextlib
 import functools
@@ -31,358 +36,119 @@ import functools
 import torch
 from torch.library import wrap_triton
 
+from boft_triton import torch_ops
+
 from ._common import LAST_LAUNCH, cached_config, interpreting, kernel_op, new_empty, next_pow2, num_sms, tl, triton
 
-# Fused when the per-row register footprint N * L * BB (the backward's dQ accumulators, also the
-# forward's product at BT = 1) stays under this many fp32 values; otherwise passes.
-FUSED_MAX_ELEMENTS = 16384
-FUSED_MAX_L = 1024
-# Largest broadcast product [BT, NBLK, BB, BB] a program may hold (fp32 values).
-TILE_BUDGET = 16384
+# Widest dense block a program holds (its Delta tile and, backward, its dDelta accumulator).
+MAX_BLOCK = 128
+# tl.dot needs every dim >= 16: narrower blocks are packed (or padded) to this width.
+MIN_BLOCK = 16
+# Rows per step of the backward's dDelta reduction: fixed (never tuned) so the bits of dQ do not
+# depend on the tile config.
+RC = 64
 
 
 # ---------------------------------------------------------------------------------------------
-# geometry of a launch
+# plan: groups of factors, their block layout
 
 
 @functools.lru_cache(maxsize=1024)
-def geometry(n: int, b: int, N: int) -> dict:
+def plan(n: int, b: int, N: int) -> tuple[dict, ...]:
+    """The groups of factors of an (n, b, N) butterfly, in the order they act on ``x M``.
+
+    Each group: levels ``[k0, k1)``, block width W, column interleave S and chunk H (see
+    ``torch_ops.group_blocks``), pack (consecutive blocks merged block-diagonally), and the
+    padded power-of-two width WP the kernels tile. ``x M^T`` runs the groups in reverse."""
     if N > 1 and b % 2:
         raise ValueError(f"butterfly: block size {b} must be even with {N} factors")
-    L = b << (N - 1)
+    chunk = b // 2 if N > 1 else b
+    L = chunk << N if N > 1 else b
     if n % L:
         raise ValueError(f"butterfly: width {n} is not a multiple of the coarse block {L} (b={b}, N={N})")
-    NP = 2 if N > 1 else 1
-    H = b // NP
-    HP = next_pow2(H)
-    BB = NP * HP
-    return dict(n=n, b=b, N=N, L=L, NP=NP, H=H, HP=HP, BB=BB, NCB=n // L, D=n // b)
-
-
-def use_fused(n: int, b: int, N: int) -> bool:
-    g = geometry(n, b, N)
-    return g["L"] <= FUSED_MAX_L and N * g["L"] * g["BB"] <= FUSED_MAX_ELEMENTS
-
-
-def candidates(n: int, b: int, N: int, kind: str) -> list[dict]:
-    """Tile configs worth trying for this shape; the same list serves kind "fwd" and "bwd"
-    (the backward's dQ accumulators are bounded by use_fused)."""
-    g = geometry(n, b, N)
+    groups, k0 = [], 0
+    while k0 < N:  # greedy: as many levels per group as fit MAX_BLOCK (at least one)
+        k1 = k0 + 1
+        while k1 < N and (chunk << (k1 + 1 - k0)) <= MAX_BLOCK:
+            k1 += 1
+        groups.append((k0, k1))
+        k0 = k1
     out = []
-    if use_fused(n, b, N):
-        per_row = g["L"] * g["BB"]  # product elements per row and coarse block
-        for G in (1, 2, 4, 8):
-            if G > next_pow2(g["NCB"]):
-                continue
-            for BT in (1, 2, 4, 8, 16, 32, 64):
-                size = BT * G * per_row
-                if size > TILE_BUDGET or (size < 1024 and BT < 64 and G * BT * per_row * 2 <= TILE_BUDGET):
-                    continue
-                for w in (2, 4, 8):
-                    if w <= max(2, size // 1024):
-                        out.append({"BT": BT, "G": G, "num_warps": w})
-    else:
-        blk = g["BB"] * g["BB"]
-        for NBP in (1, 2, 4, 8, 16, 32):
-            if NBP > next_pow2(g["D"]):
-                continue
-            for BT in (1, 2, 4, 8, 16, 32, 64):
-                size = BT * NBP * blk
-                if size > TILE_BUDGET or (size < 1024 and BT < 64 and size * 2 <= TILE_BUDGET):
-                    continue
-                for w in (2, 4, 8):
-                    if w <= max(2, size // 1024):
-                        out.append({"BT": BT, "NBP": NBP, "num_warps": w})
+    for k0, k1 in groups:
+        W = chunk << (k1 - k0) if N > 1 else b
+        S = 1 << k0
+        NB = n // W
+        pack = 1
+        if S == 1 and W < MIN_BLOCK:  # merge consecutive blocks up to a 16-wide dot
+            pack = next((p for p in range(-(-MIN_BLOCK // W), 2 * MIN_BLOCK) if NB % p == 0 and p * W <= 2 * MIN_BLOCK), 1)
+        Wp = W * pack
+        out.append(dict(k0=k0, k1=k1, W=W, S=S, H=chunk if S > 1 else Wp, pack=pack, WB=Wp, NB=NB // pack,
+                        WP=max(MIN_BLOCK, next_pow2(Wp))))
+    return tuple(reversed(out))  # x M = x B_{N-1} ... B_0: the highest levels act first
+
+
+def path_name(n: int, b: int, N: int) -> str:
+    groups = plan(n, b, N)
+    widths = "+".join(str(g["WP"]) for g in reversed(groups))
+    return f"dot{widths}" + (f"-pack{groups[-1]['pack']}" if groups[-1]["pack"] > 1 else "")
+
+
+def deltas(Q: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """``Delta = blocks - I`` of every group (fp32, differentiable in Q), in ``plan`` order."""
+    N, D, b, _ = Q.shape
+    out = []
+    for g in plan(n, b, N):
+        blocks = torch_ops.group_blocks(Q.float(), g["k0"], g["k1"])
+        if g["pack"] > 1:
+            blocks = _packed(blocks, g["pack"])
+        if g["pack"] > 1 or (N > 1 and g["k1"] - g["k0"] > 1):  # a fresh tensor: Delta in place
+            blocks.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+        else:  # a view of Q itself
+            blocks = blocks - torch.eye(g["WB"], device=Q.device, dtype=blocks.dtype)
+        out.append(blocks)
     return out
 
 
-def _floor_pow2(x: int) -> int:
-    return 1 << (max(int(x), 1).bit_length() - 1)
-
-
-def default_config(n: int, b: int, N: int, kind: str, T: int) -> dict:
-    """The untuned tile: the biggest that fits half the budget, no taller than the input."""
-    g = geometry(n, b, N)
-    rows = min(64, next_pow2(max(T, 1)))
-    if use_fused(n, b, N):
-        per_row = g["L"] * g["BB"]
-        G = min(next_pow2(g["NCB"]), _floor_pow2(TILE_BUDGET // 2 // per_row), 8)
-        BT = min(rows, _floor_pow2(TILE_BUDGET // 2 // (G * per_row)))
-        return {"BT": BT, "G": G, "num_warps": 4}
-    blk = g["BB"] * g["BB"]
-    NBP = min(next_pow2(g["D"]), _floor_pow2(4096 // blk), 32)
-    BT = min(rows, _floor_pow2(TILE_BUDGET // 2 // (NBP * blk)))
-    return {"BT": BT, "NBP": NBP, "num_warps": 4}
+def _packed(blocks: torch.Tensor, p: int) -> torch.Tensor:
+    """``[C, W, W]`` -> ``[C/p, pW, pW]``: each p consecutive blocks as one block-diagonal block."""
+    C, W, _ = blocks.shape
+    eye = torch.eye(p, device=blocks.device, dtype=blocks.dtype)
+    return torch.einsum("cpij,pq->cpiqj", blocks.view(C // p, p, W, W), eye).reshape(C // p, p * W, p * W)
 
 
 # ---------------------------------------------------------------------------------------------
-# register-tile helpers (fused path)
+# configs
 
 
-@triton.jit
-def _to_blocks(b_x, LEVEL: tl.constexpr, BT: tl.constexpr, G: tl.constexpr, NF: tl.constexpr,
-               NP: tl.constexpr, HP: tl.constexpr):
-    """``x P_LEVEL`` cut into its blocks: [BT, G*C, HP] chunks -> [BT, NBLK, NP*HP]."""
-    NBLK: tl.constexpr = G * (1 << (NF - 1))
-    if LEVEL == 0:  # blocks are consecutive chunk pairs (or single chunks when NP == 1)
-        b_out = tl.reshape(b_x, (BT, NBLK, NP * HP))
-    else:
-        X: tl.constexpr = G * (1 << (NF - 1 - LEVEL))  # groups of b 2^LEVEL columns
-        Y: tl.constexpr = 1 << LEVEL  # blocks per group
-        b_out = tl.reshape(b_x, (BT * X, 2, Y, HP))  # [BT*X, half, block, HP]
-        b_out = tl.permute(b_out, (0, 2, 1, 3))  # [BT*X, block, half, HP]
-        b_out = tl.reshape(b_out, (BT, NBLK, 2 * HP))
-    return b_out
+def candidates(n: int, b: int, N: int, kind: str) -> list[dict]:
+    """Configs worth trying: forward rows per tile BT, programs per SM (persistence), warps,
+    stages; the backward's row chunk is fixed (RC), so it tunes programs per SM, warps, stages."""
+    WP = max(g["WP"] for g in plan(n, b, N))
+    out = []
+    for warps in (4, 8):
+        for stages in (2, 3):
+            for pps in (2, 4, 8):
+                if kind == "fwd":
+                    for BT in (32, 64, 128):
+                        if BT * WP <= 128 * 128:
+                            out.append({"BT": BT, "PPS": pps, "num_warps": warps, "num_stages": stages})
+                else:
+                    out.append({"PPS": pps, "num_warps": warps, "num_stages": stages})
+    return out
 
 
-@triton.jit
-def _from_blocks(b_y, LEVEL: tl.constexpr, BT: tl.constexpr, G: tl.constexpr, NF: tl.constexpr,
-                 NP: tl.constexpr, HP: tl.constexpr):
-    """Inverse of _to_blocks (``y P_LEVEL^T``): [BT, NBLK, NP*HP] -> [BT, G*C, HP]."""
-    C: tl.constexpr = NP * (1 << (NF - 1))
-    if LEVEL == 0:
-        b_out = tl.reshape(b_y, (BT, G * C, HP))
-    else:
-        X: tl.constexpr = G * (1 << (NF - 1 - LEVEL))
-        Y: tl.constexpr = 1 << LEVEL
-        b_out = tl.reshape(b_y, (BT * X, Y, 2, HP))
-        b_out = tl.permute(b_out, (0, 2, 1, 3))
-        b_out = tl.reshape(b_out, (BT, G * C, HP))
-    return b_out
+def default_config(n: int, b: int, N: int, kind: str, T: int = 0) -> dict:
+    """The untuned config: 64-row tiles (128 for narrow blocks), 4 programs per SM, 8 warps where
+    the tiles need the registers (forward at 128-wide blocks; backward from 64-wide ones, whose
+    dDelta accumulator takes 201 registers a thread on sm_80 with 4 warps, 175 with 8; 113 / 67 on
+    sm_90), else 4."""
+    WP = max(g["WP"] for g in plan(n, b, N))
+    if kind == "fwd":
+        return {"BT": 128 if WP <= 32 else 64, "PPS": 4, "num_warps": 8 if WP >= 128 else 4, "num_stages": 3}
+    return {"PPS": 4, "num_warps": 8 if WP >= 64 else 4, "num_stages": 2}
 
 
-@triton.jit
-def _load_q(q_ptr, LEVEL, o_j, D, B: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
-            NP: tl.constexpr, TRANS: tl.constexpr):
-    """Padded blocks ``Q[LEVEL, o_j]`` as [NBLK, BB, BB] (``Q^T`` with TRANS), zero padding."""
-    o_k = tl.arange(0, NP * HP)
-    o_kr = (o_k // HP) * H + o_k % HP  # padded index -> index inside the b x b block
-    m_k = (o_k % HP) < H
-    o_base = (LEVEL * D + o_j)[:, None, None] * (B * B)  # o_j is int64: no i32 overflow
-    if TRANS:
-        o_q = o_base + o_kr[None, None, :] * B + o_kr[None, :, None]
-    else:
-        o_q = o_base + o_kr[None, :, None] * B + o_kr[None, None, :]
-    m_q = (o_j < D)[:, None, None] & m_k[None, :, None] & m_k[None, None, :]
-    return tl.load(q_ptr + o_q, mask=m_q, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _bmm(b_xb, b_q):
-    """Per block row-vector times matrix: [BT, NBLK, BB] x [NBLK, BB, BB] -> [BT, NBLK, BB]."""
-    return tl.sum(b_xb[:, :, :, None] * b_q[None, :, :, :], axis=2)
-
-
-@triton.jit
-def _apply_step(b_x, q_ptr, o_j, D, STEP: tl.constexpr, TRANSPOSE: tl.constexpr, BT: tl.constexpr,
-                G: tl.constexpr, NF: tl.constexpr, B: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
-                NP: tl.constexpr):
-    """Step STEP of ``x M`` (factor N-1-STEP with Q) or of ``x M^T`` (factor STEP with Q^T)."""
-    LEVEL: tl.constexpr = STEP if TRANSPOSE else NF - 1 - STEP
-    b_xb = _to_blocks(b_x, LEVEL, BT, G, NF, NP, HP)
-    b_q = _load_q(q_ptr, LEVEL, o_j, D, B, H, HP, NP, TRANSPOSE)
-    return _from_blocks(_bmm(b_xb, b_q), LEVEL, BT, G, NF, NP, HP)
-
-
-@triton.jit
-def _tile_offsets(i_c, NCB, B: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, NP: tl.constexpr,
-                  NF: tl.constexpr, G: tl.constexpr):
-    """Columns of this program's chunks [G*C, HP], their mask, and its block ids [NBLK]."""
-    L: tl.constexpr = B * (1 << (NF - 1))
-    C: tl.constexpr = NP * (1 << (NF - 1))
-    o_gc = tl.arange(0, G * C)
-    o_g = i_c * G + o_gc // C  # coarse block of each chunk
-    o_h = tl.arange(0, HP)
-    o_col = o_g[:, None] * L + (o_gc % C)[:, None] * H + o_h[None, :]  # [G*C, HP]
-    m_col = (o_g < NCB)[:, None] & (o_h < H)[None, :]
-    o_j = i_c * (G * (1 << (NF - 1))) + tl.arange(0, G * (1 << (NF - 1)))  # [NBLK]
-    return o_col, m_col, o_j
-
-
-# ---------------------------------------------------------------------------------------------
-# fused kernels
-
-
-@triton.jit
-def _butterfly_fwd_kernel(
-    x_ptr, q_ptr, y_ptr, T, NCB, D,
-    B: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, NP: tl.constexpr, NF: tl.constexpr,
-    TRANSPOSE: tl.constexpr, BT: tl.constexpr, G: tl.constexpr,
-):
-    i_t = tl.program_id(0).to(tl.int64)
-    i_c = tl.program_id(1).to(tl.int64)
-    n = NCB * (B * (1 << (NF - 1)))
-    o_col, m_col, o_j = _tile_offsets(i_c, NCB, B, H, HP, NP, NF, G)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_x = o_t[:, None, None] * n + o_col[None, :, :]  # [BT, G*C, HP]
-    m_x = (o_t < T)[:, None, None] & m_col[None, :, :]
-    b_x = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
-    for s in tl.static_range(NF):
-        b_x = _apply_step(b_x, q_ptr, o_j, D, s, TRANSPOSE, BT, G, NF, B, H, HP, NP)
-    tl.store(y_ptr + o_x, b_x.to(y_ptr.dtype.element_ty), mask=m_x)
-
-
-@triton.jit
-def _bwd_step(b_x, b_h, b_dq, q_ptr, o_j, o_lvl, D, S: tl.constexpr, TRANSPOSE: tl.constexpr,
-              BT: tl.constexpr, G: tl.constexpr, NF: tl.constexpr, B: tl.constexpr, H: tl.constexpr,
-              HP: tl.constexpr, NP: tl.constexpr):
-    """Step S backwards: add its dQ into slice LEVEL of b_dq, return dl/d(input of step S)."""
-    LEVEL: tl.constexpr = S if TRANSPOSE else NF - 1 - S
-    # recompute the input of step S from x (no stored intermediates)
-    b_u = b_x
-    for p in tl.static_range(S):
-        b_u = _apply_step(b_u, q_ptr, o_j, D, p, TRANSPOSE, BT, G, NF, B, H, HP, NP)
-    b_ub = _to_blocks(b_u, LEVEL, BT, G, NF, NP, HP)  # [BT, NBLK, BB]
-    b_hb = _to_blocks(b_h, LEVEL, BT, G, NF, NP, HP)
-    if TRANSPOSE:  # out = u Q^T: dl/dQ = h^T u
-        b_c = tl.sum(b_hb[:, :, :, None] * b_ub[:, :, None, :], axis=0)  # [NBLK, BB, BB]
-    else:  # out = u Q: dl/dQ = u^T h
-        b_c = tl.sum(b_ub[:, :, :, None] * b_hb[:, :, None, :], axis=0)
-    # dQ of every level lives in one register block; this level adds into its slice only (a list
-    # of accumulators cannot be carried through the runtime row loop)
-    b_dq += tl.where((o_lvl == LEVEL)[:, None, None, None], b_c[None, :, :, :], 0.0)
-    # dl/du = h (Q or Q^T)^T
-    b_q = _load_q(q_ptr, LEVEL, o_j, D, B, H, HP, NP, not TRANSPOSE)
-    b_h = _from_blocks(_bmm(b_hb, b_q), LEVEL, BT, G, NF, NP, HP)
-    return b_h, b_dq
-
-
-@triton.jit
-def _butterfly_bwd_kernel(
-    x_ptr, g_ptr, q_ptr, dx_ptr, dqp_ptr, T, ROWS, NCB, D,
-    B: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, NP: tl.constexpr, NF: tl.constexpr,
-    NFP: tl.constexpr, TRANSPOSE: tl.constexpr, BT: tl.constexpr, G: tl.constexpr,
-):
-    """Rows [i_s*ROWS, (i_s+1)*ROWS) of g M^T (M^T -> M with TRANSPOSE) and their partial dQ."""
-    i_s = tl.program_id(0).to(tl.int64)
-    i_c = tl.program_id(1).to(tl.int64)
-    NBLK: tl.constexpr = G * (1 << (NF - 1))
-    BB: tl.constexpr = NP * HP
-    n = NCB * (B * (1 << (NF - 1)))
-    o_col, m_col, o_j = _tile_offsets(i_c, NCB, B, H, HP, NP, NF, G)
-    o_lvl = tl.arange(0, NFP)
-    b_dq = tl.zeros([NFP, NBLK, BB, BB], dtype=tl.float32)
-    row_lo = i_s * ROWS
-    row_hi = tl.minimum(row_lo + ROWS, T)
-    for t0 in range(row_lo, row_hi, BT):
-        o_t = t0 + tl.arange(0, BT)
-        o_x = o_t[:, None, None] * n + o_col[None, :, :]  # [BT, G*C, HP]
-        m_x = (o_t < row_hi)[:, None, None] & m_col[None, :, :]
-        b_x = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
-        b_h = tl.load(g_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)  # dl/d(output of step s)
-        # walk the steps backwards; (no named constexprs in static loops: they cannot be rebound)
-        for r in tl.static_range(NF):
-            b_h, b_dq = _bwd_step(b_x, b_h, b_dq, q_ptr, o_j, o_lvl, D, NF - 1 - r, TRANSPOSE, BT, G, NF,
-                                  B, H, HP, NP)
-        tl.store(dx_ptr + o_x, b_h.to(dx_ptr.dtype.element_ty), mask=m_x)
-    o_k = tl.arange(0, BB)
-    o_kr = (o_k // HP) * H + o_k % HP
-    m_k = (o_k % HP) < H
-    o_dq = (
-        ((i_s * NF + o_lvl) * D)[:, None, None, None] * (B * B)  # int64 (i_s)
-        + o_j[None, :, None, None] * (B * B)
-        + o_kr[None, None, :, None] * B
-        + o_kr[None, None, None, :]
-    )
-    m_dq = (
-        (o_lvl < NF)[:, None, None, None]
-        & (o_j < D)[None, :, None, None]
-        & m_k[None, None, :, None]
-        & m_k[None, None, None, :]
-    )
-    tl.store(dqp_ptr + o_dq, b_dq, mask=m_dq)
-
-
-# ---------------------------------------------------------------------------------------------
-# one-factor kernels (passes path): blocks gathered straight from memory
-
-
-@triton.jit
-def _factor_offsets(i_j, D, LEVEL: tl.constexpr, B: tl.constexpr, H: tl.constexpr,
-                    HP: tl.constexpr, NP: tl.constexpr, NBP: tl.constexpr):
-    """Columns [NBP, BB] of blocks i_j*NBP.. of factor LEVEL (the columns ``x P`` puts there)."""
-    GS: tl.constexpr = B * (1 << LEVEL)  # group width
-    Y: tl.constexpr = 1 << LEVEL  # blocks per group
-    o_j = i_j * NBP + tl.arange(0, NBP)
-    o_k = tl.arange(0, NP * HP)
-    o_half = o_k // HP
-    o_in = o_k % HP
-    o_col = (o_j // Y)[:, None] * GS + o_half[None, :] * (GS // NP) + (o_j % Y)[:, None] * H + o_in[None, :]
-    m_col = (o_j < D)[:, None] & (o_in < H)[None, :]
-    return o_col, m_col, o_j
-
-
-@triton.jit
-def _factor_fwd_kernel(
-    x_ptr, q_ptr, y_ptr, T, D,
-    LEVEL: tl.constexpr, B: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, NP: tl.constexpr,
-    TRANS: tl.constexpr, BT: tl.constexpr, NBP: tl.constexpr,
-):
-    """``y = x B_LEVEL`` (``x B_LEVEL^T`` with TRANS) for a [BT, NBP blocks] tile."""
-    i_t = tl.program_id(0).to(tl.int64)
-    i_j = tl.program_id(1).to(tl.int64)
-    n = D * B
-    o_col, m_col, o_j = _factor_offsets(i_j, D, LEVEL, B, H, HP, NP, NBP)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_x = o_t[:, None, None] * n + o_col[None, :, :]  # [BT, NBP, BB]
-    m_x = (o_t < T)[:, None, None] & m_col[None, :, :]
-    b_x = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
-    b_q = _load_q(q_ptr, LEVEL, o_j, D, B, H, HP, NP, TRANS)
-    tl.store(y_ptr + o_x, _bmm(b_x, b_q).to(y_ptr.dtype.element_ty), mask=m_x)
-
-
-@triton.jit
-def _factor_bwd_kernel(
-    u_ptr, h_ptr, q_ptr, du_ptr, dqp_ptr, T, ROWS, D, NF,
-    LEVEL: tl.constexpr, B: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, NP: tl.constexpr,
-    TRANS: tl.constexpr, BT: tl.constexpr, NBP: tl.constexpr,
-):
-    """For ``out = u B`` (``u B^T`` with TRANS): ``du = h B^T`` (``h B``) and this split's dQ_LEVEL."""
-    i_s = tl.program_id(0).to(tl.int64)
-    i_j = tl.program_id(1).to(tl.int64)
-    BB: tl.constexpr = NP * HP
-    n = D * B
-    o_col, m_col, o_j = _factor_offsets(i_j, D, LEVEL, B, H, HP, NP, NBP)
-    b_q = _load_q(q_ptr, LEVEL, o_j, D, B, H, HP, NP, not TRANS)
-    b_dq = tl.zeros([NBP, BB, BB], dtype=tl.float32)
-    row_lo = i_s * ROWS
-    row_hi = tl.minimum(row_lo + ROWS, T)
-    for t0 in range(row_lo, row_hi, BT):
-        o_t = t0 + tl.arange(0, BT)
-        o_x = o_t[:, None, None] * n + o_col[None, :, :]  # [BT, NBP, BB]
-        m_x = (o_t < row_hi)[:, None, None] & m_col[None, :, :]
-        b_u = tl.load(u_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
-        b_h = tl.load(h_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
-        if TRANS:
-            b_dq += tl.sum(b_h[:, :, :, None] * b_u[:, :, None, :], axis=0)
-        else:
-            b_dq += tl.sum(b_u[:, :, :, None] * b_h[:, :, None, :], axis=0)
-        tl.store(du_ptr + o_x, _bmm(b_h, b_q).to(du_ptr.dtype.element_ty), mask=m_x)
-    o_k = tl.arange(0, BB)
-    o_kr = (o_k // HP) * H + o_k % HP
-    m_k = (o_k % HP) < H
-    o_dq = (i_s * NF + LEVEL) * D * B * B + o_j[:, None, None] * (B * B) + o_kr[None, :, None] * B + o_kr[None, None, :]
-    m_dq = (o_j < D)[:, None, None] & m_k[None, :, None] & m_k[None, None, :]
-    tl.store(dqp_ptr + o_dq, b_dq, mask=m_dq)
-
-
-# ---------------------------------------------------------------------------------------------
-# launchers
-
-
-@functools.lru_cache(maxsize=256)
-def _autotuner(kernel_name: str, n: int, b: int, N: int, kind: str):
-    """triton.autotune over this shape's candidate tiles (pre-pruned here rather than through a
-    prune_configs_by hook, which torch.compile's support for user kernels handles poorly). One
-    autotuner per (n, b, N), keyed on D (plus the arg dtypes): never on the row count T."""
-    kernel = _KERNELS[kernel_name]
-    configs = []
-    for c in candidates(n, b, N, kind):
-        kw = {k: v for k, v in c.items() if k != "num_warps"}
-        configs.append(triton.Config(kw, num_warps=c["num_warps"]))
-    return triton.autotune(configs, key=["D"])(kernel)
-
-
+_REQUIRED = {"fwd": ("BT", "PPS", "num_warps"), "bwd": ("PPS", "num_warps")}
 _FORCED: dict[str, dict] = {}
 
 
@@ -396,172 +162,289 @@ def forced_config(kind: str, cfg: dict):
         _FORCED.pop(kind, None)
 
 
-def _pick(kind: str, n: int, b: int, N: int, dtype: torch.dtype, device: torch.device, T: int):
-    """(source, config): the tuning cache's winner, else autotune on CUDA, else the default tile."""
+def pick_config(kind: str, n: int, b: int, N: int, dtype: torch.dtype, device: torch.device) -> tuple[str, dict]:
+    """(source, config): forced, else the tuning cache's entry, else the default."""
     if kind in _FORCED:
         return "forced", _FORCED[kind]
     cfg = cached_config(kind, n, b, N, dtype, device)
-    if cfg is not None and all(k in cfg for k in (("BT", "G") if use_fused(n, b, N) else ("BT", "NBP"))):
+    if cfg is not None and all(k in cfg for k in _REQUIRED[kind]):
         return "cache", cfg
-    if not interpreting() and device.type == "cuda":
-        return "autotune", None
-    return "default", default_config(n, b, N, kind, T)
+    return "default", default_config(n, b, N, kind)
 
 
-def _launch(name, kind, grid, args, meta, shape_key, dtype, device, T):
-    """Launch ``name`` with a fixed config, or through its autotuner."""
-    n, b, N = shape_key
-    source, cfg = _pick(kind, n, b, N, dtype, device, T)
-    LAST_LAUNCH[name] = (source, dict(cfg or {}))
-    if cfg is None:
-        wrap_triton(_autotuner(name, n, b, N, kind))[grid](*args, **meta)
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _columns(i_b, WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, H: tl.constexpr):
+    """Columns [WP] of block i_b (see torch_ops.group_blocks) and their mask."""
+    o_w = tl.arange(0, WP)
+    if S == 1:
+        o_col = i_b * WB + o_w
     else:
-        tile = {k: v for k, v in cfg.items() if k in ("BT", "G", "NBP")}
-        wrap_triton(_KERNELS[name])[grid(tile)](*args, **meta, **tile, num_warps=cfg.get("num_warps", 4))
+        o_col = (i_b // S) * (S * WB) + (o_w // H) * (S * H) + (i_b % S) * H + o_w % H
+    return o_col, o_w < WB
 
 
-def _splits(T: int, n_col: int, device: torch.device) -> tuple[int, int]:
-    """Row splits of the backward (fixed by T and the device, never by the tile config, so the
-    dQ reduction order and hence its bits do not change with tuning): (splits, rows per split)."""
-    want = max(1, -(-4 * num_sms(device) // max(n_col, 1)))
-    splits = max(1, min(-(-T // 64), want))
+@triton.jit
+def _load_delta(d_ptr, i_b, TRANS: tl.constexpr, WB: tl.constexpr, WP: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Block i_b of Delta as a [WP, WP] dot operand (Delta^T with TRANS), zero padded."""
+    o_w = tl.arange(0, WP)
+    m_w = o_w < WB
+    if TRANS:
+        o_d = o_w[None, :] * WB + o_w[:, None]
+    else:
+        o_d = o_w[:, None] * WB + o_w[None, :]
+    b_d = tl.load(d_ptr + i_b * (WB * WB) + o_d, mask=m_w[:, None] & m_w[None, :], other=0.0)
+    return b_d.to(DOT_DTYPE)
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr, d_ptr, y_ptr, T, n,
+    WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, H: tl.constexpr, TRANS: tl.constexpr,
+    BT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``y = x + x Delta`` (``x + x Delta^T`` with TRANS) on block i_b's columns, for row tiles
+    i_p, i_p + P, ... (persistent: the Delta tile is loaded once per program)."""
+    i_p = tl.program_id(0).to(tl.int64)  # int64 row offsets for large T*n
+    i_b = tl.program_id(1).to(tl.int64)
+    n_p = tl.num_programs(0)
+    o_col, m_col = _columns(i_b, WB, WP, S, H)  # [WP]
+    b_d = _load_delta(d_ptr, i_b, TRANS, WB, WP, DOT_DTYPE)  # [WP, WP]
+    for i_t in range(i_p, tl.cdiv(T, BT), n_p):
+        o_t = i_t * BT + tl.arange(0, BT)
+        o_x = o_t[:, None] * n + o_col[None, :]  # [BT, WP]
+        m_x = (o_t < T)[:, None] & m_col[None, :]
+        b_x = tl.load(x_ptr + o_x, mask=m_x, other=0.0)
+        b_y = b_x.to(tl.float32) + tl.dot(b_x.to(DOT_DTYPE), b_d, input_precision=PRECISION)
+        tl.store(y_ptr + o_x, b_y.to(y_ptr.dtype.element_ty), mask=m_x)
+
+
+@triton.jit
+def _grad_kernel(
+    x_ptr, g_ptr, d_ptr, dx_ptr, dd_ptr, T, n, ROWS, NB,
+    WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, H: tl.constexpr, TRANS: tl.constexpr,
+    WRITE_DX: tl.constexpr, RC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Rows [i_s ROWS, (i_s+1) ROWS) of block i_b: ``dx = g + g Delta^T`` (``g + g Delta`` with
+    TRANS) and this split's partial ``dDelta = x^T g`` (``g^T x``), reduced RC rows at a time."""
+    i_s = tl.program_id(0).to(tl.int64)
+    i_b = tl.program_id(1).to(tl.int64)
+    o_col, m_col = _columns(i_b, WB, WP, S, H)
+    if WRITE_DX:
+        b_dt = _load_delta(d_ptr, i_b, not TRANS, WB, WP, DOT_DTYPE)  # [WP, WP]
+    b_dd = tl.zeros([WP, WP], dtype=tl.float32)
+    row_lo = i_s * ROWS
+    row_hi = tl.minimum(row_lo + ROWS, T)
+    for t0 in range(row_lo, row_hi, RC):
+        o_t = t0 + tl.arange(0, RC)
+        o_x = o_t[:, None] * n + o_col[None, :]  # [RC, WP]
+        m_x = (o_t < row_hi)[:, None] & m_col[None, :]
+        b_x = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(DOT_DTYPE)
+        b_g = tl.load(g_ptr + o_x, mask=m_x, other=0.0)
+        b_gd = b_g.to(DOT_DTYPE)
+        if WRITE_DX:
+            b_dx = b_g.to(tl.float32) + tl.dot(b_gd, b_dt, input_precision=PRECISION)
+            tl.store(dx_ptr + o_x, b_dx.to(dx_ptr.dtype.element_ty), mask=m_x)
+        if TRANS:
+            b_dd = tl.dot(tl.trans(b_gd), b_x, b_dd, input_precision=PRECISION)
+        else:
+            b_dd = tl.dot(tl.trans(b_x), b_gd, b_dd, input_precision=PRECISION)
+    o_w = tl.arange(0, WP)
+    m_w = o_w < WB
+    o_dd = (i_s * NB + i_b) * (WB * WB) + o_w[:, None] * WB + o_w[None, :]
+    tl.store(dd_ptr + o_dd, b_dd, mask=m_w[:, None] & m_w[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+
+
+def _dot_meta(dtype: torch.dtype) -> dict:
+    """Dot operands in x's dtype (fp32 inputs: tf32x3, fp32-accurate on tensor cores). The
+    interpreter computes bf16 dots wrongly, so there the operands are upcast to fp32."""
+    if dtype == torch.float32 or interpreting():
+        return dict(DOT_DTYPE=tl.float32, PRECISION="tf32x3" if dtype == torch.float32 and not interpreting() else "ieee")
+    return dict(DOT_DTYPE=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, PRECISION="ieee")
+
+
+def _group_meta(group: dict) -> dict:
+    return dict(WB=group["WB"], WP=group["WP"], S=group["S"], H=group["H"])
+
+
+def _group_of(n: int, delta: torch.Tensor, interleave: int, chunk: int) -> dict:
+    NB, WB, _ = delta.shape
+    return dict(WB=WB, WP=max(MIN_BLOCK, next_pow2(WB)), S=interleave, H=chunk if interleave > 1 else WB, NB=NB)
+
+
+def _splits(T: int, NB: int, WP: int, device: torch.device) -> tuple[int, int]:
+    """Row splits of the backward, set by T, the shape and the device only (never the tile config,
+    so the dDelta reduction order, hence its bits, do not change with tuning): (splits, rows per
+    split). Each split covers at least 8 WP rows, so its Delta read and dDelta partial (WP^2
+    values each) cost at most about 1/8 of the bytes its rows move."""
+    want = max(1, -(-4 * num_sms(device) // max(NB, 1)))
+    splits = max(1, min(-(-T // (4 * RC)), want, T // (8 * WP)))
     rows = -(-T // splits)
+    rows = -(-rows // RC) * RC
     return -(-T // rows), rows
 
 
-def fwd_into(x: torch.Tensor, Q: torch.Tensor, transpose: bool, y: torch.Tensor) -> None:
-    """``y = x M`` (``x M^T``) for contiguous x, y ``[T, n]`` and Q ``[N, D, b, b]``."""
+def apply_into(x, delta, transpose, interleave, chunk, y, key) -> None:
+    """``y = x + x Delta`` per block (``Delta^T`` with transpose), x and y contiguous ``[T, n]``."""
     T, n = x.shape
-    N, D, b, _ = Q.shape
-    g = geometry(n, b, N)
     if T == 0:
         return
-    if use_fused(n, b, N):
-        meta = dict(B=b, H=g["H"], HP=g["HP"], NP=g["NP"], NF=N, TRANSPOSE=transpose)
-        grid = lambda c: (triton.cdiv(T, c["BT"]), triton.cdiv(g["NCB"], c["G"]))  # noqa: E731
-        _launch("butterfly_fwd", "fwd", grid, (x, Q, y, T, g["NCB"], D), meta, (n, b, N), x.dtype, x.device, T)
-        return
-    # passes: x M = x B_{N-1} ... B_0; x M^T = x B_0^T ... B_{N-1}^T; fp32 in between
-    levels = list(range(N)) if transpose else list(reversed(range(N)))
-    cur = x
-    for k, level in enumerate(levels):
-        out = y if k == N - 1 else new_empty(T, n, dtype=torch.float32, device=x.device)
-        _factor_fwd(cur, Q, level, transpose, out)
-        cur = out
+    grp = _group_of(n, delta, interleave, chunk)
+    source, cfg = pick_config("fwd", *key, x.dtype, x.device)
+    LAST_LAUNCH["butterfly_fwd"] = (source, dict(cfg))
+    BT = cfg["BT"]
+    # enough programs to fill the device (PPS per SM), each with at least 4 WP rows, so that its
+    # Delta tile (WP^2 values) costs at most 1/8 of the bytes its rows move
+    programs = min(triton.cdiv(T, BT), max(1, triton.cdiv(cfg["PPS"] * num_sms(x.device), grp["NB"])),
+                   max(1, T // (4 * grp["WP"])))
+    wrap_triton(_apply_kernel)[(programs, grp["NB"])](
+        x, delta, y, T, n, WB=grp["WB"], WP=grp["WP"], S=grp["S"], H=grp["H"], TRANS=transpose, BT=BT,
+        **_dot_meta(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+    )
 
 
-def _factor_fwd(x, Q, level, trans, out):
+def grad(x, g, delta, transpose, interleave, chunk, need_dx, key):
+    """``(dx or None, dDelta partials [splits, NB, W, W])`` of ``y = x + x Delta`` (``Delta^T``)
+    for contiguous x, g; the caller sums the partials (fixed order: deterministic)."""
     T, n = x.shape
-    N, D, b, _ = Q.shape
-    g = geometry(n, b, N)
-    meta = dict(LEVEL=level, B=b, H=g["H"], HP=g["HP"], NP=g["NP"], TRANS=trans)
-    grid = lambda c: (triton.cdiv(T, c["BT"]), triton.cdiv(D, c["NBP"]))  # noqa: E731
-    _launch("factor_fwd", "fwd", grid, (x, Q, out, T, D), meta, (n, b, N), x.dtype, x.device, T)
-
-
-def bwd(x: torch.Tensor, grad: torch.Tensor, Q: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dl/dx, dl/dQ)`` of ``y = x M`` (``x M^T``) for contiguous ``[T, n]`` x and grad."""
-    T, n = x.shape
-    N, D, b, _ = Q.shape
-    g = geometry(n, b, N)
-    dx = new_empty(T, n, dtype=x.dtype, device=x.device)
+    grp = _group_of(n, delta, interleave, chunk)
+    dx = new_empty(T, n, dtype=x.dtype, device=x.device) if need_dx else None
     if T == 0:
-        return dx, torch.zeros(Q.shape, dtype=torch.float32, device=Q.device)
-    if use_fused(n, b, N):
-        splits, rows = _splits(T, g["NCB"], x.device)
-        dqp = new_empty(splits, N, D, b, b, dtype=torch.float32, device=x.device)
-        meta = dict(B=b, H=g["H"], HP=g["HP"], NP=g["NP"], NF=N, NFP=next_pow2(N), TRANSPOSE=transpose)
-        grid = lambda c: (splits, triton.cdiv(g["NCB"], c["G"]))  # noqa: E731
-        args = (x, grad, Q, dx, dqp, T, rows, g["NCB"], D)
-        _launch("butterfly_bwd", "bwd", grid, args, meta, (n, b, N), x.dtype, x.device, T)
-        return dx, dqp.sum(0)
-    # passes: recompute the inputs of every step (fp32), then walk back one factor at a time
-    levels = list(range(N)) if transpose else list(reversed(range(N)))
-    inputs = [x]
-    for level in levels[:-1]:
-        out = new_empty(T, n, dtype=torch.float32, device=x.device)
-        _factor_fwd(inputs[-1], Q, level, transpose, out)
-        inputs.append(out)
-    splits, rows = _splits(T, D, x.device)
-    dqp = new_empty(splits, N, D, b, b, dtype=torch.float32, device=x.device)
-    h = grad
-    for k in reversed(range(N)):
-        du = dx if k == 0 else new_empty(T, n, dtype=torch.float32, device=x.device)
-        meta = dict(LEVEL=levels[k], B=b, H=g["H"], HP=g["HP"], NP=g["NP"], TRANS=transpose)
-        grid = lambda c: (splits, triton.cdiv(D, c["NBP"]))  # noqa: E731
-        args = (inputs[k], h, Q, du, dqp, T, rows, D, N)
-        _launch("factor_bwd", "bwd", grid, args, meta, (n, b, N), x.dtype, x.device, T)
-        h = du
-    return dx, dqp.sum(0)
-
-
-_KERNELS = {
-    "butterfly_fwd": _butterfly_fwd_kernel,
-    "butterfly_bwd": _butterfly_bwd_kernel,
-    "factor_fwd": _factor_fwd_kernel,
-    "factor_bwd": _factor_bwd_kernel,
-}
+        return dx, torch.zeros((1, *delta.shape), dtype=torch.float32, device=x.device)
+    source, cfg = pick_config("bwd", *key, x.dtype, x.device)
+    LAST_LAUNCH["butterfly_bwd"] = (source, dict(cfg))
+    splits, rows = _splits(T, grp["NB"], grp["WP"], x.device)
+    partial = new_empty(splits, *delta.shape, dtype=torch.float32, device=x.device)
+    wrap_triton(_grad_kernel)[(splits, grp["NB"])](
+        x, g, delta, dx if need_dx else x, partial, T, n, rows, grp["NB"],
+        WB=grp["WB"], WP=grp["WP"], S=grp["S"], H=grp["H"], TRANS=transpose, WRITE_DX=need_dx, RC=RC,
+        **_dot_meta(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
+    )
+    return dx, partial
 
 
 # ---------------------------------------------------------------------------------------------
 # ops and autograd
 
 
-def _butterfly_fwd_fake(x, Q, transpose):
+def _block_apply_fake(x, delta, delta_op, transpose, interleave, chunk, n, b, N):
     return x.new_empty(x.shape)
 
 
-def _butterfly_bwd_fake(x, grad, Q, transpose):
-    return x.new_empty(x.shape), Q.new_empty(Q.shape)
+def _block_grad_fake(x, g, delta_op, transpose, interleave, chunk, need_dx, n, b, N):
+    splits, _ = _splits(x.shape[0], delta_op.shape[0], max(MIN_BLOCK, next_pow2(delta_op.shape[-1])), x.device)
+    return x.new_empty(x.shape), delta_op.new_empty((splits, *delta_op.shape), dtype=torch.float32)
 
 
-@kernel_op("boft_triton::butterfly_fwd", _butterfly_fwd_fake)
-def butterfly_fwd(x: torch.Tensor, Q: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """``x M`` (``x M^T``) for x ``[T, n]``; returns x's dtype, fp32 inside."""
+@kernel_op("boft_triton::block_apply", _block_apply_fake)
+def block_apply(x: torch.Tensor, delta: torch.Tensor, delta_op: torch.Tensor, transpose: bool, interleave: int,
+                chunk: int, n: int, b: int, N: int) -> torch.Tensor:
+    """``x + x Delta`` on each block of columns (``Delta^T`` with transpose); x ``[T, n]``.
+
+    delta (fp32) is what autograd differentiates; the kernel reads delta_op, the same values in
+    the dot's storage dtype (x's 16-bit dtype: the dot rounds to it anyway, and it is half the
+    bytes). (n, b, N) name the layer shape for the tuning cache."""
     x = x.contiguous()
-    Q = Q.contiguous()
     y = new_empty(*x.shape, dtype=x.dtype, device=x.device)
-    fwd_into(x, Q, transpose, y)
+    apply_into(x, delta_op.contiguous(), transpose, interleave, chunk, y, (n, b, N))
     return y
 
 
-@kernel_op("boft_triton::butterfly_bwd", _butterfly_bwd_fake)
-def butterfly_bwd(x: torch.Tensor, grad: torch.Tensor, Q: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dl/dx, dl/dQ)`` of ``butterfly_fwd``; dQ in Q's dtype."""
-    dx, dq = bwd(x.contiguous(), grad.contiguous(), Q.contiguous(), transpose)
-    return dx, dq.to(Q.dtype)
+@kernel_op("boft_triton::block_grad", _block_grad_fake)
+def block_grad(x: torch.Tensor, g: torch.Tensor, delta_op: torch.Tensor, transpose: bool, interleave: int, chunk: int,
+               need_dx: bool, n: int, b: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dl/dx, dl/dDelta partials)`` of ``block_apply``; dl/dx is unwritten when not need_dx."""
+    dx, partial = grad(x.contiguous(), g.contiguous(), delta_op.contiguous(), transpose, interleave, chunk, need_dx,
+                       (n, b, N))
+    return (dx if dx is not None else torch.empty_like(x)), partial
 
 
 def _setup_context(ctx, inputs, output):
-    x, Q, transpose = inputs
-    ctx.save_for_backward(x, Q)
-    ctx.transpose = transpose
+    x, delta, delta_op, transpose, interleave, chunk, n, b, N = inputs
+    ctx.save_for_backward(x, delta_op)
+    ctx.args = (transpose, interleave, chunk)
+    ctx.key = (n, b, N)
 
 
-def _backward(ctx, grad):
-    """Gradient of ``y = x M``, ``M = B_{N-1} ... B_0`` (x M^T runs the same with Q -> Q^T).
-
-    ``dl/dx = g M^T``: M is linear in x. For the factor applied at step s, with input u_s (rows)
-    and ``out = u_s B``, ``B = P blockdiag(Q_j) P^T``: ``(u_s P)`` cut into blocks of b columns is
-    multiplied block by block, so ``dl/dQ_j = sum_rows (u_s P)[:, j]^T (h_s P)[:, j]`` with
-    ``h_s = dl/d out``, and ``dl/du_s = h_s B^T``. For ``out = u B^T`` the roles swap:
-    ``dl/dQ_j = sum_rows (h_s P)[:, j]^T (u_s P)[:, j]`` and ``dl/du_s = h_s B``. The kernel walks
-    the steps backwards from ``h = g``, recomputing each ``u_s`` from x in registers.
-    """
-    x, Q = ctx.saved_tensors
-    if grad is None:
-        return None, None, None
-    if not ctx.needs_input_grad[1]:  # Q frozen: dl/dx alone is the transposed rotation
-        return butterfly_fwd(grad, Q, not ctx.transpose), None, None
-    dx, dq = butterfly_bwd(x, grad, Q, ctx.transpose)
-    return (dx if ctx.needs_input_grad[0] else None), dq, None
+def _backward(ctx, g):
+    """``y = x (I + Delta)``: ``dl/dx = g (I + Delta)^T``, ``dl/dDelta = x^T g``; with transpose
+    (``y = x (I + Delta)^T``): ``dl/dx = g (I + Delta)``, ``dl/dDelta = g^T x``; per block of
+    columns. (``dl/dQ`` follows through the block builder's autograd.)"""
+    x, delta_op = ctx.saved_tensors
+    transpose, interleave, chunk = ctx.args
+    none = (None,) * 7
+    if g is None:
+        return None, None, *none
+    if not ctx.needs_input_grad[1]:  # blocks frozen: dl/dx alone is the transposed product
+        return block_apply(g, delta_op, delta_op, not transpose, interleave, chunk, *ctx.key), None, *none
+    need_dx = ctx.needs_input_grad[0]
+    dx, partial = block_grad(x, g, delta_op, transpose, interleave, chunk, need_dx, *ctx.key)
+    return (dx if need_dx else None), (partial[0] if partial.shape[0] == 1 else partial.sum(0)), *none
 
 
-butterfly_fwd.register_autograd(_backward, setup_context=_setup_context)
+block_apply.register_autograd(_backward, setup_context=_setup_context)
 
 
 def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """``x M`` (``x M^T``) over x's last dim; same contract as ``torch_ops.butterfly``."""
-    shape = x.shape
-    y = butterfly_fwd(x.reshape(-1, shape[-1]), Q, transpose)
-    return y.reshape(shape)
+    shape, n = x.shape, x.shape[-1]
+    N, D, b, _ = Q.shape
+    groups = plan(n, b, N)
+    pairs = list(zip(groups, deltas(Q, n)))
+    if transpose:  # x M^T = x M_lo^T ... M_hi^T
+        pairs.reverse()
+    h = x.reshape(-1, n)
+    store = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    for grp, delta in pairs:
+        h = block_apply(h, delta, delta.detach().to(store), transpose, grp["S"], grp["H"], n, b, N)
+    return h.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a launch compiles (for the compile report: bench/kernel_profile.py)
+
+
+def launch_specs(n: int, b: int, N: int, T: int, dtype_name: str = "bf16") -> list[dict]:
+    """Every kernel the launchers run for this layer shape, at the default config, as
+    (kernel, signature, constexprs, options): apply (forward), apply_T (``dx`` when Q is frozen,
+    and merges), grad (the fused backward). Pointers are 16-byte aligned and n, ROWS divisible
+    by 16 at launch, as the compile report assumes."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    ptr = "*" + dtype_name
+    fwd, bwd = default_config(n, b, N, "fwd"), default_config(n, b, N, "bwd")
+    specs = []
+    with _compiling():
+        dot = _dot_meta(dtype)
+    for k, grp in enumerate(plan(n, b, N)):
+        meta = {**_group_meta(grp), **dot}
+        tag = f"[g{k}]" if len(plan(n, b, N)) > 1 else ""
+        sig = {"x_ptr": ptr, "d_ptr": ptr, "y_ptr": ptr, "T": "i32", "n": "i32"}
+        for name, trans in (("apply", False), ("apply_T", True)):
+            specs.append(dict(name=name + tag, fn=_apply_kernel, signature=sig, divisible=("n",),
+                              constexprs={**meta, "TRANS": trans, "BT": fwd["BT"]}, config=fwd,
+                              num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))
+        gsig = {"x_ptr": ptr, "g_ptr": ptr, "d_ptr": ptr, "dx_ptr": ptr, "dd_ptr": "*fp32", "T": "i32", "n": "i32",
+                "ROWS": "i32", "NB": "i32"}
+        specs.append(dict(name="grad" + tag, fn=_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
+                          constexprs={**meta, "TRANS": False, "WRITE_DX": True, "RC": RC}, config=bwd,
+                          num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
+    return specs
+
+
+@contextlib.contextmanager
+def _compiling():
+    """Pretend not to interpret while choosing dot operands for an ahead-of-time compile."""
+    global interpreting
+    saved = interpreting
+    interpreting = lambda: False  # noqa: E731
+    try:
+        yield
+    finally:
+        interpreting = saved

@@ -194,25 +194,31 @@ def check_butterfly(T, n, b, N, scale, transpose, dtype=torch.float32, mask=None
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
 @pytest.mark.parametrize("T,n,b,N,scale", BUTTERFLY_CASES, ids=[case_id(c) for c in BUTTERFLY_CASES])
-def test_butterfly_fused(T, n, b, N, scale, transpose):
-    assert kb.use_fused(n, b, N)
+def test_butterfly(T, n, b, N, scale, transpose):
     check_butterfly(T, n, b, N, scale, transpose)
 
 
-PASSES_CASES = [(7, 32, 4, 3, 1.0), (129, 24, 6, 2, 1.0), (7, 15, 5, 1, 1.0), (1, 64, 16, 2, 10.0)]
+# Large coarse blocks run as groups of factors, each with its own dense blocks; forced on small
+# shapes by lowering the widest block a program holds.
+GROUP_CASES = [(7, 64, 4, 4, 1.0), (129, 48, 6, 3, 1.0), (7, 64, 8, 3, 10.0), (1, 64, 2, 5, 1.0)]
+
+
+@pytest.fixture
+def narrow_blocks(monkeypatch):
+    monkeypatch.setattr(kb, "MAX_BLOCK", 16)
+    kb.plan.cache_clear()
+    yield
+    kb.plan.cache_clear()
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
-@pytest.mark.parametrize("T,n,b,N,scale", PASSES_CASES, ids=[case_id(c) for c in PASSES_CASES])
-def test_butterfly_passes(monkeypatch, T, n, b, N, scale, transpose):
-    """The one-factor-per-launch path that large coarse blocks take, forced on small shapes."""
-    monkeypatch.setattr(kb, "FUSED_MAX_ELEMENTS", 0)
-    assert not kb.use_fused(n, b, N)
+@pytest.mark.parametrize("T,n,b,N,scale", GROUP_CASES, ids=[case_id(c) for c in GROUP_CASES])
+def test_butterfly_factor_groups(narrow_blocks, T, n, b, N, scale, transpose):
+    assert len(kb.plan(n, b, N)) > 1 and any(g["S"] > 1 for g in kb.plan(n, b, N))
     check_butterfly(T, n, b, N, scale, transpose)
-    assert kb.LAST_LAUNCH["factor_bwd"][0] == "default"
 
 
-LOWP_CASES = [(7, 32, 4, 3, 1.0), (129, 64, 8, 2, 1.0), (7, 45, 45, 1, 1.0)]
+LOWP_CASES = [(7, 32, 4, 3, 1.0), (129, 64, 8, 2, 1.0), (7, 45, 45, 1, 1.0), (7, 24, 6, 2, 1.0)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -221,11 +227,15 @@ def test_butterfly_low_precision(T, n, b, N, scale, dtype):
     check_butterfly(T, n, b, N, scale, transpose=(T == 7), dtype=dtype)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "passes"])
-def test_butterfly_low_precision_passes(monkeypatch, fused):
-    if not fused:
-        monkeypatch.setattr(kb, "FUSED_MAX_ELEMENTS", 0)
-    check_butterfly(7, 24, 6, 2, 1.0, transpose=False, dtype=torch.bfloat16)
+def test_butterfly_low_precision_factor_groups(narrow_blocks):
+    check_butterfly(7, 64, 4, 4, 1.0, transpose=False, dtype=torch.bfloat16)
+
+
+def test_small_blocks_are_packed_into_16_wide_dots():
+    """b=4, N=1 (L=4): four coarse blocks form one 16-wide block-diagonal dot operand."""
+    (grp,) = kb.plan(64, 4, 1)
+    assert grp["pack"] == 4 and grp["WB"] == 16 and grp["NB"] == 4
+    check_butterfly(7, 64, 4, 1, 1.0, transpose=False)
 
 
 def test_butterfly_with_dropout_mask():
@@ -313,12 +323,15 @@ def test_dq_reduction_does_not_depend_on_program_order(monkeypatch, fused):
 
 @pytest.mark.parametrize(
     "cfg_fwd,cfg_bwd",
-    [({"BT": 1, "G": 1, "num_warps": 2}, {"BT": 2, "G": 4, "num_warps": 2}), ({"BT": 64, "G": 8, "num_warps": 4}, {"BT": 4, "G": 1, "num_warps": 4})],
-    ids=["small-tiles", "big-tiles"],
+    [({"BT": 32, "PPS": 1, "num_warps": 4}, {"PPS": 1, "num_warps": 4}),
+     ({"BT": 128, "PPS": 8, "num_warps": 8, "num_stages": 2}, {"PPS": 8, "num_warps": 8, "num_stages": 3})],
+    ids=["few-programs", "many-programs"],
 )
 def test_tile_configs_agree(cfg_fwd, cfg_bwd):
-    """Other tiles (coarse blocks past the end, rows not a multiple of BT) give the same result."""
-    T, n, b, N = 7, 24, 4, 2  # 3 coarse blocks of 8
+    """Other configs (rows not a multiple of the tile, programs looping over several tiles) give
+    the same result, and the same dQ bits (the reduction does not depend on the config)."""
+    T, n, b, N = 1040, 24, 4, 2  # 3 coarse blocks of 8, packed 3 to a 24-wide block
+    assert kb._splits(T, 1, 32, DEVICE)[0] > 1  # the backward's dDelta sums several row splits
     Q = rand_q(N, n // b, b).float().to(DEVICE).requires_grad_()
     x = torch.randn(T, n, device=DEVICE, requires_grad=True)
     g = torch.randn(T, n, device=DEVICE)
@@ -330,6 +343,32 @@ def test_tile_configs_agree(cfg_fwd, cfg_bwd):
     yt = torch_ops.butterfly(x, Q)
     dxt, dQt = torch.autograd.grad(yt, (x, Q), g)
     assert rel_err(y, yt) <= 1e-5 and rel_err(dx, dxt) <= 1e-5 and rel_err(dQ, dQt) <= 1e-5
+    dQ_default = torch.autograd.grad(kb.butterfly(x, Q), Q, g)[0]
+    assert torch.equal(dQ, dQ_default)
+
+
+def test_backward_skips_dx_when_x_is_frozen():
+    """Only Q needs a gradient (the first adapted layer of a frozen model): the fused backward
+    writes no dx (its bytes drop by one pass over x) and dQ is unchanged."""
+    T, n, b, N = 129, 32, 4, 2
+    Q = rand_q(N, n // b, b).float().to(DEVICE).requires_grad_()
+    x = torch.randn(T, n, device=DEVICE)
+    g = torch.randn(T, n, device=DEVICE)
+    calls = []
+    original = kb.grad
+
+    def spy(*args):
+        calls.append(args[6])  # need_dx
+        return original(*args)
+
+    kb.grad = spy
+    try:
+        (dQ,) = torch.autograd.grad(kb.butterfly(x, Q), Q, g)
+    finally:
+        kb.grad = original
+    assert calls == [False]
+    (dQt,) = torch.autograd.grad(torch_ops.butterfly(x, Q), Q, g)
+    assert rel_err(dQ, dQt) <= 1e-5
 
 
 def test_empty_rows():
@@ -397,13 +436,13 @@ def test_import_guard(monkeypatch, version):
 
 
 _SM90_SCRIPT = r"""
-import importlib, os
+import importlib, json, os
 os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import boft_triton
-kb = importlib.import_module("boft_triton.kernels.butterfly")
+from boft_triton.bench import kernel_profile
 kc = importlib.import_module("boft_triton.kernels.cayley")
 
 def compile_(fn, sig, consts):
@@ -411,27 +450,25 @@ def compile_(fn, sig, consts):
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
-for b, N, tr, BT, G, dt in [(4, 3, False, 16, 2, "fp32"), (6, 2, True, 8, 2, "bf16"), (2, 4, False, 16, 4, "fp16"), (45, 1, True, 2, 1, "bf16")]:
-    g = kb.geometry(b << (N - 1), b, N)
-    cx = dict(B=b, H=g["H"], HP=g["HP"], NP=g["NP"], NF=N, TRANSPOSE=tr, BT=BT, G=G)
-    compile_(kb._butterfly_fwd_kernel, {"x_ptr": f"*{dt}", "q_ptr": "*fp32", "y_ptr": f"*{dt}", "T": "i32", "NCB": "i32", "D": "i32"}, cx)
-    compile_(kb._butterfly_bwd_kernel, {"x_ptr": f"*{dt}", "g_ptr": f"*{dt}", "q_ptr": "*fp32", "dx_ptr": f"*{dt}", "dqp_ptr": "*fp32", "T": "i32", "ROWS": "i32", "NCB": "i32", "D": "i32"}, {**cx, "NFP": triton.next_power_of_2(N)})
-    fc = dict(LEVEL=N - 1, B=b, H=g["H"], HP=g["HP"], NP=g["NP"], TRANS=tr, BT=BT, NBP=2)
-    compile_(kb._factor_fwd_kernel, {"x_ptr": f"*{dt}", "q_ptr": "*fp32", "y_ptr": "*fp32", "T": "i32", "D": "i32"}, fc)
-    compile_(kb._factor_bwd_kernel, {"u_ptr": f"*{dt}", "h_ptr": "*fp32", "q_ptr": "*fp32", "du_ptr": f"*{dt}", "dqp_ptr": "*fp32", "T": "i32", "ROWS": "i32", "D": "i32", "NF": "i32"}, fc)
 for b in (5, 64):
     bp = triton.next_power_of_2(b)
     cst = dict(B=b, BP=bp, BN=max(1, 2048 // (bp * bp)), HAS_MASK=True)
     compile_(kc._cayley_fwd_kernel, {"r_ptr": "*bf16", "mask_ptr": "*i8", "q_ptr": "*fp32", "ainv_ptr": "*fp32", "NBLK": "i32"}, cst)
     compile_(kc._cayley_bwd_kernel, {"dq_ptr": "*fp32", "ainv_ptr": "*fp32", "mask_ptr": "*i8", "dr_ptr": "*bf16", "NBLK": "i32"}, cst)
-print("compiled")
+rows = kernel_profile.compile_rows([4096], [(32, 2)], archs=(90,))
+rows += kernel_profile.compile_rows([1024], [(64, 3)], archs=(90,))  # factor groups (L = 256)
+rows += kernel_profile.compile_rows([512], [(16, 2)], archs=(90,), dtype_name="fp32")
+print("ROWS" + json.dumps([{k: r[k] for k in ("n", "b", "N", "L", "kernel", "dtype", "spill_bytes", "tensor_core")} for r in rows]))
 """
 
 
 def test_kernels_compile_for_sm90():
-    """The interpreter accepts code a GPU compile rejects (rebinding a constexpr in a static loop,
-    non-power-of-two aranges, ...): compile every kernel ahead of time for an H100 (sm_90) down
-    to a cubin, which needs no GPU. Runs in a subprocess because this module interprets."""
+    """Every kernel compiles ahead of time for an H100 (sm_90) down to a cubin (the interpreter
+    accepts code a GPU compile rejects), at the launcher's config with launch-time alignment, and
+    the butterfly kernels do not spill and use tensor cores (bf16, and fp32 via tf32x3) at
+    L >= 32. A cheap subset of ``python -m boft_triton.bench.kernel_profile compile``; runs in a
+    subprocess because this module interprets."""
+    import json
     import subprocess
 
     pytest.importorskip("triton.backends.nvidia")
@@ -443,4 +480,10 @@ def test_kernels_compile_for_sm90():
     )
     if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("no ptxas in this Triton install")
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.split("ROWS", 1)[1])
+    assert {r["kernel"] for r in rows} >= {"apply", "apply_T", "grad", "grad[g0]", "grad[g1]"}
+    for r in rows:
+        assert r["spill_bytes"] == 0, r
+        if r["L"] >= 32:
+            assert r["tensor_core"] > 0, r

@@ -1,0 +1,353 @@
+"""What the butterfly kernels cost, measured without a GPU.
+
+Three reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|compile|roofline``):
+
+- **traffic**: runs the forward and the backward in Triton's interpreter and counts the bytes every
+  kernel loads and stores (masked lanes excluded), the multiply-adds done by ``tl.dot`` and the
+  elementwise multiplies. Bytes are compared with the ideal of a bandwidth-bound rotation: the
+  forward reads x and writes y (2 passes over x), the backward reads x and g and writes dx
+  (3 passes). Everything the kernels read or write is counted, parameters (coarse blocks, their
+  gradient partials) included.
+- **compile**: compiles every kernel at the config its launcher picks, for sm_90 and sm_80, with
+  the 16-byte alignment / divisible-by-16 specialisation a real launch gives, and reads registers
+  and spills (``ptxas -v``), shared memory, tensor-core instructions and global-load widths
+  (``cuobjdump -sass``). Both tools ship inside Triton's NVIDIA backend; no GPU is needed.
+- **roofline**: per shape on an H100, the microseconds the bytes need at full bandwidth against
+  those the tensor-core flops need at peak (``--traffic-json`` scales the bytes by a measured
+  traffic report).
+
+The torch ops on the parameter side (building the coarse blocks from Q, mapping their gradient
+back, casts, partial sums) are counted separately by a dispatch mode: they cost O(n L) bytes per
+call, independent of the row count T.
+
+``--out DIR`` writes ``<report>-<date>.json`` and ``.md`` there (the committed ones live in
+bench/results/). The traffic report needs ``TRITON_INTERPRET=1`` before Triton is imported; this
+module sets it when run as a script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# (b, N) shapes of the issue; T >= 512 rows so the per-program parameter reads are amortised the
+# way they are in training (T is batch x sequence, thousands of rows).
+SHAPES = [(4, 1), (8, 1), (8, 2), (4, 4), (16, 1), (32, 1), (32, 2), (64, 1)]
+TARGET_FWD = 1.25
+TARGET_FWD_BWD = 1.5
+
+
+# ---------------------------------------------------------------------------------------------
+# traffic (interpreter)
+
+
+@contextlib.contextmanager
+def count_traffic():
+    """Count loads, stores, elementwise multiplies and tl.dot multiply-adds of interpreted kernels.
+
+    Wraps the interpreter's builder methods for the duration of the block (restored after)."""
+    import numpy as np
+    import triton.runtime.interpreter as interp
+
+    builder = interp.InterpreterBuilder
+    counts = {"load_bytes": 0, "store_bytes": 0, "mul": 0, "dot_macs": 0}
+
+    def nbytes(ptrs, mask):
+        lanes = int(np.count_nonzero(mask.data)) if mask is not None else int(np.size(ptrs.data))
+        return lanes * np.dtype(interp._get_np_dtype(ptrs.get_element_ty())).itemsize
+
+    def on_dot(a, b, *rest):
+        return "dot_macs", int(np.prod(np.shape(a.data))) * int(np.shape(b.data)[-1])
+
+    hooks = {
+        "create_load": lambda ptr, *r: ("load_bytes", nbytes(ptr, None)),
+        "create_masked_load": lambda ptrs, mask, *r: ("load_bytes", nbytes(ptrs, mask)),
+        "create_store": lambda ptr, *r: ("store_bytes", nbytes(ptr, None)),
+        "create_masked_store": lambda ptrs, value, mask, *r: ("store_bytes", nbytes(ptrs, mask)),
+        "create_fmul": lambda lhs, *r: ("mul", int(np.size(lhs.data))),
+        "create_fma": lambda a, *r: ("mul", int(np.size(a.data))),
+        "create_dot": on_dot,
+    }
+    originals = {name: getattr(builder, name) for name in hooks}
+
+    def wrap(name):
+        original, account = originals[name], hooks[name]
+
+        def counted(self, *args, **kwargs):
+            key, amount = account(*args)
+            counts[key] += amount
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    for name in hooks:
+        setattr(builder, name, wrap(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(builder, name, original)
+
+
+@contextlib.contextmanager
+def count_torch_bytes():
+    """Bytes the torch ops run in the block read and write (every tensor argument and result,
+    views excluded), outside the boft_triton custom ops (their kernels are counted by
+    count_traffic): the coarse-block builder, its backward, casts and partial sums."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    counts = {"bytes": 0}
+
+    def size(t):
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.namespace == "boft_triton":
+                return out
+            inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            storages = {t.untyped_storage().data_ptr() for t in inputs}
+            if outputs and all(t.untyped_storage().data_ptr() in storages for t in outputs):
+                return out  # a view (or in-place): no new bytes
+            counts["bytes"] += sum(map(size, inputs)) + sum(map(size, outputs))
+            return out
+
+    with Counter():
+        yield counts
+
+
+def traffic(n: int, b: int, N: int, T: int, dtype_name: str = "bf16", x_grad: bool = True) -> dict:
+    """Bytes and multiply-adds of one forward and one forward+backward, against the ideal."""
+    import torch
+
+    from boft_triton import torch_ops
+    from boft_triton.kernels import butterfly as kb
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, n, generator=gen).to(dtype).requires_grad_(x_grad)
+    g = torch.randn(T, n, generator=gen).to(dtype)
+    Q = torch_ops.cayley(0.3 * torch.randn(N, n // b, b, b, generator=gen)).requires_grad_()
+    with count_traffic() as fwd, count_torch_bytes() as fwd_torch:
+        y = kb.butterfly(x, Q)
+    with count_traffic() as bwd, count_torch_bytes() as bwd_torch:
+        torch.autograd.grad(y, (x, Q) if x_grad else (Q,), g)
+    es = x.element_size()
+    ideal_fwd = 2 * T * n * es
+    ideal_bwd = (3 if x_grad else 2) * T * n * es
+    moved_fwd = fwd["load_bytes"] + fwd["store_bytes"]
+    moved_bwd = bwd["load_bytes"] + bwd["store_bytes"]
+    macs = fwd["dot_macs"] + bwd["dot_macs"]
+    return {
+        "n": n, "b": b, "N": N, "L": b << (N - 1), "T": T, "dtype": dtype_name,
+        "fwd_bytes": moved_fwd, "fwd_ideal": ideal_fwd, "fwd_ratio": moved_fwd / ideal_fwd,
+        "fwd_bwd_bytes": moved_fwd + moved_bwd, "fwd_bwd_ideal": ideal_fwd + ideal_bwd,
+        "fwd_bwd_ratio": (moved_fwd + moved_bwd) / (ideal_fwd + ideal_bwd),
+        # torch ops on the parameter side (block builder and its backward, casts, partial sums):
+        # independent of T, so their share falls as 1/T
+        "torch_bytes": fwd_torch["bytes"] + bwd_torch["bytes"],
+        "fwd_ratio_with_torch": (moved_fwd + fwd_torch["bytes"]) / ideal_fwd,
+        "fwd_bwd_ratio_with_torch": (moved_fwd + moved_bwd + fwd_torch["bytes"] + bwd_torch["bytes"]) / (ideal_fwd + ideal_bwd),
+        "dot_macs": macs, "elementwise_mul": fwd["mul"] + bwd["mul"],
+        "dot_fraction": macs / max(1, macs + fwd["mul"] + bwd["mul"]),
+        "path": kb.path_name(n, b, N) if hasattr(kb, "path_name") else "",
+    }
+
+
+def traffic_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| b x N | L | path | T | n | fwd bytes / ideal | fwd+bwd bytes / ideal | torch-op bytes (param side) | "
+        "fwd / ideal incl. torch ops | fwd+bwd / ideal incl. torch ops | tl.dot MACs | elementwise mul | dot share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        torch_cols = (f"{r['torch_bytes']:.3g} | {r['fwd_ratio_with_torch']:.3f} | {r['fwd_bwd_ratio_with_torch']:.3f}"
+                      if "torch_bytes" in r else " | | ")
+        lines.append(
+            f"| {r['b']} x {r['N']} | {r['L']} | {r['path']} | {r['T']} | {r['n']} | {r['fwd_ratio']:.3f} | "
+            f"{r['fwd_bwd_ratio']:.3f} | {torch_cols} | {r['dot_macs']:.3g} | {r['elementwise_mul']:.3g} | "
+            f"{100 * r['dot_fraction']:.0f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# compile (ptxas / cuobjdump, no GPU)
+
+
+def compile_rows(widths, shapes, archs=(90, 80), T: int = 8192, dtype_name: str = "bf16") -> list[dict]:
+    """Every kernel the launcher would run for each (width, b, N), at the launcher's config."""
+    from boft_triton.kernels import butterfly as kb
+
+    rows = []
+    for n in widths:
+        for b, N in shapes:
+            if n % (b << (N - 1)):
+                continue
+            for arch in archs:
+                for spec in kb.launch_specs(n, b, N, T, dtype_name):
+                    stats = compile_stats(spec, arch)
+                    rows.append({"n": n, "b": b, "N": N, "L": b << (N - 1), "arch": f"sm_{arch}", "dtype": dtype_name,
+                                 "kernel": spec["name"], "config": spec["config"], **stats})
+    return rows
+
+
+def compile_stats(spec: dict, arch: int) -> dict:
+    """Compile one kernel spec for ``sm_<arch>`` and read what the GPU would run."""
+    import collections
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, signature, constexprs = spec["fn"], spec["signature"], spec["constexprs"]
+    sig = {**signature, **{k: "constexpr" for k in constexprs}}
+    # a launch specialises pointers (16-byte aligned) and ints divisible by 16 the same way
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
+             for k, t in signature.items() if t.startswith("*") or k in spec.get("divisible", ())}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
+    options = {"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3)}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as d:
+        ptx = Path(d) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        info = subprocess.run([str(bin_dir / "ptxas"), "-v", "--gpu-name", gpu, str(ptx), "-o", str(Path(d) / "p.cubin")],
+                              capture_output=True, text=True).stderr
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = re.search(r"(\d+) bytes spill stores", info)
+    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)(\.[A-Z0-9_.]+)?", sass)
+    count = collections.Counter(op for op, _ in ops)
+    widths = collections.Counter(op + (sfx or "") for op, sfx in ops if op in ("LDG", "STG", "LDGSTS"))
+    return {
+        "regs": int(regs.group(1)) if regs else None,
+        "spill_bytes": int(spill.group(1)) if spill else 0,
+        "smem": compiled.metadata.shared,
+        "num_warps": spec["num_warps"],
+        "tensor_core": sum(count[o] for o in ("HMMA", "HGMMA", "IMMA", "WGMMA")),
+        "ffma": count["FFMA"],
+        "ldg": dict(widths),
+    }
+
+
+def compile_markdown(rows: list[dict]) -> str:
+    lines = ["| n | b x N | L | arch | kernel | config | regs | spill B | smem B | tensor-core instr | FFMA | global ld/st |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
+        ldg = " ".join(f"{k}x{v}" for k, v in sorted(r["ldg"].items()))
+        lines.append(f"| {r['n']} | {r['b']} x {r['N']} | {r['L']} | {r['arch']} | {r['kernel']} | {cfg} | {r['regs']} | "
+                     f"{r['spill_bytes']} | {r['smem']} | {r['tensor_core']} | {r['ffma']} | {ldg} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# roofline estimate (H100 SXM)
+
+H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3
+H100_BF16_TENSOR = 989e12  # dense bf16 tensor-core flop/s
+
+
+def roofline_rows(T: int = 8192, n: int = 2048, ratios: dict | None = None) -> list[dict]:
+    """Per shape, bf16: microseconds the bytes need at full bandwidth against what the tensor-core
+    flops need at peak. Bytes are the ideal times the interpreter-measured ratio when given
+    (``ratios[(b, N)] = (fwd, fwd_bwd)``); flops count the padded/packed dot width."""
+    from boft_triton.kernels import butterfly as kb
+
+    rows = []
+    for b, N in SHAPES:
+        width = sum(g["WP"] for g in kb.plan(n, b, N))  # multiply-adds per element, forward
+        fwd_ratio, both_ratio = (ratios or {}).get((b, N), (1.0, 1.0))
+        fwd_bytes, both_bytes = 2 * T * n * 2 * fwd_ratio, 5 * T * n * 2 * both_ratio
+        fwd_flops = 2 * T * n * width
+        both_flops = 3 * fwd_flops  # backward: dx and dDelta, one product each
+        row = {"b": b, "N": N, "L": b << (N - 1), "T": T, "n": n, "dot_width": width,
+               "fwd_us_bytes": 1e6 * fwd_bytes / H100_BANDWIDTH, "fwd_us_flops": 1e6 * fwd_flops / H100_BF16_TENSOR,
+               "fwd_bwd_us_bytes": 1e6 * both_bytes / H100_BANDWIDTH,
+               "fwd_bwd_us_flops": 1e6 * both_flops / H100_BF16_TENSOR}
+        row["bound"] = "bandwidth" if row["fwd_bwd_us_bytes"] >= row["fwd_bwd_us_flops"] else "compute"
+        rows.append(row)
+    return rows
+
+
+def roofline_markdown(rows: list[dict]) -> str:
+    lines = ["| b x N | L | dot width | fwd us: bytes / flops | fwd+bwd us: bytes / flops | bound |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['b']} x {r['N']} | {r['L']} | {r['dot_width']} | {r['fwd_us_bytes']:.1f} / {r['fwd_us_flops']:.1f} | "
+                     f"{r['fwd_bwd_us_bytes']:.1f} / {r['fwd_bwd_us_flops']:.1f} | {r['bound']} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _write(out: Path, stem: str, rows: list[dict], table: str, title: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"date": time.strftime("%Y-%m-%d"), "rows": rows}
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (out / f"{stem}.md").write_text(f"# {title}\n\n{table}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Interpreter traffic and sm_90/sm_80 compile reports of the butterfly kernels.")
+    parser.add_argument("report", choices=["traffic", "compile", "roofline"])
+    parser.add_argument("--n", type=int, default=1024, help="traffic: layer width")
+    parser.add_argument("--T", type=int, default=512, help="traffic: rows (batch x sequence)")
+    parser.add_argument("--widths", default="2048,3072,4096,512,1024", help="compile: layer widths")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--out", default=None, help="write JSON + Markdown into this folder")
+    parser.add_argument("--tag", default="", help="suffix of the result file names (e.g. 'before')")
+    parser.add_argument("--traffic-json", default=None, help="roofline: a traffic report whose byte ratios to use")
+    args = parser.parse_args(argv)
+    date = time.strftime("%Y-%m-%d")
+    tag = f"-{args.tag}" if args.tag else ""
+    if args.report == "traffic":
+        rows = [traffic(args.n, b, N, args.T, args.dtype) for b, N in SHAPES if args.n % (b << (N - 1)) == 0]
+        table = traffic_markdown(rows)
+        title = f"Interpreter traffic, {args.dtype}, n={args.n}, T={args.T} (targets: fwd <= {TARGET_FWD}x, fwd+bwd <= {TARGET_FWD_BWD}x)"
+        stem = f"interp-traffic-{date}{tag}"
+    elif args.report == "roofline":
+        ratios = None
+        if args.traffic_json:
+            data = json.loads(Path(args.traffic_json).read_text())["rows"]
+            ratios = {(r["b"], r["N"]): (r["fwd_ratio"], r["fwd_bwd_ratio"]) for r in data}
+        rows = roofline_rows(ratios=ratios)
+        table = roofline_markdown(rows)
+        title = "Roofline estimate, H100 SXM (3.35 TB/s, 989 bf16 TFLOP/s), bf16, T=8192, n=2048"
+        stem = f"roofline-h100-{date}{tag}"
+    else:
+        widths = [int(w) for w in args.widths.split(",")]
+        rows = compile_rows(widths, SHAPES, dtype_name=args.dtype)
+        table = compile_markdown(rows)
+        title = f"Compile report (ptxas/cuobjdump, launch-time specialisation), {args.dtype}"
+        stem = f"sm90-compile-{date}{tag}"
+    print(table)
+    if args.out:
+        _write(Path(args.out), stem, rows, table, title)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "traffic":
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""The kernel instruments (bench/kernel_profile.py): interpreter traffic of the butterfly
+against the bandwidth-bound ideal, with the issue's targets. (The compile report's assertions,
+zero spills and tensor cores at L >= 32, are in test_kernels.py::test_kernels_compile_for_sm90.)"""
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.kernels
+
+
+@pytest.fixture(autouse=True)
+def _default_tiles(monkeypatch, tmp_path):
+    monkeypatch.setenv("BOFT_TRITON_TUNE_CACHE", str(tmp_path / "no-cache.json"))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts bytes in Triton's interpreter")
+@pytest.mark.parametrize("b,N", [(4, 1), (4, 4), (32, 2)], ids=["b4-N1", "b4-N4", "b32-N2"])
+def test_traffic_within_targets(b, N):
+    """Forward <= 1.25x and forward+backward <= 1.5x of one read + one write per pass, parameter
+    reads and dDelta partials included; every multiply-add on tensor cores (tl.dot)."""
+    from boft_triton.bench import kernel_profile
+
+    row = kernel_profile.traffic(512, b, N, 512, "bf16")
+    assert row["fwd_ratio"] <= kernel_profile.TARGET_FWD, row
+    assert row["fwd_bwd_ratio"] <= kernel_profile.TARGET_FWD_BWD, row
+    assert row["dot_macs"] > 0 and row["elementwise_mul"] == 0, row
+    frozen = kernel_profile.traffic(512, b, N, 512, "bf16", x_grad=False)  # no dx: one pass less
+    assert frozen["fwd_bwd_bytes"] < row["fwd_bwd_bytes"] - 512 * 512 * 2 * 0.9
+
+
+def test_torch_bytes_counts_copies_not_views():
+    from boft_triton.bench import kernel_profile
+
+    x = torch.randn(64, 32)
+    with kernel_profile.count_torch_bytes() as counted:
+        x.t().reshape(-1)[:5]  # transpose: a view; flattening it: a copy; slicing: a view
+    assert counted["bytes"] == 2 * x.numel() * 4
