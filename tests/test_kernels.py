@@ -299,17 +299,19 @@ def _interpreter_runs_programs_in_reverse(monkeypatch) -> list:
     return order
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "passes"])
-def test_dq_reduction_does_not_depend_on_program_order(monkeypatch, fused):
+@pytest.mark.parametrize("groups", [1, 2], ids=["one-group", "factor-groups"])
+def test_dq_reduction_does_not_depend_on_program_order(monkeypatch, request, groups):
     """The dQ reduction is deterministic: each program writes its own partial dQ (no float atomics,
     whose sum would change with the order programs finish in), so dQ has the same bits whatever
     order the programs run in. Under the interpreter: grid order, then reversed. On a GPU: repeated
-    launches of many programs."""
-    if not fused:
-        monkeypatch.setattr(kb, "FUSED_MAX_ELEMENTS", 0)
-    Q = rand_q(2, 8, 4).float().to(DEVICE).requires_grad_()
-    x = torch.randn(1000, 32, device=DEVICE)
-    g = torch.randn(1000, 32, device=DEVICE)
+    launches of many programs. Both with one group of factors and with two (each its own pass)."""
+    N, D, b = (2, 8, 4) if groups == 1 else (4, 16, 4)
+    if groups > 1:
+        request.getfixturevalue("narrow_blocks")
+    assert len(kb.plan(D * b, b, N)) == groups
+    Q = rand_q(N, D, b).float().to(DEVICE).requires_grad_()
+    x = torch.randn(1000, D * b, device=DEVICE)
+    g = torch.randn(1000, D * b, device=DEVICE)
     first = torch.autograd.grad(kb.butterfly(x, Q), Q, g)[0]
     if DEVICE.type == "cuda":
         for _ in range(20):
