@@ -226,6 +226,17 @@ def test_fbd_cuda_stand_in_computes_the_block_diagonal():
     assert torch.equal(blocks.grad, want_blocks.grad)
 
 
+def test_cayley_batch_goes_through_boft_triton(op_calls):
+    layer = _peft_model(Net(), {"default": {"boft_block_size": 4, "target_modules": ["lin0"]}}, ["default"])
+    layer = layer.base_model.model.lin0
+    data = torch.randn(6, 4, 4)
+    want = layer.cayley_batch(data)
+    with patched_peft():
+        got = layer.cayley_batch(data)
+    assert op_calls["cayley"] == 1
+    assert rel_err(got, want) < 1e-6
+
+
 # ----------------------------------------------------------------------------- save and load
 
 
