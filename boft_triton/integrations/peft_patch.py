@@ -36,6 +36,10 @@ dilation and ``padding_mode``. ``boft_triton.adapt`` has none of these limits.
 Known difference from unpatched PEFT: PEFT keeps one ``boft_P`` buffer per layer, rebuilt by each
 ``add_adapter``, so adapters of different geometry on one layer compute with the last one's
 permutations (or fail). Patched, each adapter uses the permutations of its own ``boft_R`` shape.
+Layers built while patched with N > 1 keep N factors after ``unpatch_peft()``; unpatched PEFT then
+runs them only where its CUDA extension builds, as it would a checkpoint saved with N > 1.
+PEFT's dense ``boft_P`` buffer (N x n x n per layer) is still built, since it is PEFT's layer
+state; the patched maths never reads it.
 
 Checked against PEFT 0.21.2. ``patch_peft()`` checks every seam before replacing anything and
 raises ``PeftPatchError`` naming the missing one on a PEFT whose BOFT layer differs.
