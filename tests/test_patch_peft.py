@@ -427,3 +427,38 @@ def _base_like(peft_model):
     """A fresh copy of the (unadapted) base model of ``peft_model``."""
     torch.manual_seed(0)
     return llama()
+
+
+def test_trl_sft_trainer_with_a_peft_config_trains_patched(tmp_path, op_calls):
+    """TRL builds the PEFT model itself from ``peft_config=BOFTConfig(...)``; patched, that model
+    keeps N=2 and trains through boft_triton's ops."""
+    trl = pytest.importorskip("trl")
+    import datasets
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<pad>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, 64)}}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")), pad_token="<pad>", eos_token="</s>")
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32, pad_token_id=0, eos_token_id=1))
+    g = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict({"input_ids": torch.randint(2, 64, (8, 12), generator=g).tolist()})
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=4,
+                         learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", max_length=12,
+                         dataset_kwargs={"skip_prepare_dataset": True}, seed=0, bf16=False, disable_tqdm=True)
+    config = peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["q_proj", "v_proj"],
+                             task_type="CAUSAL_LM")
+    with patched_peft():
+        trainer = _quiet(trl.SFTTrainer, model=base, args=args, train_dataset=data, processing_class=tokenizer,
+                         peft_config=config)
+        trainer.train()
+        model = trainer.model
+        assert isinstance(model, peft.PeftModel)
+        R = model.base_model.model.model.layers[0].self_attn.q_proj.boft_R["default"]
+        assert R.shape == (2, 8, 4, 4) and R.abs().sum() > 0
+        assert op_calls["butterfly"] > 0 and op_calls["peft_block_diag"] == 0
+        trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
