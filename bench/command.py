@@ -1,7 +1,8 @@
 """``boft-triton bench`` (also ``python -m boft_triton.bench.command``): the training-step benchmark.
 
-Runs floor, PEFT LoRA (r=16, 32), PEFT OFT (b=32) and BOFT, PEFT's and ours, at (block size,
-factors) = (4, 1), (8, 2), (4, 4) on one workload, side by side in one process, and writes
+Runs floor, PEFT LoRA (r=16, 32), PEFT OFT (b=32) and BOFT at (block size, factors) = (4, 1),
+(8, 2), (4, 4) three ways: PEFT's, PEFT's under ``boft_triton.patch_peft()`` and ours, on one
+workload, side by side in one process, and writes
 
 - ``<output-dir>/<device>-<date>-<workload>.json``: the results (schema: ``training_step``'s docstring),
 - ``<stem>.md``: the same as a Markdown table,
@@ -16,7 +17,7 @@ Examples::
     python -m boft_triton.bench.command --workload tiny-llama --quantize nf4   # QBOFT against QLoRA
 
 Method names: ``floor``, ``peft-lora-r<r>``, ``peft-oft-b<b>``, ``peft-boft-b<b>-N<N>``,
-``boft_triton-b<b>-N<N>``. A shape that does not fit the workload's layers is skipped with the
+``peft-boft-patched-b<b>-N<N>``, ``boft_triton-b<b>-N<N>``. A shape that does not fit the workload's layers is skipped with the
 reason printed (and recorded in the JSON).
 """
 
@@ -28,7 +29,8 @@ import os
 import sys
 from pathlib import Path
 
-HELP = "benchmark one training step: floor, PEFT LoRA/OFT/BOFT and boft_triton BOFT, side by side"
+HELP = ("benchmark one training step: floor, PEFT LoRA/OFT/BOFT, PEFT BOFT under patch_peft() and boft_triton BOFT, "
+        "side by side")
 
 
 def _pairs(spec: str) -> list[tuple[int, int]]:
@@ -78,12 +80,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("methods")
     default_boft = ",".join(f"{b}x{n}" for b, n in DEFAULT_BOFT_SHAPES)
     g.add_argument("--boft", type=_pairs, default=list(DEFAULT_BOFT_SHAPES),
-                   help=f"BOFT shapes as BLOCKxFACTORS, comma-separated, each run by PEFT and by us (default: {default_boft})")
+                   help=f"BOFT shapes as BLOCKxFACTORS, comma-separated, each run by PEFT, by PEFT under patch_peft() "
+                        f"and by us (default: {default_boft})")
     g.add_argument("--lora-ranks", type=_ints, default=list(DEFAULT_LORA_RANKS),
                    help="PEFT LoRA ranks (default: %s)" % ",".join(map(str, DEFAULT_LORA_RANKS)))
     g.add_argument("--oft-block-sizes", type=_ints, default=list(DEFAULT_OFT_BLOCK_SIZES),
                    help="PEFT OFT block sizes (default: %s; '' for none)" % ",".join(map(str, DEFAULT_OFT_BLOCK_SIZES)))
-    g.add_argument("--no-peft-boft", action="store_true", help="leave PEFT's BOFT out (it is slow and memory-hungry)")
+    g.add_argument("--no-peft-boft", action="store_true", help="leave PEFT's BOFT, patched and not, out (it is slow and memory-hungry)")
     g.add_argument("--methods", default=None,
                    help="run only these method names, comma-separated, out of the list the options above give")
 

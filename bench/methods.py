@@ -36,6 +36,8 @@ class Method:
     config: dict = field(default_factory=dict)  # the method's hyper-parameters, recorded in the JSON
     check: Optional[Callable[[int], Optional[str]]] = None  # input width -> why it does not fit
     quantized_base: bool = True  # can it adapt bitsandbytes layers (QLoRA / QBOFT)?
+    # A context manager the whole measurement (build and steps) runs in, e.g. patch_peft().
+    context: Optional[Callable[[], contextlib.AbstractContextManager]] = None
 
     def skip_reason(self, model: nn.Module, targets: list[str]) -> Optional[str]:
         """Why this method cannot be put on ``model`` at ``targets`` (None when it can)."""
@@ -159,6 +161,21 @@ def peft_boft(block_size: int, n_factors: int) -> Method:
                   _boft_check(block_size, n_factors), quantized_base=False)
 
 
+def peft_boft_patched(block_size: int, n_factors: int) -> Method:
+    """PEFT's BOFT, built and trained by PEFT, with ``boft_triton.patch_peft()`` in effect: the row
+    to set against ``peft-boft-b<b>-N<N>`` (same model, same parameters, boft_triton's compute)."""
+    def context():
+        from boft_triton.integrations.peft_patch import patched_peft
+
+        return patched_peft()
+
+    method = peft_boft(block_size, n_factors)
+    return Method(f"peft-boft-patched-b{block_size}-N{n_factors}", "boft", method.build,
+                  f"PEFT BOFT patched b{block_size} N{n_factors}",
+                  {**method.config, "impl": "peft+patch_peft"}, method.check, quantized_base=False,
+                  context=context)
+
+
 def ours(block_size: int, n_factors: int) -> Method:
     def build(model, targets, heads):
         from boft_triton import BOFTConfig, adapt
@@ -177,8 +194,9 @@ FLOOR = Method("floor", "floor", _floor, "floor (frozen base)")
 
 def default_methods(boft_shapes=DEFAULT_BOFT_SHAPES, lora_ranks=DEFAULT_LORA_RANKS,
                     oft_block_sizes=DEFAULT_OFT_BLOCK_SIZES, peft_boft_too: bool = True) -> list[Method]:
-    """floor, LoRA per rank, OFT per block size, then PEFT BOFT and ours per (b, N) pair."""
+    """floor, LoRA per rank, OFT per block size, then per (b, N) pair PEFT BOFT, PEFT BOFT under
+    ``patch_peft()`` and ours."""
     methods = [FLOOR] + [peft_lora(r) for r in lora_ranks] + [peft_oft(b) for b in oft_block_sizes]
     for b, n in boft_shapes:
-        methods += ([peft_boft(b, n)] if peft_boft_too else []) + [ours(b, n)]
+        methods += ([peft_boft(b, n), peft_boft_patched(b, n)] if peft_boft_too else []) + [ours(b, n)]
     return methods

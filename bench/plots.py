@@ -14,6 +14,7 @@ from typing import Optional
 
 FAMILY_COLORS = {"floor": "#9e9e9e", "lora": "#4c72b0", "oft": "#dd8452", "boft": "#c44e52"}
 OURS_COLOR = "#55a868"
+PATCHED_PEFT_COLOR = "#8c8c3c"  # PEFT's BOFT under boft_triton.patch_peft()
 MEMORY_TITLES = {
     "peak_mem_mib": "CUDA peak allocated",
     "peak_mem_growth_mib": "CUDA memory growth during a step",
@@ -25,6 +26,8 @@ MEMORY_TITLES = {
 def _color(row: dict) -> str:
     if row.get("config", {}).get("impl") == "boft_triton":
         return OURS_COLOR
+    if row.get("config", {}).get("impl") == "peft+patch_peft":
+        return PATCHED_PEFT_COLOR
     return FAMILY_COLORS.get(row["family"], "#8172b3")
 
 

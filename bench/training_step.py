@@ -43,7 +43,8 @@ Results JSON (``schema`` 2)
                        "rss_peak_growth_mib" on CPU, "saved_activations_mib" if RSS is unavailable),
       "baselines": ["floor", "peft-lora-r16"] (those present),
       "rows": [{
-        "method": "floor" | "peft-lora-r16" | "peft-oft-b32" | "peft-boft-b4-N1" | "boft_triton-b4-N1" ...,
+        "method": "floor" | "peft-lora-r16" | "peft-oft-b32" | "peft-boft-b4-N1" | "peft-boft-patched-b4-N1"
+                  | "boft_triton-b4-N1" ...,
         "label": short name, "family": "floor" | "lora" | "oft" | "boft", "config": {hyper-parameters},
         "status": "ok" | "skipped" | "error", "reason": why skipped / the error (else null),
         # when status == "ok":
@@ -228,7 +229,8 @@ def measure(method: Method, work: Workload, device: torch.device, warmup: int = 
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     rss = cpu_rss() if device.type == "cpu" else None
     torch.manual_seed(0)
-    with peft_butterfly_without_cuda_extension():
+    # PEFT's N > 1 path without its CUDA extension; a method's own context (patch_peft()) goes inside.
+    with peft_butterfly_without_cuda_extension(), (method.context or contextlib.nullcontext)():
         model = method.build(copy.deepcopy(work.model), list(work.targets), list(work.heads)).to(device)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]

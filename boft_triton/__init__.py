@@ -2,6 +2,8 @@
 
     from boft_triton import BOFTConfig, adapt
     model = adapt(model, BOFTConfig(boft_block_size=8, target_modules=["q_proj", "v_proj"]))
+
+or keep PEFT and let boft_triton compute its BOFT layers: ``boft_triton.patch_peft()``.
 """
 
 from pathlib import Path
@@ -16,6 +18,7 @@ from .layer import BOFTLayer, Conv2d, Linear  # noqa: E402
 from .model import BOFTModel, adapt  # noqa: E402
 from .modules_to_save import ModulesToSaveWrapper  # noqa: E402
 from .ops import butterfly, cayley  # noqa: E402
+from .integrations.peft_patch import patch_peft, unpatch_peft  # noqa: E402
 
 __all__ = [
     "BOFTConfig",
@@ -27,5 +30,7 @@ __all__ = [
     "ModulesToSaveWrapper",
     "butterfly",
     "cayley",
+    "patch_peft",
+    "unpatch_peft",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 import os
+import sys
 
 # No hub access in tests: tiny models come from configs, the real one from a PyPI package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +36,17 @@ def _private_tune_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _peft_left_unpatched():
+    """Fails a test that leaves ``boft_triton.patch_peft()`` in effect (then restores PEFT), so
+    that every other test sees PEFT as installed."""
+    yield
+    patch = sys.modules.get("boft_triton.integrations.peft_patch")
+    if patch is not None and patch.is_patched():
+        patch.unpatch_peft()
+        pytest.fail("the test left boft_triton.patch_peft() in effect: call unpatch_peft() or use patched_peft()")
 
 
 @pytest.fixture

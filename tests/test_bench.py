@@ -13,7 +13,7 @@ from boft_triton.bench import command  # noqa: E402
 from boft_triton.bench.methods import FLOOR, ours, peft_boft, peft_oft  # noqa: E402
 from boft_triton.bench.training_step import validate  # noqa: E402
 
-METHODS = "floor,peft-lora-r16,peft-boft-b4-N2,boft_triton-b4-N2,boft_triton-b12-N2"
+METHODS = "floor,peft-lora-r16,peft-boft-b4-N2,peft-boft-patched-b4-N2,boft_triton-b4-N2,boft_triton-b12-N2"
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,23 @@ def test_rows_carry_times_memory_ratios_and_losses(bench_run):
     for name, r in rows.items():
         assert r["loss_first"] == pytest.approx(first, rel=1e-5), name
     assert rows["boft_triton-b4-N2"]["loss_last"] == pytest.approx(rows["peft-boft-b4-N2"]["loss_last"], rel=1e-4)
+    # PEFT under patch_peft(): PEFT's parameters and training, boft_triton's compute.
+    patched = rows["peft-boft-patched-b4-N2"]
+    assert patched["config"]["impl"] == "peft+patch_peft"
+    assert patched["trainable_params"] == rows["peft-boft-b4-N2"]["trainable_params"]
+    assert patched["losses"] == pytest.approx(rows["peft-boft-b4-N2"]["losses"], rel=1e-4)
+    # ...and it ran patched: no dense n x n rotation saved for backward (an exact byte count).
+    assert patched["saved_activations_mib"] < 0.5 * rows["peft-boft-b4-N2"]["saved_activations_mib"]
+
+
+def test_the_patched_peft_row_runs_under_patch_peft_and_leaves_peft_unpatched():
+    from boft_triton.bench.methods import peft_boft_patched
+    from boft_triton.integrations import peft_patch
+
+    method = peft_boft_patched(4, 2)
+    with method.context():
+        assert peft_patch.is_patched()
+    assert not peft_patch.is_patched()
 
 
 def test_markdown_and_charts_are_written(bench_run):
