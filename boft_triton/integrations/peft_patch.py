@@ -100,14 +100,17 @@ def _dense_rotation(boft_R: torch.Tensor) -> torch.Tensor:
     return ops.butterfly(eye, Q).to(boft_R.dtype)
 
 
+def _base_only(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's two paths around the adapters: disabled (unmerged first) or merged."""
+    if self.disable_adapters and self.merged:
+        self.unmerge()
+    return self.base_layer(x, *args, **kwargs)
+
+
 def _linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     previous_dtype = x.dtype
-    if self.disable_adapters:
-        if self.merged:
-            self.unmerge()
-        result = self.base_layer(x, *args, **kwargs)
-    elif self.merged:
-        result = self.base_layer(x, *args, **kwargs)
+    if self.disable_adapters or self.merged:
+        result = _base_only(self, x, *args, **kwargs)
     else:
         rotations, scale = _active_rotations(self, previous_dtype, x.device)
         # PEFT rotates x by M_last ... M_first, so x meets the last active adapter's M first.
@@ -136,12 +139,8 @@ def _conv2d_width(layer) -> int:
 
 def _conv2d_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     previous_dtype = x.dtype
-    if self.disable_adapters:
-        if self.merged:
-            self.unmerge()
-        result = self.base_layer(x, *args, **kwargs)
-    elif self.merged:
-        result = self.base_layer(x, *args, **kwargs)
+    if self.disable_adapters or self.merged:
+        result = _base_only(self, x, *args, **kwargs)
     else:
         base = self.base_layer
         k = base.kernel_size[0]
