@@ -9,7 +9,6 @@ import types
 import warnings
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -164,19 +163,15 @@ class BOFTModel(nn.Module):
         if config.target_modules is None:
             config.target_modules = targets
         self.peft_config[adapter_name] = config
-        keep_autocast = self.autocast_adapter_dtype
-        if autocast_adapter_dtype is not None:
-            self.autocast_adapter_dtype = autocast_adapter_dtype
+        autocast = self.autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype
         try:
-            self._inject(adapter_name, config, targets)
+            self._inject(adapter_name, config, targets, autocast)
         except Exception:
             self._drop(adapter_name)
             raise
-        finally:
-            self.autocast_adapter_dtype = keep_autocast
         self._set_trainable()
 
-    def _inject(self, adapter_name: str, config: BOFTConfig, targets) -> None:
+    def _inject(self, adapter_name: str, config: BOFTConfig, targets, autocast: bool) -> None:
         keys = [k for k, _ in self.model.named_modules() if k]
         inside_adapter = ("base_layer", "original_module", "modules_to_save")
         matched, unsupported, replaced = [], [], []
@@ -205,7 +200,7 @@ class BOFTModel(nn.Module):
                 setattr(parent, child, layer)
                 replaced.append(key)
             layer.disable_adapters = self._adapters_disabled
-            if not self.autocast_adapter_dtype:  # PEFT's autocast_adapter_dtype=False: the base's dtype
+            if not autocast:  # PEFT's autocast_adapter_dtype=False: the base's dtype
                 layer.boft_R[adapter_name].data = layer.boft_R[adapter_name].data.to(layer.base_dtype())
                 layer.boft_s[adapter_name].data = layer.boft_s[adapter_name].data.to(layer.base_dtype())
             matched.append(key)
@@ -466,10 +461,7 @@ class BOFTModel(nn.Module):
 
         ``torch_device`` is where the checkpoint tensors are read to (the adapter then lives on
         its layer's device); ``revision`` and ``hub_kwargs`` go to the Hub download."""
-        directory = hub.resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
-        config = BOFTConfig.from_pretrained(directory)
-        config.inference_mode = not is_trainable
-        weights = checkpoint.read_adapter_weights(directory, torch_device)
+        config, weights = _read_saved_adapter(model_id, subfolder, revision, torch_device, is_trainable, **hub_kwargs)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage)
         try:
             checkpoint.load_adapter_state_dict(self.model, weights, adapter_name, config.bias)
@@ -492,10 +484,7 @@ class BOFTModel(nn.Module):
                         autocast_adapter_dtype: bool = True, **hub_kwargs) -> "BOFTModel":
         """Wrap ``model`` and load the adapter saved in ``model_id`` (ours or PEFT's; a folder or a
         Hub repo id). The keywords are ``PeftModel.from_pretrained``'s (see ``load_adapter``)."""
-        directory = hub.resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
-        config = BOFTConfig.from_pretrained(directory)
-        config.inference_mode = not is_trainable
-        weights = checkpoint.read_adapter_weights(directory, torch_device)
+        config, weights = _read_saved_adapter(model_id, subfolder, revision, torch_device, is_trainable, **hub_kwargs)
         boft_model = cls(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
         checkpoint.load_adapter_state_dict(boft_model.model, weights, adapter_name, config.bias)
         boft_model._sync_factor_count(adapter_name)
@@ -503,6 +492,14 @@ class BOFTModel(nn.Module):
         if not is_trainable:
             boft_model.eval()
         return boft_model
+
+
+def _read_saved_adapter(model_id, subfolder, revision, torch_device, is_trainable: bool, **hub_kwargs):
+    """The config (``inference_mode`` set from ``is_trainable``) and tensors of a saved adapter."""
+    directory = hub.resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
+    config = BOFTConfig.from_pretrained(directory)
+    config.inference_mode = not is_trainable
+    return config, checkpoint.read_adapter_weights(directory, torch_device)
 
 
 def _one_config(peft_config: BOFTConfig | None, config: BOFTConfig | None) -> BOFTConfig:

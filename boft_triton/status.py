@@ -8,6 +8,7 @@ from typing import Literal
 from torch import nn
 
 from .layer import BOFTLayer
+from .quantized import is_quantized
 from .modules_to_save import ModulesToSaveWrapper
 
 IRREGULAR = "irregular"
@@ -74,6 +75,8 @@ def layer_status(root: nn.Module) -> list[TunerLayerStatus]:
             requires_grad={a: _flag([p.requires_grad for p in ps]) for a, ps in params.items()},
             available_adapters=sorted(params),
             devices={a: sorted({p.device.type for p in ps}) for a, ps in params.items()},
+            quantization_backend=("bitsandbytes" if isinstance(module, BOFTLayer) and is_quantized(module.base_layer)
+                                  else None),
         ))
     if not out:
         raise ValueError("No adapter layers found in the model: it holds no BOFT layer (every adapter was unloaded?).")
@@ -81,7 +84,7 @@ def layer_status(root: nn.Module) -> list[TunerLayerStatus]:
 
 
 def _same_or_irregular(values: list):
-    first = values[0] if values else []
+    first = values[0]  # layer_status never returns an empty list
     return first if all(v == first for v in values) else IRREGULAR
 
 
@@ -94,7 +97,6 @@ def model_status(boft_model, layers: list[TunerLayerStatus]) -> TunerModelStatus
             requires_grad[adapter] = flag if requires_grad.get(adapter, flag) == flag else IRREGULAR
         for adapter, where in status.devices.items():
             devices.setdefault(adapter, set()).update(where)
-    enabled = _same_or_irregular([s.enabled for s in layers]) if layers else not boft_model._adapters_disabled
     return TunerModelStatus(
         base_model_type=type(boft_model.model).__name__,
         adapter_model_type=type(boft_model).__name__,
@@ -102,10 +104,11 @@ def model_status(boft_model, layers: list[TunerLayerStatus]) -> TunerModelStatus
         trainable_params=trainable,
         total_params=total,
         num_adapter_layers=len(layers),
-        enabled=enabled,
+        enabled=_same_or_irregular([s.enabled for s in layers]),
         active_adapters=_same_or_irregular([s.active_adapters for s in layers]),
         merged_adapters=_same_or_irregular([s.merged_adapters for s in layers]),
         requires_grad=requires_grad,
         available_adapters=sorted({a for s in layers for a in s.available_adapters}),
         devices={a: sorted(d) for a, d in devices.items()},
+        quantization_backend=_same_or_irregular([s.quantization_backend for s in layers]),
     )

@@ -251,17 +251,12 @@ def test_merging_into_a_quantized_base_is_refused_and_nothing_is_merged(how):
 
 
 def test_all_linear_picks_the_same_layers_on_a_quantized_model(llama_dir):
-    """``target_modules="all-linear"`` (issue 10) must see bitsandbytes layers as the Linears they
+    """``target_modules="all-linear"`` must see bitsandbytes layers as the Linears they
     replace: the same modules adapted as on the plain model."""
     from transformers import LlamaForCausalLM
 
     config = dict(target_modules="all-linear", boft_block_size=4)
-    try:
-        plain = adapt(LlamaForCausalLM.from_pretrained(llama_dir), BOFTConfig(**config))
-    except ValueError as err:
-        if "matched no module" not in str(err):
-            raise
-        pytest.skip("target_modules='all-linear' is not implemented on this branch (issue 10 adds it)")
+    plain = adapt(LlamaForCausalLM.from_pretrained(llama_dir), BOFTConfig(**config))
     quantized = adapt(load_quantized(llama_dir, "nf4"), BOFTConfig(**config))
     adapted = {n for n, _ in plain._boft_layers()}
     assert adapted and adapted == {n for n, _ in quantized._boft_layers()}

@@ -22,8 +22,8 @@ train ...`` (or ``accelerate launch --multi_gpu --num_processes K``; on CPU add
 all-reduces only those; ``metrics.json`` records what DDP's reducer holds and a per-process digest
 of the final adapter.
 
-Debug switches (environment, for tests): ``BOFT_TRITON_DEBUG_NAN_STEP=k`` makes step k's loss
-NaN; ``BOFT_TRITON_DEBUG_STEP_DELAY=seconds`` sleeps after every step. Both are read once.
+Debug switch (environment, for tests): ``BOFT_TRITON_DEBUG_NAN_STEP=k`` makes step k's loss NaN
+(read once); ``BOFT_TRITON_DEBUG_KILL_AFTER_CHECKPOINT=k`` is in ``train_state``.
 """
 
 from __future__ import annotations
@@ -553,7 +553,6 @@ def _train_steps(run: _Run, job: _Adapted, model, optimizer, scheduler, train_dl
 
     args, accelerator = run.args, run.accelerator
     nan_step = int(os.environ.get("BOFT_TRITON_DEBUG_NAN_STEP", "0") or 0)
-    step_delay = float(os.environ.get("BOFT_TRITON_DEBUG_STEP_DELAY", "0") or 0)
     params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP swaps them
     last_checkpoint = resumed_from
     t = time.perf_counter()
@@ -599,8 +598,6 @@ def _train_steps(run: _Run, job: _Adapted, model, optimizer, scheduler, train_dl
             if args.save_every and step % args.save_every == 0:
                 last_checkpoint = str(train_state.save(accelerator, model, optimizer, scheduler, run.out_dir,
                                                        step, losses, job.fingerprint, args.keep_checkpoints))
-            if step_delay:
-                time.sleep(step_delay)
             if step >= args.steps:
                 break
         epoch += 1
