@@ -43,7 +43,7 @@ def dropout_mask(R: torch.Tensor, p: float) -> torch.Tensor:
     # ``perm[i] < n_drop``; the same draw, without indexing.
     row = torch.randperm(block_num) < int(p * block_num)
     mask = (torch.arange(n_factors) == chosen).unsqueeze(1) & row
-    return mask.to(R.device)
+    return mask.to(R.device, non_blocking=True)  # a fresh host tensor: no need to wait for the GPU
 
 
 @dropout_mask.register_fake

@@ -284,6 +284,8 @@ def _splits(T: int, NB: int, WP: int, device: torch.device) -> tuple[int, int]:
     so the dDelta reduction order, hence its bits, do not change with tuning): (splits, rows per
     split). Each split covers at least 8 WP rows, so its Delta read and dDelta partial (WP^2
     values each) cost at most about 1/8 of the bytes its rows move."""
+    if T == 0:  # an empty batch: one (zero) partial, as the launcher returns
+        return 1, 0
     want = max(1, -(-4 * num_sms(device) // max(NB, 1)))
     splits = max(1, min(-(-T // (4 * RC)), want, T // (8 * WP)))
     rows = -(-T // splits)
