@@ -38,6 +38,9 @@ from pathlib import Path
 # (b, N) shapes of the issue; T >= 512 rows so the per-program parameter reads are amortised the
 # way they are in training (T is batch x sequence, thousands of rows).
 SHAPES = [(4, 1), (8, 1), (8, 2), (4, 4), (16, 1), (32, 1), (32, 2), (64, 1)]
+# More shapes the traffic report covers: wider coarse blocks (L = 128, the widest a program holds),
+# more levels, and L = 256 (two factor groups, two passes over x).
+MORE_SHAPES = [(16, 2), (8, 3), (16, 3), (2, 6), (64, 2), (128, 1), (32, 3), (16, 4), (64, 3), (8, 6)]
 TARGET_FWD = 1.25
 TARGET_FWD_BWD = 1.5
 
@@ -194,10 +197,11 @@ def compile_rows(widths, shapes, archs=(90, 80), T: int = 8192, dtype_name: str 
             if n % (b << (N - 1)):
                 continue
             for arch in archs:
-                for spec in kb.launch_specs(n, b, N, T, dtype_name):
+                for spec in kb.launch_specs(n, b, N, dtype_name):
                     stats = compile_stats(spec, arch)
                     rows.append({"n": n, "b": b, "N": N, "L": b << (N - 1), "arch": f"sm_{arch}", "dtype": dtype_name,
-                                 "kernel": spec["name"], "config": spec["config"], **stats})
+                                 "kernel": spec["name"], "width": spec["width"], "levels": spec["levels"],
+                                 "config": spec["config"], **stats})
     return rows
 
 
@@ -263,35 +267,50 @@ def compile_markdown(rows: list[dict]) -> str:
 
 H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3
 H100_BF16_TENSOR = 989e12  # dense bf16 tensor-core flop/s
+H100_SMS = 132
 
 
 def roofline_rows(T: int = 8192, n: int = 2048, ratios: dict | None = None) -> list[dict]:
     """Per shape, bf16: microseconds the bytes need at full bandwidth against what the tensor-core
-    flops need at peak. Bytes are the ideal times the interpreter-measured ratio when given
-    (``ratios[(b, N)] = (fwd, fwd_bwd)``); flops count the padded/packed dot width."""
+    flops need at peak (``ratios[(b, N)] = (fwd, fwd_bwd)``: bytes are the ideal times these
+    interpreter-measured ratios). Flops: the row products at the padded/packed dot width, plus
+    the block products every program spends building its Delta tile (and, backward, dQ), at the
+    default config's program and split counts on an H100."""
     from boft_triton.kernels import butterfly as kb
 
     rows = []
     for b, N in SHAPES:
-        width = sum(g["WP"] for g in kb.plan(n, b, N))  # multiply-adds per element, forward
+        fwd_flops = bwd_flops = build_fwd = build_bwd = 0
+        fwd_cfg = kb.default_config(n, b, N, "fwd")
+        for grp in kb.plan(n, b, N):
+            wp, nb = grp["WP"], grp["NB"]
+            build, dq = kb.block_products(grp)
+            programs = kb._programs(T, fwd_cfg["BT"], fwd_cfg["PPS"], grp, b, H100_SMS)
+            splits, _ = kb._splits(T, grp, b, H100_SMS)
+            fwd_flops += 2 * T * n * wp
+            bwd_flops += 4 * T * n * wp  # dx and dMc, one product each
+            build_fwd += 2 * wp**3 * build * programs * nb
+            build_bwd += 2 * wp**3 * (build * splits + dq) * nb
         fwd_ratio, both_ratio = (ratios or {}).get((b, N), (1.0, 1.0))
         fwd_bytes, both_bytes = 2 * T * n * 2 * fwd_ratio, 5 * T * n * 2 * both_ratio
-        fwd_flops = 2 * T * n * width
-        both_flops = 3 * fwd_flops  # backward: dx and dDelta, one product each
-        row = {"b": b, "N": N, "L": b << (N - 1), "T": T, "n": n, "dot_width": width,
-               "fwd_us_bytes": 1e6 * fwd_bytes / H100_BANDWIDTH, "fwd_us_flops": 1e6 * fwd_flops / H100_BF16_TENSOR,
+        row = {"b": b, "N": N, "L": b << (N - 1), "T": T, "n": n, "dot_width": sum(g["WP"] for g in kb.plan(n, b, N)),
+               "fwd_us_bytes": 1e6 * fwd_bytes / H100_BANDWIDTH,
+               "fwd_us_flops": 1e6 * (fwd_flops + build_fwd) / H100_BF16_TENSOR,
                "fwd_bwd_us_bytes": 1e6 * both_bytes / H100_BANDWIDTH,
-               "fwd_bwd_us_flops": 1e6 * both_flops / H100_BF16_TENSOR}
+               "fwd_bwd_us_flops": 1e6 * (fwd_flops + bwd_flops + build_fwd + build_bwd) / H100_BF16_TENSOR,
+               "build_share": (build_fwd + build_bwd) / max(1, fwd_flops + bwd_flops + build_fwd + build_bwd)}
         row["bound"] = "bandwidth" if row["fwd_bwd_us_bytes"] >= row["fwd_bwd_us_flops"] else "compute"
         rows.append(row)
     return rows
 
 
 def roofline_markdown(rows: list[dict]) -> str:
-    lines = ["| b x N | L | dot width | fwd us: bytes / flops | fwd+bwd us: bytes / flops | bound |", "|---|---|---|---|---|---|"]
+    lines = ["| b x N | L | dot width | fwd us: bytes / flops | fwd+bwd us: bytes / flops | block-build share of flops | bound |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['b']} x {r['N']} | {r['L']} | {r['dot_width']} | {r['fwd_us_bytes']:.1f} / {r['fwd_us_flops']:.1f} | "
-                     f"{r['fwd_bwd_us_bytes']:.1f} / {r['fwd_bwd_us_flops']:.1f} | {r['bound']} |")
+                     f"{r['fwd_bwd_us_bytes']:.1f} / {r['fwd_bwd_us_flops']:.1f} | {100 * r.get('build_share', 0):.0f}% | "
+                     f"{r['bound']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -320,7 +339,7 @@ def main(argv=None) -> int:
     date = time.strftime("%Y-%m-%d")
     tag = f"-{args.tag}" if args.tag else ""
     if args.report == "traffic":
-        rows = [traffic(args.n, b, N, args.T, args.dtype) for b, N in SHAPES if args.n % (b << (N - 1)) == 0]
+        rows = [traffic(args.n, b, N, args.T, args.dtype) for b, N in SHAPES + MORE_SHAPES if args.n % (b << (N - 1)) == 0]
         table = traffic_markdown(rows)
         title = f"Interpreter traffic, {args.dtype}, n={args.n}, T={args.T} (targets: fwd <= {TARGET_FWD}x, fwd+bwd <= {TARGET_FWD_BWD}x)"
         stem = f"interp-traffic-{date}{tag}"

@@ -4,18 +4,24 @@
 (as Monarch matrices and FlashFFTConv do with structured products) the rotation is applied as
 dense ``L x L`` block products with ``tl.dot``:
 
-1. **Blocks once per call.** ``torch_ops.group_blocks`` builds the blocks ``Mc`` (fp32) from Q
-   with a few batched torch ops (cost O(n L N b), nothing next to the T n L of the product); their
-   backward ``dMc -> dQ`` is that builder's autograd, and the Cayley backward runs as before.
+1. **Blocks built where they are used.** Each program loads the Q blocks of its coarse block (each
+   factor as a dense, mostly-zero tile read through a masked gather, so only Q's own values move)
+   and multiplies them into ``Mc`` in fp32 with ``tl.dot`` (``tf32x3``: fp32-accurate on tensor
+   cores). The parameters therefore cost one read of Q per program and nothing else: no blocks are
+   written to or read back from memory, and no torch op runs per call.
 2. **Residual form.** The kernels apply ``y_c = x_c + x_c Delta_c`` with ``Delta = Mc - I``, so the
    identity part of M is exact and only the (small) rotation is rounded to x's dtype for the dot.
-   Operands are x's dtype (bf16/fp16) with fp32 accumulation; fp32 inputs use ``tf32x3`` (fp32
-   accuracy on tensor cores). Programs are persistent over row tiles: each loads its Delta tile
-   once, then streams rows, so x is read once and y written once.
-3. **Backward.** ``dx = g Mc^T = g + g Delta^T`` and ``dDelta = sum_rows x_c^T g_c`` in one pass over
-   (x, g). The row sum is deterministic: fixed row *splits* (set by T and the device) each write a
-   partial that torch sums, and inside a split rows are reduced in chunks of a fixed ``RC`` rows
-   (not a tuned parameter). No float atomics; the bits do not depend on the tile config. When x
+   Operands are x's dtype (bf16/fp16) with fp32 accumulation; fp32 inputs use ``tf32x3``. Programs
+   are persistent over row tiles: each builds its Delta tile once, then streams rows, so x is read
+   once and y written once.
+3. **Backward.** ``dx = g Mc^T = g + g Delta^T`` and ``dMc = sum_rows x_c^T g_c`` in one pass over
+   (x, g); then ``dQ`` of each factor ``F_k`` of ``Mc = F_{k1-1} ... F_{k0}`` is
+   ``(F_{k1-1} ... F_{k+1})^T dMc (F_{k-1} ... F_{k0})^T`` on its nonzeros, stored straight into
+   dQ (every Q value sits in exactly one block, so no accumulation). The row sum is deterministic:
+   fixed row *splits* (set by T, the shape and the device, never the tile config) each reduce
+   their rows in chunks of a fixed ``RC`` rows; with one split the same program goes on to dQ, with
+   several each writes a partial and a small kernel adds them in split order before dQ. No float
+   atomics, so the bits do not depend on the tile config or the order programs run in. When x
    needs no gradient the dx half is compiled out; when Q needs none, dx is the forward kernel with
    the transpose flipped.
 4. **Every (b, N).**
@@ -25,7 +31,8 @@ dense ``L x L`` block products with ``tl.dot``:
      levels, each group with its own dense blocks of at most MAX_BLOCK columns (a group of high
      levels acts on interleaved columns; the kernels gather them with a column map).
 
-Widths that are not a power of two are padded to one (masked lanes, zero Delta).
+Widths that are not a power of two are padded to one (masked lanes, zero Delta). The block layout
+(which Q value sits where) is ``torch_ops.group_blocks``'s; the tests hold the kernels to it.
 """
 
 from __future__ import annotations
@@ -36,17 +43,19 @@ import functools
 import torch
 from torch.library import wrap_triton
 
-from boft_triton import torch_ops
-
 from ._common import LAST_LAUNCH, cached_config, interpreting, kernel_op, new_empty, next_pow2, num_sms, tl, triton
 
-# Widest dense block a program holds (its Delta tile and, backward, its dDelta accumulator).
+# Widest dense block a program holds (its Delta tile and, backward, its dMc accumulator).
 MAX_BLOCK = 128
 # tl.dot needs every dim >= 16: narrower blocks are packed (or padded) to this width.
 MIN_BLOCK = 16
-# Rows per step of the backward's dDelta reduction: fixed (never tuned) so the bits of dQ do not
+# Rows per step of the backward's dMc reduction: fixed (never tuned) so the bits of dQ do not
 # depend on the tile config.
 RC = 64
+# A program (forward) or row split (backward) gets at least this many rows per level-times-b of
+# its group, so the Q values it reads (levels x b per block row, fp32) cost at most about 1/16 of
+# the bytes its rows move, unless that would leave SMs idle.
+ROWS_PER_Q = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,9 +66,10 @@ RC = 64
 def plan(n: int, b: int, N: int) -> tuple[dict, ...]:
     """The groups of factors of an (n, b, N) butterfly, in the order they act on ``x M``.
 
-    Each group: levels ``[k0, k1)``, block width W, column interleave S and chunk H (see
-    ``torch_ops.group_blocks``), pack (consecutive blocks merged block-diagonally), and the
-    padded power-of-two width WP the kernels tile. ``x M^T`` runs the groups in reverse."""
+    Each group: levels ``[k0, k1)``, the chunk HC a factor mixes (b/2; b when N = 1), block width
+    W, column interleave S and chunk H (see ``torch_ops.group_blocks``), pack (consecutive blocks
+    merged block-diagonally), the packed width WB, block count NB and the padded power-of-two
+    width WP the kernels tile. ``x M^T`` runs the groups in reverse."""
     if N > 1 and b % 2:
         raise ValueError(f"butterfly: block size {b} must be even with {N} factors")
     chunk = b // 2 if N > 1 else b
@@ -82,9 +92,14 @@ def plan(n: int, b: int, N: int) -> tuple[dict, ...]:
         if S == 1 and W < MIN_BLOCK:  # merge consecutive blocks up to a 16-wide dot
             pack = next((p for p in range(-(-MIN_BLOCK // W), 2 * MIN_BLOCK) if NB % p == 0 and p * W <= 2 * MIN_BLOCK), 1)
         Wp = W * pack
-        out.append(dict(k0=k0, k1=k1, W=W, S=S, H=chunk if S > 1 else Wp, pack=pack, WB=Wp, NB=NB // pack,
-                        WP=max(MIN_BLOCK, next_pow2(Wp))))
+        out.append(dict(k0=k0, k1=k1, HC=chunk, W=W, S=S, H=chunk if S > 1 else Wp, pack=pack, WB=Wp,
+                        NB=NB // pack, WP=max(MIN_BLOCK, next_pow2(Wp))))
     return tuple(reversed(out))  # x M = x B_{N-1} ... B_0: the highest levels act first
+
+
+def group(n: int, b: int, N: int, k0: int) -> dict:
+    """The group of ``plan(n, b, N)`` that starts at level k0."""
+    return next(g for g in plan(n, b, N) if g["k0"] == k0)
 
 
 def path_name(n: int, b: int, N: int) -> str:
@@ -93,27 +108,8 @@ def path_name(n: int, b: int, N: int) -> str:
     return f"dot{widths}" + (f"-pack{groups[-1]['pack']}" if groups[-1]["pack"] > 1 else "")
 
 
-def deltas(Q: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """``Delta = blocks - I`` of every group (fp32, differentiable in Q), in ``plan`` order."""
-    N, D, b, _ = Q.shape
-    out = []
-    for g in plan(n, b, N):
-        blocks = torch_ops.group_blocks(Q.float(), g["k0"], g["k1"])
-        if g["pack"] > 1:
-            blocks = _packed(blocks, g["pack"])
-        if g["pack"] > 1 or (N > 1 and g["k1"] - g["k0"] > 1):  # a fresh tensor: Delta in place
-            blocks.diagonal(dim1=-2, dim2=-1).sub_(1.0)
-        else:  # a view of Q itself
-            blocks = blocks - torch.eye(g["WB"], device=Q.device, dtype=blocks.dtype)
-        out.append(blocks)
-    return out
-
-
-def _packed(blocks: torch.Tensor, p: int) -> torch.Tensor:
-    """``[C, W, W]`` -> ``[C/p, pW, pW]``: each p consecutive blocks as one block-diagonal block."""
-    C, W, _ = blocks.shape
-    eye = torch.eye(p, device=blocks.device, dtype=blocks.dtype)
-    return torch.einsum("cpij,pq->cpiqj", blocks.view(C // p, p, W, W), eye).reshape(C // p, p * W, p * W)
+def _rows_min(grp: dict, b: int) -> int:
+    return ROWS_PER_Q * (grp["k1"] - grp["k0"]) * b
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,33 +118,33 @@ def _packed(blocks: torch.Tensor, p: int) -> torch.Tensor:
 
 def candidates(n: int, b: int, N: int, kind: str) -> list[dict]:
     """Configs worth trying: forward rows per tile BT, programs per SM (persistence), warps,
-    stages; the backward's row chunk is fixed (RC), so it tunes programs per SM, warps, stages."""
+    stages; the backward's row splits and chunk are fixed (determinism), so it tunes warps and
+    stages."""
     WP = max(g["WP"] for g in plan(n, b, N))
     out = []
     for warps in (4, 8):
         for stages in (2, 3):
+            if kind != "fwd":
+                out.append({"num_warps": warps, "num_stages": stages})
+                continue
             for pps in (2, 4, 8):
-                if kind == "fwd":
-                    for BT in (32, 64, 128):
-                        if BT * WP <= 128 * 128:
-                            out.append({"BT": BT, "PPS": pps, "num_warps": warps, "num_stages": stages})
-                else:
-                    out.append({"PPS": pps, "num_warps": warps, "num_stages": stages})
+                for BT in (32, 64, 128):
+                    if BT * WP <= 128 * 128:
+                        out.append({"BT": BT, "PPS": pps, "num_warps": warps, "num_stages": stages})
     return out
 
 
-def default_config(n: int, b: int, N: int, kind: str, T: int = 0) -> dict:
+def default_config(n: int, b: int, N: int, kind: str) -> dict:
     """The untuned config: 64-row tiles (128 for narrow blocks), 4 programs per SM, 8 warps where
     the tiles need the registers (forward at 128-wide blocks; backward from 64-wide ones, whose
-    dDelta accumulator takes 201 registers a thread on sm_80 with 4 warps, 175 with 8; 113 / 67 on
-    sm_90), else 4."""
+    fp32 dMc accumulator and block products need them), else 4."""
     WP = max(g["WP"] for g in plan(n, b, N))
     if kind == "fwd":
         return {"BT": 128 if WP <= 32 else 64, "PPS": 4, "num_warps": 8 if WP >= 128 else 4, "num_stages": 3}
-    return {"PPS": 4, "num_warps": 8 if WP >= 64 else 4, "num_stages": 2}
+    return {"num_warps": 8 if WP >= 64 else 4, "num_stages": 2}
 
 
-_REQUIRED = {"fwd": ("BT", "PPS", "num_warps"), "bwd": ("PPS", "num_warps")}
+_REQUIRED = {"fwd": ("BT", "PPS", "num_warps"), "bwd": ("num_warps",)}
 _FORCED: dict[str, dict] = {}
 
 
@@ -173,7 +169,7 @@ def pick_config(kind: str, n: int, b: int, N: int, dtype: torch.dtype, device: t
 
 
 # ---------------------------------------------------------------------------------------------
-# kernels
+# kernels: block layout and block products
 
 
 @triton.jit
@@ -188,31 +184,110 @@ def _columns(i_b, WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, H: tl.con
 
 
 @triton.jit
-def _load_delta(d_ptr, i_b, TRANS: tl.constexpr, WB: tl.constexpr, WP: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Block i_b of Delta as a [WP, WP] dot operand (Delta^T with TRANS), zero padded."""
+def _factor(i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, HC: tl.constexpr,
+            W: tl.constexpr, WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr):
+    """Where factor k's values for block i_b sit in Q[K0:K1] (``[levels, D, B, B]``): offsets and
+    mask of a dense ``[WP, WP]`` tile (row = input column of the block, col = output column).
+
+    Block row r = (pack slot, m, off): m holds the group's chunk bits (levels K0..K1-1 of the
+    chunk index), off the offset in a chunk of HC. Factor k pairs the two chunks that differ in
+    bit k, so (r, c) is a value when they agree in every other bit; it is row (bit k of m_r, off_r),
+    column (bit k of m_c, off_c) of Q block ``d = (chunk >> (k+1)) 2^k + (chunk mod 2^k)``."""
     o_w = tl.arange(0, WP)
-    m_w = o_w < WB
+    slot = o_w // W
+    m = (o_w % W) // HC
+    off = o_w % HC
+    bit: tl.constexpr = 1 << (k - K0)
+    half = (m // bit) % 2
+    blk = i_b * PACK + slot
+    chunk = ((blk // S) * (1 << (K1 - K0)) + m) * S + blk % S
+    d = (chunk // (2 << k)) * (1 << k) + chunk % (1 << k)
+    o_q = (((k - K0) * D + d)[:, None] * B + (half * HC + off)[:, None]) * B + (half * HC + off)[None, :]
+    valid = o_w < WB
+    mask = (valid[:, None] & valid[None, :]) & (slot[:, None] == slot[None, :]) & ((m | bit)[:, None] == (m | bit)[None, :])
+    return o_q, mask
+
+
+@triton.jit
+def _residual(q_ptr, i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr,
+              HC: tl.constexpr, W: tl.constexpr, WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr,
+              PACK: tl.constexpr):
+    """``E_k = F_k - I`` on block i_b, fp32 ``[WP, WP]`` (zero on padded lanes)."""
+    o_q, m_q = _factor(i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK)
+    f = tl.load(q_ptr + o_q, mask=m_q, other=0.0).to(tl.float32)
+    o_w = tl.arange(0, WP)
+    return tl.where((o_w[:, None] == o_w[None, :]) & (o_w < WB)[:, None], f - 1.0, f)
+
+
+@triton.jit
+def _product_minus_eye(q_ptr, i_b, D, LO: tl.constexpr, HI: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
+                       B: tl.constexpr, HC: tl.constexpr, W: tl.constexpr, WB: tl.constexpr, WP: tl.constexpr,
+                       S: tl.constexpr, PACK: tl.constexpr, BUILD_DTYPE: tl.constexpr,
+                       BUILD_PRECISION: tl.constexpr):
+    """``F_{HI-1} ... F_{LO} - I`` on block i_b, fp32 ``[WP, WP]`` (LO < HI), in residual form:
+    ``(I + E_k)(I + D) - I = E_k + D + E_k D``. The identity and first-order terms are exact fp32
+    adds; only the second-order ``E_k D`` goes through the dot (in BUILD_DTYPE), so its rounding
+    is relative to that small term, not to the identity."""
+    d = _residual(q_ptr, i_b, D, LO, K0, K1, B, HC, W, WB, WP, S, PACK)
+    for k in tl.static_range(LO + 1, HI):
+        e = _residual(q_ptr, i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK)
+        d = tl.dot(e.to(BUILD_DTYPE), d.to(BUILD_DTYPE), d + e, input_precision=BUILD_PRECISION)
+    return d
+
+
+@triton.jit
+def _delta(q_ptr, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, HC: tl.constexpr, W: tl.constexpr,
+           WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr, TRANS: tl.constexpr,
+           DOT_DTYPE: tl.constexpr, BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr):
+    """``Delta = Mc - I`` of block i_b (``Delta^T`` with TRANS) as a ``[WP, WP]`` dot operand."""
+    delta = _product_minus_eye(q_ptr, i_b, D, K0, K1, K0, K1, B, HC, W, WB, WP, S, PACK, BUILD_DTYPE,
+                               BUILD_PRECISION)
     if TRANS:
-        o_d = o_w[None, :] * WB + o_w[:, None]
-    else:
-        o_d = o_w[:, None] * WB + o_w[None, :]
-    b_d = tl.load(d_ptr + i_b * (WB * WB) + o_d, mask=m_w[:, None] & m_w[None, :], other=0.0)
-    return b_d.to(DOT_DTYPE)
+        delta = tl.trans(delta)
+    return delta.to(DOT_DTYPE)
+
+
+@triton.jit
+def _store_dq(dq_ptr, q_ptr, dmc, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, HC: tl.constexpr,
+              W: tl.constexpr, WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr,
+              BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr):
+    """dQ of block i_b's factors from ``dMc``: ``dF_k = (F_{K1-1} ... F_{k+1})^T dMc (F_{k-1} ...
+    F_{K0})^T``, stored on F_k's values (each is one Q value: a plain store, no accumulation).
+    Residual form again: ``U P^T = U + U (P - I)^T``, ``F^T U = U + E^T U``; the lower product is
+    rebuilt per level and applied first, so it is dead before the upper chain runs (keeping it
+    across levels would save products but costs one more live tile: more spills at 128 wide)."""
+    for k in tl.static_range(K0, K1):
+        upper = dmc
+        if k > K0:
+            lower = _product_minus_eye(q_ptr, i_b, D, K0, k, K0, K1, B, HC, W, WB, WP, S, PACK, BUILD_DTYPE,
+                                       BUILD_PRECISION)
+            upper = tl.dot(dmc.to(BUILD_DTYPE), tl.trans(lower).to(BUILD_DTYPE), dmc, input_precision=BUILD_PRECISION)
+        for t in tl.static_range(0, K1 - 1 - k):  # levels K1-1 down to k+1
+            e = _residual(q_ptr, i_b, D, K1 - 1 - t, K0, K1, B, HC, W, WB, WP, S, PACK)
+            upper = tl.dot(tl.trans(e).to(BUILD_DTYPE), upper.to(BUILD_DTYPE), upper, input_precision=BUILD_PRECISION)
+        o_q, m_q = _factor(i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK)
+        tl.store(dq_ptr + o_q, upper, mask=m_q)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels: row passes
 
 
 @triton.jit
 def _apply_kernel(
-    x_ptr, d_ptr, y_ptr, T, n,
-    WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, H: tl.constexpr, TRANS: tl.constexpr,
-    BT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr, q_ptr, y_ptr, T, n, D,
+    K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, HC: tl.constexpr, W: tl.constexpr, WB: tl.constexpr,
+    WP: tl.constexpr, S: tl.constexpr, H: tl.constexpr, PACK: tl.constexpr, TRANS: tl.constexpr,
+    BT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BUILD_DTYPE: tl.constexpr,
+    BUILD_PRECISION: tl.constexpr,
 ):
     """``y = x + x Delta`` (``x + x Delta^T`` with TRANS) on block i_b's columns, for row tiles
-    i_p, i_p + P, ... (persistent: the Delta tile is loaded once per program)."""
+    i_p, i_p + P, ... (persistent: the Delta tile is built once per program)."""
     i_p = tl.program_id(0).to(tl.int64)  # int64 row offsets for large T*n
     i_b = tl.program_id(1).to(tl.int64)
     n_p = tl.num_programs(0)
     o_col, m_col = _columns(i_b, WB, WP, S, H)  # [WP]
-    b_d = _load_delta(d_ptr, i_b, TRANS, WB, WP, DOT_DTYPE)  # [WP, WP]
+    b_d = _delta(q_ptr, i_b, D, K0, K1, B, HC, W, WB, WP, S, PACK, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
     for i_t in range(i_p, tl.cdiv(T, BT), n_p):
         o_t = i_t * BT + tl.arange(0, BT)
         o_x = o_t[:, None] * n + o_col[None, :]  # [BT, WP]
@@ -224,17 +299,21 @@ def _apply_kernel(
 
 @triton.jit
 def _grad_kernel(
-    x_ptr, g_ptr, d_ptr, dx_ptr, dd_ptr, T, n, ROWS, NB,
-    WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, H: tl.constexpr, TRANS: tl.constexpr,
-    WRITE_DX: tl.constexpr, RC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr, g_ptr, q_ptr, dx_ptr, dd_ptr, dq_ptr, T, n, D, ROWS, NB,
+    K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, HC: tl.constexpr, W: tl.constexpr, WB: tl.constexpr,
+    WP: tl.constexpr, S: tl.constexpr, H: tl.constexpr, PACK: tl.constexpr, TRANS: tl.constexpr,
+    WRITE_DX: tl.constexpr, FUSED_DQ: tl.constexpr, RC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr, BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr,
 ):
     """Rows [i_s ROWS, (i_s+1) ROWS) of block i_b: ``dx = g + g Delta^T`` (``g + g Delta`` with
-    TRANS) and this split's partial ``dDelta = x^T g`` (``g^T x``), reduced RC rows at a time."""
+    TRANS) and this split's ``dMc = x^T g`` (``g^T x``), reduced RC rows at a time; then dQ
+    (FUSED_DQ: the only split) or the split's partial dMc."""
     i_s = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
     o_col, m_col = _columns(i_b, WB, WP, S, H)
     if WRITE_DX:
-        b_dt = _load_delta(d_ptr, i_b, not TRANS, WB, WP, DOT_DTYPE)  # [WP, WP]
+        b_dt = _delta(q_ptr, i_b, D, K0, K1, B, HC, W, WB, WP, S, PACK, not TRANS, DOT_DTYPE, BUILD_DTYPE,
+                      BUILD_PRECISION)
     b_dd = tl.zeros([WP, WP], dtype=tl.float32)
     row_lo = i_s * ROWS
     row_hi = tl.minimum(row_lo + ROWS, T)
@@ -252,10 +331,31 @@ def _grad_kernel(
             b_dd = tl.dot(tl.trans(b_gd), b_x, b_dd, input_precision=PRECISION)
         else:
             b_dd = tl.dot(tl.trans(b_x), b_gd, b_dd, input_precision=PRECISION)
+    if FUSED_DQ:
+        _store_dq(dq_ptr, q_ptr, b_dd, i_b, D, K0, K1, B, HC, W, WB, WP, S, PACK, BUILD_DTYPE, BUILD_PRECISION)
+    else:
+        o_w = tl.arange(0, WP)
+        m_w = o_w < WB
+        o_dd = (i_s * NB + i_b) * (WB * WB) + o_w[:, None] * WB + o_w[None, :]
+        tl.store(dd_ptr + o_dd, b_dd, mask=m_w[:, None] & m_w[None, :])
+
+
+@triton.jit
+def _dq_kernel(
+    dd_ptr, q_ptr, dq_ptr, D, SPLITS, NB,
+    K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, HC: tl.constexpr, W: tl.constexpr, WB: tl.constexpr,
+    WP: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr, BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr,
+):
+    """dQ of block i_b from its SPLITS partial dMc, added in split order (deterministic)."""
+    i_b = tl.program_id(0).to(tl.int64)
     o_w = tl.arange(0, WP)
     m_w = o_w < WB
-    o_dd = (i_s * NB + i_b) * (WB * WB) + o_w[:, None] * WB + o_w[None, :]
-    tl.store(dd_ptr + o_dd, b_dd, mask=m_w[:, None] & m_w[None, :])
+    o_dd = o_w[:, None] * WB + o_w[None, :]
+    m_dd = m_w[:, None] & m_w[None, :]
+    dmc = tl.zeros([WP, WP], dtype=tl.float32)
+    for i_s in range(0, SPLITS):
+        dmc += tl.load(dd_ptr + (i_s * NB + i_b) * (WB * WB) + o_dd, mask=m_dd, other=0.0)
+    _store_dq(dq_ptr, q_ptr, dmc, i_b, D, K0, K1, B, HC, W, WB, WP, S, PACK, BUILD_DTYPE, BUILD_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,132 +363,143 @@ def _grad_kernel(
 
 
 def _dot_meta(dtype: torch.dtype) -> dict:
-    """Dot operands in x's dtype (fp32 inputs: tf32x3, fp32-accurate on tensor cores). The
-    interpreter computes bf16 dots wrongly, so there the operands are upcast to fp32."""
-    if dtype == torch.float32 or interpreting():
-        return dict(DOT_DTYPE=tl.float32, PRECISION="tf32x3" if dtype == torch.float32 and not interpreting() else "ieee")
-    return dict(DOT_DTYPE=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, PRECISION="ieee")
+    """Dot operands in x's dtype with fp32 accumulation, for the row products and for the
+    second-order terms of the block products (fp32 inputs: tf32x3, fp32-accurate on tensor cores).
+    The interpreter computes bf16 dots wrongly, so there the operands are upcast to fp32."""
+    if interpreting():
+        return dict(DOT_DTYPE=tl.float32, PRECISION="ieee", BUILD_DTYPE=tl.float32, BUILD_PRECISION="ieee")
+    if dtype == torch.float32:
+        return dict(DOT_DTYPE=tl.float32, PRECISION="tf32x3", BUILD_DTYPE=tl.float32, BUILD_PRECISION="tf32x3")
+    low = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    return dict(DOT_DTYPE=low, PRECISION="ieee", BUILD_DTYPE=low, BUILD_PRECISION="ieee")
 
 
-def _group_meta(group: dict) -> dict:
-    return dict(WB=group["WB"], WP=group["WP"], S=group["S"], H=group["H"])
+def _layout(grp: dict, b: int) -> dict:
+    """The block-layout constexprs of a group's kernels."""
+    return dict(K0=grp["k0"], K1=grp["k1"], B=b, HC=grp["HC"], W=grp["W"], WB=grp["WB"], WP=grp["WP"], S=grp["S"],
+                PACK=grp["pack"])
 
 
-def _group_of(n: int, delta: torch.Tensor, interleave: int, chunk: int) -> dict:
-    NB, WB, _ = delta.shape
-    return dict(WB=WB, WP=max(MIN_BLOCK, next_pow2(WB)), S=interleave, H=chunk if interleave > 1 else WB, NB=NB)
+def _programs(T: int, BT: int, pps: int, grp: dict, b: int, sms: int) -> int:
+    """Programs per block of the forward: PPS per SM across the blocks, each with at least
+    ``_rows_min`` rows, but never fewer than fill the SMs once."""
+    NB = grp["NB"]
+    want = min(triton.cdiv(pps * sms, NB), T // _rows_min(grp, b))
+    return max(1, min(triton.cdiv(T, BT), max(triton.cdiv(sms, NB), want)))
 
 
-def _splits(T: int, NB: int, WP: int, device: torch.device) -> tuple[int, int]:
+def _splits(T: int, grp: dict, b: int, sms: int) -> tuple[int, int]:
     """Row splits of the backward, set by T, the shape and the device only (never the tile config,
-    so the dDelta reduction order, hence its bits, do not change with tuning): (splits, rows per
-    split). Each split covers at least 8 WP rows, so its Delta read and dDelta partial (WP^2
-    values each) cost at most about 1/8 of the bytes its rows move."""
-    if T == 0:  # an empty batch: one (zero) partial, as the launcher returns
+    so the dMc reduction order, hence the bits of dQ, do not change with tuning): (splits, rows
+    per split). A split covers at least 8 WP rows (its dMc partial costs at most about 1/6 of its
+    rows' bytes) and ``_rows_min`` rows, unless that would leave SMs idle."""
+    if T == 0:
         return 1, 0
-    want = max(1, -(-4 * num_sms(device) // max(NB, 1)))
-    splits = max(1, min(-(-T // (4 * RC)), want, T // (8 * WP)))
-    rows = -(-T // splits)
-    rows = -(-rows // RC) * RC
-    return -(-T // rows), rows
+    NB = grp["NB"]
+    want = min(triton.cdiv(4 * sms, NB), T // max(8 * grp["WP"], _rows_min(grp, b)))
+    splits = max(1, min(triton.cdiv(T, 4 * RC), max(triton.cdiv(sms, NB), want)))
+    rows = triton.cdiv(triton.cdiv(T, splits), RC) * RC
+    return triton.cdiv(T, rows), rows
 
 
-def apply_into(x, delta, transpose, interleave, chunk, y, key) -> None:
-    """``y = x + x Delta`` per block (``Delta^T`` with transpose), x and y contiguous ``[T, n]``."""
+def apply_into(x, q, transpose, k0, key, y) -> None:
+    """``y = x + x Delta`` per block of the group starting at level k0 (``Delta^T`` with
+    transpose); x and y contiguous ``[T, n]``, q the group's levels of Q (fp32, contiguous)."""
     T, n = x.shape
     if T == 0:
         return
-    grp = _group_of(n, delta, interleave, chunk)
+    b = key[1]
+    grp = group(*key, k0)
     source, cfg = pick_config("fwd", *key, x.dtype, x.device)
     LAST_LAUNCH["butterfly_fwd"] = (source, dict(cfg))
     BT = cfg["BT"]
-    # enough programs to fill the device (PPS per SM), each with at least 4 WP rows, so that its
-    # Delta tile (WP^2 values) costs at most 1/8 of the bytes its rows move
-    programs = min(triton.cdiv(T, BT), max(1, triton.cdiv(cfg["PPS"] * num_sms(x.device), grp["NB"])),
-                   max(1, T // (4 * grp["WP"])))
+    programs = _programs(T, BT, cfg["PPS"], grp, b, num_sms(x.device))
     wrap_triton(_apply_kernel)[(programs, grp["NB"])](
-        x, delta, y, T, n, WB=grp["WB"], WP=grp["WP"], S=grp["S"], H=grp["H"], TRANS=transpose, BT=BT,
+        x, q, y, T, n, n // b, **_layout(grp, b), H=grp["H"], TRANS=transpose, BT=BT,
         **_dot_meta(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )
 
 
-def grad(x, g, delta, transpose, interleave, chunk, need_dx, key):
-    """``(dx or None, dDelta partials [splits, NB, W, W])`` of ``y = x + x Delta`` (``Delta^T``)
-    for contiguous x, g; the caller sums the partials (fixed order: deterministic)."""
+def grad(x, g, q, transpose, k0, key, need_dx):
+    """``(dx or None, dQ of the group's levels)`` of ``y = x + x Delta`` (``Delta^T``) for
+    contiguous x, g."""
     T, n = x.shape
-    grp = _group_of(n, delta, interleave, chunk)
+    b = key[1]
+    grp = group(*key, k0)
     dx = new_empty(T, n, dtype=x.dtype, device=x.device) if need_dx else None
     if T == 0:
-        return dx, torch.zeros((1, *delta.shape), dtype=torch.float32, device=x.device)
+        return dx, torch.zeros(q.shape, dtype=torch.float32, device=x.device)
     source, cfg = pick_config("bwd", *key, x.dtype, x.device)
     LAST_LAUNCH["butterfly_bwd"] = (source, dict(cfg))
-    splits, rows = _splits(T, grp["NB"], grp["WP"], x.device)
-    partial = new_empty(splits, *delta.shape, dtype=torch.float32, device=x.device)
+    splits, rows = _splits(T, grp, b, num_sms(x.device))
+    dq = new_empty(*q.shape, dtype=torch.float32, device=x.device)
+    partial = dq if splits == 1 else new_empty(splits, grp["NB"], grp["WB"], grp["WB"], dtype=torch.float32,
+                                               device=x.device)
+    layout, meta = _layout(grp, b), _dot_meta(x.dtype)
+    warps, stages = cfg["num_warps"], cfg.get("num_stages", 2)
     wrap_triton(_grad_kernel)[(splits, grp["NB"])](
-        x, g, delta, dx if need_dx else x, partial, T, n, rows, grp["NB"],
-        WB=grp["WB"], WP=grp["WP"], S=grp["S"], H=grp["H"], TRANS=transpose, WRITE_DX=need_dx, RC=RC,
-        **_dot_meta(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
+        x, g, q, dx if need_dx else x, partial, dq, T, n, n // b, rows, grp["NB"], **layout, H=grp["H"],
+        TRANS=transpose, WRITE_DX=need_dx, FUSED_DQ=splits == 1, RC=RC, **meta, num_warps=warps, num_stages=stages,
     )
-    return dx, partial
+    if splits > 1:
+        wrap_triton(_dq_kernel)[(grp["NB"],)](
+            partial, q, dq, n // b, splits, grp["NB"], **layout, BUILD_DTYPE=meta["BUILD_DTYPE"],
+            BUILD_PRECISION=meta["BUILD_PRECISION"],
+            num_warps=warps, num_stages=1,
+        )
+    return dx, dq
 
 
 # ---------------------------------------------------------------------------------------------
 # ops and autograd
 
 
-def _block_apply_fake(x, delta, delta_op, transpose, interleave, chunk, n, b, N):
+def _block_apply_fake(x, q, transpose, k0, n, b, N):
     return x.new_empty(x.shape)
 
 
-def _block_grad_fake(x, g, delta_op, transpose, interleave, chunk, need_dx, n, b, N):
-    splits, _ = _splits(x.shape[0], delta_op.shape[0], max(MIN_BLOCK, next_pow2(delta_op.shape[-1])), x.device)
-    return x.new_empty(x.shape), delta_op.new_empty((splits, *delta_op.shape), dtype=torch.float32)
+def _block_grad_fake(x, g, q, transpose, k0, need_dx, n, b, N):
+    return x.new_empty(x.shape), q.new_empty(q.shape, dtype=torch.float32)
 
 
 @kernel_op("boft_triton::block_apply", _block_apply_fake)
-def block_apply(x: torch.Tensor, delta: torch.Tensor, delta_op: torch.Tensor, transpose: bool, interleave: int,
-                chunk: int, n: int, b: int, N: int) -> torch.Tensor:
-    """``x + x Delta`` on each block of columns (``Delta^T`` with transpose); x ``[T, n]``.
-
-    delta (fp32) is what autograd differentiates; the kernel reads delta_op, the same values in
-    the dot's storage dtype (x's 16-bit dtype: the dot rounds to it anyway, and it is half the
-    bytes). (n, b, N) name the layer shape for the tuning cache."""
+def block_apply(x: torch.Tensor, q: torch.Tensor, transpose: bool, k0: int, n: int, b: int, N: int) -> torch.Tensor:
+    """``x + x Delta`` on each block of columns of the group of factors starting at level k0
+    (``Delta^T`` with transpose); x ``[T, n]``, q that group's levels of Q (fp32). (n, b, N) name
+    the layer shape: the block layout and the tuning-cache key."""
     x = x.contiguous()
     y = new_empty(*x.shape, dtype=x.dtype, device=x.device)
-    apply_into(x, delta_op.contiguous(), transpose, interleave, chunk, y, (n, b, N))
+    apply_into(x, q.contiguous(), transpose, k0, (n, b, N), y)
     return y
 
 
 @kernel_op("boft_triton::block_grad", _block_grad_fake)
-def block_grad(x: torch.Tensor, g: torch.Tensor, delta_op: torch.Tensor, transpose: bool, interleave: int, chunk: int,
-               need_dx: bool, n: int, b: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dl/dx, dl/dDelta partials)`` of ``block_apply``; dl/dx is unwritten when not need_dx."""
-    dx, partial = grad(x.contiguous(), g.contiguous(), delta_op.contiguous(), transpose, interleave, chunk, need_dx,
-                       (n, b, N))
-    return (dx if dx is not None else torch.empty_like(x)), partial
+def block_grad(x: torch.Tensor, g: torch.Tensor, q: torch.Tensor, transpose: bool, k0: int, need_dx: bool, n: int,
+               b: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dl/dx, dl/dq)`` of ``block_apply``; dl/dx is unwritten when not need_dx."""
+    dx, dq = grad(x.contiguous(), g.contiguous(), q.contiguous(), transpose, k0, (n, b, N), need_dx)
+    return (dx if dx is not None else torch.empty_like(x)), dq
 
 
 def _setup_context(ctx, inputs, output):
-    x, delta, delta_op, transpose, interleave, chunk, n, b, N = inputs
-    ctx.save_for_backward(x, delta_op)
-    ctx.args = (transpose, interleave, chunk)
-    ctx.key = (n, b, N)
+    x, q, transpose, k0, n, b, N = inputs
+    ctx.save_for_backward(x, q)
+    ctx.args = (transpose, k0, n, b, N)
 
 
 def _backward(ctx, g):
-    """``y = x (I + Delta)``: ``dl/dx = g (I + Delta)^T``, ``dl/dDelta = x^T g``; with transpose
-    (``y = x (I + Delta)^T``): ``dl/dx = g (I + Delta)``, ``dl/dDelta = g^T x``; per block of
-    columns. (``dl/dQ`` follows through the block builder's autograd.)"""
-    x, delta_op = ctx.saved_tensors
-    transpose, interleave, chunk = ctx.args
-    none = (None,) * 7
+    """``y = x Mc``: ``dl/dx = g Mc^T``, ``dl/dMc = x^T g`` (with transpose, ``y = x Mc^T``:
+    ``dl/dx = g Mc``, ``dl/dMc = g^T x``), then ``dl/dq`` through the block products, per block."""
+    x, q = ctx.saved_tensors
+    transpose, k0, n, b, N = ctx.args
+    none = (None,) * 5
     if g is None:
         return None, None, *none
-    if not ctx.needs_input_grad[1]:  # blocks frozen: dl/dx alone is the transposed product
-        return block_apply(g, delta_op, delta_op, not transpose, interleave, chunk, *ctx.key), None, *none
+    if not ctx.needs_input_grad[1]:  # Q frozen: dl/dx alone is the transposed product
+        return block_apply(g, q, not transpose, k0, n, b, N), None, *none
     need_dx = ctx.needs_input_grad[0]
-    dx, partial = block_grad(x, g, delta_op, transpose, interleave, chunk, need_dx, *ctx.key)
-    return (dx if need_dx else None), (partial[0] if partial.shape[0] == 1 else partial.sum(0)), *none
+    dx, dq = block_grad(x, g, q, transpose, k0, need_dx, n, b, N)
+    return (dx if need_dx else None), dq, *none
 
 
 block_apply.register_autograd(_backward, setup_context=_setup_context)
@@ -399,25 +510,34 @@ def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torc
     shape, n = x.shape, x.shape[-1]
     N, D, b, _ = Q.shape
     groups = plan(n, b, N)
-    pairs = list(zip(groups, deltas(Q, n)))
     if transpose:  # x M^T = x M_lo^T ... M_hi^T
-        pairs.reverse()
+        groups = groups[::-1]
+    Q = Q.float()
     h = x.reshape(-1, n)
-    store = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    for grp, delta in pairs:
-        h = block_apply(h, delta, delta.detach().to(store), transpose, grp["S"], grp["H"], n, b, N)
+    for grp in groups:
+        q = Q if len(groups) == 1 else Q[grp["k0"]:grp["k1"]]
+        h = block_apply(h, q, transpose, grp["k0"], n, b, N)
     return h.reshape(shape)
+
+
+def block_products(grp: dict) -> tuple[int, int]:
+    """``WP x WP x WP`` products a program spends on its block: building Delta (forward, and the
+    backward's dx) and dQ from dMc (``levels (levels - 1)``: each level's upper chain and lower
+    product)."""
+    levels = grp["k1"] - grp["k0"]
+    return levels - 1, levels * (levels - 1)
 
 
 # ---------------------------------------------------------------------------------------------
 # what a launch compiles (for the compile report: bench/kernel_profile.py)
 
 
-def launch_specs(n: int, b: int, N: int, T: int, dtype_name: str = "bf16") -> list[dict]:
+def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]:
     """Every kernel the launchers run for this layer shape, at the default config, as
     (kernel, signature, constexprs, options): apply (forward), apply_T (``dx`` when Q is frozen,
-    and merges), grad (the fused backward). Pointers are 16-byte aligned and n, ROWS divisible
-    by 16 at launch, as the compile report assumes."""
+    and merges), grad (the fused backward, several row splits), grad_dq (one split: dQ in the same
+    program) and dq (adds the splits' partials, then dQ). Pointers are 16-byte aligned and n, ROWS
+    divisible by 16 at launch, as the compile report assumes."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     ptr = "*" + dtype_name
     fwd, bwd = default_config(n, b, N, "fwd"), default_config(n, b, N, "bwd")
@@ -425,18 +545,26 @@ def launch_specs(n: int, b: int, N: int, T: int, dtype_name: str = "bf16") -> li
     with _compiling():
         dot = _dot_meta(dtype)
     for k, grp in enumerate(plan(n, b, N)):
-        meta = {**_group_meta(grp), **dot}
+        layout = _layout(grp, b)
+        shape = dict(width=grp["WP"], levels=grp["k1"] - grp["k0"])
         tag = f"[g{k}]" if len(plan(n, b, N)) > 1 else ""
-        sig = {"x_ptr": ptr, "d_ptr": ptr, "y_ptr": ptr, "T": "i32", "n": "i32"}
+        sig = {"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "T": "i32", "n": "i32", "D": "i32"}
         for name, trans in (("apply", False), ("apply_T", True)):
-            specs.append(dict(name=name + tag, fn=_apply_kernel, signature=sig, divisible=("n",),
-                              constexprs={**meta, "TRANS": trans, "BT": fwd["BT"]}, config=fwd,
-                              num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))
-        gsig = {"x_ptr": ptr, "g_ptr": ptr, "d_ptr": ptr, "dx_ptr": ptr, "dd_ptr": "*fp32", "T": "i32", "n": "i32",
-                "ROWS": "i32", "NB": "i32"}
-        specs.append(dict(name="grad" + tag, fn=_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
-                          constexprs={**meta, "TRANS": False, "WRITE_DX": True, "RC": RC}, config=bwd,
-                          num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
+            specs.append(dict(name=name + tag, **shape, fn=_apply_kernel, signature=sig, divisible=("n",),
+                              constexprs={**layout, "H": grp["H"], **dot, "TRANS": trans, "BT": fwd["BT"]},
+                              config=fwd, num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))
+        gsig = {"x_ptr": ptr, "g_ptr": ptr, "q_ptr": "*fp32", "dx_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32",
+                "T": "i32", "n": "i32", "D": "i32", "ROWS": "i32", "NB": "i32"}
+        for name, fused in (("grad", False), ("grad_dq", True)):
+            specs.append(dict(name=name + tag, **shape, fn=_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
+                              constexprs={**layout, "H": grp["H"], **dot, "TRANS": False, "WRITE_DX": True,
+                                          "FUSED_DQ": fused, "RC": RC},
+                              config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
+        dsig = {"dd_ptr": "*fp32", "q_ptr": "*fp32", "dq_ptr": "*fp32", "D": "i32", "SPLITS": "i32", "NB": "i32"}
+        specs.append(dict(name="dq" + tag, **shape, fn=_dq_kernel, signature=dsig, divisible=(),
+                          constexprs={**layout, "BUILD_DTYPE": dot["BUILD_DTYPE"],
+                                      "BUILD_PRECISION": dot["BUILD_PRECISION"]},
+                          config=bwd, num_warps=bwd["num_warps"], num_stages=1))
     return specs
 
 
