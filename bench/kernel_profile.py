@@ -205,6 +205,11 @@ def compile_rows(widths, shapes, archs=(90, 80), T: int = 8192, dtype_name: str 
     return rows
 
 
+# Shared memory one block may use (opt-in maximum): H100 227 KB, A100 163 KB. A kernel asking for
+# more does not launch.
+SMEM_LIMIT = {90: 232448, 80: 166912}
+
+
 def compile_stats(spec: dict, arch: int) -> dict:
     """Compile one kernel spec for ``sm_<arch>`` and read what the GPU would run."""
     import collections
@@ -244,6 +249,7 @@ def compile_stats(spec: dict, arch: int) -> dict:
         "regs": int(regs.group(1)) if regs else None,
         "spill_bytes": int(spill.group(1)) if spill else 0,
         "smem": compiled.metadata.shared,
+        "smem_fits": compiled.metadata.shared <= SMEM_LIMIT[arch],
         "num_warps": spec["num_warps"],
         "tensor_core": sum(count[o] for o in ("HMMA", "HGMMA", "IMMA", "WGMMA")),
         "ffma": count["FFMA"],

@@ -84,12 +84,16 @@ def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torc
     """``x M`` (``x M^T`` with transpose) over x's last dim, ``M = B_{N-1} ... B_0``.
 
     x: ``[..., n]`` in fp32/bf16/fp16; Q: ``[N, D, b, b]`` with ``n = D*b``. Returns x's dtype,
-    accumulating in fp32.
+    accumulating in fp32. On a GPU, shapes the kernels cannot hold in one program take the torch
+    path (``kernels.butterfly.runs_on_gpu``): fp32 x with coarse blocks wider than 32 (its
+    fp32-exact tf32x3 tiles do not fit an SM), a single factor wider than 128 (b > 128), fp64.
     """
     if x.shape[-1] != Q.shape[1] * Q.shape[2]:
         raise ValueError(
             f"butterfly: input width {x.shape[-1]} does not match Q of shape {tuple(Q.shape)} (D*b = {Q.shape[1] * Q.shape[2]})."
         )
     if backend_for(x) == "triton":
-        return _kernels()[0][1].butterfly(x, Q, transpose)
+        kernels = _kernels()[0][1]
+        if not x.is_cuda or kernels.runs_on_gpu(x.shape[-1], Q.shape[2], Q.shape[0], x.dtype):
+            return kernels.butterfly(x, Q, transpose)
     return torch_ops.butterfly(x, Q, transpose)

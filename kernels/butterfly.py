@@ -134,14 +134,34 @@ def candidates(n: int, b: int, N: int, kind: str) -> list[dict]:
     return out
 
 
-def default_config(n: int, b: int, N: int, kind: str) -> dict:
+def default_config(n: int, b: int, N: int, kind: str, dtype: torch.dtype | None = None) -> dict:
     """The untuned config: 64-row tiles (128 for narrow blocks), 4 programs per SM, 8 warps where
     the tiles need the registers (forward at 128-wide blocks; backward from 64-wide ones, whose
-    fp32 dMc accumulator and block products need them), else 4."""
+    fp32 dMc accumulator and block products need them, or 32-wide ones for fp32 inputs, whose
+    tf32x3 dots hold three operand tiles), else 4."""
     WP = max(g["WP"] for g in plan(n, b, N))
     if kind == "fwd":
         return {"BT": 128 if WP <= 32 else 64, "PPS": 4, "num_warps": 8 if WP >= 128 else 4, "num_stages": 3}
-    return {"num_warps": 8 if WP >= 64 else 4, "num_stages": 2}
+    return {"num_warps": 8 if WP >= (32 if dtype == torch.float32 else 64) else 4, "num_stages": 2}
+
+
+# fp32 inputs run their dots as tf32x3 (three operand tiles): wider than this, a program needs
+# more shared memory or registers than an SM has (the compile report), so on a GPU those shapes
+# take the torch path (cuBLAS fp32 batched matmuls, the same maths).
+MAX_FP32_BLOCK = 32
+
+
+def runs_on_gpu(n: int, b: int, N: int, dtype: torch.dtype) -> bool:
+    """Whether the kernels take this layer shape and input dtype on a GPU: bf16/fp16 with blocks
+    up to MAX_BLOCK wide (a single factor level wider than that, b > 128, cannot be split into
+    groups), fp32 up to MAX_FP32_BLOCK. Other shapes and dtypes (fp64) take the torch path."""
+    try:
+        width = max(g["WP"] for g in plan(n, b, N))
+    except ValueError:
+        return True  # a shape no backend takes: the kernels raise plan()'s error
+    if dtype in (torch.bfloat16, torch.float16):
+        return width <= MAX_BLOCK
+    return dtype == torch.float32 and width <= MAX_FP32_BLOCK
 
 
 _REQUIRED = {"fwd": ("BT", "PPS", "num_warps"), "bwd": ("num_warps",)}
@@ -165,7 +185,7 @@ def pick_config(kind: str, n: int, b: int, N: int, dtype: torch.dtype, device: t
     cfg = cached_config(kind, n, b, N, dtype, device)
     if cfg is not None and all(k in cfg for k in _REQUIRED[kind]):
         return "cache", cfg
-    return "default", default_config(n, b, N, kind)
+    return "default", default_config(n, b, N, kind, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,16 +382,22 @@ def _dq_kernel(
 # launchers
 
 
-def _dot_meta(dtype: torch.dtype) -> dict:
-    """Dot operands in x's dtype with fp32 accumulation, for the row products and for the
-    second-order terms of the block products (fp32 inputs: tf32x3, fp32-accurate on tensor cores).
-    The interpreter computes bf16 dots wrongly, so there the operands are upcast to fp32."""
+def _dot_meta(dtype: torch.dtype, width: int) -> dict:
+    """Row products: operands in x's dtype, fp32 accumulation (fp32 inputs: tf32x3, fp32-accurate
+    on tensor cores). Block products (second-order terms only): tf32x3 for fp32 inputs; tf32 for
+    16-bit ones up to 64 wide: with x's dtype there, large rotations (R ~ 0.5) lose 2.3x accuracy
+    (6.7e-3 against 2.9e-3 relative in y, emulated), while tf32 matches an exact build. At 128 wide
+    the fp32 operands of the block products would need more shared memory than an SM has, so
+    those use bf16 (fp32's range: dMc, a sum over T rows, can pass fp16's 65504). The interpreter computes bf16 dots wrongly, so there every operand is
+    fp32."""
     if interpreting():
         return dict(DOT_DTYPE=tl.float32, PRECISION="ieee", BUILD_DTYPE=tl.float32, BUILD_PRECISION="ieee")
     if dtype == torch.float32:
         return dict(DOT_DTYPE=tl.float32, PRECISION="tf32x3", BUILD_DTYPE=tl.float32, BUILD_PRECISION="tf32x3")
     low = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-    return dict(DOT_DTYPE=low, PRECISION="ieee", BUILD_DTYPE=low, BUILD_PRECISION="ieee")
+    if width > 64:  # bf16 even for fp16 x: dMc sums T rows of (loss-scaled) gradients, past fp16's range
+        return dict(DOT_DTYPE=low, PRECISION="ieee", BUILD_DTYPE=tl.bfloat16, BUILD_PRECISION="ieee")
+    return dict(DOT_DTYPE=low, PRECISION="ieee", BUILD_DTYPE=tl.float32, BUILD_PRECISION="tf32")
 
 
 def _layout(grp: dict, b: int) -> dict:
@@ -416,7 +442,7 @@ def apply_into(x, q, transpose, k0, key, y) -> None:
     programs = _programs(T, BT, cfg["PPS"], grp, b, num_sms(x.device))
     wrap_triton(_apply_kernel)[(programs, grp["NB"])](
         x, q, y, T, n, n // b, **_layout(grp, b), H=grp["H"], TRANS=transpose, BT=BT,
-        **_dot_meta(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        **_dot_meta(x.dtype, grp["WP"]), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )
 
 
@@ -435,7 +461,7 @@ def grad(x, g, q, transpose, k0, key, need_dx):
     dq = new_empty(*q.shape, dtype=torch.float32, device=x.device)
     partial = dq if splits == 1 else new_empty(splits, grp["NB"], grp["WB"], grp["WB"], dtype=torch.float32,
                                                device=x.device)
-    layout, meta = _layout(grp, b), _dot_meta(x.dtype)
+    layout, meta = _layout(grp, b), _dot_meta(x.dtype, grp["WP"])
     warps, stages = cfg["num_warps"], cfg.get("num_stages", 2)
     wrap_triton(_grad_kernel)[(splits, grp["NB"])](
         x, g, q, dx if need_dx else x, partial, dq, T, n, n // b, rows, grp["NB"], **layout, H=grp["H"],
@@ -540,11 +566,11 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
     divisible by 16 at launch, as the compile report assumes."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     ptr = "*" + dtype_name
-    fwd, bwd = default_config(n, b, N, "fwd"), default_config(n, b, N, "bwd")
+    fwd, bwd = default_config(n, b, N, "fwd", dtype), default_config(n, b, N, "bwd", dtype)
     specs = []
-    with _compiling():
-        dot = _dot_meta(dtype)
     for k, grp in enumerate(plan(n, b, N)):
+        with _compiling():
+            dot = _dot_meta(dtype, grp["WP"])
         layout = _layout(grp, b)
         shape = dict(width=grp["WP"], levels=grp["k1"] - grp["k0"])
         tag = f"[g{k}]" if len(plan(n, b, N)) > 1 else ""

@@ -461,7 +461,7 @@ rows = kernel_profile.compile_rows([4096], [(32, 2)], archs=(90,))
 rows += kernel_profile.compile_rows([1024], [(64, 3)], archs=(90,))  # factor groups (L = 256)
 rows += kernel_profile.compile_rows([2048], [(64, 2), (128, 1)], archs=(90,))  # the widest one-group blocks (L = 128)
 rows += kernel_profile.compile_rows([512], [(16, 2)], archs=(90,), dtype_name="fp32")
-print("ROWS" + json.dumps([{k: r[k] for k in ("n", "b", "N", "L", "kernel", "width", "levels", "dtype", "spill_bytes", "tensor_core")} for r in rows]))
+print("ROWS" + json.dumps([{k: r[k] for k in ("n", "b", "N", "L", "kernel", "width", "levels", "dtype", "spill_bytes", "smem_fits", "tensor_core")} for r in rows]))
 """
 
 
@@ -487,9 +487,60 @@ def test_kernels_compile_for_sm90():
     rows = json.loads(proc.stdout.split("ROWS", 1)[1])
     assert {r["kernel"] for r in rows} >= {"apply", "apply_T", "grad", "grad_dq", "dq", "grad[g0]", "grad[g1]"}
     for r in rows:
-        # zero spills everywhere, but in the backward of 128-wide blocks of several levels, whose
-        # dQ epilogue (once per program, after the row loop) holds several 128 x 128 fp32 tiles
-        if r["width"] <= 64 or r["kernel"].startswith("apply") or r["levels"] == 1:
+        assert r["smem_fits"], r  # else the launch fails on that GPU
+        # zero spills, but in the dQ epilogue (once per program, after the row loop) where it holds
+        # several fp32 tiles: in the backward of 128-wide blocks of several levels, and for fp32
+        # inputs (tf32x3: three operand tiles per product)
+        wide_backward = r["width"] > 64 and r["levels"] > 1 and not r["kernel"].startswith("apply")
+        fp32_epilogue = r["dtype"] == "fp32" and r["kernel"].startswith(("grad_dq", "dq"))
+        if not (wide_backward or fp32_epilogue):
             assert r["spill_bytes"] == 0, r
         if r["L"] >= 32 and not (r["kernel"].startswith("dq") and r["levels"] == 1):  # one level: dQ = dMc, no product
             assert r["tensor_core"] > 0, r
+
+
+def test_shapes_the_kernels_cannot_hold_take_the_torch_path_on_a_gpu():
+    """On a GPU, ops.butterfly sends shapes one program cannot hold to the torch path: fp32 inputs
+    with blocks wider than 32 (tf32x3 tiles: over an SM's shared memory at 128 wide, spills at 64,
+    in the compile report), a single factor wider than 128, and fp64."""
+    assert kb.runs_on_gpu(4096, 32, 2, torch.bfloat16) and kb.runs_on_gpu(4096, 64, 2, torch.float16)
+    assert kb.runs_on_gpu(4096, 128, 1, torch.bfloat16) and kb.runs_on_gpu(4096, 4, 4, torch.float32)
+    assert not kb.runs_on_gpu(4096, 32, 2, torch.float32)  # 64 wide
+    assert not kb.runs_on_gpu(4096, 256, 1, torch.bfloat16)  # one level, 256 wide: no groups possible
+    assert kb.runs_on_gpu(4096, 64, 3, torch.bfloat16)  # 256 wide, but two groups of levels
+    assert not kb.runs_on_gpu(1024, 8, 2, torch.float64)
+
+
+class _SeenAsCuda(torch.Tensor):
+    """A CPU tensor that says it is on a GPU, to reach ops.butterfly's GPU routing here."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="routing is checked with a CPU tensor posing as CUDA")
+def test_ops_routes_wide_fp32_to_the_torch_path_on_a_gpu(monkeypatch):
+    from boft_triton import ops
+
+    monkeypatch.setenv("BOFT_TRITON_BACKEND", "triton")
+    launched = []
+    monkeypatch.setattr(kb, "butterfly", lambda *args: launched.append(args) or args[0])
+    Q = rand_q(2, 8, 32).float()  # 64-wide blocks
+    x = torch.randn(3, 256)._make_subclass(_SeenAsCuda, torch.randn(3, 256))
+    y = ops.butterfly(x, Q)
+    assert not launched and torch.allclose(y.as_subclass(torch.Tensor), torch_ops.butterfly(x.as_subclass(torch.Tensor), Q))
+    ops.butterfly(x.bfloat16(), Q)  # bf16 at 64 wide: the kernels
+    assert len(launched) == 1
+
+
+@pytest.mark.parametrize("width", [16, 32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_block_products_keep_fp32_range_on_a_gpu(dtype, width):
+    """dMc sums T rows of (loss-scaled) gradients: its products on a GPU never take fp16 operands
+    (an fp16 dQ overflowed to inf at |dMc| ~ 2e5 in review), and up to 64 wide they stay fp32
+    (tf32), which keeps large rotations as accurate as an exact build."""
+    with kb._compiling():
+        meta = kb._dot_meta(dtype, width)
+    assert meta["BUILD_DTYPE"] in (kb.tl.float32, kb.tl.bfloat16)
+    assert (meta["BUILD_DTYPE"] == kb.tl.float32) == (width <= 64 or dtype == torch.float32)
