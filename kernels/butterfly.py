@@ -21,7 +21,10 @@ dense ``L x L`` block products with ``tl.dot``:
    fixed row *splits* (set by T, the shape and the device, never the tile config) each reduce
    their rows in chunks of a fixed ``RC`` rows; with one split the same program goes on to dQ, with
    several each writes a partial and a small kernel adds them in split order before dQ. No float
-   atomics, so the bits do not depend on the tile config or the order programs run in. When x
+   atomics, so the bits do not depend on the tile config or the order programs run in. (With
+   several factor groups, a lower group's input is the upper group's forward output, whose bits a
+   GPU may round differently under another forward tile, e.g. mma instead of wgmma; the interpreter
+   cannot show it.) When x
    needs no gradient the dx half is compiled out; when Q needs none, dx is the forward kernel with
    the transpose flipped.
 4. **Every (b, N).**
