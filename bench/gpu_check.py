@@ -4,12 +4,13 @@ Run from the source tree on the device machine (nothing installed there):
 
     PYTHONPATH=. python -m boft_triton.bench.gpu_check --out "$OUT"
 
-1. pytest of the kernel tests on CUDA (fp32/bf16/fp16 cases are in the tests themselves);
-2. butterfly forward and forward+backward at T=16384, n=4096, bf16, (b, N) in
+1. butterfly forward and forward+backward at T=16384, n=4096, bf16, (b, N) in
    {(4,1), (8,2), (4,4), (32,2), (64,1)} (packed 16-wide dots, 16/32/64-wide tensor-core blocks):
    Triton kernels vs the torch path vs torch.compile of the torch path, as time and as a fraction
    of the measured device copy bandwidth (issue 8's targets: forward >= 80%, backward >= 60%);
-3. Cayley forward+backward for 1024 blocks of 8x8 and 128 of 32x32 vs torch.linalg.solve.
+2. Cayley forward+backward for 1024 blocks of 8x8 and 128 of 32x32 vs torch.linalg.solve;
+3. pytest of the kernel tests on CUDA (fp32/bf16/fp16 cases are in the tests themselves), last,
+   so the measurements are saved even if the tests run out of the call's time.
 Writes ``gpu-check-<card>-<date>.json`` and ``.md`` into --out (default bench/results).
 """
 
@@ -81,8 +82,8 @@ def bench_cayley(blocks: int, b: int) -> list[dict]:
     return rows
 
 
-def markdown(card: str, bandwidth: float, rows: list[dict], tests_rc: int) -> str:
-    lines = [f"# GPU check on {card}", "", f"copy bandwidth {bandwidth:.0f} GB/s; kernel tests exit code {tests_rc}", "",
+def markdown(card: str, bandwidth: float, rows: list[dict], tests_rc: int | None) -> str:
+    lines = [f"# GPU check on {card}", "", f"copy bandwidth {bandwidth:.0f} GB/s; kernel tests exit code {'not run yet' if tests_rc is None else tests_rc}", "",
              "| op | impl | shape | fwd ms | fwd+bwd ms | fwd % copy BW | bwd % copy BW |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["op"] == "butterfly":
@@ -106,12 +107,8 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tests_rc = 0
-    if not args.skip_tests:
-        tests = ["tests/test_kernels.py", "tests/test_kernel_layers.py", "tests/test_torch_path.py"]
-        # (the ahead-of-time sm_90 compile test is for machines without a GPU: skipped here)
-        tests_rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", *tests, "-k", "not compile_for_sm90",
-                                    f"--junitxml={out / 'gpu-tests.xml'}"])
+    # measurements first, written at once: the tests compile every kernel variant they touch, and
+    # if they run out the device call's time the numbers must already be saved
     card = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()
     rows = []
@@ -123,12 +120,24 @@ def main(argv=None) -> int:
 
     payload = {"card": card, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "triton": triton.__version__,
                "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-               "copy_bandwidth_gbs": bandwidth, "tests_exit_code": tests_rc, "rows": rows}
+               "copy_bandwidth_gbs": bandwidth, "tests_exit_code": None, "rows": rows}
     stem = f"gpu-check-{card.replace(' ', '-').lower()}-{payload['date']}"
-    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    table = markdown(card, bandwidth, rows, tests_rc)
-    (out / f"{stem}.md").write_text(table)
-    print(table)
+
+    def write(tests_rc):
+        payload["tests_exit_code"] = tests_rc
+        (out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        table = markdown(card, bandwidth, rows, tests_rc)
+        (out / f"{stem}.md").write_text(table)
+        return table
+
+    write(None)
+    tests_rc = 0
+    if not args.skip_tests:
+        tests = ["tests/test_kernels.py", "tests/test_kernel_layers.py", "tests/test_torch_path.py"]
+        # (the ahead-of-time sm_90 compile test is for machines without a GPU: skipped here)
+        tests_rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", *tests, "-k", "not compile_for_sm90",
+                                    f"--junitxml={out / 'gpu-tests.xml'}"])
+    print(write(tests_rc))
     return tests_rc
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared device call (under 8 minutes): kernel tests on CUDA, kernel microbenchmarks, then
+# The one prepared device call (under 8 minutes): kernel microbenchmarks, kernel tests on CUDA, then
 # the Llama-1B training-step benchmark (q/v, bf16, seq 2048, batch 4) for every method, LoRA r16
 # included, and the same on a 4-bit NF4 base: QLoRA against QBOFT. Nothing is installed:
 # it runs from the source tree on the device's own torch/triton. Results land in $OUT (or
