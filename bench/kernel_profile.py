@@ -1,6 +1,6 @@
 """What the butterfly kernels cost, measured without a GPU.
 
-Three reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|compile|roofline``):
+Four reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|compile|roofline|accuracy``):
 
 - **traffic**: runs the forward and the backward in Triton's interpreter and counts the bytes every
   kernel loads and stores (masked lanes excluded), the multiply-adds done by ``tl.dot`` and the
@@ -12,6 +12,8 @@ Three reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|co
   the 16-byte alignment / divisible-by-16 specialisation a real launch gives, and reads registers
   and spills (``ptxas -v``), shared memory, tensor-core instructions and global-load widths
   (``cuobjdump -sass``). Both tools ship inside Triton's NVIDIA backend; no GPU is needed.
+- **accuracy**: y of 16-bit inputs against the exact product, with a GPU's rounding emulated op
+  by op in float64 (the interpreter computes every dot in fp32, so it cannot show it);
 - **roofline**: per shape on an H100, the microseconds the bytes need at full bandwidth against
   those the tensor-core flops need at peak (``--traffic-json`` scales the bytes by a measured
   traffic report).
@@ -321,6 +323,72 @@ def roofline_markdown(rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# accuracy (GPU rounding emulated, no GPU needed)
+
+
+def _rounder(dtype):
+    """Round float64 values as a GPU stores them in ``dtype`` (round to nearest; tf32: 10-bit
+    mantissa)."""
+    import torch
+
+    from boft_triton.kernels import butterfly as kb
+
+    if dtype == kb.tl.float32:  # tf32 operands of the block products
+        def tf32(t):
+            mantissa, exponent = torch.frexp(t)
+            return torch.ldexp(torch.round(mantissa * 2048) / 2048, exponent)
+        return tf32
+    torch_dtype = {kb.tl.bfloat16: torch.bfloat16, kb.tl.float16: torch.float16}[dtype]
+    return lambda t: t.to(torch_dtype).to(torch.float64)
+
+
+def accuracy(n: int, b: int, N: int, scale: float, T: int = 1024, dtype_name: str = "bf16") -> dict:
+    """Relative error of the kernels' y against the exact ``x M`` for 16-bit x, with a GPU's
+    rounding emulated op by op in float64: Delta built in residual form with the block products'
+    operands rounded as ``_dot_meta`` chooses for this width, the row product on Delta rounded to
+    x's dtype, fp32 accumulation, y rounded once. Compared with a product by a rounded M (what
+    a dense merge in x's dtype gives) and with one rounding of the exact y (the floor)."""
+    import torch
+
+    from boft_triton import reference, torch_ops
+    from boft_triton.kernels import butterfly as kb
+
+    x_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    gen = torch.Generator().manual_seed(0)
+    Q = torch_ops.cayley(scale * torch.randn(N, n // b, b, b, generator=gen)).double()
+    eye = torch.eye(b, dtype=torch.float64).expand_as(Q[0])
+    eye_n = torch.eye(n, dtype=torch.float64)
+    width = max(g["WP"] for g in kb.plan(n, b, N))
+    with kb._compiling():
+        meta = kb._dot_meta(x_dtype, width)
+    build, low = _rounder(meta["BUILD_DTYPE"]), _rounder(meta["DOT_DTYPE"])
+    fp32 = lambda t: t.float().double()  # noqa: E731
+    residuals = [reference.dense_rotation(torch.stack([Q[k] if j == k else eye for j in range(N)])) - eye_n
+                 for k in range(N)]
+    delta = fp32(residuals[0])  # the kernels' build order: D <- E_k + D + E_k D
+    for k in range(1, N):
+        e = fp32(residuals[k])
+        delta = fp32(e + delta + build(e) @ build(delta))
+    M = reference.dense_rotation(Q)
+    x = low(torch.randn(T, n, generator=gen, dtype=torch.float64))
+    exact = x @ M
+
+    def rel(y):
+        return ((y - exact).norm() / exact.norm()).item()
+
+    return {"n": n, "b": b, "N": N, "R": scale, "dtype": dtype_name, "width": width,
+            "kernels": rel(low(fp32(x + x @ low(delta)))), "rounded_M": rel(low(x @ low(M))), "one_rounding": rel(low(exact))}
+
+
+def accuracy_markdown(rows: list[dict]) -> str:
+    lines = ["| b x N | R | kernels (residual form) | product with M rounded to x's dtype | one rounding of y |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['b']} x {r['N']} | {r['R']} | {r['kernels']:.2e} | {r['rounded_M']:.2e} | {r['one_rounding']:.2e} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # command line
 
 
@@ -333,7 +401,7 @@ def _write(out: Path, stem: str, rows: list[dict], table: str, title: str) -> No
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Interpreter traffic and sm_90/sm_80 compile reports of the butterfly kernels.")
-    parser.add_argument("report", choices=["traffic", "compile", "roofline"])
+    parser.add_argument("report", choices=["traffic", "compile", "roofline", "accuracy"])
     parser.add_argument("--n", type=int, default=1024, help="traffic: layer width")
     parser.add_argument("--T", type=int, default=512, help="traffic: rows (batch x sequence)")
     parser.add_argument("--widths", default="2048,3072,4096,512,1024", help="compile: layer widths")
@@ -349,6 +417,13 @@ def main(argv=None) -> int:
         table = traffic_markdown(rows)
         title = f"Interpreter traffic, {args.dtype}, n={args.n}, T={args.T} (targets: fwd <= {TARGET_FWD}x, fwd+bwd <= {TARGET_FWD_BWD}x)"
         stem = f"interp-traffic-{date}{tag}"
+    elif args.report == "accuracy":
+        rows = [accuracy(256, b, N, scale, dtype_name=args.dtype if args.dtype != "fp32" else "bf16")
+                for b, N in [(8, 2), (4, 4), (32, 2), (64, 1), (64, 2)] for scale in (0.01, 0.1, 0.5)]
+        table = accuracy_markdown(rows)
+        title = ("y against the exact product, 16-bit x, GPU rounding emulated in float64 (relative Frobenius error, "
+                 "n=256, T=1024)")
+        stem = f"accuracy-{date}{tag}"
     elif args.report == "roofline":
         ratios = None
         if args.traffic_json:

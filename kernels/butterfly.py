@@ -276,15 +276,14 @@ def _store_dq(dq_ptr, q_ptr, dmc, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B:
               BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr):
     """dQ of block i_b's factors from ``dMc``: ``dF_k = (F_{K1-1} ... F_{k+1})^T dMc (F_{k-1} ...
     F_{K0})^T``, stored on F_k's values (each is one Q value: a plain store, no accumulation).
-    Residual form again: ``U P^T = U + U (P - I)^T``, ``F^T U = U + E^T U``; the lower product is
-    rebuilt per level and applied first, so it is dead before the upper chain runs (keeping it
-    across levels would save products but costs one more live tile: more spills at 128 wide)."""
+    Factor by factor, residual form: ``V F_j^T = V + V E_j^T`` for the lower levels, then
+    ``F_j^T V = V + E_j^T V`` for the upper ones; no product of factors is ever held. (At 128 wide
+    with several levels this epilogue still spills, 0.3-3 KB a thread: the compile report.)"""
     for k in tl.static_range(K0, K1):
         upper = dmc
-        if k > K0:
-            lower = _product_minus_eye(q_ptr, i_b, D, K0, k, K0, K1, B, HC, W, WB, WP, S, PACK, BUILD_DTYPE,
-                                       BUILD_PRECISION)
-            upper = tl.dot(dmc.to(BUILD_DTYPE), tl.trans(lower).to(BUILD_DTYPE), dmc, input_precision=BUILD_PRECISION)
+        for j in tl.static_range(K0, k):  # dMc (F_{k-1} ... F_{K0})^T = dMc F_{K0}^T ... F_{k-1}^T
+            e = _residual(q_ptr, i_b, D, j, K0, K1, B, HC, W, WB, WP, S, PACK)
+            upper = tl.dot(upper.to(BUILD_DTYPE), tl.trans(e).to(BUILD_DTYPE), upper, input_precision=BUILD_PRECISION)
         for t in tl.static_range(0, K1 - 1 - k):  # levels K1-1 down to k+1
             e = _residual(q_ptr, i_b, D, K1 - 1 - t, K0, K1, B, HC, W, WB, WP, S, PACK)
             upper = tl.dot(tl.trans(e).to(BUILD_DTYPE), upper.to(BUILD_DTYPE), upper, input_precision=BUILD_PRECISION)
