@@ -243,16 +243,15 @@ def _residual(q_ptr, i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr
 
 
 @triton.jit
-def _product_minus_eye(q_ptr, i_b, D, LO: tl.constexpr, HI: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
-                       B: tl.constexpr, HC: tl.constexpr, W: tl.constexpr, WB: tl.constexpr, WP: tl.constexpr,
-                       S: tl.constexpr, PACK: tl.constexpr, BUILD_DTYPE: tl.constexpr,
-                       BUILD_PRECISION: tl.constexpr):
-    """``F_{HI-1} ... F_{LO} - I`` on block i_b, fp32 ``[WP, WP]`` (LO < HI), in residual form:
+def _product_minus_eye(q_ptr, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, HC: tl.constexpr,
+                       W: tl.constexpr, WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr,
+                       BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr):
+    """``Mc - I = F_{K1-1} ... F_{K0} - I`` on block i_b, fp32 ``[WP, WP]``, in residual form:
     ``(I + E_k)(I + D) - I = E_k + D + E_k D``. The identity and first-order terms are exact fp32
     adds; only the second-order ``E_k D`` goes through the dot (in BUILD_DTYPE), so its rounding
     is relative to that small term, not to the identity."""
-    d = _residual(q_ptr, i_b, D, LO, K0, K1, B, HC, W, WB, WP, S, PACK)
-    for k in tl.static_range(LO + 1, HI):
+    d = _residual(q_ptr, i_b, D, K0, K0, K1, B, HC, W, WB, WP, S, PACK)
+    for k in tl.static_range(K0 + 1, K1):
         e = _residual(q_ptr, i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK)
         d = tl.dot(e.to(BUILD_DTYPE), d.to(BUILD_DTYPE), d + e, input_precision=BUILD_PRECISION)
     return d
@@ -263,8 +262,7 @@ def _delta(q_ptr, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, H
            WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr, TRANS: tl.constexpr,
            DOT_DTYPE: tl.constexpr, BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr):
     """``Delta = Mc - I`` of block i_b (``Delta^T`` with TRANS) as a ``[WP, WP]`` dot operand."""
-    delta = _product_minus_eye(q_ptr, i_b, D, K0, K1, K0, K1, B, HC, W, WB, WP, S, PACK, BUILD_DTYPE,
-                               BUILD_PRECISION)
+    delta = _product_minus_eye(q_ptr, i_b, D, K0, K1, B, HC, W, WB, WP, S, PACK, BUILD_DTYPE, BUILD_PRECISION)
     if TRANS:
         delta = tl.trans(delta)
     return delta.to(DOT_DTYPE)
@@ -390,8 +388,8 @@ def _dot_meta(dtype: torch.dtype, width: int) -> dict:
     16-bit ones up to 64 wide: with x's dtype there, large rotations (R ~ 0.5) lose 2.3x accuracy
     (6.7e-3 against 2.9e-3 relative in y, emulated), while tf32 matches an exact build. At 128 wide
     the fp32 operands of the block products would need more shared memory than an SM has, so
-    those use bf16 (fp32's range: dMc, a sum over T rows, can pass fp16's 65504). The interpreter computes bf16 dots wrongly, so there every operand is
-    fp32."""
+    those use bf16 (fp32's range: dMc, a sum over T rows, can pass fp16's 65504). The interpreter
+    computes bf16 dots wrongly, so there every operand is fp32."""
     if interpreting():
         return dict(DOT_DTYPE=tl.float32, PRECISION="ieee", BUILD_DTYPE=tl.float32, BUILD_PRECISION="ieee")
     if dtype == torch.float32:
@@ -472,8 +470,7 @@ def grad(x, g, q, transpose, k0, key, need_dx):
     if splits > 1:
         wrap_triton(_dq_kernel)[(grp["NB"],)](
             partial, q, dq, n // b, splits, grp["NB"], **layout, BUILD_DTYPE=meta["BUILD_DTYPE"],
-            BUILD_PRECISION=meta["BUILD_PRECISION"],
-            num_warps=warps, num_stages=1,
+            BUILD_PRECISION=meta["BUILD_PRECISION"], num_warps=warps, num_stages=1,
         )
     return dx, dq
 
@@ -550,8 +547,8 @@ def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torc
 
 def block_products(grp: dict) -> tuple[int, int]:
     """``WP x WP x WP`` products a program spends on its block: building Delta (forward, and the
-    backward's dx) and dQ from dMc (``levels (levels - 1)``: each level's upper chain and lower
-    product)."""
+    backward's dx) and dQ from dMc (``levels (levels - 1)``: for each level, one product per
+    other level of the group)."""
     levels = grp["k1"] - grp["k0"]
     return levels - 1, levels * (levels - 1)
 
