@@ -527,7 +527,7 @@ def test_ops_routes_wide_fp32_to_the_torch_path_on_a_gpu(monkeypatch):
     launched = []
     monkeypatch.setattr(kb, "butterfly", lambda *args: launched.append(args) or args[0])
     Q = rand_q(2, 8, 32).float()  # 64-wide blocks
-    x = torch.randn(3, 256)._make_subclass(_SeenAsCuda, torch.randn(3, 256))
+    x = torch.Tensor._make_subclass(_SeenAsCuda, torch.randn(3, 256))
     y = ops.butterfly(x, Q)
     assert not launched and torch.allclose(y.as_subclass(torch.Tensor), torch_ops.butterfly(x.as_subclass(torch.Tensor), Q))
     ops.butterfly(x.bfloat16(), Q)  # bf16 at 64 wide: the kernels
