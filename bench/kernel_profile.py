@@ -409,11 +409,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write JSON + Markdown into this folder")
     parser.add_argument("--tag", default="", help="suffix of the result file names (e.g. 'before')")
     parser.add_argument("--traffic-json", default=None, help="roofline: a traffic report whose byte ratios to use")
+    parser.add_argument("--shapes", default=None,
+                        help="traffic/compile: b x N shapes instead of the issue's, e.g. 64x2,32x3")
     args = parser.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
     date = time.strftime("%Y-%m-%d")
     tag = f"-{args.tag}" if args.tag else ""
     if args.report == "traffic":
-        rows = [traffic(args.n, b, N, args.T, args.dtype) for b, N in SHAPES + MORE_SHAPES if args.n % (b << (N - 1)) == 0]
+        rows = [traffic(args.n, b, N, args.T, args.dtype) for b, N in shapes or SHAPES + MORE_SHAPES
+                if args.n % (b << (N - 1)) == 0]
         table = traffic_markdown(rows)
         title = f"Interpreter traffic, {args.dtype}, n={args.n}, T={args.T} (targets: fwd <= {TARGET_FWD}x, fwd+bwd <= {TARGET_FWD_BWD}x)"
         stem = f"interp-traffic-{date}{tag}"
@@ -435,7 +439,7 @@ def main(argv=None) -> int:
         stem = f"roofline-h100-{date}{tag}"
     else:
         widths = [int(w) for w in args.widths.split(",")]
-        rows = compile_rows(widths, SHAPES, dtype_name=args.dtype)
+        rows = compile_rows(widths, shapes or SHAPES, dtype_name=args.dtype)
         table = compile_markdown(rows)
         title = f"Compile report (ptxas/cuobjdump, launch-time specialisation), {args.dtype}"
         stem = f"sm90-compile-{date}{tag}"
