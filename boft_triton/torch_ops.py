@@ -122,37 +122,6 @@ def coarse_blocks(Q: torch.Tensor) -> torch.Tensor:
     return _Butterfly.apply(eye_rows, Q, False).view(L, n // L, L).transpose(0, 1)
 
 
-def group_blocks(Q: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
-    """The dense blocks ``[n/W, W, W]`` of ``B_{k1-1} ... B_{k0}`` (one group of factors), in Q's
-    dtype, differentiable in Q, never n x n.
-
-    Layout: factor i mixes, inside a coarse block of ``L = 2^N h`` columns (``h = b/2``), an
-    h-chunk's offset with bit i of its chunk index. So factors ``k0..k1-1`` act on blocks of
-    ``W = 2^(k1-k0) h`` columns with fixed outer bits and fixed low bits ``j < S = 2^k0``: block
-    ``o*S + j`` holds columns ``o*(S*W) + m*(S*h) + j*h + off`` (``m < 2^(k1-k0)``, ``off < h``),
-    rows and columns in that (m, off) order. With k0 = 0 the blocks are contiguous.
-
-    Built level by level, ``P_k = B_k P_{k-1}``: the first level's blocks are its Q blocks (block
-    ``o*S + j`` of the group is Q block ``o*S + j`` of that level); then factor k mixes the h-offset
-    with bit k of the chunk index, so a block of ``P_k`` is two blocks of ``P_{k-1}`` (bit k = 0, 1)
-    multiplied by the h x h quadrants of the Q blocks that pair them: one einsum per level, on
-    tensors the size of the blocks (the bytes sum geometrically to about 2 n W).
-    """
-    N, D, b, _ = Q.shape
-    if N == 1:
-        return Q[0]
-    h, S = b // 2, 1 << k0
-    levels = Q.unbind(0)  # (its backward stacks the level gradients: one pass, not one per level)
-    blocks = levels[k0]  # [D, b, b]
-    for k in range(k0 + 1, k1):
-        Y, W = 1 << (k - k0), blocks.shape[-1]  # chunks below bit k in the group, width of P_{k-1}
-        outer = D >> k
-        A = blocks.reshape(outer, 2, S, Y, h, W)  # [outer, bit k, low bits, y, row offset, col]
-        q = levels[k].reshape(outer, Y, S, 2, h, 2, h)  # [outer, y, low bits, row half, o, col half, o']
-        blocks = torch.einsum("nyjaobp,nbjypc->njayobc", q, A).reshape(outer * S, 2 * W, 2 * W)
-    return blocks
-
-
 # Matmuls narrower than this waste most of a CPU's vector units; pack blocks up to it.
 MIN_MATMUL_WIDTH = 32
 

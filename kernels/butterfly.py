@@ -35,7 +35,7 @@ dense ``L x L`` block products with ``tl.dot``:
      levels acts on interleaved columns; the kernels gather them with a column map).
 
 Widths that are not a power of two are padded to one (masked lanes, zero Delta). The block layout
-(which Q value sits where) is ``torch_ops.group_blocks``'s; the tests hold the kernels to it.
+(which Q value sits where) is ``reference.group_blocks``'s; the tests hold the kernels to it.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def plan(n: int, b: int, N: int) -> tuple[dict, ...]:
     """The groups of factors of an (n, b, N) butterfly, in the order they act on ``x M``.
 
     Each group: levels ``[k0, k1)``, the chunk HC a factor mixes (b/2; b when N = 1), block width
-    W, column interleave S and chunk H (see ``torch_ops.group_blocks``), pack (consecutive blocks
+    W, column interleave S and chunk H (see ``reference.group_blocks``), pack (consecutive blocks
     merged block-diagonally), the packed width WB, block count NB and the padded power-of-two
     width WP the kernels tile. ``x M^T`` runs the groups in reverse."""
     if N > 1 and b % 2:
@@ -197,7 +197,7 @@ def pick_config(kind: str, n: int, b: int, N: int, dtype: torch.dtype, device: t
 
 @triton.jit
 def _columns(i_b, WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, H: tl.constexpr):
-    """Columns [WP] of block i_b (see torch_ops.group_blocks) and their mask."""
+    """Columns [WP] of block i_b (see reference.group_blocks) and their mask."""
     o_w = tl.arange(0, WP)
     if S == 1:
         o_col = i_b * WB + o_w

@@ -218,6 +218,20 @@ def test_butterfly_factor_groups(narrow_blocks, T, n, b, N, scale, transpose):
     check_butterfly(T, n, b, N, scale, transpose)
 
 
+@pytest.mark.parametrize("n,b,N", [(64, 4, 4), (48, 6, 3), (64, 2, 5), (64, 4, 1), (45, 45, 1)], ids=lambda v: str(v))
+def test_each_group_kernel_builds_the_reference_blocks(narrow_blocks, n, b, N):
+    """The layout the kernels gather Q into is reference.group_blocks's: one group's kernel on the
+    identity's rows is that group's matrix, for packed, padded, odd-b and interleaved groups."""
+    Q = rand_q(N, n // b, b, 1.0).float().to(DEVICE)
+    eye = torch.eye(n, device=DEVICE)
+    groups = kb.plan(n, b, N)
+    assert any(g["pack"] > 1 for g in groups) or any(g["S"] > 1 for g in groups) or n == 45
+    for grp in groups:
+        q = Q[grp["k0"]:grp["k1"]].contiguous()
+        got = kb.block_apply(eye, q, False, grp["k0"], n, b, N)
+        assert rel_err(got, reference.dense_group(Q.double().cpu(), grp["k0"], grp["k1"])) <= 1e-5, grp
+
+
 LOWP_CASES = [(7, 32, 4, 3, 1.0), (129, 64, 8, 2, 1.0), (7, 45, 45, 1, 1.0), (7, 24, 6, 2, 1.0)]
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from boft_triton import geometry, torch_ops
-from boft_triton.reference import dense_cayley, dense_permutation, dense_rotation
+from boft_triton.reference import dense_cayley, dense_group, dense_permutation, dense_rotation, group_blocks
 from tiny_models import rel_err
 
 CASES = [(8, 2, 1), (8, 2, 2), (12, 3, 1), (32, 2, 3), (32, 4, 3), (48, 6, 2), (64, 4, 4), (45, 45, 1)]
@@ -94,21 +94,9 @@ def test_butterfly_saves_one_row_of_input_per_row(N):
 
 @pytest.mark.parametrize("n,b,N,k", [(32, 4, 3, 1), (48, 6, 3, 2), (64, 2, 5, 3)], ids=lambda v: str(v))
 def test_group_blocks_are_the_factors_of_m(n, b, N, k):
-    """The kernels' block builder: all factors at once gives M's coarse blocks; two groups (low
+    """The kernels' block layout: all factors at once gives M's coarse blocks; two groups (low
     levels 0..k-1 contiguous, high levels k..N-1 on interleaved columns) multiply back to M."""
     Q = dense_cayley(torch.randn(N, n // b, b, b, dtype=torch.float64))
     M = dense_rotation(Q)
-    assert rel_err(torch_ops.group_blocks(Q.float(), 0, N), torch_ops.coarse_blocks(Q.float())) < 1e-6
-
-    def dense(blocks, k0):  # scatter the group's blocks to n x n with the documented layout
-        h, S = b // 2, 1 << k0
-        W = blocks.shape[-1]
-        out = torch.zeros(n, n, dtype=blocks.dtype)
-        for blk in range(n // W):
-            t = torch.arange(W)
-            cols = (blk // S) * (S * W) + (t // h) * (S * h) + (blk % S) * h + t % h
-            out[cols[:, None], cols[None, :]] = blocks[blk]
-        return out
-
-    low, high = dense(torch_ops.group_blocks(Q, 0, k), 0), dense(torch_ops.group_blocks(Q, k, N), k)
-    assert rel_err(high @ low, M) < 1e-12  # x M = (x M_high) M_low
+    assert rel_err(group_blocks(Q.float(), 0, N), torch_ops.coarse_blocks(Q.float())) < 1e-6
+    assert rel_err(dense_group(Q, k, N) @ dense_group(Q, 0, k), M) < 1e-12  # x M = (x M_high) M_low
