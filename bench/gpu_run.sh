@@ -1,18 +1,79 @@
 #!/usr/bin/env bash
-# The one prepared device call (under 8 minutes): kernel microbenchmarks, kernel tests on CUDA, then
-# the Llama-1B training-step benchmark (q/v, bf16, seq 2048, batch 4) for every method, LoRA r16
-# included, and the same on a 4-bit NF4 base: QLoRA against QBOFT. Nothing is installed:
-# it runs from the source tree on the device's own torch/triton. Results land in $OUT (or
-# bench/results), named after the card and date; commit them under bench/results/.
-#   usage (device machine, repo root):  bash bench/gpu_run.sh
+# The one prepared device call (under 8 minutes), on the GPU machine's image as it is (Python 3.12,
+# torch 2.11, triton 3.6, no registry, no git): install the carried wheels, then
+#   1. kernel microbenchmarks, each implementation checked against fp64 before it is timed;
+#   2. the Llama-1B training step (q/v, bf16, seq 2048, batch 4) for every method, LoRA r16 included;
+#   3. the same on a 4-bit NF4 base: QLoRA against QBOFT;
+#   4. the kernel tests on CUDA;
+# and print a short table last. Everything else goes under $OUT (default bench/results/gpu-run):
+# logs, JSON, Markdown, plots, the tuning cache. Commit what it measured under bench/results/.
+#
+#   here, once (PyPI):       bash bench/gpu_wheels.sh            -> .gpu-wheels/ (git-ignored)
+#   device call:             carry [".gpu-wheels"], command
+#                            BOFT_TRITON_COMMIT=<sha> bash bench/gpu_run.sh
+#   CPU preflight:           bash bench/gpu_preflight.sh  (runs this with BOFT_TRITON_PREFLIGHT=1:
+#                            the same steps at tiny sizes, kernels in Triton's interpreter)
 set -uo pipefail
-out="${OUT:-bench/results}"
+cd "$(dirname "$0")/.."
+out="${OUT:-bench/results/gpu-run}"
 mkdir -p "$out"
-export PYTHONPATH=. HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu-info.csv"
-timeout 220 python -m boft_triton.bench.gpu_check --out "$out" 2>&1 | tee "$out/gpu-check.log"
-timeout 130 python -m boft_triton.bench.command --workload llama-1b --targets qv --steps 3 --warmup 1 \
-  --output-dir "$out" 2>&1 | tee "$out/llama-1b.log"
-# QBOFT against QLoRA on the same 4-bit NF4 base (needs bitsandbytes on the device; says so if absent).
-timeout 110 python -m boft_triton.bench.command --workload llama-1b --targets qv --quantize nf4 --steps 3 --warmup 1 \
-  --methods floor,peft-lora-r16,boft_triton-b4-N1,boft_triton-b8-N2 --output-dir "$out" 2>&1 | tee "$out/llama-1b-nf4.log"
+out="$(cd "$out" && pwd)"
+python="${PYTHON:-python3}"
+preflight="${BOFT_TRITON_PREFLIGHT:-0}"
+
+site="$(mktemp -d)"
+trap 'rm -rf "$site"' EXIT
+if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+    .gpu-wheels/*.whl 2>&1 | tee "$out/wheels.log"
+else
+  echo "no .gpu-wheels/: run bench/gpu_wheels.sh here and carry the folder (NF4 rows need bitsandbytes)" | tee "$out/wheels.log"
+fi
+export PYTHONPATH="$(pwd):$site" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1  # absolute: tests start processes elsewhere
+export BOFT_TRITON_TUNE_CACHE="$out/tune.json"   # never a home directory's cache
+
+if [ "$preflight" = 1 ]; then
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+  check=(--preflight)
+  llama=(--workload tiny-llama --batch-size 1 --seq-len 16 --steps 1 --warmup 0 --device cpu)
+  tests=(tests/test_kernels.py tests/test_tune.py)
+  limit() { echo "$2"; }   # the interpreter's times are not the GPU's: generous limits
+else
+  check=()
+  llama=(--workload llama-1b --steps 3 --warmup 1)
+  tests=(tests/test_kernels.py tests/test_kernel_layers.py tests/test_torch_path.py tests/test_tune.py)
+  limit() { echo "$1"; }
+fi
+
+: >"$out/steps.tsv"
+step() {  # step NAME GPU_SECONDS PREFLIGHT_SECONDS COMMAND...: run with a time limit, log, record status
+  local name=$1 seconds
+  seconds=$(limit "$2" "$3")
+  shift 3
+  local start=$SECONDS
+  echo "== $name (limit ${seconds} s)"
+  timeout "$seconds" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >>"$out/steps.tsv"
+  tail -n 3 "$out/$name.log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 || true
+  "$python" -c "import sys, torch, triton, numpy, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, 'transformers', transformers.__version__)"
+} >"$out/environment.txt" 2>&1
+cat "$out/environment.txt"
+
+step gpu-check 100 600 "$python" -m boft_triton.bench.gpu_check --out "$out" "${check[@]}"
+step llama-1b 120 600 "$python" -m boft_triton.bench.command "${llama[@]}" --targets qv --output-dir "$out"
+step llama-1b-nf4 60 600 "$python" -m boft_triton.bench.command "${llama[@]}" --targets qv --quantize nf4 \
+  --methods floor,peft-lora-r16,boft_triton-b4-N1,boft_triton-b8-N2 --output-dir "$out"
+# pytest-xdist (on the image) spreads the tests, and so Triton's compiles, over 8 processes
+parallel=()
+"$python" -c "import xdist" 2>/dev/null && parallel=(-n 8)
+step kernel-tests 140 900 "$python" -m pytest -q -p no:cacheprovider "${parallel[@]}" "${tests[@]}" \
+  -k "not compile_for_sm90" --junitxml="$out/gpu-tests.xml"
+
+"$python" -m boft_triton.bench.gpu_summary "$out" >"$out/summary.txt"
+rc=$?
+cat "$out/summary.txt"
+exit $rc

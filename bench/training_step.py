@@ -431,6 +431,20 @@ def _git(*args: str) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+COMMIT_ENV = "BOFT_TRITON_COMMIT"
+
+
+def source_commit() -> tuple[Optional[str], Optional[bool]]:
+    """(commit, dirty) of the source tree the benchmark runs from: git's answer, else
+    ``$BOFT_TRITON_COMMIT`` (the GPU machine gets the tree without git; ``bench/gpu_run.sh`` is
+    given the commit), else (None, None)."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit is None:
+        return os.environ.get(COMMIT_ENV) or None, None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return commit, bool(status) if status is not None else None
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -463,8 +477,7 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    commit = _git("rev-parse", "--short", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    commit, dirty = source_commit()
     cpu = _cpu_name()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -495,7 +508,7 @@ def environment(device: torch.device) -> dict:
         "boft_backend": backend,
         "boft_backend_env": os.environ.get("BOFT_TRITON_BACKEND", "auto"),
         "commit": commit,
-        "dirty": bool(status) if status is not None else None,
+        "dirty": dirty,
         "date": now.strftime("%Y-%m-%d"),
         "datetime": now.isoformat(timespec="seconds"),
         "platform": platform.platform(),

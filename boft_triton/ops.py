@@ -64,7 +64,7 @@ def backend_for(t: torch.Tensor) -> str:
 def _warn_fallback(why: str) -> None:
     warnings.warn(
         f"boft_triton: Triton kernels unavailable ({why}); using the torch path (same maths, slower). "
-        "Install triton>=3.2 to get the kernels.",
+        "Install triton>=3.6 to get the kernels.",
         RuntimeWarning,
         stacklevel=3,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,10 +24,23 @@ CACHE_ENV = "BOFT_TRITON_TUNE_CACHE"
 CACHE_FORMAT = 1
 
 
+class TuneCacheWarning(UserWarning):
+    """The tuning cache could not be read (or has no entries yet): kernels use their default tiles."""
+
+
+class TuneCacheError(RuntimeError):
+    """The tuning cache could not be written, or its default location is unknown."""
+
+
 @lru_cache(maxsize=1)
 def default_cache_path() -> Path:
-    import platformdirs
-
+    try:
+        import platformdirs
+    except ImportError:
+        raise TuneCacheError(
+            "the default tuning cache lives in the user cache dir, which boft_triton finds with platformdirs, and "
+            f"platformdirs is not installed: pip install platformdirs, or set {CACHE_ENV}=FILE"
+        ) from None
     return Path(platformdirs.user_cache_dir("boft_triton")) / "tune.json"
 
 
@@ -47,17 +61,53 @@ def cache_key(device_name: str, triton_version: str, dtype: torch.dtype, n: int,
     return f"{device_name}|triton={triton_version}|{_dtype_name(dtype)}|n={n},b={b},N={N}"
 
 
+# Kernel launches never fail because of the cache: whatever goes wrong reading it, they take their
+# default tiles and say so once per process and problem (a cache is only ever a speed-up).
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str, topic: str | None = None) -> None:
+    """Warn once per process and topic (default: the message itself)."""
+    topic = topic or message
+    if topic not in _WARNED:
+        _WARNED.add(topic)
+        warnings.warn(message, TuneCacheWarning, stacklevel=2)
+
+
+_DEFAULT_TILES = "the Triton kernels use their default tiles"
+
+
+_MISSING = "no tuning cache at {path} yet: " + _DEFAULT_TILES + " (`boft-triton tune` picks tiles for a model's shapes)"
+
+
+def _read(path: Path) -> tuple[dict, str | None]:
+    """``(entries, problem)`` of one cache file: the entries ({} when unusable) and, when the file
+    is missing or unusable, why, in words."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}, _MISSING.format(path=path)
+    except IsADirectoryError:
+        return {}, f"the tuning cache {path} is a folder, not a file: {_DEFAULT_TILES}"
+    except OSError as err:
+        return {}, f"cannot read the tuning cache {path} ({err.strerror or err}): {_DEFAULT_TILES}"
+    try:
+        data = json.loads(raw)
+    except ValueError:  # JSON and UTF-8 decoding errors alike
+        return {}, f"the tuning cache {path} is not valid JSON (corrupt or half-written): {_DEFAULT_TILES}"
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("entries"), dict):
+        return {}, f"{path} is not a boft_triton tuning cache of format {CACHE_FORMAT}: {_DEFAULT_TILES}"
+    return data["entries"], None
+
+
 @lru_cache(maxsize=8)
 def _load(path: str) -> dict:
-    """Entries of one cache file (memoised per path; ``clear_memo`` after writing)."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
-        return {}
-    return data.get("entries", {})
+    """Entries of one cache file for the launchers (memoised per path; ``clear_memo`` after writing)."""
+    entries, problem = _read(Path(path))
+    if problem is not None:
+        # the untuned state is normal (a fresh machine, or per-test caches): said once per process
+        warn_once(problem, topic="missing" if problem == _MISSING.format(path=path) else None)
+    return entries
 
 
 def clear_memo() -> None:
@@ -66,34 +116,70 @@ def clear_memo() -> None:
 
 
 def lookup(device_name: str, n: int, b: int, N: int, dtype: torch.dtype) -> dict | None:
-    """The cached entry ``{"fwd": config, "bwd": config, ...}`` for this shape, or None."""
+    """The cached entry ``{"fwd": config, "bwd": config, ...}`` for this shape, or None (never
+    raises: a cache that cannot be found or read means default tiles, with one warning)."""
     try:
         import triton
     except ImportError:
         return None
-    return _entry(str(cache_path()), cache_key(device_name, triton.__version__, dtype, n, b, N))
+    try:
+        path = cache_path()
+    except Exception as err:  # platformdirs missing, or no home directory to put the cache in
+        warn_once(f"cannot locate the tuning cache ({err}): {_DEFAULT_TILES}")
+        return None
+    return _entry(str(path), cache_key(device_name, triton.__version__, dtype, n, b, N))
 
 
 @lru_cache(maxsize=4096)
 def _entry(path: str, key: str) -> dict | None:
     """Memoised per (file, key): kernel launches look their tile up on every call."""
-    return _load(path).get(key)
+    entry = _load(path).get(key)
+    if entry is not None and not isinstance(entry, dict):
+        warn_once(f"the tuning cache {path} has a malformed entry for {key}: {_DEFAULT_TILES} for that shape")
+        return None
+    return entry
+
+
+def valid_config(cfg, required: tuple[str, ...]) -> bool:
+    """Whether a cached tile has every key the launcher needs, each a positive int, with row tiles
+    and warps powers of two (what Triton compiles)."""
+    if not isinstance(cfg, dict):
+        return False
+    for key in required:
+        value = cfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return False
+        if key in ("BT", "num_warps") and value & (value - 1):
+            return False
+    stages = cfg.get("num_stages", 1)
+    return isinstance(stages, int) and not isinstance(stages, bool) and stages >= 1
 
 
 def _write(path: Path, new_entries: dict) -> None:
-    """Merge ``new_entries`` into the cache file atomically (temp file + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entries = dict(_load.__wrapped__(str(path)))  # fresh read, not the memo
-    entries.update(new_entries)
-    fd, tmp = tempfile.mkstemp(prefix=".tune-", suffix=".json", dir=path.parent)
+    """Merge ``new_entries`` into the cache file atomically (temp file + os.replace); raises
+    TuneCacheError, saying where and why, when the file cannot be written."""
+    entries, problem = _read(path)  # fresh read, not the memo
+    if problem is not None and path.is_file():
+        warnings.warn(f"{problem}; replacing it with the new entries", TuneCacheWarning, stacklevel=3)
+    entries = {**entries, **new_entries}
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tune-", suffix=".json", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             json.dump({"format": CACHE_FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise TuneCacheError(
+            f"cannot write the tuning cache {path} ({err.strerror or err}): pass --cache FILE (or set {CACHE_ENV}=FILE) "
+            "to write another file"
+        ) from err
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
     clear_memo()
@@ -149,6 +235,8 @@ def tune(
 
     device = torch.device(device) if device is not None else _default_device()
     path = Path(cache_path) if cache_path is not None else _resolve_cache_path()
+    if path.is_dir():  # fail before the timing, not after it
+        raise TuneCacheError(f"the tuning cache {path} is a folder: pass --cache FILE (or set {CACHE_ENV}=FILE)")
     dev_name = _common.device_name(device)
     gen = torch.Generator().manual_seed(0)
     rows, new_entries = [], {}

@@ -1,7 +1,8 @@
 """Plumbing shared by the kernel files: the Triton import guard, output allocation, timing,
 launch bookkeeping and the tuning-cache lookup.
 
-Importing this module raises ImportError when Triton is missing or older than 3.2, so
+Importing this module raises ImportError when Triton is missing or older than 3.6 (or, in the
+interpreter, Triton 3.6 meets numpy >= 2.4), so
 ``boft_triton.ops`` can fall back to the torch path with one warning.
 """
 
@@ -28,8 +29,10 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-if _version_tuple(triton.__version__) < (3, 2):  # pragma: no cover
-    raise ImportError(f"boft_triton kernels need triton>=3.2, found {triton.__version__}")
+# The oldest Triton the kernels are tested on (3.6: the GPU machine's image; also 3.7.1 and 3.9).
+MIN_TRITON = (3, 6)
+if _version_tuple(triton.__version__) < MIN_TRITON:  # pragma: no cover
+    raise ImportError(f"boft_triton kernels need triton>=3.6, found {triton.__version__}")
 
 TRITON_VERSION = triton.__version__
 
@@ -37,6 +40,22 @@ TRITON_VERSION = triton.__version__
 def interpreting() -> bool:
     """True under ``TRITON_INTERPRET=1`` (kernels run on CPU tensors, one program at a time)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpreter_numpy_check() -> None:
+    """Triton 3.6's interpreter breaks on numpy >= 2.4 (``only 0-dimensional arrays can be
+    converted to Python scalars`` in most kernels; fixed in Triton 3.7.1): refuse it up front."""
+    import numpy
+
+    if _version_tuple(triton.__version__) < (3, 7) and _version_tuple(numpy.__version__) >= (2, 4):
+        raise ImportError(
+            f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails with numpy {numpy.__version__}: "
+            "pip install 'numpy<2.4', or triton>=3.7.1"
+        )
+
+
+if interpreting():
+    _interpreter_numpy_check()
 
 
 def next_pow2(x: int) -> int:

@@ -46,6 +46,8 @@ import functools
 import torch
 from torch.library import wrap_triton
 
+from boft_triton.tuning import valid_config, warn_once
+
 from ._common import LAST_LAUNCH, cached_config, interpreting, kernel_op, new_empty, next_pow2, num_sms, tl, triton
 
 # Widest dense block a program holds (its Delta tile and, backward, its dMc accumulator).
@@ -186,8 +188,10 @@ def pick_config(kind: str, n: int, b: int, N: int, dtype: torch.dtype, device: t
     if kind in _FORCED:
         return "forced", _FORCED[kind]
     cfg = cached_config(kind, n, b, N, dtype, device)
-    if cfg is not None and all(k in cfg for k in _REQUIRED[kind]):
-        return "cache", cfg
+    if cfg is not None:
+        if valid_config(cfg, _REQUIRED[kind]):
+            return "cache", cfg
+        warn_once(f"the tuning cache's {kind} tile for n={n}, b={b}, N={N} ({cfg!r}) is malformed: the default tile is used")
     return "default", default_config(n, b, N, kind, dtype)
 
 

@@ -4,6 +4,12 @@ import sys
 # No hub access in tests: tiny models come from configs, the real one from a PyPI package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Run from a source tree with PYTHONPATH=. (as on the GPU machine), subprocesses that tests start
+# in another folder must still find boft_triton: make the entries absolute.
+if os.environ.get("PYTHONPATH"):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        os.path.abspath(entry) if entry else entry for entry in os.environ["PYTHONPATH"].split(os.pathsep)
+    )
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

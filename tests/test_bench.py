@@ -3,6 +3,7 @@ schema, the Markdown and the PNG charts. A smoke test, not a timing assertion.""
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,38 @@ def test_unknown_method_names_are_refused():
 
     with pytest.raises(CLIError, match="peft-lora-r7"):
         command.select_methods(args)
+
+
+def test_gpu_summary_reads_every_step_and_flags_failures(tmp_path):
+    """The table ``bench/gpu_run.sh`` prints last: a timed-out step, a wrong kernel result and a
+    failed test are all visible, and the exit status says whether everything passed."""
+    from boft_triton.bench import gpu_summary
+
+    (tmp_path / "steps.tsv").write_text("gpu-check\t0\t50\nllama-1b\t124\t120\nkernel-tests\t1\t90\n")
+    row = {"op": "butterfly", "impl": "triton", "T": 8, "n": 16, "b": 4, "N": 1, "fwd_ms": 0.5, "fwd_bwd_ms": 1.5,
+           "fwd_bw_fraction": 0.8, "bwd_bw_fraction": 0.6, "rel_err": {"y": 2e-3, "dx": 0.5, "dQ": 1e-3},
+           "correct": False}
+    (tmp_path / "gpu-check-card-2026-11-30.json").write_text(json.dumps(
+        {"card": "Card", "torch": "2.11", "triton": "3.6.0", "copy_bandwidth_gbs": 4000.0, "rows": [row]}))
+    (tmp_path / "gpu-tests.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.test_kernels" name="test_a"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_kernels" name="test_b"/></testsuite></testsuites>')
+    text = gpu_summary.summary(tmp_path)
+    assert "llama-1b" in text and "TIMED OUT" in text and "FAILED (exit 1)" in text
+    assert "err 5.0e-01  WRONG" in text
+    assert "3 tests: 1 failed" in text and "FAILED tests.test_kernels::test_a" in text
+    assert "(no training-step results)" in text
+    assert gpu_summary.main([str(tmp_path)]) == 1
+    (tmp_path / "steps.tsv").write_text("gpu-check\t0\t50\n")
+    assert gpu_summary.main([str(tmp_path)]) == 0
+
+
+def test_gpu_scripts_parse():
+    """The device call's scripts are at least valid bash (they run on a machine CI never sees; the
+    full dress rehearsal is bench/gpu_preflight.sh)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    for script in ("gpu_run.sh", "gpu_preflight.sh", "gpu_wheels.sh"):
+        subprocess.run(["bash", "-n", str(root / "bench" / script)], check=True)

@@ -432,9 +432,18 @@ def test_compile_fullgraph_one_frame():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("version", [None, "3.1.0"], ids=["missing", "too-old"])
-def test_import_guard(monkeypatch, version):
-    """No triton, or triton < 3.2: importing the kernels raises ImportError (ops.py falls back)."""
+@pytest.mark.parametrize(
+    "version, numpy_version, interpreting, refused",
+    [(None, "2.3.5", False, "triton"), ("3.5.1", "2.3.5", False, "triton>=3.6"),
+     ("3.6.0", "2.4.0", True, "numpy<2.4"), ("3.6.0", "2.4.0", False, None), ("3.6.0", "2.3.5", True, None),
+     ("3.7.1", "2.5.2", True, None)],
+    ids=["missing", "too-old", "3.6-interpreter-numpy2.4", "3.6-gpu-numpy2.4", "3.6-interpreter-numpy2.3",
+         "3.7.1-interpreter-numpy2.5"],
+)
+def test_import_guard(monkeypatch, version, numpy_version, interpreting, refused):
+    """No triton, triton < 3.6, or Triton 3.6's interpreter with numpy >= 2.4 (which breaks it):
+    importing the kernels raises ImportError saying what to install (ops.py falls back, or with
+    BOFT_TRITON_BACKEND=triton says why); the combinations that work import."""
     import importlib.util
     import types
 
@@ -446,9 +455,16 @@ def test_import_guard(monkeypatch, version):
         fake.language = types.ModuleType("triton.language")
         monkeypatch.setitem(sys.modules, "triton", fake)
         monkeypatch.setitem(sys.modules, "triton.language", fake.language)
+    fake_numpy = types.ModuleType("numpy")
+    fake_numpy.__version__ = numpy_version
+    monkeypatch.setitem(sys.modules, "numpy", fake_numpy)
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpreting else "0")
     spec = importlib.util.spec_from_file_location("_guard_probe", kcommon.__file__)
-    with pytest.raises(ImportError):
+    if refused is None:
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    else:
+        with pytest.raises(ImportError, match=refused.replace("+", "\\+")):
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
 _SM90_SCRIPT = r"""

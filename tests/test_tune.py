@@ -14,6 +14,9 @@ if not torch.cuda.is_available():
 
 import importlib  # noqa: E402
 import json  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from torch import nn  # noqa: E402
@@ -122,12 +125,116 @@ def test_cached_config_is_what_runs(cache_file):
     assert entries[key] == odd and len(entries) == 2
 
 
-def test_corrupt_cache_is_ignored(cache_file):
-    cache_file.write_text("{not json")
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Each problem with the cache is said once per process: start from none said."""
+    monkeypatch.setattr(tuning, "_WARNED", set())
+    tuning.default_cache_path.cache_clear()
     tuning.clear_memo()
+    yield
+    tuning.default_cache_path.cache_clear()
+    tuning.clear_memo()
+
+
+def _no_platformdirs(monkeypatch, tmp_path):
+    monkeypatch.delenv(tuning.CACHE_ENV)
+    monkeypatch.setitem(sys.modules, "platformdirs", None)  # import raises ImportError
+
+
+def _no_home(monkeypatch, tmp_path):
+    monkeypatch.delenv(tuning.CACHE_ENV)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "no-such-home"))
+
+
+def _unreadable(monkeypatch, tmp_path):
+    path = Path(os.environ[tuning.CACHE_ENV])
+    path.write_text(json.dumps({"format": tuning.CACHE_FORMAT, "entries": {}}))
+    real = Path.read_bytes
+
+    def denied(self):  # chmod 000 does not stop root, who runs CI: refuse the read itself
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+
+
+def _write(content):
+    def make(monkeypatch, tmp_path):
+        Path(os.environ[tuning.CACHE_ENV]).write_bytes(content)
+    return make
+
+
+def _folder(monkeypatch, tmp_path):
+    Path(os.environ[tuning.CACHE_ENV]).mkdir()
+
+
+def _bad_entry(entry):
+    def make(monkeypatch, tmp_path):
+        key = tuning.cache_key(kcommon.device_name(DEVICE), kcommon.TRITON_VERSION, torch.float32, 16, 4, 1)
+        Path(os.environ[tuning.CACHE_ENV]).write_text(json.dumps({"format": tuning.CACHE_FORMAT, "entries": {key: entry}}))
+    return make
+
+
+CACHE_PROBLEMS = {
+    "missing": (lambda monkeypatch, tmp_path: None, "no tuning cache at"),
+    "no-platformdirs": (_no_platformdirs, "platformdirs is not installed"),
+    "no-home-directory": (_no_home, "no tuning cache at"),
+    "unreadable": (_unreadable, "Permission denied"),
+    "folder": (_folder, "is a folder"),
+    "corrupt": (_write(b"{not json"), "not valid JSON"),
+    "not-utf8": (_write(b"\xff\xfe\x00garbage"), "not valid JSON"),
+    "other-format": (_write(b'{"format": 99, "entries": {}}'), "not a boft_triton tuning cache"),
+    "entries-not-a-dict": (_write(b'{"format": 1, "entries": [1, 2]}'), "not a boft_triton tuning cache"),
+    "entry-not-a-dict": (_bad_entry("BT=64"), "malformed entry"),
+    "tile-not-an-int": (_bad_entry({"fwd": {"BT": "64", "PPS": 4, "num_warps": 4}}), "malformed"),
+    "tile-not-a-power-of-two": (_bad_entry({"fwd": {"BT": 48, "PPS": 4, "num_warps": 4}}), "malformed"),
+    "tile-missing-a-key": (_bad_entry({"fwd": {"BT": 64, "num_warps": 4}}), "malformed"),
+}
+
+
+@pytest.mark.parametrize("problem", list(CACHE_PROBLEMS))
+def test_a_launch_never_fails_because_of_the_cache(problem, cache_file, fresh_warnings, monkeypatch, tmp_path):
+    """Whatever is wrong with the tuning cache or finding it, a kernel launch takes the default
+    tile, computes the right thing and warns once, saying what is wrong."""
+    make, says = CACHE_PROBLEMS[problem]
+    make(monkeypatch, tmp_path)
     Q = torch_ops.cayley(torch.randn(1, 4, 4, 4)).to(DEVICE)
-    kb.butterfly(torch.randn(3, 16, device=DEVICE), Q)
-    assert kb.LAST_LAUNCH["butterfly_fwd"][0] in ("default", "autotune")
+    x = torch.randn(3, 16, device=DEVICE)
+    with pytest.warns(tuning.TuneCacheWarning) as caught:
+        y = kb.butterfly(x, Q)
+    messages = [str(w.message) for w in caught if issubclass(w.category, tuning.TuneCacheWarning)]
+    assert len(messages) == 1 and says in messages[0], messages
+    assert kb.LAST_LAUNCH["butterfly_fwd"] == ("default", kb.default_config(16, 4, 1, "fwd", torch.float32))
+    assert ((y - torch_ops.butterfly(x, Q)).norm() / y.norm()).item() <= 1e-5
+    with warnings.catch_warnings():  # once: the next launch is silent
+        warnings.simplefilter("error", tuning.TuneCacheWarning)
+        tuning.clear_memo()
+        kb.butterfly(x, Q)
+
+
+def test_writing_the_cache_fails_clearly(cache_file, fresh_warnings, monkeypatch, tmp_path):
+    """``tune`` may fail to write, but says which file and what to do; nothing half-written stays."""
+    shape = [(16, 4, 1)]
+    cache_file.mkdir()
+    with pytest.raises(tuning.TuneCacheError, match="is a folder.*--cache FILE"):
+        tuning.tune(shape, tokens_per_step=4, dtype=torch.float32, device=DEVICE, max_configs=1, verbose=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(tuning.TuneCacheError, match="cannot write the tuning cache .*a-file/tune.json"):
+        tuning.tune(shape, tokens_per_step=4, dtype=torch.float32, device=DEVICE, max_configs=1, verbose=False,
+                    cache_path=blocker / "tune.json")
+    _no_platformdirs(monkeypatch, tmp_path)
+    with pytest.raises(tuning.TuneCacheError, match="pip install platformdirs, or set BOFT_TRITON_TUNE_CACHE"):
+        tuning.tune(shape, tokens_per_step=4, dtype=torch.float32, device=DEVICE, max_configs=1, verbose=False)
+
+
+def test_a_corrupt_cache_is_replaced_when_tuning(cache_file, fresh_warnings):
+    cache_file.write_text("{not json")
+    with pytest.warns(tuning.TuneCacheWarning, match="replacing it"):
+        tuning.tune([(16, 4, 1)], tokens_per_step=4, dtype=torch.float32, device=DEVICE, max_configs=1, verbose=False)
+    assert len(json.loads(cache_file.read_text())["entries"]) == 1
 
 
 _LAUNCH_SCRIPT = """

@@ -66,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
     model = _adapted_model(args)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     shapes = tuning.collect_shapes(model)
-    rows = tuning.tune(shapes, args.tokens, dtype=dtype, cache_path=args.cache, max_configs=args.max_configs)
+    try:
+        rows = tuning.tune(shapes, args.tokens, dtype=dtype, cache_path=args.cache, max_configs=args.max_configs)
+    except tuning.TuneCacheError as exc:
+        raise CLIError(str(exc)) from None
     print(tuning.format_table(rows))
     print(_where_launches_read(Path(args.cache) if args.cache else tuning.cache_path(), tuning))
     return 0
@@ -75,8 +78,12 @@ def run(args: argparse.Namespace) -> int:
 def _where_launches_read(written: Path, tuning) -> str:
     """Kernel launches read only ``$BOFT_TRITON_TUNE_CACHE`` or the user cache file: say whether
     they will read the file just written, and if not, how to make them."""
-    read = tuning.cache_path()
-    if written.resolve() == read.resolve():
+    try:
+        read = tuning.cache_path()
+    except tuning.TuneCacheError:  # platformdirs missing: launches read only the variable's file
+        read = None
+    if read is not None and written.resolve() == read.resolve():
         return f"cache: {written} (kernel launches read this file)"
-    return (f"cache: {written}\nkernel launches read {read}; to use the tuned tiles, run them with "
+    return (f"cache: {written}\nkernel launches read {read or 'no file unless the variable below is set'}; "
+            "to use the tuned tiles, run them with "
             f"{tuning.CACHE_ENV}={shlex.quote(str(written.resolve()))}")
