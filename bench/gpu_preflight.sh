@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$(pwd)"
 venv="${BOFT_TRITON_PREFLIGHT_VENV:-$HOME/.cache/boft_triton/preflight-venv}"
-pins=(torch==2.13.0 triton==3.6.0 transformers==5.17.0 accelerate==1.15.0 "numpy<2.4" peft==0.21.2
+pins=(torch==2.13.0 triton==3.6.0 transformers==5.17.0 accelerate==1.15.0 "numpy<2.4" peft==0.21.0
       safetensors tqdm matplotlib pytest pytest-benchmark pytest-xdist)
 absent=(platformdirs bitsandbytes trl)
 stamp="${pins[*]} | ${absent[*]}"

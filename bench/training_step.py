@@ -435,12 +435,15 @@ COMMIT_ENV = "BOFT_TRITON_COMMIT"
 
 
 def source_commit() -> tuple[Optional[str], Optional[bool]]:
-    """(commit, dirty) of the source tree the benchmark runs from: git's answer, else
-    ``$BOFT_TRITON_COMMIT`` (the GPU machine gets the tree without git; ``bench/gpu_run.sh`` is
-    given the commit), else (None, None)."""
+    """(commit, dirty) of the source tree the benchmark runs from: ``$BOFT_TRITON_COMMIT`` when
+    set (the GPU machine gets the working tree with a stale or no ``.git``: seen on the first
+    H200 call, whose git named the session's starting commit), else git's answer, else
+    (None, None)."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV], None
     commit = _git("rev-parse", "--short", "HEAD")
     if commit is None:
-        return os.environ.get(COMMIT_ENV) or None, None
+        return None, None
     status = _git("status", "--porcelain", "--untracked-files=no")
     return commit, bool(status) if status is not None else None
 

@@ -71,35 +71,39 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
-          batch_size: int, seq_len: int, targets: list[str], name: str, dtype: str = "fp32") -> Workload:
-    """A Llama-shaped causal LM from a config (random weights: speed and memory only)."""
+          batch_size: int, seq_len: int, targets: list[str], name: str, dtype: str = "fp32",
+          init_device="cpu") -> Workload:
+    """A Llama-shaped causal LM from a config (random weights: speed and memory only). The weights
+    are drawn on ``init_device`` (a 1B model's random init takes a minute on CPUs, a moment on a
+    GPU), then the model is kept on the CPU like every workload's: each method copies it and
+    moves the copy where it runs, so the GPU holds one model at a time."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                          max_position_embeddings=max(seq_len, 128), tie_word_embeddings=True)
     torch.manual_seed(0)
-    with _default_dtype(DTYPES[dtype]):  # built in its dtype: no fp32 copy of a 3B model
-        model = LlamaForCausalLM(config)
+    with _default_dtype(DTYPES[dtype]), torch.device(init_device):  # in its dtype: no fp32 copy of a 3B model
+        model = LlamaForCausalLM(config).to("cpu")
     ids = torch.randint(0, vocab, (batch_size, seq_len))
     return Workload(name, model, {"input_ids": ids, "labels": ids.clone()}, list(targets), [],
                     batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                     description=f"Llama-shaped causal LM, hidden {hidden}, {layers} layers, random weights and tokens")
 
 
-def tiny_llama(batch_size: int = 4, seq_len: int = 128, targets=None, dtype: str = "fp32") -> Workload:
+def tiny_llama(batch_size: int = 4, seq_len: int = 128, targets=None, dtype: str = "fp32", init_device="cpu") -> Workload:
     return llama(**TINY_LLAMA, batch_size=batch_size, seq_len=seq_len, targets=list(targets or LLAMA_QV),
-                 name="tiny-llama", dtype=dtype)
+                 name="tiny-llama", dtype=dtype, init_device=init_device)
 
 
-def llama_1b(batch_size: int = 4, seq_len: int = 2048, targets=None, dtype: str = "bf16") -> Workload:
+def llama_1b(batch_size: int = 4, seq_len: int = 2048, targets=None, dtype: str = "bf16", init_device="cpu") -> Workload:
     return llama(**LLAMA_1B, batch_size=batch_size, seq_len=seq_len, targets=list(targets or LLAMA_QV),
-                 name="llama-1b", dtype=dtype)
+                 name="llama-1b", dtype=dtype, init_device=init_device)
 
 
-def llama_3b(batch_size: int = 2, seq_len: int = 1024, targets=None, dtype: str = "bf16") -> Workload:
+def llama_3b(batch_size: int = 2, seq_len: int = 1024, targets=None, dtype: str = "bf16", init_device="cpu") -> Workload:
     return llama(**LLAMA_3B, batch_size=batch_size, seq_len=seq_len, targets=list(targets or LLAMA_QV),
-                 name="llama-3b", dtype=dtype)
+                 name="llama-3b", dtype=dtype, init_device=init_device)
 
 
 QUANTIZE = ("nf4", "fp4", "int8")
@@ -149,17 +153,18 @@ class WorkloadSpec:
     dtype: str
     device: str  # where it is meant to run: cpu | cuda
     targets: dict = field(default_factory=dict)  # preset name -> module names
+    random_init: bool = False  # random weights, drawn on the run's device (fast on a GPU)
 
 
 WORKLOADS = {
     "minilm": WorkloadSpec(minilm_reviews, 16, 128, "fp32", "cpu",
                            {"default": MINILM_QKV, "qv": ["query", "value"], "all-linear": MINILM_ALL_LINEAR}),
     "tiny-llama": WorkloadSpec(tiny_llama, 4, 128, "fp32", "cpu",
-                               {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}),
+                               {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}, random_init=True),
     "llama-1b": WorkloadSpec(llama_1b, 4, 2048, "bf16", "cuda",
-                             {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}),
+                             {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}, random_init=True),
     "llama-3b": WorkloadSpec(llama_3b, 2, 1024, "bf16", "cuda",
-                             {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}),
+                             {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}, random_init=True),
 }
 
 
@@ -171,7 +176,8 @@ def build(name: str, batch_size: int | None = None, seq_len: int | None = None, 
     spec = WORKLOADS[name]
     if targets not in spec.targets:
         raise ValueError(f"unknown targets preset {targets!r} for {name}; choose from {sorted(spec.targets)}")
+    init = {"init_device": device} if spec.random_init else {}
     work = spec.build(batch_size or spec.batch_size, seq_len or spec.seq_len, spec.targets[targets],
-                      dtype or spec.dtype)
+                      dtype or spec.dtype, **init)
     work.targets_preset = targets
     return quantize(work, quantization, device) if quantization else work

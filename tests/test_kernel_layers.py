@@ -53,7 +53,7 @@ def test_merge_on_kernels_matches_torch_path(monkeypatch):
     for backend in ("torch", "triton"):
         monkeypatch.setenv("BOFT_TRITON_BACKEND", backend)
         torch.manual_seed(0)
-        merged[backend] = adapt(copy.deepcopy(base), config).merge_and_unload().lin0.weight
+        merged[backend] = adapt(copy.deepcopy(base).to(DEVICE), config).merge_and_unload().lin0.weight
     assert rel_err(merged["triton"], merged["torch"]) < 1e-5
 
 

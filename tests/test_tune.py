@@ -57,7 +57,7 @@ def test_collect_shapes():
 
 
 def test_default_cache_path(monkeypatch):
-    import platformdirs
+    platformdirs = pytest.importorskip("platformdirs")  # the GPU image lacks it (then launches warn: below)
 
     monkeypatch.delenv(tuning.CACHE_ENV, raising=False)
     assert tuning.cache_path().parent == type(tuning.cache_path())(platformdirs.user_cache_dir("boft_triton"))
@@ -142,6 +142,7 @@ def _no_platformdirs(monkeypatch, tmp_path):
 
 
 def _no_home(monkeypatch, tmp_path):
+    pytest.importorskip("platformdirs")  # without it: the no-platformdirs case
     monkeypatch.delenv(tuning.CACHE_ENV)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "no-such-home"))
@@ -242,8 +243,9 @@ import json, os, sys
 import torch
 from boft_triton import torch_ops
 from boft_triton.kernels import butterfly as kb
-Q = torch_ops.cayley(torch.randn(2, 8, 4, 4))  # n=32, b=4, N=2: the tiny BERT's adapted shape
-kb.butterfly(torch.randn(3, 32), Q)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+Q = torch_ops.cayley(torch.randn(2, 8, 4, 4)).to(device)  # n=32, b=4, N=2: the tiny BERT's adapted shape
+kb.butterfly(torch.randn(3, 32, device=device), Q)
 print(json.dumps(kb.LAST_LAUNCH["butterfly_fwd"]))
 """
 
@@ -271,11 +273,14 @@ def test_tune_command_then_a_new_process_launches_with_the_tuned_tile(tmp_path):
 
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                vocab_size=64).save_pretrained(tmp_path / "tiny-bert")
+    pytest.importorskip("platformdirs")  # tune without --cache writes the user cache dir
     env = {k: v for k, v in os.environ.items() if k != tuning.CACHE_ENV}
-    env.update(TRITON_INTERPRET="1", XDG_CACHE_HOME=str(tmp_path / "xdg"), HF_HUB_OFFLINE="1")
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), HF_HUB_OFFLINE="1")
+    if DEVICE.type == "cpu":
+        env["TRITON_INTERPRET"] = "1"
     tune = ["-m", "boft_triton.cli", "tune", "--model", str(tmp_path / "tiny-bert"), "--targets", "query,value",
             "--block-size", "4", "--factors", "2", "--tokens", "8", "--dtype", "fp32", "--max-configs", "2"]
-    key = tuning.cache_key(kcommon.device_name("cpu"), kcommon.TRITON_VERSION, torch.float32, 32, 4, 2)
+    key = tuning.cache_key(kcommon.device_name(DEVICE), kcommon.TRITON_VERSION, torch.float32, 32, 4, 2)
 
     out = _fresh_process(tune, env, tmp_path)  # the default file: the one launches read
     default_file = tmp_path / "xdg" / "boft_triton" / "tune.json"
