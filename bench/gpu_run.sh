@@ -67,9 +67,10 @@ step gpu-check 90 600 "$python" -m boft_triton.bench.gpu_check --out "$out" "${c
 step llama-1b 150 600 "$python" -m boft_triton.bench.command "${llama[@]}" --targets qv --output-dir "$out"
 step llama-1b-nf4 80 600 "$python" -m boft_triton.bench.command "${llama[@]}" --targets qv --quantize nf4 \
   --methods floor,peft-lora-r16,boft_triton-b4-N1,boft_triton-b8-N2 --output-dir "$out"
-# pytest-xdist (on the image) spreads the tests, and so Triton's compiles, over 12 of the 16 cores
+# pytest-xdist (on the image) spreads the tests, and so Triton's compiles, over up to 12 cores
 parallel=()
-"$python" -c "import xdist" 2>/dev/null && parallel=(-n 12)
+cores=$(nproc)
+"$python" -c "import xdist" 2>/dev/null && parallel=(-n "$((cores < 12 ? cores : 12))")
 step kernel-tests 130 900 "$python" -m pytest -q -p no:cacheprovider "${parallel[@]}" "${tests[@]}" \
   -k "not compile_for_sm90" --junitxml="$out/gpu-tests.xml"
 
