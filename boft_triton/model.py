@@ -41,6 +41,10 @@ def _refuse_adapted(model: nn.Module) -> None:
         )
 
 
+class TargetModulesNotFound(ValueError):
+    """No module of the model matches the config's target_modules (a ValueError, as in PEFT)."""
+
+
 class BOFTModel(nn.Module):
     """A model with BOFT adapters; attribute access and ``forward``/``generate`` pass through.
 
@@ -211,7 +215,7 @@ class BOFTModel(nn.Module):
             )
         if not matched:
             candidates = sorted({k.rsplit(".", 1)[-1] for k in keys if supported_layer_class(self.model.get_submodule(k))})
-            raise ValueError(
+            raise TargetModulesNotFound(
                 f"Target modules {config.target_modules!r} matched no module of the model. Adaptable layer names here "
                 f"include {candidates[:20]}; pass some of them as target_modules."
             )

@@ -221,14 +221,19 @@ def tune(
     device: torch.device | str | None = None,
     verbose: bool = True,
     max_configs: int | None = None,
+    progress: bool = False,
 ) -> list[dict]:
     """Time every candidate tile of each shape's forward and backward; cache and return the winners.
 
     shapes: ``(n, b, N[, dtype])`` tuples, e.g. from ``collect_shapes``. tokens_per_step: rows T
     of the activations (batch x sequence). dtype overrides the shapes' dtypes. cache_path
-    defaults to ``$BOFT_TRITON_TUNE_CACHE`` or the user cache dir. Returns one row per shape and
-    direction: shape, path (dot block widths, packing), best config, time in ms and achieved GB/s.
+    defaults to ``$BOFT_TRITON_TUNE_CACHE`` or the user cache dir. verbose prints each row as it
+    is done; progress shows a bar over every (shape, direction, tile) with its estimate (stderr).
+    Returns one row per shape and direction: shape, path (dot block widths, packing), best
+    config, time in ms and achieved GB/s.
     """
+    from tqdm.auto import tqdm
+
     from boft_triton.kernels import _common
     from boft_triton.kernels import butterfly as kb
     from boft_triton.torch_ops import cayley
@@ -240,6 +245,7 @@ def tune(
     dev_name = _common.device_name(device)
     gen = torch.Generator().manual_seed(0)
     rows, new_entries = [], {}
+    bar = tqdm(total=count_candidates(shapes, max_configs), desc="tuning", unit="tile", disable=not progress)
     for shape in shapes:
         n, b, N = (int(v) for v in shape[:3])
         dt = dtype or (shape[3] if len(shape) > 3 else torch.bfloat16)
@@ -261,8 +267,12 @@ def tune(
             if max_configs is not None:
                 configs = configs[:max_configs]
             for cfg in configs:
-                with kb.forced_config(kind, cfg):
+                bar.set_postfix_str(f"n{n}-b{b}-N{N} {kind}")
+                with kb.forced_config(kind, cfg), warnings.catch_warnings():
+                    # the other direction's launch reads the cache this run is about to write: no word on it
+                    warnings.simplefilter("ignore", TuneCacheWarning)
                     ms = _common.do_bench(fn, device)
+                bar.update()
                 if best is None or ms < best[1]:
                     best = (cfg, ms)
             cfg, ms = best
@@ -278,9 +288,22 @@ def tune(
             if verbose:
                 print(format_table([row], header=not rows[:-1]), flush=True)
         new_entries[cache_key(dev_name, _common.TRITON_VERSION, dt, n, b, N)] = entry
+    bar.close()
     if new_entries:
         _write(path, new_entries)
     return rows
+
+
+def count_candidates(shapes, max_configs: int | None = None) -> int:
+    """Tiles ``tune`` would time for these shapes, forward and backward."""
+    from boft_triton.kernels import butterfly as kb
+
+    total = 0
+    for shape in shapes:
+        for kind in ("fwd", "bwd"):
+            count = len(kb.candidates(*(int(v) for v in shape[:3]), kind))
+            total += count if max_configs is None else min(count, max_configs)
+    return total
 
 
 def format_table(rows: list[dict], header: bool = True) -> str:

@@ -210,6 +210,48 @@ def test_merge_command(trained, tiny_bert, tmp_path):
         torch.testing.assert_close(merged(**batch).logits, ours(**batch).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_merge_writes_the_base_tokenizer_or_none(trained, tiny_bert, tmp_path):
+    """A base that ships a tokenizer: the merged folder gets it; a base folder without tokenizer
+    files (transformers 5 would still build a 5-token stub from its config): no tokenizer."""
+    out = tmp_path / "merged"
+    assert main(["merge", str(trained / "adapter"), "--model", str(tiny_bert), "--output-dir", str(out)]) == 0
+    assert transformers.AutoTokenizer.from_pretrained(str(out)).get_vocab() == \
+        transformers.AutoTokenizer.from_pretrained(str(tiny_bert)).get_vocab()
+
+    bare = tmp_path / "bare"  # the same model with no tokenizer files
+    transformers.BertModel.from_pretrained(str(tiny_bert)).save_pretrained(str(bare))
+    out = tmp_path / "merged-bare"
+    assert main(["merge", str(trained / "adapter"), "--model", str(bare), "--output-dir", str(out)]) == 0
+    assert not [p.name for p in out.iterdir() if "token" in p.name or p.name in ("vocab.txt", "vocab.json")]
+
+
+def test_merge_into_another_base_warns_naming_both(trained, tiny_bert, tmp_path, capsys):
+    """Another model of the same shapes merges (exit 0) with a warning naming the adapter's base
+    and the one given; the base it was trained on merges silently."""
+    other = tmp_path / "other-bert"
+    torch.manual_seed(1)
+    transformers.BertModel(transformers.BertConfig.from_pretrained(str(tiny_bert))).save_pretrained(str(other))
+    trained_for = json.loads((trained / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert main(["merge", str(trained / "adapter"), "--model", str(other), "--output-dir", str(tmp_path / "m1")]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and trained_for in err and str(other) in err
+    assert main(["merge", str(trained / "adapter"), "--output-dir", str(tmp_path / "m2")]) == 0
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_merge_into_a_model_with_other_module_names_says_so(trained, tmp_path, capsys):
+    other = tmp_path / "tiny-llama"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64)).save_pretrained(str(other))
+    code = main(["merge", str(trained / "adapter"), "--model", str(other), "--output-dir", str(tmp_path / "m"),
+                 "--model-class", "base"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "trained for another model" in err and "leave out --model" in err
+    assert "pass some of them as target_modules" not in err  # merge has no such option
+
+
 def test_train_jsonl_with_split_column(tiny_bert, tmp_path):
     rows = _rows(40)
     for i, r in enumerate(rows):

@@ -297,3 +297,53 @@ def test_tune_command_then_a_new_process_launches_with_the_tuned_tile(tmp_path):
     value = assignment.split(f"{tuning.CACHE_ENV}=", 1)[1].strip()
     assert value == str(named.resolve())
     assert _launch_source({**env, tuning.CACHE_ENV: value}, tmp_path) == ("cache", entry["fwd"])
+
+
+
+def _tiny_bert(path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+               vocab_size=64).save_pretrained(path)
+    return str(path)
+
+
+def test_tune_shares_train_defaults(tmp_path):
+    """A bare ``tune`` tunes what a bare ``train`` runs (model, targets, block size, factors)."""
+    import argparse
+
+    from boft_triton.cli import build_parser
+    from boft_triton.cli import tune as tune_cli
+    from boft_triton.cli.train import DEFAULT_BLOCK_SIZE
+
+    parser = build_parser()
+    tune, train = parser.parse_args(["tune"]), parser.parse_args(["train"])
+    for name in ("model", "targets", "block_size", "block_num", "factors"):
+        assert getattr(tune, name) == getattr(train, name), name
+    model = tune_cli._adapted_model(argparse.Namespace(**{**vars(tune), "model": _tiny_bert(tmp_path / "bert")}))
+    shapes = tuning.collect_shapes(model)
+    assert shapes and all(b == DEFAULT_BLOCK_SIZE for _, b, _, _ in shapes)
+
+
+def test_tune_command_refuses_a_full_search_in_the_interpreter(tmp_path, monkeypatch, capsys):
+    from boft_triton.cli import main
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = ["tune", "--model", _tiny_bert(tmp_path / "bert"), "--cache", str(tmp_path / "t.json")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "full search over" in err and "--max-configs 1" in err
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_tune_command_prints_its_table_once_and_shows_progress(tmp_path, monkeypatch, capsys):
+    from boft_triton.cli import main
+
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = ["tune", "--model", _tiny_bert(tmp_path / "bert"), "--targets", "query", "--block-size", "16",
+            "--tokens", "8", "--dtype", "fp32", "--cache", str(tmp_path / "t.json"), "--max-configs", "1"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("GB/s") == 1 and captured.out.count("n64-b16-N1") == 2  # header once; fwd + bwd rows
+    assert "tuning" in captured.err and "2/2" in captured.err  # the progress bar: shapes x directions x tiles

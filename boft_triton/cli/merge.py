@@ -2,14 +2,16 @@
 
 Loads the base model (``--model``, default: the adapter config's ``base_model_name_or_path``),
 loads the adapter with :meth:`BOFTModel.from_pretrained`, calls ``merge_and_unload`` and writes the
-result with ``save_pretrained`` (plus the tokenizer when the base has one). The merged model needs
-neither boft_triton nor PEFT to run.
+result with ``save_pretrained`` (plus the tokenizer when the base ships one). The merged model needs
+neither boft_triton nor PEFT to run. A ``--model`` other than the adapter's
+``base_model_name_or_path`` is merged with a warning naming both.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .errors import CLIError
@@ -83,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from .. import BOFTModel
+    from ..model import TargetModulesNotFound
     from .train import resolve_model_path
 
     hf_logging.set_verbosity_error()
@@ -114,8 +117,22 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CLIError(f"cannot load base model {model_path!r}: {first}") from None
+    trained_for = adapter_config.get("base_model_name_or_path")
+    other_base = bool(trained_for) and not _same_model(model_name, trained_for)
+    if other_base:
+        print(f"warning: {adapter_dir} was trained on {trained_for} (its base_model_name_or_path), but --model is "
+              f"{model_name}: the merged model is that other base rotated by an adapter not trained for it",
+              file=sys.stderr, flush=True)
     try:
         model = BOFTModel.from_pretrained(base, str(adapter_dir))
+    except TargetModulesNotFound as exc:
+        if other_base:
+            raise CLIError(
+                f"cannot load adapter {adapter_dir} onto {model_name}: the adapter was trained for another model, "
+                f"{trained_for}, and its target modules {adapter_config.get('target_modules')!r} name no module of "
+                f"{model_name}. Merge it into the model it was trained on (leave out --model)."
+            ) from None
+        raise CLIError(f"cannot load adapter {adapter_dir} onto {model_name}: {exc}") from None
     except (ValueError, KeyError) as exc:
         raise CLIError(f"cannot load adapter {adapter_dir} onto {model_name}: {exc}") from None
     merged = model.merge_and_unload(progressbar=False, safe_merge=args.safe_merge)
@@ -123,9 +140,39 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))
-    try:
+    tokenizer = "no tokenizer (the base has none)"
+    if _has_tokenizer(model_path):
         AutoTokenizer.from_pretrained(model_path).save_pretrained(str(out))
-    except (OSError, ValueError):
-        pass  # no tokenizer with this base (e.g. a bare config); the weights are what matters
-    print(f"merged {adapter_dir} into {model_name} ({type(merged).__name__}); saved to {out}")
+        tokenizer = "the base's tokenizer"
+    print(f"merged {adapter_dir} into {model_name} ({type(merged).__name__}); saved it and {tokenizer} to {out}")
     return 0
+
+
+# Files one of which every saved tokenizer has (fast tokenizers, SentencePiece, WordPiece, BPE).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def _has_tokenizer(model_path: str) -> bool:
+    """Whether the base ships a tokenizer. Without its files transformers 5 still builds one from
+    the config (BERT: a 5-token stub of special tokens), which must not be saved as the model's."""
+    if Path(model_path).is_dir():
+        return any((Path(model_path) / name).is_file() for name in _TOKENIZER_FILES)
+    from transformers.utils import cached_file
+
+    return any(cached_file(model_path, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False) for name in _TOKENIZER_FILES)
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model names or paths denote the same base (the packaged MiniLM's aliases, paths
+    to one folder)."""
+    from .train import resolve_model_path
+
+    if a == b:
+        return True
+    try:
+        a, b = resolve_model_path(a), resolve_model_path(b)
+    except CLIError:
+        return False
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())

@@ -59,6 +59,8 @@ _DEFAULT_MODEL_ALIASES = {DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, "minilm"}
 # adapter loadable by PEFT everywhere: without its CUDA extension (any CPU machine) PEFT forces
 # boft_n_butterfly_factor to 1 and cannot load N>1 tensors.
 DEFAULT_TARGETS = "query,key,value"
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_FACTORS = 1
 _HEAD_NAMES = ("classifier", "score")
 _METRICS_SCHEMA = 1
 # |merged - adapter| logit tolerance, relative to the spread of the adapter's logits (max - min over
@@ -107,9 +109,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated module names to adapt, or one regex matched against full "
                         f"module names (default: {DEFAULT_TARGETS})")
     g.add_argument("--block-size", type=int, default=None,
-                   help="BOFT block size b (default: 16 unless --block-num is given)")
+                   help=f"BOFT block size b (default: {DEFAULT_BLOCK_SIZE} unless --block-num is given)")
     g.add_argument("--block-num", type=int, default=0, help="BOFT block count D (use instead of --block-size)")
-    g.add_argument("--factors", type=int, default=1,
+    g.add_argument("--factors", type=int, default=DEFAULT_FACTORS,
                    help="butterfly factors N (1 = OFT; default: 1, the one setting PEFT loads "
                         "without its CUDA extension)")
     g.add_argument("--dropout", type=float, default=0.0, help="BOFT multiplicative dropout (default: 0)")
@@ -167,7 +169,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.block_size is not None and args.block_num:
         raise CLIError("give --block-size or --block-num, not both (n = block_size * block_num)")
     if args.block_size is None:
-        args.block_size = 0 if args.block_num else 16
+        args.block_size = 0 if args.block_num else DEFAULT_BLOCK_SIZE
     if args.block_size < 0 or args.block_num < 0 or (args.block_size == 0 and args.block_num == 0):
         raise CLIError("--block-size / --block-num must be positive")
 

@@ -15,16 +15,19 @@ import shlex
 from pathlib import Path
 
 from .errors import CLIError
+from .train import DEFAULT_BLOCK_SIZE, DEFAULT_FACTORS, DEFAULT_MODEL, DEFAULT_TARGETS
 
 HELP = "autotune the Triton kernels for the adapted layer shapes of a model and cache the winners"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="all-MiniLM-L6-v2", help="model path or hub name (default: packaged MiniLM)")
-    p.add_argument("--targets", default="query,key,value", help="modules to adapt, as for train")
-    p.add_argument("--block-size", type=int, default=None, help="BOFT block size (default: 4 unless --block-num)")
+    # the same defaults as train: a bare `tune` tunes the shapes the main job runs
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model path or hub name (default: packaged MiniLM)")
+    p.add_argument("--targets", default=DEFAULT_TARGETS, help=f"modules to adapt, as for train (default: {DEFAULT_TARGETS})")
+    p.add_argument("--block-size", type=int, default=None,
+                   help=f"BOFT block size (default: {DEFAULT_BLOCK_SIZE}, as for train, unless --block-num)")
     p.add_argument("--block-num", type=int, default=0, help="BOFT block count (instead of --block-size)")
-    p.add_argument("--factors", type=int, default=1, help="butterfly factors N")
+    p.add_argument("--factors", type=int, default=DEFAULT_FACTORS, help=f"butterfly factors N (default: {DEFAULT_FACTORS})")
     p.add_argument("--tokens", type=int, default=16384, help="rows (tokens per step per device) to tune for")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16", help="activation dtype")
     p.add_argument("--cache", default=None,
@@ -45,7 +48,7 @@ def _adapted_model(args):
         model = AutoModel.from_config(AutoConfig.from_pretrained(path))  # shapes only: no weights needed
     except (OSError, ValueError) as exc:
         raise CLIError(f"cannot load model {args.model!r}: {str(exc).splitlines()[0]}") from None
-    block_size = args.block_size if args.block_size is not None else (0 if args.block_num else 4)
+    block_size = args.block_size if args.block_size is not None else (0 if args.block_num else DEFAULT_BLOCK_SIZE)
     try:
         config = BOFTConfig(boft_block_size=block_size, boft_block_num=args.block_num,
                             boft_n_butterfly_factor=args.factors, target_modules=parse_targets(args.targets))
@@ -66,8 +69,16 @@ def run(args: argparse.Namespace) -> int:
     model = _adapted_model(args)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     shapes = tuning.collect_shapes(model)
+    if os.environ.get("TRITON_INTERPRET") == "1" and args.max_configs is None:
+        total = tuning.count_candidates(shapes)
+        raise CLIError(
+            f"under TRITON_INTERPRET=1 the kernels run in Triton's CPU interpreter: a full search over {total} tiles "
+            f"of {len(shapes)} shape(s) takes many minutes and times nothing a GPU would see. For a quick check of "
+            "the tuning path pass --max-configs 1 (and a small --tokens, e.g. 64); tune on a GPU for real tiles."
+        )
     try:
-        rows = tuning.tune(shapes, args.tokens, dtype=dtype, cache_path=args.cache, max_configs=args.max_configs)
+        rows = tuning.tune(shapes, args.tokens, dtype=dtype, cache_path=args.cache, max_configs=args.max_configs,
+                           verbose=False, progress=True)
     except tuning.TuneCacheError as exc:
         raise CLIError(str(exc)) from None
     print(tuning.format_table(rows))
