@@ -210,6 +210,28 @@ def test_merge_command(trained, tiny_bert, tmp_path):
         torch.testing.assert_close(merged(**batch).logits, ours(**batch).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_loss_curve_has_held_out_points_and_changes_no_training(tiny_bert, csv_data, tmp_path, capsys):
+    """The curve's held-out loss and accuracy at evenly spaced steps, the first and last training
+    loss printed as means over several steps; measuring the points changes nothing trained."""
+    with_points, without = tmp_path / "with", tmp_path / "without"
+    # BOFT dropout draws from the global RNG every step: a loader that seeds itself from it would show
+    assert _train(tiny_bert, csv_data, with_points, "--block-size", "4", "--steps", "8", "--curve-points", "4",
+                  "--curve-size", "16", "--dropout", "0.5") == 0
+    said = capsys.readouterr().out
+    m = json.loads((with_points / "metrics.json").read_text())
+    assert [p["step"] for p in m["held_out"]] == [2, 4, 6, 8]
+    size = min(16, m["dataset"]["test_size"])
+    assert all(p["examples"] == size and 0 <= p["accuracy"] <= 1 and p["loss"] > 0 for p in m["held_out"])
+    assert "training loss, mean of 1 steps" in said and "held-out loss" in said  # 8 steps: a tenth is 1
+    assert _train(tiny_bert, csv_data, without, "--block-size", "4", "--steps", "8", "--curve-points", "0",
+                  "--dropout", "0.5") == 0
+    m0 = json.loads((without / "metrics.json").read_text())
+    assert m0["held_out"] == [] and m0["losses"] == m["losses"]
+    assert m0["accuracy_after"] == m["accuracy_after"]
+    assert (with_points / "loss_curve.png").stat().st_size > 0
+    assert _train(tiny_bert, csv_data, tmp_path / "bad", "--curve-size", "0") == 2
+
+
 def test_merge_writes_the_base_tokenizer_or_none(trained, tiny_bert, tmp_path):
     """A base that ships a tokenizer: the merged folder gets it; a base folder without tokenizer
     files (transformers 5 would still build a 5-token stub from its config): no tokenizer."""

@@ -133,6 +133,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype the base model is loaded in; adapters stay fp32 (default: fp32)")
     g.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--curve-points", type=int, default=4, metavar="K",
+                   help="held-out loss and accuracy at K evenly spaced steps, for the loss curve (default: 4; 0: none)")
+    g.add_argument("--curve-size", type=int, default=256, metavar="M",
+                   help="test examples (a fixed random subset) those points are measured on (default: 256)")
     g.add_argument("--output-dir", default="runs/train",
                    help="where adapter/, metrics.json and loss_curve.png go (default: runs/train)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -160,6 +164,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
     if not args.lr > 0:
         raise CLIError(f"--lr must be positive, got {args.lr}")
+    if args.curve_points < 0 or args.curve_size < 1:
+        raise CLIError(f"--curve-points must be >= 0 and --curve-size >= 1, got {args.curve_points} and {args.curve_size}")
     if not 0.0 <= args.warmup < 1.0:
         raise CLIError(f"--warmup must be in [0, 1), got {args.warmup}")
     if not 0.0 <= args.dropout < 1.0:
@@ -391,17 +397,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     run = _start(args)
     accelerator, out_dir, timings = run.accelerator, run.out_dir, run.timings
     job = _load_data_and_adapt(run)
-    model, optimizer, scheduler, train_dl, eval_dl, warmup = _prepare_training(run, job)
+    model, optimizer, scheduler, train_dl, eval_dl, curve_dl, warmup = _prepare_training(run, job)
     acc_before = _evaluate_before(run, model, eval_dl)
     start_step, losses, resumed_from = _resume(run, job, model, optimizer, scheduler)
+    held_out: list[dict] = []
     losses, last_checkpoint = _train_steps(run, job, model, optimizer, scheduler, train_dl, start_step, losses,
-                                           resumed_from)
+                                           resumed_from, curve=(curve_dl, held_out))
     logits1, acc_after = _evaluate_after(run, job, model, eval_dl)
     unwrapped, adapter_dir, orthogonality, distributed = _save_adapter(run, model)
     check = _check_merged_model(run, unwrapped, eval_dl, logits1)
     timings["total"] = time.perf_counter() - t_start
     metrics = _metrics(run, job, model, warmup, resumed_from, last_checkpoint, losses, acc_before, acc_after,
                        check, orthogonality, distributed)
+    metrics["held_out"] = held_out
     _write_outputs(run, job, metrics, losses, acc_before, acc_after, adapter_dir)
     accelerator.wait_for_everyone()
     if not check["passed"]:
@@ -492,7 +500,8 @@ def _load_data_and_adapt(run: _Run) -> _Adapted:
 
 
 def _prepare_training(run: _Run, job: _Adapted):
-    """Loaders, AdamW and the warmup/decay schedule, prepared by accelerate."""
+    """Loaders (train, test, the loss curve's held-out subset), AdamW and the warmup/decay
+    schedule, prepared by accelerate."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -509,6 +518,12 @@ def _prepare_training(run: _Run, job: _Adapted):
                           generator=torch.Generator().manual_seed(args.seed))
     eval_dl = DataLoader(list(zip(test_texts, test_labels)), batch_size=args.eval_batch_size,
                          shuffle=False, collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
+    # the loss curve's held-out points: a fixed random subset of the test split (drawn with its own
+    # generator, so the training's RNG stream is the same with or without them)
+    pick = torch.randperm(len(ds.test_texts), generator=torch.Generator().manual_seed(args.seed))[:args.curve_size]
+    curve_texts, curve_labels = length_sorted([ds.test_texts[i] for i in pick], [ds.test_labels[i] for i in pick])
+    curve_dl = DataLoader(list(zip(curve_texts, curve_labels)), batch_size=args.eval_batch_size, shuffle=False,
+                          collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
     model = job.model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=args.lr, weight_decay=args.weight_decay)
@@ -516,8 +531,8 @@ def _prepare_training(run: _Run, job: _Adapted):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.steps, warmup))
     # the scheduler is not prepared: accelerate would step it once per process, while --steps
     # counts optimizer steps whatever the process count
-    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
-    return model, optimizer, scheduler, train_dl, eval_dl, warmup
+    model, optimizer, train_dl, eval_dl, curve_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl, curve_dl)
+    return model, optimizer, scheduler, train_dl, eval_dl, curve_dl, warmup
 
 
 def _evaluate_before(run: _Run, model, eval_dl) -> float:
@@ -544,10 +559,11 @@ def _resume(run: _Run, job: _Adapted, model, optimizer, scheduler) -> tuple[int,
 
 
 def _train_steps(run: _Run, job: _Adapted, model, optimizer, scheduler, train_dl, start_step: int,
-                 losses: list[float], resumed_from: str | None) -> tuple[list[float], str | None]:
+                 losses: list[float], resumed_from: str | None, curve=None) -> tuple[list[float], str | None]:
     """The optimizer steps from ``start_step`` to ``--steps``; checkpoints every ``--save-every``;
-    stops before the optimizer step on a non-finite loss or gradient. Returns the losses and the
-    last checkpoint written (or resumed from)."""
+    stops before the optimizer step on a non-finite loss or gradient; at ``--curve-points`` evenly
+    spaced steps appends the held-out loss and accuracy to ``curve = (loader, points)``. Returns
+    the losses and the last checkpoint written (or resumed from)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -564,6 +580,7 @@ def _train_steps(run: _Run, job: _Adapted, model, optimizer, scheduler, train_dl
     step = start_step
     epoch, skip = divmod(step, steps_per_epoch)
     check_grad = args.precision != "fp16"  # fp16's loss scaler skips non-finite steps by design
+    curve_steps = {round(args.steps * (i + 1) / args.curve_points) for i in range(args.curve_points)}
     while step < args.steps:
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
         skip = 0
@@ -597,6 +614,8 @@ def _train_steps(run: _Run, job: _Adapted, model, optimizer, scheduler, train_dl
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
+            if curve is not None and step in curve_steps:
+                curve[1].append(_held_out_point(run, model, curve[0], step))
             if args.save_every and step % args.save_every == 0:
                 last_checkpoint = str(train_state.save(accelerator, model, optimizer, scheduler, run.out_dir,
                                                        step, losses, job.fingerprint, args.keep_checkpoints))
@@ -606,9 +625,32 @@ def _train_steps(run: _Run, job: _Adapted, model, optimizer, scheduler, train_dl
     bar.close()
     run.timings["train"] = time.perf_counter() - t
     trained = args.steps - start_step
-    run.say(f"trained {trained} steps in {run.timings['train']:.1f}s "
-            f"({run.timings['train'] / max(1, trained):.2f}s/step); loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    window = _loss_window(len(losses))
+    said = (f"trained {trained} steps in {run.timings['train']:.1f}s ({run.timings['train'] / max(1, trained):.2f}s/step); "
+            f"training loss, mean of {window} steps: {_mean(losses[:window]):.4f} (first) -> {_mean(losses[-window:]):.4f} (last)")
+    if curve is not None and curve[1]:
+        points = curve[1]
+        said += (f"; held-out loss {points[0]['loss']:.4f} (step {points[0]['step']}) -> {points[-1]['loss']:.4f} "
+                 f"(step {points[-1]['step']})")
+    run.say(said)
     return losses, last_checkpoint
+
+
+def _loss_window(n: int) -> int:
+    """Steps averaged for the printed first/last loss and the plotted trailing mean: a tenth of
+    the run, at least 1 (8 for the main job's 80 steps)."""
+    return max(1, n // 10)
+
+
+def _held_out_point(run: _Run, model, curve_dl, step: int) -> dict:
+    """Loss and accuracy on the curve's held-out subset at ``step`` (eval mode, no RNG drawn)."""
+    import torch
+
+    t = time.perf_counter()
+    logits, labels = evaluate(model, curve_dl, run.accelerator, f"held-out @ {step}", run.show)
+    loss = float(torch.nn.functional.cross_entropy(logits, labels)) if len(labels) else float("nan")
+    run.timings["held_out"] = run.timings.get("held_out", 0.0) + time.perf_counter() - t
+    return {"step": step, "loss": loss, "accuracy": _accuracy(logits, labels), "examples": int(len(labels))}
 
 
 def _evaluate_after(run: _Run, job: _Adapted, model, eval_dl):
@@ -701,8 +743,8 @@ def _metrics(run: _Run, job: _Adapted, model, warmup: int, resumed_from, last_ch
         "accuracy_before": acc_before,
         "accuracy_after": acc_after,
         "losses": losses,
-        "loss_first_10pct": _mean(losses[: max(1, len(losses) // 10)]),
-        "loss_last_10pct": _mean(losses[-max(1, len(losses) // 10):]),
+        "loss_first_10pct": _mean(losses[:_loss_window(len(losses))]),
+        "loss_last_10pct": _mean(losses[-_loss_window(len(losses)):]),
         "merge_check": check,
         "orthogonality": orthogonality,
         "distributed": distributed,
@@ -722,7 +764,7 @@ def _write_outputs(run: _Run, job: _Adapted, metrics, losses, acc_before: float,
     out_dir, args = run.out_dir, run.args
     majority_acc = job.ds.majority_baseline()[1]
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_loss_curve(losses, out_dir / "loss_curve.png",
+    plot_loss_curve(losses, out_dir / "loss_curve.png", held_out=metrics.get("held_out"), window=_loss_window(len(losses)),
                     title=f"BOFT on {Path(args.model).name}: acc {acc_before:.3f} -> {acc_after:.3f} "
                           f"(majority {majority_acc:.3f})")
     run.say(f"wrote {adapter_dir}/, {out_dir / 'metrics.json'}, {out_dir / 'loss_curve.png'} "
