@@ -2,7 +2,7 @@
 # Play the GPU machine's image on this CPU before a device is ever lent: a venv with the image's
 # versions (triton 3.6.0, transformers 5.17.0, accelerate 1.15.0; torch 2.13 CPU, the nearest this
 # machine has; numpy below 2.4, which triton 3.6's interpreter needs), without platformdirs,
-# bitsandbytes and trl (the image has none of them), then bench/gpu_run.sh in preflight mode on a
+# bitsandbytes, trl and diffusers (the image has none of them), then bench/gpu_run.sh in preflight mode on a
 # copy of the tree as the device call gets it (tracked and untracked-not-ignored files plus the
 # carried .gpu-wheels/, no .git), with PYTHONPATH=. and the kernels in Triton's interpreter.
 # Every Python step of the GPU run executes; the CUDA-only parts (timing, nvidia-smi) are skipped.
@@ -15,8 +15,9 @@ cd "$(dirname "$0")/.."
 repo="$(pwd)"
 venv="${BOFT_TRITON_PREFLIGHT_VENV:-$HOME/.cache/boft_triton/preflight-venv}"
 pins=(torch==2.13.0 triton==3.6.0 transformers==5.17.0 accelerate==1.15.0 "numpy<2.4" peft==0.21.0
-      safetensors tqdm matplotlib pytest pytest-benchmark pytest-xdist)
-absent=(platformdirs bitsandbytes trl)
+      huggingface-hub==1.33.0 safetensors==0.8.0
+      tqdm matplotlib pytest pytest-benchmark pytest-xdist)
+absent=(platformdirs bitsandbytes trl diffusers)
 stamp="${pins[*]} | ${absent[*]}"
 
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.pins" 2>/dev/null)" != "$stamp" ]; then

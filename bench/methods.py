@@ -56,8 +56,8 @@ class Method:
 
 
 def target_widths(model: nn.Module, targets: list[str]) -> dict[str, int]:
-    """Input width of every linear layer matched by ``targets`` (PEFT's rule: the full name equals
-    a target or ends with ``"." + target``)."""
+    """Input width of every linear or conv layer matched by ``targets`` (PEFT's rule: the full name
+    equals a target or ends with ``"." + target``)."""
     out = {}
     for name, module in model.named_modules():
         if not any(name == t or name.endswith("." + t) for t in targets):
@@ -66,6 +66,8 @@ def target_widths(model: nn.Module, targets: list[str]) -> dict[str, int]:
             out[name] = module.in_features
         elif type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer, weight (n, o)
             out[name] = module.weight.shape[0]
+        elif isinstance(module, nn.Conv2d):  # BOFT rotates a conv's (channel, kh, kw) input patch
+            out[name] = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
     return out
 
 

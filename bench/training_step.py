@@ -107,7 +107,11 @@ class Workload:
 
     @property
     def tokens(self) -> int:
-        return int(self.batch["input_ids"].numel())
+        """Tokens per step: input ids (padding included), or batch x seq_len for other inputs
+        (a UNet's latent pixels)."""
+        if "input_ids" in self.batch:
+            return int(self.batch["input_ids"].numel())
+        return self.batch_size * self.seq_len
 
     def describe(self) -> dict:
         return {"name": self.name, "description": self.description, "batch_size": self.batch_size,

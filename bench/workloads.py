@@ -7,6 +7,7 @@ minilm         CPU     packaged all-MiniLM-L6-v2 (n = 384), a batch of reviews  
 tiny-llama     CPU     Llama-shaped, hidden 256, 4 layers, random tokens           q_proj,v_proj
 llama-1b       GPU     Llama-3.2-1B dims (hidden 2048, 16 layers), bf16, random    q_proj,v_proj
 llama-3b       GPU     Llama-3.2-3B dims (hidden 3072, 28 layers), bf16, random    q_proj,v_proj
+unet           CPU     SD-shaped UNet (64/128 channels), 32x32 latents, denoising  attention + convs
 =============  ======  =========================================================  =================
 
 ``--targets qv`` adapts the query and value projections, ``all-linear`` every linear layer of the
@@ -106,6 +107,66 @@ def llama_3b(batch_size: int = 2, seq_len: int = 1024, targets=None, dtype: str 
                  name="llama-3b", dtype=dtype, init_device=init_device)
 
 
+# Stable-Diffusion-shaped UNet, small enough for a CPU step: attention and ResNet convs
+UNET_ATTENTION_AND_CONVS = ["to_q", "to_k", "to_v", "conv1", "conv2", "proj_in", "proj_out"]
+UNET_SMALL = dict(block_out_channels=(64, 128), cross_attention_dim=64, text_tokens=8)
+
+
+class DenoisingLoss(torch.nn.Module):
+    """A UNet and the loss diffusion finetuning (DreamBooth) trains: the MSE between the noise
+    added to the latents and the noise the UNet predicts. ``forward(**batch).loss``, like a
+    transformers model, so every benchmark method runs on it unchanged."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.input_requires_grad = False
+
+    def enable_input_require_grads(self) -> None:
+        """As transformers models have it: the floor (nothing trainable) still runs the whole
+        backward through the frozen UNet, as every adapter's step does."""
+        self.input_requires_grad = True
+
+    def forward(self, noisy_latents, timesteps, encoder_hidden_states, noise):
+        from types import SimpleNamespace
+
+        if self.input_requires_grad:
+            noisy_latents = noisy_latents.detach().requires_grad_(True)
+        pred = self.unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+        return SimpleNamespace(loss=torch.nn.functional.mse_loss(pred.float(), noise.float()))
+
+
+def unet(batch_size: int = 4, seq_len: int = 32 * 32, targets=None, dtype: str = "fp32", init_device="cpu") -> Workload:
+    """A small SD-shaped ``UNet2DConditionModel`` (64/128 channels, cross-attention on 8 text
+    tokens), random weights; a batch of noised latents (``seq_len`` = latent pixels, a square)
+    at random timesteps, the denoising loss. Needs diffusers."""
+    from diffusers import UNet2DConditionModel
+
+    side = int(round(seq_len ** 0.5))
+    if side * side != seq_len or side % 4:
+        raise ValueError(f"unet: --seq-len is the latent pixel count, a square of a multiple of 4 (e.g. 1024), got {seq_len}")
+    torch.manual_seed(0)
+    with _default_dtype(DTYPES[dtype]), torch.device(init_device):
+        model = UNet2DConditionModel(
+            sample_size=side, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=UNET_SMALL["block_out_channels"], down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=UNET_SMALL["cross_attention_dim"],
+            attention_head_dim=8, norm_num_groups=32,
+        ).to("cpu")
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(batch_size, 4, side, side, generator=g)
+    batch = {"noisy_latents": torch.randn(batch_size, 4, side, side, generator=g) + noise,
+             "timesteps": torch.randint(0, 1000, (batch_size,), generator=g),
+             "encoder_hidden_states": torch.randn(batch_size, UNET_SMALL["text_tokens"], UNET_SMALL["cross_attention_dim"],
+                                                  generator=g),
+             "noise": noise}
+    batch = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in batch.items()}
+    return Workload("unet", DenoisingLoss(model), batch, list(targets or UNET_ATTENTION_AND_CONVS), [],
+                    batch_size=batch_size, seq_len=seq_len, dtype=dtype,
+                    description=f"UNet2DConditionModel, {UNET_SMALL['block_out_channels']} channels, random weights; "
+                                f"{side}x{side} latents, denoising MSE")
+
+
 QUANTIZE = ("nf4", "fp4", "int8")
 
 
@@ -163,6 +224,8 @@ WORKLOADS = {
                                {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}, random_init=True),
     "llama-1b": WorkloadSpec(llama_1b, 4, 2048, "bf16", "cuda",
                              {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}, random_init=True),
+    "unet": WorkloadSpec(unet, 4, 32 * 32, "fp32", "cpu",
+                         {"default": UNET_ATTENTION_AND_CONVS, "qv": ["to_q", "to_v"]}, random_init=True),
     "llama-3b": WorkloadSpec(llama_3b, 2, 1024, "bf16", "cuda",
                              {"default": LLAMA_QV, "qv": LLAMA_QV, "all-linear": ALL_LINEAR}, random_init=True),
 }

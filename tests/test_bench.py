@@ -162,3 +162,35 @@ def test_gpu_scripts_parse():
     root = Path(__file__).resolve().parent.parent
     for script in ("gpu_run.sh", "gpu_preflight.sh", "gpu_wheels.sh"):
         subprocess.run(["bash", "-n", str(root / "bench" / script)], check=True)
+
+
+def test_unet_workload_runs_every_method_family(tmp_path):
+    """The diffusion workload: a UNet's denoising step with attention and ResNet convs adapted;
+    the floor runs the frozen UNet's backward, every method starts from the same loss, and
+    boft_triton's BOFT trains the same as PEFT's (same maths)."""
+    pytest.importorskip("diffusers")
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args([
+        "--workload", "unet", "--batch-size", "1", "--seq-len", "64", "--device", "cpu", "--warmup", "0",
+        "--steps", "1", "--boft", "4x2", "--lora-ranks", "16", "--oft-block-sizes", "", "--threads", "1",
+        "--methods", "floor,peft-lora-r16,peft-boft-b4-N2,boft_triton-b4-N2", "--output-dir", str(tmp_path),
+        "--name", "unet", "--strict", "--no-plots",
+    ])
+    assert command.run(args) == 0
+    payload = json.loads((tmp_path / "unet.json").read_text())
+    rows = {r["method"]: r for r in payload["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert payload["workload"]["tokens"] == 64 and "conv1" in payload["workload"]["targets"]
+    assert len({round(r["loss_first"], 6) for r in rows.values()}) == 1
+    assert rows["boft_triton-b4-N2"]["losses"] == pytest.approx(rows["peft-boft-b4-N2"]["losses"], rel=1e-5)
+    assert rows["floor"]["trainable_params"] == 0 and rows["boft_triton-b4-N2"]["trainable_params"] > 0
+
+
+def test_conv_widths_are_checked_like_linear_ones():
+    from torch import nn
+
+    model = nn.Sequential()
+    model.add_module("conv1", nn.Conv2d(8, 8, 3))  # BOFT rotates 8 x 3 x 3 = 72 inputs
+    assert ours(8, 1).skip_reason(model, ["conv1"]) is None
+    assert "does not divide 72" in ours(16, 1).skip_reason(model, ["conv1"])

@@ -13,7 +13,7 @@ pytest.importorskip("ipykernel")
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 RESULTS = ROOT / "bench" / "results"
-NAMES = ["quickstart", "benchmarks"]
+NAMES = ["quickstart", "benchmarks", "diffusion_dreambooth"]
 
 
 @pytest.fixture(scope="module")
