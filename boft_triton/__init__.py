@@ -18,6 +18,7 @@ from .layer import BOFTLayer, Conv2d, Linear  # noqa: E402
 from .model import BOFTModel, adapt  # noqa: E402
 from .modules_to_save import ModulesToSaveWrapper  # noqa: E402
 from .ops import butterfly, cayley  # noqa: E402
+from .hotswap import hotswap_adapter  # noqa: E402
 from .integrations.peft_patch import patch_peft, patched_peft, unpatch_peft  # noqa: E402
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "ModulesToSaveWrapper",
     "butterfly",
     "cayley",
+    "hotswap_adapter",
     "patch_peft",
     "patched_peft",
     "unpatch_peft",

@@ -116,7 +116,7 @@ def _check_factor_count(key: str, shape) -> None:
 
 
 def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str,
-                            bias: str = "none") -> list[str]:
+                            bias: str = "none", exact: bool = False) -> list[str]:
     """Copy PEFT-keyed tensors into adapter ``adapter_name`` of ``model``; returns unexpected keys.
 
     Besides the adapter and ``modules_to_save`` tensors, only the biases the config trains
@@ -126,6 +126,9 @@ def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.
     Shapes are checked before anything is written, so a mismatched checkpoint leaves the model as
     it was. ``boft_R`` with another factor count N (PEFT without its CUDA extension saves N=1)
     reshapes the adapter to the checkpoint's N. Legacy ``boft_P`` buffers are ignored.
+
+    ``exact`` (hot swap): every tensor must fit the existing one as it is (no change of N) and
+    every key must have its place; otherwise nothing is written and ValueError says why.
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, BOFTLayer) and adapter_name in m.boft_R}
     wrappers = {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
@@ -183,6 +186,11 @@ def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.
             f"The checkpoint lacks {len(missing)} adapter tensors this model expects, e.g. {missing[:3]}: it was "
             "saved for a model with other target modules."
         )
+    if exact and (reshapes or unexpected):
+        what = (f"{len(reshapes)} layers with another butterfly factor count" if reshapes
+                else f"keys with no place in this adapter, e.g. {unexpected[:3]}")
+        raise ValueError(f"The checkpoint does not fit adapter {adapter_name!r} as it is ({what}); nothing was "
+                         "changed. Load it as a new adapter with load_adapter instead.")
     for path, n_factors in reshapes.items():
         layers[path].reshape_adapter(adapter_name, n_factors)
     with torch.no_grad():

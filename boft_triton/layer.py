@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import offload, ops, quantized
+from . import mixed_batch, offload, ops, quantized
 from .config import BOFTConfig
 from .geometry import resolve_geometry
 
@@ -71,6 +71,7 @@ class BOFTLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        self.mixed_adapter_names: list[str] | None = None  # set inside a mixed-adapter batch call
 
     # -- weight views ---------------------------------------------------------------------------
 
@@ -227,12 +228,20 @@ class BOFTLayer(nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        mixed = getattr(self, "mixed_adapter_names", None)
+        if mixed is not None:  # one adapter per sample (BOFTModel checked the names)
+            return self.mixed_forward(x, mixed, *args, **kwargs)
         adapters = self.active_adapters  # set_adapter keeps only adapters this layer has
         if self.merged or not adapters:
             return self.base_layer(x, *args, **kwargs)
         return self.adapted_forward(x, adapters, *args, **kwargs)
 
     def adapted_forward(self, x, adapters, *args, **kwargs):
+        raise NotImplementedError
+
+    def mixed_forward(self, x, adapter_names: list[str], *args, **kwargs):
+        """Each sample (first dim of x) with its own adapter: ``adapter_names[i]`` for sample i,
+        ``"__base__"`` (or an adapter that does not adapt this layer) for the base alone."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -273,14 +282,34 @@ class Linear(BOFTLayer):
             h = h.to(self.weight.dtype)  # bitsandbytes layers cast to their compute dtype themselves
         # The base layer itself runs (its hooks too: offload, device maps), bias included.
         out = self.base_layer(h, *args, **kwargs)
-        # The output scale leaves the bias unscaled: y = (out - b) s + b, written as out + (out - b)(s - 1)
-        # so that s = 1 returns the base output bit for bit and rounding in (out - b) is damped by s - 1.
-        # The fp32 scale promotes the product (as in PEFT): rounding s to bf16 first would erase
-        # any change of s below 2^-8, freezing it in low-precision training.
-        s = self._scale(adapters)
+        return self._scaled(out, self._scale(adapters)).to(previous_dtype)
+
+    def _scaled(self, out: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The output scale leaves the bias unscaled: y = (out - b) s + b, written as
+        out + (out - b)(s - 1) so that s = 1 returns the base output bit for bit and rounding in
+        (out - b) is damped by s - 1. The fp32 scale promotes the product (as in PEFT): rounding s
+        to bf16 first would erase any change of s below 2^-8, freezing it in low-precision training."""
         bias = offload.module_tensor(self.base_layer, "bias")
-        out = out * s if bias is None else torch.addcmul(out, out - bias, s - 1)
-        return out.to(previous_dtype)
+        return out * s if bias is None else torch.addcmul(out, out - bias, s - 1)
+
+    def mixed_forward(self, x, adapter_names, *args, **kwargs):
+        # Input-centric: each adapter group's rows rotated with its own butterfly, then one base
+        # call for every row of the batch; the output scale per row.
+        previous_dtype = x.dtype
+
+        def rotate(name, rows):
+            return ops.butterfly(rows, self._q(name, with_dropout=False)) if name in self.boft_R else rows
+
+        h = mixed_batch.per_group(x, adapter_names, rotate)
+        if not quantized.is_quantized(self.base_layer) and not torch.is_autocast_enabled(h.device.type):
+            h = h.to(self.weight.dtype)
+        out = self.base_layer(h, *args, **kwargs)
+        s = torch.ones(out.shape[0], self.out_features, dtype=torch.float32, device=out.device)
+        for name, rows in mixed_batch.groups(adapter_names, out.shape[0], out.device):
+            if name in self.boft_s:
+                s[rows] = self.boft_s[name].reshape(-1).float()
+        s = s.reshape(out.shape[0], *([1] * (out.dim() - 2)), self.out_features)
+        return self._scaled(out, s).to(previous_dtype)
 
 
 class Conv2d(BOFTLayer):
@@ -317,6 +346,15 @@ class Conv2d(BOFTLayer):
         w = (w * self._scale(adapters).reshape(-1, 1)).to(base.weight.dtype)  # scale in fp32, then the base dtype
         out = base._conv_forward(x.to(w.dtype), w.reshape(base.weight.shape), base.bias)
         return out.to(previous_dtype)
+
+    def mixed_forward(self, x, adapter_names, *args, **kwargs):
+        # Weight-centric: one conv per adapter group with that adapter's rotated weight.
+        def conv(name, rows):
+            if name in self.boft_R:
+                return self.adapted_forward(rows, [name])
+            return self.base_layer(rows, *args, **kwargs)
+
+        return mixed_batch.per_group(x, adapter_names, conv)
 
 
 def supported_layer_class(module: nn.Module) -> type[BOFTLayer] | None:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, hub, status
+from . import checkpoint, hub, mixed_batch, status
 from .config import BOFTConfig
 from .layer import BOFTLayer, supported_layer_class
 from .modules_to_save import ModulesToSaveWrapper
@@ -81,7 +81,19 @@ class BOFTModel(nn.Module):
             return getattr(self.model, name)
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        return self._call(self.model, *args, **kwargs)
+
+    def _call(self, fn, *args, adapter_names: list[str] | None = None, **kwargs):
+        """``fn(*args, **kwargs)``; with PEFT's ``adapter_names`` (one per sample), a mixed-adapter
+        batch (``boft_triton.mixed_batch``)."""
+        if adapter_names is None:
+            return fn(*args, **kwargs)
+        layers = [m for _, m in self._boft_layers()]
+        names = mixed_batch.check_names(adapter_names, list(self.peft_config), self.training,
+                                        any(layer.merged for layer in layers))
+        wrappers = [m for _, m in self._wrappers()]
+        with mixed_batch.mixed_batch(layers + wrappers, names):
+            return fn(*args, **kwargs)
 
     def _expose_forward_signature(self) -> None:
         """Give ``forward`` the wrapped model's signature: transformers' Trainer keeps only the
@@ -92,7 +104,7 @@ class BOFTModel(nn.Module):
             return
 
         def forward(self, *args, **kwargs):
-            return self.model(*args, **kwargs)
+            return self._call(self.model, *args, **kwargs)
 
         forward.__signature__ = signature
         forward.__doc__ = type(self.model).forward.__doc__
@@ -123,7 +135,7 @@ class BOFTModel(nn.Module):
         return replica
 
     def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
+        return self._call(self.model.generate, *args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         return self.model

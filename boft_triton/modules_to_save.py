@@ -45,6 +45,15 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
+        mixed = self.__dict__.get("mixed_adapter_names")
+        if mixed is not None and not self.disable_adapters:  # each sample with its adapter's copy
+            from .mixed_batch import per_group
+
+            def head(name, rows):
+                module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+                return module(rows, *args[1:], **kwargs)
+
+            return per_group(args[0], mixed, head)
         return self.active_module(*args, **kwargs)
 
     def __getattr__(self, name: str):

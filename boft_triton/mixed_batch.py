@@ -1,0 +1,76 @@
+"""Mixed-adapter batches: each sample of one forward (or ``generate``) call uses its own adapter.
+
+PEFT's API for LoRA: ``model(**inputs, adapter_names=["a", "b", "__base__", ...])``, one name per
+sample, ``"__base__"`` for the base model alone. Each sample gets exactly what a batch of that
+sample alone gives under ``set_adapter(name)``, output scale included. Linear and Conv1D layers
+stay input-centric: each adapter group's rows are rotated with that adapter's butterfly, then one
+base-layer call serves every row (one base GEMM for the whole mixed batch). Conv2d rotates
+weights, so it runs the base conv once per adapter group, as PEFT does for LoRA. A
+``modules_to_save`` head answers each sample with its adapter's copy.
+
+Refused, as in PEFT: training mode, a merged model, unknown names, and a name count that does not
+divide the batch (``generate`` with beams or several sequences per prompt repeats each sample's
+rows, ``repeat_interleave``-style: each name then covers its sample's copies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+BASE_ADAPTER = "__base__"
+
+
+def check_names(adapter_names, known: list[str], training: bool, merged: bool) -> list[str]:
+    if training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode: call model.eval() first "
+                         "(mixed-adapter batches are for inference).")
+    if merged:
+        raise ValueError("Cannot pass `adapter_names` to a merged model: its weights hold the merged adapters; call "
+                         "unmerge_adapter() first.")
+    if isinstance(adapter_names, str) or not all(isinstance(a, str) for a in adapter_names):
+        raise TypeError(f"adapter_names must be a list of adapter names, one per sample, got {adapter_names!r}")
+    unknown = sorted({a for a in adapter_names if a != BASE_ADAPTER and a not in known})
+    if unknown:
+        raise ValueError(f"Unknown adapter name(s) {unknown} in adapter_names; this model has {known} "
+                         f"(and {BASE_ADAPTER!r} for the base model alone).")
+    return list(adapter_names)
+
+
+@contextlib.contextmanager
+def mixed_batch(modules, adapter_names: list[str]):
+    """Every BOFT layer and ``modules_to_save`` wrapper in ``modules`` answers per sample inside."""
+    modules = list(modules)
+    for module in modules:
+        module.mixed_adapter_names = adapter_names
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.mixed_adapter_names = None
+
+
+def groups(adapter_names: list[str], batch: int, device) -> list[tuple[str, torch.Tensor]]:
+    """``(name, row indices)`` per distinct name, in first-seen order, for a batch of ``batch``
+    rows; names are repeated per sample when the batch holds several copies of each sample."""
+    if not adapter_names or batch % len(adapter_names):
+        raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {batch}: give one name per "
+                         "sample.")
+    copies = batch // len(adapter_names)
+    names = [name for name in adapter_names for _ in range(copies)]
+    out: dict[str, list[int]] = {}
+    for row, name in enumerate(names):
+        out.setdefault(name, []).append(row)
+    return [(name, torch.tensor(rows, device=device)) for name, rows in out.items()]
+
+
+def per_group(x: torch.Tensor, adapter_names: list[str], fn) -> torch.Tensor:
+    """``fn(name, x[rows])`` for each adapter group, written back in the batch's row order."""
+    out = None
+    for name, rows in groups(adapter_names, x.shape[0], x.device):
+        y = fn(name, x.index_select(0, rows))
+        if out is None:
+            out = y.new_empty((x.shape[0], *y.shape[1:]))
+        out.index_copy_(0, rows, y)
+    return out
