@@ -16,7 +16,7 @@ repo="$(pwd)"
 venv="${BOFT_TRITON_PREFLIGHT_VENV:-$HOME/.cache/boft_triton/preflight-venv}"
 pins=(torch==2.13.0 triton==3.6.0 transformers==5.17.0 accelerate==1.15.0 "numpy<2.4" peft==0.21.0
       huggingface-hub==1.33.0 safetensors==0.8.0
-      tqdm matplotlib pytest pytest-benchmark pytest-xdist)
+      tqdm matplotlib pytest pytest-benchmark pytest-xdist requests pillow)
 absent=(platformdirs bitsandbytes trl diffusers)
 stamp="${pins[*]} | ${absent[*]}"
 

@@ -190,3 +190,33 @@ def test_hotswap_refuses_a_misfit_before_changing_anything(tmp_path):
         hotswap_adapter(model, tmp_path / "n1", "c")
     for n, p in model.named_parameters():
         assert torch.equal(p, saved[n]), n
+
+
+@pytest.mark.parametrize("model_name", ["Llama", "Dinov2", "Conv2d2"])
+def test_patched_peft_boft_takes_adapter_names(model_name):
+    """Under patch_peft(), PEFT's own BOFT model answers ``adapter_names`` per sample (PEFT alone
+    has the hook for LoRA only and drops the argument for BOFT); unpatch removes the hook again."""
+    peft = pytest.importorskip("peft")
+    import peft.tuners.boft.model as peft_boft_model
+
+    from boft_triton import patched_peft
+
+    base, _ = build(model_name)
+    config_a, config_b = CASES[model_name]
+    inputs = _batch(model_name, len(NAMES))
+    with patched_peft():
+        model = peft.get_peft_model(copy.deepcopy(base), peft.BOFTConfig(init_weights=False, **config_a),
+                                    adapter_name="a")
+        model.add_adapter("b", peft.BOFTConfig(init_weights=False, **config_b))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "boft_s" in name or "modules_to_save" in name:
+                    p.add_(0.2 * torch.randn_like(p))
+        model.eval()
+        mixed = _mixed(model, inputs, NAMES)
+        expected = torch.cat([_alone(model, inputs, i, name) for i, name in enumerate(NAMES)])
+        assert rel_err(mixed, expected) < 1e-5
+        assert rel_err(expected[0], expected[1]) > 1e-3
+        with pytest.raises(ValueError, match="non-existing adapter"):
+            _mixed(model, inputs, ["a", "c", "a", "a"])
+    assert not hasattr(peft_boft_model.BOFTModel, "_enable_peft_forward_hooks")

@@ -336,10 +336,14 @@ def test_warns_once_when_peft_alone_would_drop_factors(monkeypatch):
 
 
 def _seam_objects():
+    """Each seam's current object (None where an added one is absent)."""
+    import importlib
+
     out = {}
     for seam in peft_patch.SEAMS:
-        owner = peft_layer if seam.owner == "module" else getattr(peft_layer, seam.owner)
-        out[(seam.owner, seam.name)] = vars(owner)[seam.name]
+        module = importlib.import_module(seam.module)
+        owner = module if seam.owner == "module" else getattr(module, seam.owner)
+        out[(seam.owner, seam.name)] = vars(owner).get(seam.name)
     return out
 
 
@@ -378,10 +382,21 @@ def test_a_peft_without_a_seam_gets_a_clear_error_and_no_partial_patch(owner, na
     with pytest.raises(PeftPatchError, match=f"{owner}.{name} is missing"):
         boft_triton.patch_peft()
     assert not peft_patch.is_patched()
-    for (seam_owner, seam_name), original in originals.items():
-        if (seam_owner, seam_name) != (owner, name):
-            holder = peft_layer if seam_owner == "module" else getattr(peft_layer, seam_owner)
-            assert vars(holder)[seam_name] is original
+    now = _seam_objects()
+    for key, original in originals.items():
+        if key != (owner, name):
+            assert now[key] is original, key
+
+
+def test_a_peft_that_has_the_mixed_batch_hook_for_boft_gets_a_clear_error(monkeypatch):
+    """The patch adds PEFT's ``_enable_peft_forward_hooks`` to its BOFT model; a PEFT that already
+    has one (a version not checked here) is refused, nothing replaced."""
+    import peft.tuners.boft.model as peft_boft_model
+
+    monkeypatch.setattr(peft_boft_model.BOFTModel, "_enable_peft_forward_hooks", lambda self: None, raising=False)
+    with pytest.raises(PeftPatchError, match="_enable_peft_forward_hooks already exists"):
+        boft_triton.patch_peft()
+    assert not peft_patch.is_patched()
 
 
 def test_a_peft_with_another_update_layer_signature_gets_a_clear_error(monkeypatch):

@@ -25,6 +25,9 @@ the maths inside them is replaced, at these seams of ``peft.tuners.boft.layer`` 
   Conv2d, with PEFT's order of adapters, its multiplicative dropout module and its dtype casts.
 - ``Linear.get_delta_weight`` / ``Conv2d.get_delta_weight`` and ``BOFTLayer.cayley_batch``: the
   rotation that PEFT's own ``merge`` / ``unmerge`` use, built with ``boft_triton.ops``.
+- ``peft.tuners.boft.model.BOFTModel._enable_peft_forward_hooks`` (added; PEFT has it for LoRA
+  only): ``PeftModel(..., adapter_names=[...])`` gives each sample its adapter, as PEFT's LoRA
+  does, where PEFT alone drops the argument for BOFT; the patched forwards take ``adapter_names``.
 
 On CUDA tensors ``boft_triton.ops`` runs the Triton kernels, on CPU the torch path.
 
@@ -57,7 +60,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import mixed_batch, ops
 
 CHECKED_PEFT_VERSIONS = ("0.21.2",)
 
@@ -76,13 +79,13 @@ def _rotation_blocks(layer, adapter: str) -> torch.Tensor:
     return layer.boft_dropout[adapter](Q)
 
 
-def _active_rotations(layer, scale_dtype: torch.dtype, scale_device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Rotation blocks of the active adapters in PEFT's order (first active first) and their
-    combined scale ``(o,)``, which starts as ones of ``scale_dtype`` like PEFT's (so it promotes
-    the same way)."""
+def _active_rotations(layer, scale_dtype: torch.dtype, scale_device, adapters=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Rotation blocks of the active adapters (or of ``adapters``) in PEFT's order (first active
+    first) and their combined scale ``(o,)``, which starts as ones of ``scale_dtype`` like PEFT's
+    (so it promotes the same way)."""
     rotations = []
     scale = torch.ones(int(layer.out_features), dtype=scale_dtype, device=scale_device)
-    for adapter in layer.active_adapters:
+    for adapter in layer.active_adapters if adapters is None else adapters:
         if adapter not in layer.boft_R.keys():
             continue
         rotations.append(_rotation_blocks(layer, adapter))
@@ -109,22 +112,36 @@ def _base_only(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 def _linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     previous_dtype = x.dtype
+    adapter_names = kwargs.pop("adapter_names", None)
     if self.disable_adapters or self.merged:
         result = _base_only(self, x, *args, **kwargs)
+    elif adapter_names is not None:  # a mixed-adapter batch: each sample with its own adapter
+        h = mixed_batch.per_group(x, adapter_names, lambda name, rows: (
+            ops.butterfly(rows, _rotation_blocks(self, name)) if name in self.boft_R.keys() else rows))
+        result = self.base_layer(h, *args, **kwargs)
+        scale = torch.ones(x.shape[0], int(self.out_features), dtype=previous_dtype, device=x.device)
+        for name, rows in mixed_batch.groups(adapter_names, x.shape[0], x.device):
+            if name in self.boft_s.keys():
+                scale = scale.index_put((rows,), self.boft_s[name].reshape(-1).to(scale.dtype))
+        result = _scaled(self, result, scale.reshape(x.shape[0], *([1] * (result.dim() - 2)), -1))
     else:
         rotations, scale = _active_rotations(self, previous_dtype, x.device)
         # PEFT rotates x by M_last ... M_first, so x meets the last active adapter's M first.
         for Q in reversed(rotations):
             x = ops.butterfly(x, Q)
-        result = self.base_layer(x, *args, **kwargs)
-        bias = self.base_layer.bias
-        # The base layer added its bias; PEFT scales only the product, not the bias.
-        if bias is not None:
-            result = result - bias
-        result = result * scale
-        if bias is not None:
-            result = result + bias
+        result = _scaled(self, self.base_layer(x, *args, **kwargs), scale)
     return result.to(previous_dtype)
+
+
+def _scaled(layer, result: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The base layer added its bias; PEFT scales only the product, not the bias."""
+    bias = layer.base_layer.bias
+    if bias is not None:
+        result = result - bias
+    result = result * scale
+    if bias is not None:
+        result = result + bias
+    return result
 
 
 def _linear_get_delta_weight(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,29 +156,39 @@ def _conv2d_width(layer) -> int:
 
 def _conv2d_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     previous_dtype = x.dtype
+    adapter_names = kwargs.pop("adapter_names", None)
     if self.disable_adapters or self.merged:
         result = _base_only(self, x, *args, **kwargs)
+    elif adapter_names is not None:  # a mixed-adapter batch: one conv per adapter group
+        result = mixed_batch.per_group(x, adapter_names, lambda name, rows: (
+            _conv2d_adapted(self, rows, [name], previous_dtype) if name in self.boft_R.keys()
+            else self.base_layer(rows, *args, **kwargs)))
     else:
-        base = self.base_layer
-        k = base.kernel_size[0]
-        weight = self.get_base_weight()
-        if weight.shape[1:] != (self.in_features, k, k):
-            raise ValueError(
-                f"PEFT's BOFT Conv2d supports square kernels only (this layer's kernel is {tuple(base.kernel_size)}); "
-                "boft_triton.patch_peft() keeps PEFT's layer as it is. Use boft_triton.adapt(), which handles any kernel."
-            )
-        x = x.to(weight.dtype)
-        rotations, scale = _active_rotations(self, previous_dtype, x.device)
-        # W rotation^T with rotation = M_last ... M_first: the first adapter's M^T comes first.
-        w = weight.reshape(self.out_features, _conv2d_width(self))
-        for Q in rotations:
-            w = ops.butterfly(w, Q, transpose=True)
-        w = (w * scale.reshape(-1, 1)).reshape(weight.shape)
-        x = self._cast_input_dtype(x, w.dtype)
-        bias = self._cast_input_dtype(base.bias, w.dtype)
-        # PEFT's own call: padding[0] and stride[0], no dilation (its quirk, kept on purpose).
-        result = F.conv2d(input=x, weight=w, bias=bias, padding=base.padding[0], stride=base.stride[0])
+        result = _conv2d_adapted(self, x, None, previous_dtype)
     return result.to(previous_dtype)
+
+
+def _conv2d_adapted(self, x: torch.Tensor, adapters, previous_dtype) -> torch.Tensor:
+    """PEFT's adapted Conv2d for the active adapters (or ``adapters``)."""
+    base = self.base_layer
+    k = base.kernel_size[0]
+    weight = self.get_base_weight()
+    if weight.shape[1:] != (self.in_features, k, k):
+        raise ValueError(
+            f"PEFT's BOFT Conv2d supports square kernels only (this layer's kernel is {tuple(base.kernel_size)}); "
+            "boft_triton.patch_peft() keeps PEFT's layer as it is. Use boft_triton.adapt(), which handles any kernel."
+        )
+    x = x.to(weight.dtype)
+    rotations, scale = _active_rotations(self, previous_dtype, x.device, adapters)
+    # W rotation^T with rotation = M_last ... M_first: the first adapter's M^T comes first.
+    w = weight.reshape(self.out_features, _conv2d_width(self))
+    for Q in rotations:
+        w = ops.butterfly(w, Q, transpose=True)
+    w = (w * scale.reshape(-1, 1)).reshape(weight.shape)
+    x = self._cast_input_dtype(x, w.dtype)
+    bias = self._cast_input_dtype(base.bias, w.dtype)
+    # PEFT's own call: padding[0] and stride[0], no dilation (its quirk, kept on purpose).
+    return F.conv2d(input=x, weight=w, bias=bias, padding=base.padding[0], stride=base.stride[0])
 
 
 def _conv2d_get_delta_weight(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,15 +277,62 @@ def _warning_update_layer(original: Callable) -> Callable:
     return update_layer
 
 
+# ----------------------------------------------------------------------------- mixed batches
+
+
+@contextlib.contextmanager
+def _enable_peft_forward_hooks(self, *args, **kwargs):
+    """Added to PEFT's BOFT tuner model (PEFT has this hook for LoRA only, so for BOFT it dropped
+    ``adapter_names`` silently): ``PeftModel(..., adapter_names=[...])`` passes each sample's
+    adapter to every BOFT layer and ``modules_to_save`` wrapper, as PEFT's LoRA does (names
+    repeated per beam under beam search)."""
+    adapter_names = kwargs.pop("adapter_names", None)
+    if adapter_names is None:
+        yield
+        return
+    from peft.tuners.boft.layer import BOFTLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if self.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    layers = [m for m in self.modules() if isinstance(m, BOFTLayer)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("Cannot pass `adapter_names` when there are merged adapters: unmerge them first.")
+    known = set().union(*(layer.boft_R.keys() for layer in layers)) if layers else set()
+    unknown = {name for name in adapter_names if name != mixed_batch.BASE_ADAPTER} - known
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+    num_beams = kwargs.get("num_beams")
+    if isinstance(num_beams, int) and num_beams > 1:
+        adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+
+    def pre_forward(module, args, kwargs):
+        kwargs["adapter_names"] = adapter_names
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(pre_forward, with_kwargs=True)
+               for m in self.modules() if isinstance(m, (BOFTLayer, AuxiliaryTrainingWrapper))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 # ----------------------------------------------------------------------------- the registry
 
 
 @dataclass(frozen=True)
 class Seam:
-    owner: str  # "module" for peft.tuners.boft.layer itself, else a class name in it
+    owner: str  # "module" for the PEFT module itself, else a class name in it
     name: str
     replacement: Callable[[Callable], Callable]  # the original -> what replaces it
     needs_parameters: tuple[str, ...] = ()  # parameters the original must take (we call or mirror it)
+    module: str = "peft.tuners.boft.layer"
+    adds: bool = False  # the attribute must be absent: patch_peft adds it, unpatch_peft removes it
+
+
+_ABSENT = object()  # the "original" of an attribute the patch added
 
 
 def _replace(new: Callable) -> Callable[[Callable], Callable]:
@@ -274,35 +348,47 @@ SEAMS = (
     Seam("Linear", "get_delta_weight", _replace(_linear_get_delta_weight), ("adapter",)),
     Seam("Conv2d", "forward", _replace(_conv2d_forward), ("x",)),
     Seam("Conv2d", "get_delta_weight", _replace(_conv2d_get_delta_weight), ("adapter",)),
+    Seam("BOFTModel", "_enable_peft_forward_hooks", _replace(_enable_peft_forward_hooks), module="peft.tuners.boft.model",
+         adds=True),
 )
 
 # (owner object, attribute name) -> the original object, for exactly what is replaced now.
 _originals: dict[tuple[object, str], object] = {}
 
 
-def _peft_layer_module():
+def _peft_module(name: str = "peft.tuners.boft.layer"):
+    import importlib
+
     try:
-        import peft.tuners.boft.layer as peft_layer
+        return importlib.import_module(name)
     except ImportError as err:
         raise PeftPatchError(f"boft_triton.patch_peft() needs PEFT (pip install peft): {err}") from err
-    return peft_layer
 
 
-def _resolve(peft_layer, seam: Seam):
-    """The owner object of a seam and its current attribute, checked against what we rely on."""
+def _resolve(seam: Seam):
+    """The owner object of a seam and its current attribute (``_ABSENT`` for one the patch adds),
+    checked against what we rely on."""
     import peft
 
     where = f"PEFT {getattr(peft, '__version__', '?')} (checked against {', '.join(CHECKED_PEFT_VERSIONS)})"
-    owner = peft_layer if seam.owner == "module" else getattr(peft_layer, seam.owner, None)
+    module = _peft_module(seam.module)
+    owner = module if seam.owner == "module" else getattr(module, seam.owner, None)
     if owner is None or not isinstance(owner, type) and seam.owner != "module":
         raise PeftPatchError(
-            f"boft_triton.patch_peft(): peft.tuners.boft.layer has no class {seam.owner} in {where}. "
+            f"boft_triton.patch_peft(): {seam.module} has no class {seam.owner} in {where}. "
             "Use boft_triton's own API (boft_triton.adapt) or a PEFT version listed here."
         )
     current = vars(owner).get(seam.name)
+    if seam.adds:
+        if current is not None or hasattr(owner, seam.name):
+            raise PeftPatchError(
+                f"boft_triton.patch_peft(): {seam.owner}.{seam.name} already exists in {seam.module} in {where}, "
+                "where the patch would add its own. Use boft_triton.adapt or a listed PEFT version."
+            )
+        return owner, _ABSENT
     if current is None or not callable(current):
         raise PeftPatchError(
-            f"boft_triton.patch_peft(): {seam.owner}.{seam.name} is missing from peft.tuners.boft.layer in {where}; "
+            f"boft_triton.patch_peft(): {seam.owner}.{seam.name} is missing from {seam.module} in {where}; "
             "the patch relies on it. Use boft_triton's own API (boft_triton.adapt) or a PEFT version listed here."
         )
     params = inspect.signature(current).parameters
@@ -327,8 +413,7 @@ def patch_peft() -> None:
     """
     if _originals:
         return
-    peft_layer = _peft_layer_module()
-    resolved = [(seam, *_resolve(peft_layer, seam)) for seam in SEAMS]
+    resolved = [(seam, *_resolve(seam)) for seam in SEAMS]
     for seam, owner, original in resolved:
         _originals[(owner, seam.name)] = original
         setattr(owner, seam.name, seam.replacement(original))
@@ -339,7 +424,10 @@ def unpatch_peft() -> None:
     global _warned_dropped_factors
     while _originals:
         (owner, name), original = _originals.popitem()
-        setattr(owner, name, original)
+        if original is _ABSENT:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
     _warned_dropped_factors = False
 
 
