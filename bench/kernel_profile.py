@@ -1,6 +1,6 @@
 """What the butterfly kernels cost, measured without a GPU.
 
-Four reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|compile|roofline|accuracy``):
+Five reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|segmented|compile|roofline|accuracy``):
 
 - **traffic**: runs the forward and the backward in Triton's interpreter and counts the bytes every
   kernel loads and stores (masked lanes excluded), the multiply-adds done by ``tl.dot`` and the
@@ -8,6 +8,8 @@ Four reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|com
   forward reads x and writes y (2 passes over x), the backward reads x and g and writes dx
   (3 passes). Everything the kernels read or write is counted, parameters (coarse blocks, their
   gradient partials) included.
+- **segmented**: the same count for the mixed-adapter (serving) forward, T rows split among K
+  adapters, every adapter's Q read included;
 - **compile**: compiles every kernel at the config its launcher picks, for sm_90 and sm_80, with
   the 16-byte alignment / divisible-by-16 specialisation a real launch gives, and reads registers
   and spills (``ptxas -v``), shared memory, tensor-core instructions and global-load widths
@@ -166,6 +168,47 @@ def traffic(n: int, b: int, N: int, T: int, dtype_name: str = "bf16", x_grad: bo
         "dot_fraction": macs / max(1, macs + fwd["mul"] + bwd["mul"]),
         "path": kb.path_name(n, b, N) if hasattr(kb, "path_name") else "",
     }
+
+
+# Mixed-adapter batches (serving): adapters per batch, and the shapes and rows the report uses.
+SEGMENTED_K = (1, 4, 16)
+SEGMENTED_SHAPES = [(4, 1), (8, 2), (16, 1), (32, 2)]
+SEGMENTED_T = 4096
+
+
+def segmented_traffic(n: int, b: int, N: int, T: int, K: int, dtype_name: str = "bf16") -> dict:
+    """Bytes of one segmented forward (K adapters, T rows split evenly among them) against one
+    read + one write of x; every adapter's Q read counts (fp32, once per program)."""
+    import torch
+
+    from boft_triton import torch_ops
+    from boft_triton.kernels import butterfly as kb
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, n, generator=gen).to(dtype)
+    Q = torch.stack([torch_ops.cayley(0.3 * torch.randn(N, n // b, b, b, generator=gen)) for _ in range(K)])
+    offsets = [T * k // K for k in range(K + 1)]
+    with count_traffic() as fwd, count_torch_bytes() as fwd_torch:
+        kb.segmented_butterfly(x, Q, offsets)
+    moved = fwd["load_bytes"] + fwd["store_bytes"]
+    ideal = 2 * T * n * x.element_size()
+    return {"n": n, "b": b, "N": N, "L": b << (N - 1), "T": T, "K": K, "dtype": dtype_name,
+            "fwd_bytes": moved, "fwd_ideal": ideal, "fwd_ratio": moved / ideal,
+            "q_bytes_ideal": K * Q[0].numel() * 4, "torch_bytes": fwd_torch["bytes"],
+            # against the least any kernel moves: x once, y once, every adapter's Q once
+            "fwd_ratio_to_floor": moved / (ideal + K * Q[0].numel() * 4),
+            "dot_macs": fwd["dot_macs"], "elementwise_mul": fwd["mul"], "path": kb.path_name(n, b, N)}
+
+
+def segmented_markdown(rows: list[dict]) -> str:
+    lines = ["| b x N | L | path | T | n | adapters K | fwd bytes / ideal | Q bytes (all adapters, once) / ideal | "
+             "fwd bytes / (ideal + Q once) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['b']} x {r['N']} | {r['L']} | {r['path']} | {r['T']} | {r['n']} | {r['K']} | "
+                     f"{r['fwd_ratio']:.3f} | {r['q_bytes_ideal'] / r['fwd_ideal']:.3f} | {r['fwd_ratio_to_floor']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def traffic_markdown(rows: list[dict]) -> str:
@@ -401,7 +444,7 @@ def _write(out: Path, stem: str, rows: list[dict], table: str, title: str) -> No
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Interpreter traffic and sm_90/sm_80 compile reports of the butterfly kernels.")
-    parser.add_argument("report", choices=["traffic", "compile", "roofline", "accuracy"])
+    parser.add_argument("report", choices=["traffic", "segmented", "compile", "roofline", "accuracy"])
     parser.add_argument("--n", type=int, default=1024, help="traffic: layer width")
     parser.add_argument("--T", type=int, default=512, help="traffic: rows (batch x sequence)")
     parser.add_argument("--widths", default="2048,3072,4096,512,1024", help="compile: layer widths")
@@ -421,6 +464,14 @@ def main(argv=None) -> int:
         table = traffic_markdown(rows)
         title = f"Interpreter traffic, {args.dtype}, n={args.n}, T={args.T} (targets: fwd <= {TARGET_FWD}x, fwd+bwd <= {TARGET_FWD_BWD}x)"
         stem = f"interp-traffic-{date}{tag}"
+    elif args.report == "segmented":
+        T = args.T if args.T != 512 else SEGMENTED_T
+        rows = [segmented_traffic(args.n, b, N, T, K, args.dtype) for b, N in shapes or SEGMENTED_SHAPES
+                for K in SEGMENTED_K if args.n % (b << (N - 1)) == 0]
+        table = segmented_markdown(rows)
+        title = (f"Interpreter traffic of the segmented (mixed-adapter) forward, {args.dtype}, n={args.n}, T={T}, "
+                 f"rows split evenly among K adapters (target: <= {TARGET_FWD}x with every Q read)")
+        stem = f"interp-segmented-{date}{tag}"
     elif args.report == "accuracy":
         rows = [accuracy(256, b, N, scale, dtype_name=args.dtype if args.dtype != "fp32" else "bf16")
                 for b, N in [(8, 2), (4, 4), (32, 2), (64, 1), (64, 2)] for scale in (0.01, 0.1, 0.5)]
@@ -450,7 +501,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "traffic":
+    if len(sys.argv) > 1 and sys.argv[1] in ("traffic", "segmented"):
         os.environ["TRITON_INTERPRET"] = "1"
     else:
         os.environ.pop("TRITON_INTERPRET", None)

@@ -293,14 +293,12 @@ class Linear(BOFTLayer):
         return out * s if bias is None else torch.addcmul(out, out - bias, s - 1)
 
     def mixed_forward(self, x, adapter_names, *args, **kwargs):
-        # Input-centric: each adapter group's rows rotated with its own butterfly, then one base
-        # call for every row of the batch; the output scale per row.
+        # Input-centric: each sample rotated with its adapter's butterfly (one segmented launch for
+        # the whole batch), then one base call for every row; the output scale per row.
         previous_dtype = x.dtype
 
-        def rotate(name, rows):
-            return ops.butterfly(rows, self._q(name, with_dropout=False)) if name in self.boft_R else rows
-
-        h = mixed_batch.per_group(x, adapter_names, rotate)
+        h = mixed_batch.rotate_per_sample(
+            x, adapter_names, lambda name: self._q(name, with_dropout=False) if name in self.boft_R else None)
         if not quantized.is_quantized(self.base_layer) and not torch.is_autocast_enabled(h.device.type):
             h = h.to(self.weight.dtype)
         out = self.base_layer(h, *args, **kwargs)

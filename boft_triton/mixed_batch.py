@@ -74,3 +74,37 @@ def per_group(x: torch.Tensor, adapter_names: list[str], fn) -> torch.Tensor:
             out = y.new_empty((x.shape[0], *y.shape[1:]))
         out.index_copy_(0, rows, y)
     return out
+
+
+def rotate_per_sample(x: torch.Tensor, adapter_names: list[str], rotation_of) -> torch.Tensor:
+    """x ``[B, ..., n]`` with sample i rotated by ``rotation_of(name_i)`` (Q ``[N, D, b, b]``, or
+    None to leave it as it is). The samples are grouped by adapter (each sample's rows stay
+    contiguous), and each group of adapters with one Q shape is one segmented butterfly: one
+    launch per factor group for the whole mixed batch, not one per adapter."""
+    from . import ops
+
+    B, n = x.shape[0], x.shape[-1]
+    by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    unrotated = []
+    for name, rows in groups(adapter_names, B, x.device):
+        Q = rotation_of(name)
+        if Q is None:
+            unrotated.append(rows)
+        else:
+            by_shape.setdefault(tuple(Q.shape), []).append((rows, Q))
+    if not by_shape:
+        return x
+    y = torch.empty_like(x)
+    if unrotated:
+        rows = torch.cat(unrotated)
+        y.index_copy_(0, rows, x.index_select(0, rows))
+    for members in by_shape.values():
+        samples = torch.cat([rows for rows, _ in members])
+        xs = x.index_select(0, samples).reshape(-1, n)
+        per_sample = xs.shape[0] // max(1, samples.numel())
+        offsets = [0]
+        for rows, _ in members:
+            offsets.append(offsets[-1] + rows.numel() * per_sample)
+        ys = ops.segmented_butterfly(xs, [Q for _, Q in members], offsets)
+        y.index_copy_(0, samples, ys.reshape(samples.numel(), *x.shape[1:]))
+    return y

@@ -97,3 +97,19 @@ def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torc
         if not x.is_cuda or kernels.runs_on_gpu(x.shape[-1], Q.shape[2], Q.shape[0], x.dtype):
             return kernels.butterfly(x, Q, transpose)
     return torch_ops.butterfly(x, Q, transpose)
+
+
+def segmented_butterfly(x: torch.Tensor, Qs: list[torch.Tensor], offsets: list[int]) -> torch.Tensor:
+    """A mixed-adapter batch: rows ``[offsets[k], offsets[k+1])`` of x ``[T, n]`` times adapter
+    k's ``M`` (``Qs[k]``, all of one shape ``[N, D, b, b]``). On the Triton backend one segmented
+    launch per factor group covers every adapter (inference: no gradient); the torch path, and
+    any call that needs gradients, runs one batched product per segment."""
+    n = x.shape[-1]
+    N, D, b, _ = Qs[0].shape
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(Q.requires_grad for Q in Qs))
+    if not needs_grad and backend_for(x) == "triton":
+        kernels = _kernels()[0][1]
+        if not x.is_cuda or kernels.runs_on_gpu(n, b, N, x.dtype):
+            return kernels.segmented_butterfly(x, torch.stack([Q.float() for Q in Qs]), offsets)
+    parts = [butterfly(x[offsets[k]:offsets[k + 1]], Q) for k, Q in enumerate(Qs)]
+    return torch.cat(parts) if parts else x

@@ -382,6 +382,34 @@ def _dq_kernel(
     _store_dq(dq_ptr, q_ptr, dmc, i_b, D, K0, K1, B, HC, W, WB, WP, S, PACK, BUILD_DTYPE, BUILD_PRECISION)
 
 
+@triton.jit
+def _segmented_apply_kernel(
+    x_ptr, q_ptr, y_ptr, chunk_ptr, n, D, Q_STRIDE,
+    K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, HC: tl.constexpr, W: tl.constexpr, WB: tl.constexpr,
+    WP: tl.constexpr, S: tl.constexpr, H: tl.constexpr, PACK: tl.constexpr, TRANS: tl.constexpr,
+    BT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BUILD_DTYPE: tl.constexpr,
+    BUILD_PRECISION: tl.constexpr,
+):
+    """Mixed-adapter batches: rows ``[row0, row1)`` of chunk i_c lie in one adapter's segment
+    (``chunk_ptr[3 i_c:3 i_c + 3]`` = row0, row1, adapter k): ``y = x + x Delta_k`` on block i_b's
+    columns, with adapter k's Delta built once per program from its Q (``q_ptr + k Q_STRIDE``)."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_b = tl.program_id(1).to(tl.int64)
+    row0 = tl.load(chunk_ptr + 3 * i_c).to(tl.int64)
+    row1 = tl.load(chunk_ptr + 3 * i_c + 1).to(tl.int64)
+    i_k = tl.load(chunk_ptr + 3 * i_c + 2).to(tl.int64)
+    o_col, m_col = _columns(i_b, WB, WP, S, H)  # [WP]
+    b_d = _delta(q_ptr + i_k * Q_STRIDE, i_b, D, K0, K1, B, HC, W, WB, WP, S, PACK, TRANS, DOT_DTYPE, BUILD_DTYPE,
+                 BUILD_PRECISION)
+    for t0 in range(row0, row1, BT):
+        o_t = t0 + tl.arange(0, BT)
+        o_x = o_t[:, None] * n + o_col[None, :]  # [BT, WP]
+        m_x = (o_t < row1)[:, None] & m_col[None, :]
+        b_x = tl.load(x_ptr + o_x, mask=m_x, other=0.0)
+        b_y = b_x.to(tl.float32) + tl.dot(b_x.to(DOT_DTYPE), b_d, input_precision=PRECISION)
+        tl.store(y_ptr + o_x, b_y.to(y_ptr.dtype.element_ty), mask=m_x)
+
+
 # ---------------------------------------------------------------------------------------------
 # launchers
 
@@ -479,6 +507,40 @@ def grad(x, g, q, transpose, k0, key, need_dx):
     return dx, dq
 
 
+def segment_chunks(offsets: list[int], grp: dict, b: int, BT: int, pps: int, sms: int) -> list[int]:
+    """``[row0, row1, adapter]`` per program row-chunk: every chunk lies inside one adapter's
+    segment ``[offsets[k], offsets[k+1])``. A chunk has at least ``_rows_min`` rows (its Q read
+    then costs at most about 1/16 of its rows' bytes) and, on large batches, about the rows that
+    PPS programs per SM would each get."""
+    T = offsets[-1]
+    per = max(_rows_min(grp, b), triton.cdiv(T, max(1, triton.cdiv(pps * sms, grp["NB"]))))
+    per = triton.cdiv(per, BT) * BT
+    flat = []
+    for k in range(len(offsets) - 1):
+        for row0 in range(offsets[k], offsets[k + 1], per):
+            flat += [row0, min(row0 + per, offsets[k + 1]), k]
+    return flat
+
+
+def segmented_apply_into(x, q, offsets: list[int], k0: int, key, y) -> None:
+    """``y = x + x Delta_k`` per block of the group starting at level k0, rows
+    ``[offsets[k], offsets[k+1])`` with adapter k's Delta; q ``[K, levels, D, b, b]`` fp32."""
+    T, n = x.shape
+    b = key[1]
+    grp = group(*key, k0)
+    source, cfg = pick_config("fwd", *key, x.dtype, x.device)
+    LAST_LAUNCH["butterfly_segmented"] = (source, dict(cfg))
+    BT = cfg["BT"]
+    flat = segment_chunks(offsets, grp, b, BT, cfg["PPS"], num_sms(x.device))
+    if not flat:
+        return
+    chunks = torch.tensor(flat, dtype=torch.int64).to(x.device, non_blocking=True)
+    wrap_triton(_segmented_apply_kernel)[(len(flat) // 3, grp["NB"])](
+        x, q, y, chunks, n, n // b, q[0].numel(), **_layout(grp, b), H=grp["H"], TRANS=False, BT=BT,
+        **_dot_meta(x.dtype, grp["WP"]), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # ops and autograd
 
@@ -549,6 +611,40 @@ def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torc
     return h.reshape(shape)
 
 
+def _segmented_block_apply_fake(x, q, offsets, k0, n, b, N):
+    return x.new_empty(x.shape)
+
+
+@kernel_op("boft_triton::segmented_block_apply", _segmented_block_apply_fake)
+def segmented_block_apply(x: torch.Tensor, q: torch.Tensor, offsets: list[int], k0: int, n: int, b: int,
+                          N: int) -> torch.Tensor:
+    """``block_apply`` for a mixed-adapter batch: x's rows sorted by adapter, segment k =
+    ``[offsets[k], offsets[k+1])`` rotated by adapter k (q ``[K, levels, D, b, b]``). Forward only."""
+    x = x.contiguous()
+    y = new_empty(*x.shape, dtype=x.dtype, device=x.device)
+    segmented_apply_into(x, q.contiguous(), list(offsets), k0, (n, b, N), y)
+    return y
+
+
+def segmented_butterfly(x: torch.Tensor, Q: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """``x[rows of segment k] M_k`` for every segment in one launch per factor group (Punica /
+    S-LoRA style): x ``[T, n]`` with rows grouped by adapter, Q ``[K, N, D, b, b]`` (adapter k's
+    blocks), ``offsets`` the K + 1 segment bounds (``offsets[-1] == T``). Inference only: no
+    gradient."""
+    n = x.shape[-1]
+    _, N, D, b, _ = Q.shape
+    if len(offsets) != Q.shape[0] + 1 or offsets[0] != 0 or offsets[-1] != x.shape[0]:
+        raise ValueError(f"segmented_butterfly: {len(offsets)} offsets ending at {offsets[-1] if offsets else None} "
+                         f"for {Q.shape[0]} adapters and {x.shape[0]} rows; want K + 1 bounds from 0 to the row count")
+    groups = plan(n, b, N)
+    Q = Q.float()
+    h = x
+    for grp in groups:
+        q = Q if len(groups) == 1 else Q[:, grp["k0"]:grp["k1"]]
+        h = segmented_block_apply(h, q, list(offsets), grp["k0"], n, b, N)
+    return h
+
+
 def block_products(grp: dict) -> tuple[int, int]:
     """``WP x WP x WP`` products a program spends on its block: building Delta (forward, and the
     backward's dx) and dQ from dMc (``levels (levels - 1)``: for each level, one product per
@@ -565,8 +661,9 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
     """Every kernel the launchers run for this layer shape, at the default config, as
     (kernel, signature, constexprs, options): apply (forward), apply_T (``dx`` when Q is frozen,
     and merges), grad (the fused backward, several row splits), grad_dq (one split: dQ in the same
-    program) and dq (adds the splits' partials, then dQ). Pointers are 16-byte aligned and n, ROWS
-    divisible by 16 at launch, as the compile report assumes."""
+    program), segmented (mixed-adapter batches) and dq (adds the splits' partials, then dQ).
+    Pointers are 16-byte aligned and n, ROWS divisible by 16 at launch, as the compile report
+    assumes."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     ptr = "*" + dtype_name
     fwd, bwd = default_config(n, b, N, "fwd", dtype), default_config(n, b, N, "bwd", dtype)
@@ -589,6 +686,11 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                               constexprs={**layout, "H": grp["H"], **dot, "TRANS": False, "WRITE_DX": True,
                                           "FUSED_DQ": fused, "RC": RC},
                               config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
+        ssig = {"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "chunk_ptr": "*i64", "n": "i32", "D": "i32",
+                "Q_STRIDE": "i32"}
+        specs.append(dict(name="segmented" + tag, **shape, fn=_segmented_apply_kernel, signature=ssig, divisible=("n",),
+                          constexprs={**layout, "H": grp["H"], **dot, "TRANS": False, "BT": fwd["BT"]},
+                          config=fwd, num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))
         dsig = {"dd_ptr": "*fp32", "q_ptr": "*fp32", "dq_ptr": "*fp32", "D": "i32", "SPLITS": "i32", "NB": "i32"}
         specs.append(dict(name="dq" + tag, **shape, fn=_dq_kernel, signature=dsig, divisible=(),
                           constexprs={**layout, "BUILD_DTYPE": dot["BUILD_DTYPE"],

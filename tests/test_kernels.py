@@ -574,3 +574,43 @@ def test_block_products_keep_fp32_range_on_a_gpu(dtype, width):
         meta = kb._dot_meta(dtype, width)
     assert meta["BUILD_DTYPE"] in (kb.tl.float32, kb.tl.bfloat16)
     assert (meta["BUILD_DTYPE"] == kb.tl.float32) == (width <= 64 or dtype == torch.float32)
+
+
+# (segment lengths, n, b, N): packed small blocks, several levels, an odd width, two factor
+# groups (L = 256), an empty segment, K = 1 and K = 4
+SEGMENTED_CASES = [
+    ([7], 32, 4, 2),
+    ([5, 0, 9, 3], 32, 4, 3),
+    ([3, 70, 1], 48, 8, 2),
+    ([2, 4, 6, 8], 15, 5, 1),
+    ([9, 4], 256, 8, 6),
+    ([1, 2, 3, 4], 64, 64, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lengths,n,b,N", SEGMENTED_CASES, ids=[f"K{len(c[0])}-n{c[1]}-b{c[2]}-N{c[3]}" for c in SEGMENTED_CASES])
+def test_segmented_butterfly(lengths, n, b, N, dtype):
+    """Rows of segment k times adapter k's M, every segment in one launch per factor group, against
+    the dense fp64 reference per segment; every output element written (NaN-filled outputs)."""
+    K = len(lengths)
+    Q64 = torch.stack([rand_q(N, n // b, b) for _ in range(K)])
+    x64 = torch.randn(sum(lengths), n, dtype=torch.float64)
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    x = x64.to(dtype).to(DEVICE)
+    y = kb.segmented_butterfly(x, Q64.float().to(DEVICE), offsets)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert kb.LAST_LAUNCH["butterfly_segmented"][0] == "default"
+    expected = torch.cat([x.double().cpu()[offsets[k]:offsets[k + 1]] @ reference.dense_rotation(Q64[k].float().double())
+                          for k in range(K)])
+    assert rel_err(y, expected) <= TOL[dtype]
+
+
+def test_segmented_butterfly_refuses_bounds_that_do_not_cover_the_rows():
+    Q = torch.stack([rand_q(1, 4, 4).float() for _ in range(2)]).to(DEVICE)
+    x = torch.randn(5, 16, device=DEVICE)
+    for offsets in ([0, 5], [0, 2, 4], [1, 2, 5]):
+        with pytest.raises(ValueError, match="K \\+ 1 bounds"):
+            kb.segmented_butterfly(x, Q, offsets)

@@ -116,8 +116,8 @@ def _linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if self.disable_adapters or self.merged:
         result = _base_only(self, x, *args, **kwargs)
     elif adapter_names is not None:  # a mixed-adapter batch: each sample with its own adapter
-        h = mixed_batch.per_group(x, adapter_names, lambda name, rows: (
-            ops.butterfly(rows, _rotation_blocks(self, name)) if name in self.boft_R.keys() else rows))
+        h = mixed_batch.rotate_per_sample(x, adapter_names, lambda name: (
+            _rotation_blocks(self, name) if name in self.boft_R.keys() else None))
         result = self.base_layer(h, *args, **kwargs)
         scale = torch.ones(x.shape[0], int(self.out_features), dtype=previous_dtype, device=x.device)
         for name, rows in mixed_batch.groups(adapter_names, x.shape[0], x.device):
