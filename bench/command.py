@@ -58,8 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .workloads import QUANTIZE, WORKLOADS
 
     g = p.add_argument_group("workload")
-    g.add_argument("--workload", default=None, choices=sorted(WORKLOADS),
-                   help="model and batch (default: minilm on CPU, llama-1b on a GPU)")
+    g.add_argument("--workload", default=None, choices=sorted(WORKLOADS) + ["serve"],
+                   help="model and batch (default: minilm on CPU, llama-1b on a GPU); 'serve': the serving "
+                        "benchmark instead (mixed-adapter batches over K = 1, 4, 16 adapters, bench/serving.py)")
     g.add_argument("--targets", default="default", choices=("default", "qv", "all-linear"),
                    help="modules to adapt: the workload's default (MiniLM: query,key,value; Llama: q/v), "
                         "q/v projections, or every linear layer of the blocks")
@@ -143,6 +144,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, device) -> int:
     from . import workloads
+
+    if args.workload == "serve":
+        from . import serving
+
+        return serving.run(argparse.Namespace(**{**vars(args), "device": str(device), "threads": None}))
     from .training_step import environment, markdown_table, results
     from .training_step import run as run_methods
 

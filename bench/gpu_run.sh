@@ -5,7 +5,8 @@
 #   2. the Llama-1B training step (q/v, bf16, seq 2048, batch 4) for every method, LoRA r16 included;
 #   3. the same on a 4-bit NF4 base: QLoRA against QBOFT;
 #   4. a diffusion UNet's denoising step (attention + ResNet convs): LoRA against BOFT;
-#   5. the kernel tests on CUDA;
+#   5. serving: mixed-adapter batches over K = 1, 4, 16 adapters (forward, generate);
+#   6. the kernel tests on CUDA;
 # and print a short table last. Everything else goes under $OUT (default bench/results/gpu-run):
 # logs, JSON, Markdown, plots, the tuning cache. Commit what it measured under bench/results/.
 #
@@ -38,13 +39,16 @@ if [ "$preflight" = 1 ]; then
   check=(--preflight)
   llama=(--workload tiny-llama --batch-size 1 --seq-len 16 --steps 1 --warmup 0 --device cpu)
   unet=(--workload unet --batch-size 1 --seq-len 256 --steps 1 --warmup 0 --device cpu)
-  tests=(tests/test_kernels.py tests/test_tune.py)
+  serve=(--workload serve --batch-size 4 --seq-len 8 --steps 1 --device cpu)
+  tests=(tests/test_kernels.py tests/test_tune.py tests/test_mixed_batch.py)
   limit() { echo "$2"; }   # the interpreter's times are not the GPU's: generous limits
 else
   check=()
   llama=(--workload llama-1b --steps 3 --warmup 1)
   unet=(--workload unet --batch-size 16 --seq-len 4096 --steps 3 --warmup 1)
-  tests=(tests/test_kernels.py tests/test_kernel_layers.py tests/test_torch_path.py tests/test_tune.py)
+  serve=(--workload serve --steps 5)
+  tests=(tests/test_kernels.py tests/test_kernel_layers.py tests/test_torch_path.py tests/test_tune.py
+         tests/test_mixed_batch.py)
   limit() { echo "$1"; }
 fi
 
@@ -66,17 +70,20 @@ step() {  # step NAME GPU_SECONDS PREFLIGHT_SECONDS COMMAND...: run with a time 
 } >"$out/environment.txt" 2>&1
 cat "$out/environment.txt"
 
-step gpu-check 80 600 "$python" -m boft_triton.bench.gpu_check --out "$out" "${check[@]}"
-step llama-1b 140 600 "$python" -m boft_triton.bench.command "${llama[@]}" --targets qv --output-dir "$out"
-step llama-1b-nf4 70 600 "$python" -m boft_triton.bench.command "${llama[@]}" --targets qv --quantize nf4 \
+step gpu-check 75 600 "$python" -m boft_triton.bench.gpu_check --out "$out" "${check[@]}"
+step llama-1b 125 600 "$python" -m boft_triton.bench.command "${llama[@]}" --targets qv --output-dir "$out"
+step llama-1b-nf4 60 600 "$python" -m boft_triton.bench.command "${llama[@]}" --targets qv --quantize nf4 \
   --methods floor,peft-lora-r16,boft_triton-b4-N1,boft_triton-b8-N2 --output-dir "$out"
 # pytest-xdist (on the image) spreads the tests, and so Triton's compiles, over up to 12 cores
 parallel=()
 cores=$(nproc)
 "$python" -c "import xdist" 2>/dev/null && parallel=(-n "$((cores < 12 ? cores : 12))")
 # diffusion: the SD-shaped UNet's denoising step (attention + ResNet convs), LoRA against BOFT
-step unet 45 600 "$python" -m boft_triton.bench.command "${unet[@]}" --boft 8x1,8x2 --lora-ranks 16 --output-dir "$out"
-step kernel-tests 125 900 "$python" -m pytest -q -p no:cacheprovider "${parallel[@]}" "${tests[@]}" \
+step unet 45 600 "$python" -m boft_triton.bench.command "${unet[@]}" --boft 8x1,8x2 --lora-ranks 16 \
+  --methods floor,peft-lora-r16,peft-boft-b8-N2,boft_triton-b8-N1,boft_triton-b8-N2 --output-dir "$out"
+# serving: mixed-adapter batches over K = 1, 4, 16 adapters (the segmented kernel) against a loop and LoRA
+step serve 40 600 "$python" -m boft_triton.bench.command "${serve[@]}" --output-dir "$out"
+step kernel-tests 110 900 "$python" -m pytest -q -p no:cacheprovider "${parallel[@]}" "${tests[@]}" \
   -k "not compile_for_sm90" --junitxml="$out/gpu-tests.xml"
 
 "$python" -m boft_triton.bench.gpu_summary "$out" >"$out/summary.txt"

@@ -68,6 +68,17 @@ def _training_rows(out: Path) -> list[str]:
     return lines or ["  (no training-step results)"]
 
 
+def _serving_rows(out: Path) -> list[str]:
+    lines = []
+    for path in sorted(out.glob("*-serve.json")):
+        data = json.loads(path.read_text())
+        lines.append(f"  {data['settings']['workload']}: batch {data['settings']['batch']} x {data['settings']['seq_len']}")
+        for r in data["rows"]:
+            lines.append(f"    K={r['K']:<2} {r['method']:<12} forward {r['forward_ms']:8.2f} ms (x base {r['forward_x_base']:.2f})"
+                         f"  generate {r['generate_ms']:8.1f} ms (x base {r['generate_x_base']:.2f})")
+    return lines or ["  (no serving results)"]
+
+
 def _tests(out: Path) -> list[str]:
     path = out / "gpu-tests.xml"
     if not path.is_file():
@@ -84,7 +95,7 @@ def _tests(out: Path) -> list[str]:
 
 def summary(out: Path) -> str:
     parts = [("steps", _steps(out)), ("kernels (checked against fp64, then timed)", _kernel_rows(out)),
-             ("kernel tests", _tests(out)), ("training step", _training_rows(out))]
+             ("kernel tests", _tests(out)), ("training step", _training_rows(out)), ("serving", _serving_rows(out))]
     return "\n".join(f"== {title}\n" + "\n".join(lines) for title, lines in parts)
 
 

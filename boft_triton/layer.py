@@ -142,6 +142,7 @@ class BOFTLayer(nn.Module):
         )
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self.__dict__.get("_q_cache", {}).pop(adapter_name, None)
         for store in (self.boft_R, self.boft_s, self.boft_block_size, self.boft_block_num, self.boft_dropout):
             if adapter_name in store:
                 del store[adapter_name]
@@ -169,7 +170,24 @@ class BOFTLayer(nn.Module):
         mask = None
         if with_dropout and self.training and p > 0:
             mask = dropout_mask(R.detach(), p)
+        if mask is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._cached_q(adapter, R)
         return ops.cayley(R, mask)
+
+    def _cached_q(self, adapter: str, R: torch.Tensor) -> torch.Tensor:
+        """Q without gradients (inference, generate: every decoding step needs it) is solved once
+        per value of R: the cache entry is keyed by R's storage and version counter, which every
+        in-place change (an optimizer step, load_state_dict, hot swap) and every move bumps."""
+        if type(R.data) is not torch.Tensor:  # a sharded DTensor (FSDP2) or another subclass: no cache
+            return ops.cayley(R)
+        cache = self.__dict__.setdefault("_q_cache", {})
+        key = (R.data_ptr(), R._version, R.device, R.dtype)
+        hit = cache.get(adapter)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        Q = ops.cayley(R)
+        cache[adapter] = (key, Q)
+        return Q
 
     def _scale(self, adapters: list[str]) -> torch.Tensor:
         s = self.boft_s[adapters[0]].reshape(-1)

@@ -194,3 +194,19 @@ def test_conv_widths_are_checked_like_linear_ones():
     model.add_module("conv1", nn.Conv2d(8, 8, 3))  # BOFT rotates 8 x 3 x 3 = 72 inputs
     assert ours(8, 1).skip_reason(model, ["conv1"]) is None
     assert "does not divide 72" in ours(16, 1).skip_reason(model, ["conv1"])
+
+
+def test_serving_benchmark_runs_every_method_at_every_k(tmp_path):
+    """``boft-triton bench --workload serve``: base, merged, mixed, loop and PEFT LoRA's mixed batch
+    at K = 1, 4, 16, timed forward and generate, written as JSON and Markdown."""
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args(["--workload", "serve", "--device", "cpu", "--batch-size", "4", "--seq-len", "8",
+                              "--steps", "1", "--threads", "1", "--output-dir", str(tmp_path), "--name", "serve"])
+    assert command.run(args) == 0
+    payload = json.loads((tmp_path / "serve.json").read_text())
+    got = {(r["method"], r["K"]) for r in payload["rows"]}
+    assert {("base", 0), ("boft merged", 1)} <= got
+    assert {(m, k) for m in ("boft mixed", "boft loop", "lora mixed") for k in (1, 4, 16)} <= got
+    assert all(r["forward_ms"] > 0 and r["generate_ms"] > 0 for r in payload["rows"])
+    assert "| 16 | boft mixed |" in (tmp_path / "serve.md").read_text()

@@ -225,3 +225,35 @@ def test_patched_peft_boft_takes_adapter_names(model_name):
         with pytest.raises(ValueError, match="non-existing adapter"):
             _mixed(model, inputs, ["a", "c", "a", "a"])
     assert not hasattr(peft_boft_model.BOFTModel, "_enable_peft_forward_hooks")
+
+
+def test_inference_solves_each_adapters_cayley_once_per_value():
+    """Without gradients (generate calls the model once per token) Q is solved once per value of
+    R; an in-place change of R (an optimizer step, a hot swap) is seen at once."""
+    from boft_triton import ops
+
+    model = _two_adapters("Llama")
+    inputs = _batch("Llama", 2)
+    calls = []
+    real = ops.cayley
+
+    def counting(R, mask=None):
+        calls.append(R.shape)
+        return real(R, mask)
+
+    layer = model.model.model.layers[0].self_attn.q_proj
+    try:
+        ops.cayley = counting
+        with torch.no_grad():
+            first = _mixed(model, inputs, ["a", "b"])
+            solved = len(calls)
+            again = _mixed(model, inputs, ["a", "b"])
+            assert len(calls) == solved and torch.equal(first, again)
+            layer.boft_R["a"].mul_(0.5)  # in place: the version counter moves
+            changed = _mixed(model, inputs, ["a", "b"])
+        assert len(calls) == solved + 1 and rel_err(changed[0], first[0]) > 1e-4
+        with torch.enable_grad():  # with gradients nothing is cached
+            call(model, inputs).sum().backward()
+        assert len(calls) > solved + 1
+    finally:
+        ops.cayley = real
