@@ -20,6 +20,9 @@ CASES = {
     "Dinov2": ({"target_modules": ["q_proj", "v_proj"], "boft_block_size": 8, "modules_to_save": ["classifier"]},
                {"target_modules": ["q_proj", "k_proj"], "boft_block_size": 4, "boft_n_butterfly_factor": 2,
                 "modules_to_save": ["classifier"]}),
+    "Bert": ({"target_modules": ["query", "value"], "boft_block_size": 8, "modules_to_save": ["classifier"]},
+             {"target_modules": ["query", "key", "dense"], "boft_block_size": 4, "boft_n_butterfly_factor": 2,
+              "modules_to_save": ["classifier"]}),
     "Conv2d2": ({"target_modules": ["conv2d"], "boft_block_size": 2, "boft_n_butterfly_factor": 2},
                 {"target_modules": ["conv2d"], "boft_block_size": 8}),
 }
@@ -40,7 +43,7 @@ def _two_adapters(model_name):
 
 def _batch(model_name, size):
     torch.manual_seed(1)
-    if model_name in ("Llama", "GPT2"):
+    if model_name in ("Llama", "GPT2", "Bert"):
         return {"input_ids": torch.randint(0, 64, (size, 8))}
     if model_name == "Dinov2":
         return {"pixel_values": torch.randn(size, 3, 28, 28)}
@@ -197,7 +200,7 @@ def test_hotswap_refuses_a_misfit_before_changing_anything(tmp_path):
         assert torch.equal(p, saved[n]), n
 
 
-@pytest.mark.parametrize("model_name", ["Llama", "Dinov2", "Conv2d2"])
+@pytest.mark.parametrize("model_name", ["Llama", "Bert", "Conv2d2"])
 def test_patched_peft_boft_takes_adapter_names(model_name):
     """Under patch_peft(), PEFT's own BOFT model answers ``adapter_names`` per sample (PEFT alone
     has the hook for LoRA only and drops the argument for BOFT); unpatch removes the hook again."""

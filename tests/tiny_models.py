@@ -66,6 +66,14 @@ def dinov2():
     return Dinov2ForImageClassification(cfg)
 
 
+def bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+                     max_position_embeddings=32, num_labels=3)
+    return BertForSequenceClassification(cfg)
+
+
 def _tokens(batch=2, length=8, vocab=64):
     return {"input_ids": torch.randint(0, vocab, (batch, length))}
 
@@ -78,6 +86,7 @@ BUILDERS = {
     "GPT2": (gpt2, _tokens),
     "Llama": (llama, _tokens),
     "Dinov2": (dinov2, lambda: {"pixel_values": torch.randn(2, 3, 28, 28)}),
+    "Bert": (bert, _tokens),
 }
 
 # (id, model, config kwargs): PEFT's BOFT cases, plus the Conv1D, Llama and reference-page cases.
