@@ -23,20 +23,37 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 
 
-def adapter_state_dict(model: torch.nn.Module, adapter_name: str, bias: str) -> dict[str, torch.Tensor]:
-    """PEFT-keyed tensors of one adapter of a module tree holding BOFT layers."""
+def adapter_state_dict(model: torch.nn.Module, adapter_name: str, bias: str,
+                       values: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """PEFT-keyed tensors of one adapter of a module tree holding BOFT layers.
+
+    ``values``: a state dict of the whole model to take the tensors from instead of the live
+    parameters, as ``save_pretrained(state_dict=...)`` passes one gathered by DeepSpeed ZeRO-3 or
+    FSDP; its keys may be relative to ``model``, to the ``BOFTModel`` around it (``model.``) or to
+    a PEFT model (``base_model.model.``)."""
+
+    def value(key: str, live: torch.Tensor) -> torch.Tensor:
+        if values is None:
+            return live
+        for candidate in (key, f"model.{key}", f"{PREFIX}{key}"):
+            if candidate in values:
+                return values[candidate]
+        raise KeyError(f"the state_dict passed to save_pretrained has no {key!r}: pass the whole model's state dict "
+                       "(accelerator.get_state_dict(model)), or none")
+
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, BOFTLayer) and adapter_name in module.boft_R:
-            out[f"{PREFIX}{name}.boft_R"] = module.boft_R[adapter_name]
-            out[f"{PREFIX}{name}.boft_s"] = module.boft_s[adapter_name]
+            out[f"{PREFIX}{name}.boft_R"] = value(f"{name}.boft_R.{adapter_name}", module.boft_R[adapter_name])
+            out[f"{PREFIX}{name}.boft_s"] = value(f"{name}.boft_s.{adapter_name}", module.boft_s[adapter_name])
             if bias == "boft_only" and module.base_layer.bias is not None:
-                out[f"{PREFIX}{name}.base_layer.bias"] = module.base_layer.bias
+                out[f"{PREFIX}{name}.base_layer.bias"] = value(f"{name}.base_layer.bias", module.base_layer.bias)
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            for key, value in module.modules_to_save[adapter_name].state_dict().items():
-                out[f"{PREFIX}{name}.{key}"] = value
+            for key, live in module.modules_to_save[adapter_name].state_dict().items():
+                out[f"{PREFIX}{name}.{key}"] = value(f"{name}.modules_to_save.{adapter_name}.{key}", live)
     if bias == "all":  # every bias, keyed as PEFT keys them (wrappers: this adapter's copy, original)
         own_copy, any_copy = f".modules_to_save.{adapter_name}.", ".modules_to_save."
+        name_of = {id(param): name for name, param in model.named_parameters()}
         for name, param in model.named_parameters():
             if not name.endswith("bias"):
                 continue
@@ -44,7 +61,7 @@ def adapter_state_dict(model: torch.nn.Module, adapter_name: str, bias: str) -> 
                 name = f".{name}".replace(own_copy, any_copy)[1:]
             elif any_copy in f".{name}":
                 continue  # another adapter's copy
-            out[f"{PREFIX}{name}"] = param
+            out[f"{PREFIX}{name}"] = value(source, param) if (source := name_of.get(id(param))) else param
     return {k: _full(v).detach().contiguous() for k, v in out.items()}
 
 

@@ -401,12 +401,19 @@ class BOFTModel(nn.Module):
     # -- save / load ----------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, is_main_process: bool = True) -> None:
+                        safe_serialization: bool = True, is_main_process: bool = True,
+                        state_dict: dict | None = None, **kwargs) -> None:
         """PEFT's layout: the ``default`` adapter at the top, others in sub-folders of their name.
 
         With FSDP2-sharded adapters every rank must call this (the full tensors are gathered);
-        only the one with ``is_main_process`` writes.
+        only the one with ``is_main_process`` writes. ``state_dict``, as PEFT and Trainer pass it:
+        the whole model's state dict (``accelerator.get_state_dict(model)`` under DeepSpeed ZeRO-3
+        or FSDP, keys as this model's ``state_dict()`` or its wrapped model's), from which the
+        adapter tensors are taken instead of the live parameters. Other keywords PEFT's method
+        takes (``save_function``, ``save_embedding_layers``, ...) are accepted and unused: the
+        files are written atomically with safetensors.
         """
+
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a directory.")
         self._refuse_empty_save()
@@ -424,7 +431,7 @@ class BOFTModel(nn.Module):
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
             out = os.path.join(save_directory, "" if name == "default" else name)
-            tensors = checkpoint.adapter_state_dict(self.model, name, config.bias)
+            tensors = checkpoint.adapter_state_dict(self.model, name, config.bias, state_dict)
             if is_main_process:
                 checkpoint.save_adapter_weights(tensors, out, safe_serialization)
                 config.save_pretrained(out)

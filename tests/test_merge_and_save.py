@@ -132,3 +132,26 @@ def test_save_pretrained_selected_adapters(tmp_path):
     with pytest.raises(ValueError, match=r"'missing'.*\['default', 'other'\]"):
         model.save_pretrained(tmp_path / "bad", selected_adapters=["other", "missing"])
     assert not (tmp_path / "bad").exists(), "nothing is written when a name is wrong"
+
+
+def test_save_pretrained_takes_the_adapter_from_a_passed_state_dict(tmp_path):
+    """``save_pretrained(dir, state_dict=...)``, as PEFT, Trainer and accelerate's gather route call
+    it under DeepSpeed ZeRO-3 or FSDP: the adapter tensors come from that state dict (here a
+    trained copy's; the live parameters stay as they are), at the BOFTModel's level or the
+    wrapped model's; PEFT's other keywords are accepted."""
+    base, inputs = build("Llama")
+    config = BOFTConfig(target_modules=["q_proj", "v_proj"], boft_block_size=8, bias="boft_only", init_weights=False)
+    model = adapt(copy.deepcopy(base), config)
+    trained = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    for level, state in (("outer", trained.state_dict()), ("inner", trained.model.state_dict())):
+        folder = tmp_path / level
+        model.save_pretrained(folder, state_dict=state, save_function=torch.save, save_embedding_layers="auto")
+        loaded = BOFTModel.from_pretrained(copy.deepcopy(base), folder)
+        assert rel_err(call(loaded, inputs), call(trained, inputs)) < 1e-6, level
+        assert rel_err(call(loaded, inputs), call(model, inputs)) > 1e-4, level
+    with pytest.raises(KeyError, match="whole model's state dict"):
+        model.save_pretrained(tmp_path / "partial", state_dict={"unrelated": torch.zeros(1)})
