@@ -43,15 +43,20 @@ def _kernel_rows(out: Path) -> list[str]:
     return lines or ["  (no gpu-check results)"]
 
 
-def _training_rows(out: Path) -> list[str]:
-    lines = []
+def _payloads(out: Path, kind: str):
+    """The results files of one benchmark kind in the folder, parsed, in name order."""
     for path in sorted(out.glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except ValueError:
             continue
-        if data.get("kind") != "boft_triton.bench.training_step":
-            continue
+        if isinstance(data, dict) and data.get("kind") == kind:
+            yield data
+
+
+def _training_rows(out: Path) -> list[str]:
+    lines = []
+    for data in _payloads(out, "boft_triton.bench.training_step"):
         work = data["workload"]
         lines.append(f"  {work['name']}: batch {work['batch_size']} x {work['seq_len']}, {work['dtype']}, "
                      f"targets {','.join(work['targets'])}")
@@ -70,8 +75,7 @@ def _training_rows(out: Path) -> list[str]:
 
 def _serving_rows(out: Path) -> list[str]:
     lines = []
-    for path in sorted(out.glob("*-serve.json")):
-        data = json.loads(path.read_text())
+    for data in _payloads(out, "boft_triton.bench.serving"):
         lines.append(f"  {data['settings']['workload']}: batch {data['settings']['batch']} x {data['settings']['seq_len']}")
         for r in data["rows"]:
             lines.append(f"    K={r['K']:<2} {r['method']:<12} forward {r['forward_ms']:8.2f} ms (x base {r['forward_x_base']:.2f})"
