@@ -119,7 +119,10 @@ def _linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         h = mixed_batch.rotate_per_sample(x, adapter_names, lambda name: (
             _rotation_blocks(self, name) if name in self.boft_R.keys() else None))
         result = self.base_layer(h, *args, **kwargs)
-        scale = torch.ones(x.shape[0], int(self.out_features), dtype=previous_dtype, device=x.device)
+        # the dtype PEFT's own scale promotes to: ones of x's dtype times each adapter's boft_s
+        dtype = functools.reduce(torch.promote_types, [self.boft_s[n].dtype for n in set(adapter_names)
+                                                       if n in self.boft_s.keys()], previous_dtype)
+        scale = torch.ones(x.shape[0], int(self.out_features), dtype=dtype, device=x.device)
         for name, rows in mixed_batch.groups(adapter_names, x.shape[0], x.device):
             if name in self.boft_s.keys():
                 scale = scale.index_put((rows,), self.boft_s[name].reshape(-1).to(scale.dtype))
