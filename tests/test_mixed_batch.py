@@ -260,3 +260,35 @@ def test_inference_solves_each_adapters_cayley_once_per_value():
         assert len(calls) > solved + 1
     finally:
         ops.cayley = real
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["ours", "patched-peft"])
+def test_bf16_model_with_fp32_adapters(patched):
+    """A bf16 base with fp32 adapters (PEFT's default): each sample as alone, at bf16's tolerance."""
+    peft = pytest.importorskip("peft")
+    from boft_triton import patched_peft
+
+    base, _ = build("Llama")
+    base = base.to(torch.bfloat16)
+    config_a, config_b = CASES["Llama"]
+    inputs = _batch("Llama", len(NAMES))
+    import contextlib
+
+    with patched_peft() if patched else contextlib.nullcontext():
+        if patched:
+            model = peft.get_peft_model(copy.deepcopy(base), peft.BOFTConfig(init_weights=False, **config_a),
+                                        adapter_name="a")
+            model.add_adapter("b", peft.BOFTConfig(init_weights=False, **config_b))
+        else:
+            model = adapt(copy.deepcopy(base), BOFTConfig(init_weights=False, **config_a), adapter_name="a")
+            model.add_adapter("b", BOFTConfig(init_weights=False, **config_b))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "boft_s" in name:
+                    assert p.dtype == torch.float32
+                    p.add_(0.003)  # below bf16's resolution at 1: lost if the scale were rounded to bf16
+        model.eval()
+        mixed = _mixed(model, inputs, NAMES)
+        expected = torch.cat([_alone(model, inputs, i, name) for i, name in enumerate(NAMES)])
+    assert mixed.dtype == torch.bfloat16
+    assert rel_err(mixed.float(), expected.float()) < 1e-2
