@@ -29,9 +29,24 @@ CASES = {
 NAMES = ["a", "b", "__base__", "a"]
 
 
+# transformers renamed ViT-style attention projections (query/key/value -> q_proj/k_proj/v_proj);
+# the GPU image's 5.17 has the old names
+_OLD_NAMES = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
+
+
+def _configs(base, model_name):
+    """CASES' two configs, with the attention names this transformers version uses."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    out = []
+    for config in CASES[model_name]:
+        targets = [t if t in names else _OLD_NAMES.get(t, t) for t in config["target_modules"]]
+        out.append({**config, "target_modules": targets})
+    return out
+
+
 def _two_adapters(model_name):
     base, _ = build(model_name)
-    config_a, config_b = CASES[model_name]
+    config_a, config_b = _configs(base, model_name)
     model = adapt(copy.deepcopy(base), BOFTConfig(init_weights=False, **config_a), adapter_name="a")
     model.add_adapter("b", BOFTConfig(init_weights=False, **config_b))
     with torch.no_grad():  # scales and heads away from their init, so a wrong row would show
@@ -210,7 +225,7 @@ def test_patched_peft_boft_takes_adapter_names(model_name):
     from boft_triton import patched_peft
 
     base, _ = build(model_name)
-    config_a, config_b = CASES[model_name]
+    config_a, config_b = _configs(base, model_name)
     inputs = _batch(model_name, len(NAMES))
     with patched_peft():
         model = peft.get_peft_model(copy.deepcopy(base), peft.BOFTConfig(init_weights=False, **config_a),
