@@ -101,4 +101,6 @@ RUNNABLE = [line for line in COMMAND_LINES if LAUNCHER not in line]
 def test_readme_command_runs_on_tiny_fixtures(line, small):
     options, fixtures = small
     argv = _argv(line, fixtures)
+    if "--quantize" in argv:
+        pytest.importorskip("bitsandbytes")  # the [quant] extra (the GPU image gets it as a carried wheel)
     assert main(argv + options[argv[0]]) == 0
