@@ -6,6 +6,7 @@
 # copy of the tree as the device call gets it (tracked and untracked-not-ignored files plus the
 # carried .gpu-wheels/, no .git), with PYTHONPATH=. and the kernels in Triton's interpreter.
 # Every Python step of the GPU run executes; the CUDA-only parts (timing, nvidia-smi) are skipped.
+# Then the whole test suite runs in that venv too. About 5 minutes once the venv exists.
 # Run it before any submission that touches bench/, kernels/ or imports.
 #   usage (repo root):  bash bench/gpu_preflight.sh [OUT_DIR]
 # The venv is kept in $BOFT_TRITON_PREFLIGHT_VENV (default ~/.cache/boft_triton/preflight-venv)
@@ -49,5 +50,15 @@ out="$(cd "$out" && pwd)"
 
 commit="$(git rev-parse --short HEAD)$( [ -z "$(git status --porcelain --untracked-files=no)" ] || echo '+dirty')"
 cd "$work/tree"
+set +e
 env -u PYTHONPATH -u BOFT_TRITON_TUNE_CACHE PATH="$venv/bin:$PATH" PYTHON="$venv/bin/python" \
   BOFT_TRITON_PREFLIGHT=1 BOFT_TRITON_COMMIT="$commit" OUT="$out" bash bench/gpu_run.sh
+run_rc=$?
+# Then the whole test suite in the image's versions, from the same tree (what the image lacks is
+# skipped): version breaks outside the GPU script's steps show here too.
+echo "== the whole test suite in the image's versions"
+env -u BOFT_TRITON_TUNE_CACHE PYTHONPATH="$work/tree" HF_HUB_OFFLINE=1 \
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2 -rfE >"$out/suite.log" 2>&1
+suite_rc=$?
+tail -n 3 "$out/suite.log"
+[ "$run_rc" = 0 ] && [ "$suite_rc" = 0 ]
