@@ -16,6 +16,7 @@ rows, ``repeat_interleave``-style: each name then covers its sample's copies).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -51,18 +52,26 @@ def mixed_batch(modules, adapter_names: list[str]):
             module.mixed_adapter_names = None
 
 
-def groups(adapter_names: list[str], batch: int, device) -> list[tuple[str, torch.Tensor]]:
+def groups(adapter_names: list[str], batch: int, device) -> tuple[tuple[str, torch.Tensor], ...]:
     """``(name, row indices)`` per distinct name, in first-seen order, for a batch of ``batch``
     rows; names are repeated per sample when the batch holds several copies of each sample."""
     if not adapter_names or batch % len(adapter_names):
         raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {batch}: give one name per "
                          "sample.")
+    if torch.compiler.is_compiling():
+        return _groups.__wrapped__(tuple(adapter_names), batch, torch.device(device))
+    return _groups(tuple(adapter_names), batch, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _groups(adapter_names: tuple[str, ...], batch: int, device: torch.device):
+    """Memoised: every adapted layer of every decoding step asks for the same grouping, and on a
+    GPU each index tensor is a host-to-device copy."""
     copies = batch // len(adapter_names)
-    names = [name for name in adapter_names for _ in range(copies)]
     out: dict[str, list[int]] = {}
-    for row, name in enumerate(names):
-        out.setdefault(name, []).append(row)
-    return [(name, torch.tensor(rows, device=device)) for name, rows in out.items()]
+    for row in range(batch):
+        out.setdefault(adapter_names[row // copies], []).append(row)
+    return tuple((name, torch.tensor(rows, device=device)) for name, rows in out.items())
 
 
 def per_group(x: torch.Tensor, adapter_names: list[str], fn) -> torch.Tensor:

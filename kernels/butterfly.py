@@ -522,6 +522,19 @@ def segment_chunks(offsets: list[int], grp: dict, b: int, BT: int, pps: int, sms
     return flat
 
 
+def _chunk_tensor(flat: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The chunk table on the device; memoised outside tracing (decoding asks for the same table
+    every step and layer, and each fresh one is a host-to-device copy)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(flat, dtype=torch.int64, device=device)
+    return _cached_chunk_tensor(flat, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_chunk_tensor(flat: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(flat, dtype=torch.int64, device=device)
+
+
 def segmented_apply_into(x, q, offsets: list[int], k0: int, key, y) -> None:
     """``y = x + x Delta_k`` per block of the group starting at level k0, rows
     ``[offsets[k], offsets[k+1])`` with adapter k's Delta; q ``[K, levels, D, b, b]`` fp32."""
@@ -534,7 +547,7 @@ def segmented_apply_into(x, q, offsets: list[int], k0: int, key, y) -> None:
     flat = segment_chunks(offsets, grp, b, BT, cfg["PPS"], num_sms(x.device))
     if not flat:
         return
-    chunks = torch.tensor(flat, dtype=torch.int64).to(x.device, non_blocking=True)
+    chunks = _chunk_tensor(tuple(flat), x.device)
     wrap_triton(_segmented_apply_kernel)[(len(flat) // 3, grp["NB"])](
         x, q, y, chunks, n, n // b, q[0].numel(), **_layout(grp, b), H=grp["H"], TRANS=False, BT=BT,
         **_dot_meta(x.dtype, grp["WP"]), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
