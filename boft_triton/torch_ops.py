@@ -9,6 +9,8 @@ registers), so no n x n matrix and no index tensor is ever formed, and the path 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -140,6 +142,24 @@ def _packed(blocks: torch.Tensor) -> torch.Tensor:
     return grouped.reshape(C // g, g * L, g * L)
 
 
+# Without gradients (inference, decoding) one Q's packed blocks serve every call: keyed by the
+# tensor itself (a weak reference, so a new tensor at a freed address never hits) and its
+# version counter (an in-place change misses).
+_BLOCKS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def _blocks_of(Q: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(Q) is not torch.Tensor:
+        return _packed(coarse_blocks(Q.float()))
+    hit = _BLOCKS.get(id(Q))
+    if hit is not None and hit[0]() is Q and hit[1] == Q._version:
+        return hit[2]
+    blocks = _packed(coarse_blocks(Q.float()))
+    key = id(Q)
+    _BLOCKS[key] = (weakref.ref(Q, lambda _, key=key: _BLOCKS.pop(key, None)), Q._version, blocks)
+    return blocks
+
+
 def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """``x M`` (or ``x M^T``) over the last dim of x, ``M = B_{N-1} ... B_0``; Q is ``[N, D, b, b]``.
 
@@ -149,7 +169,7 @@ def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torc
     ``n x L`` coarse blocks.
     """
     shape, n = x.shape, x.shape[-1]
-    blocks = _packed(coarse_blocks(Q.float()))
+    blocks = _blocks_of(Q)
     if transpose:
         blocks = blocks.transpose(-1, -2)
     L = blocks.shape[-1]

@@ -100,3 +100,25 @@ def test_group_blocks_are_the_factors_of_m(n, b, N, k):
     M = dense_rotation(Q)
     assert rel_err(group_blocks(Q.float(), 0, N), torch_ops.coarse_blocks(Q.float())) < 1e-6
     assert rel_err(dense_group(Q, k, N) @ dense_group(Q, 0, k), M) < 1e-12  # x M = (x M_high) M_low
+
+
+def test_blocks_are_reused_without_gradients_and_never_stale():
+    """Inference reuses one Q's packed coarse blocks; an in-place change, a new tensor (even at a
+    freed address) or a call that needs gradients builds them anew."""
+    from boft_triton import reference, torch_ops
+
+    x = torch.randn(5, 32, dtype=torch.float64)
+    for _ in range(20):  # fresh tensors, some at addresses just freed: each must give its own answer
+        Q = torch_ops.cayley(torch.randn(2, 8, 4, 4))
+        with torch.no_grad():
+            y = torch_ops.butterfly(x.float(), Q)
+        assert torch.allclose(y.double(), x @ reference.dense_rotation(Q.double()), atol=1e-5)
+    with torch.no_grad():
+        first = torch_ops.butterfly(x.float(), Q)
+        assert torch.equal(torch_ops.butterfly(x.float(), Q), first)
+        Q.mul_(0.5)  # in place: the version counter moves
+        changed = torch_ops.butterfly(x.float(), Q)
+        assert torch.equal(changed, torch_ops.butterfly(x.float(), Q.clone())) and not torch.allclose(changed, first)
+    Qg = Q.clone().requires_grad_()
+    y = torch_ops.butterfly(x.float(), Qg)
+    assert y.requires_grad
