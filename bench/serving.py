@@ -74,6 +74,15 @@ def build(device, workload: str, adapters: int, block_size: int, factors: int, l
     return base, boft.eval(), lora.eval(), work
 
 
+def _add_merged(add, boft, ids, gen) -> None:
+    """One adapter merged into a copy of the base (what serving a single adapter costs); the copy
+    is freed on return."""
+    merged = copy.deepcopy(boft)
+    merged.set_adapter("a0")
+    merged = merged.merge_and_unload()
+    add("boft merged", 1, lambda: merged(input_ids=ids), lambda: merged.generate(input_ids=ids, **gen))
+
+
 def measure(device, workload="tiny-llama", batch=16, seq_len=64, new_tokens=8, repeats=5, block_size=8,
             factors=2, lora_rank=16) -> dict:
     base, boft, lora, work = build(device, workload, max(K_VALUES), block_size, factors, lora_rank)
@@ -91,11 +100,7 @@ def measure(device, workload="tiny-llama", batch=16, seq_len=64, new_tokens=8, r
         print(f"  K={K:<2} {method:<12} forward {f_ms:8.2f} ms   generate {g_ms:8.1f} ms", flush=True)
 
     add("base", 0, lambda: base(input_ids=ids), lambda: base.generate(input_ids=ids, **gen))
-    merged = copy.deepcopy(boft)
-    merged.set_adapter("a0")
-    merged = merged.merge_and_unload()
-    add("boft merged", 1, lambda: merged(input_ids=ids), lambda: merged.generate(input_ids=ids, **gen))
-    del merged
+    _add_merged(add, boft, ids, gen)
     for K in K_VALUES:
         names = [f"a{i % K}" for i in range(batch)]
         rows_of = {name: [i for i, n in enumerate(names) if n == name] for name in dict.fromkeys(names)}
