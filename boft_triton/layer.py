@@ -19,6 +19,7 @@ from torch import nn
 from . import mixed_batch, offload, ops, quantized
 from .config import BOFTConfig
 from .geometry import resolve_geometry
+from .inference_memo import memoised
 
 try:  # transformers' Conv1D (GPT-2): weight stored as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -142,7 +143,6 @@ class BOFTLayer(nn.Module):
         )
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.__dict__.get("_q_cache", {}).pop(adapter_name, None)
         for store in (self.boft_R, self.boft_s, self.boft_block_size, self.boft_block_num, self.boft_dropout):
             if adapter_name in store:
                 del store[adapter_name]
@@ -170,24 +170,9 @@ class BOFTLayer(nn.Module):
         mask = None
         if with_dropout and self.training and p > 0:
             mask = dropout_mask(R.detach(), p)
-        if mask is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return self._cached_q(adapter, R)
+        if mask is None:  # inference (decoding): solved once per value of R
+            return memoised("cayley", (R,), lambda: ops.cayley(R))
         return ops.cayley(R, mask)
-
-    def _cached_q(self, adapter: str, R: torch.Tensor) -> torch.Tensor:
-        """Q without gradients (inference, generate: every decoding step needs it) is solved once
-        per value of R: the cache entry is keyed by R's storage and version counter, which every
-        in-place change (an optimizer step, load_state_dict, hot swap) and every move bumps."""
-        if type(R.data) is not torch.Tensor:  # a sharded DTensor (FSDP2) or another subclass: no cache
-            return ops.cayley(R)
-        cache = self.__dict__.setdefault("_q_cache", {})
-        key = (R.data_ptr(), R._version, R.device, R.dtype)
-        hit = cache.get(adapter)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        Q = ops.cayley(R)
-        cache[adapter] = (key, Q)
-        return Q
 
     def _scale(self, adapters: list[str]) -> torch.Tensor:
         s = self.boft_s[adapters[0]].reshape(-1)
@@ -314,17 +299,12 @@ class Linear(BOFTLayer):
         # Input-centric: each sample rotated with its adapter's butterfly (one segmented launch for
         # the whole batch), then one base call for every row; the output scale per row.
         previous_dtype = x.dtype
-
         h = mixed_batch.rotate_per_sample(
             x, adapter_names, lambda name: self._q(name, with_dropout=False) if name in self.boft_R else None)
         if not quantized.is_quantized(self.base_layer) and not torch.is_autocast_enabled(h.device.type):
             h = h.to(self.weight.dtype)
         out = self.base_layer(h, *args, **kwargs)
-        s = torch.ones(out.shape[0], self.out_features, dtype=torch.float32, device=out.device)
-        for name, rows in mixed_batch.groups(adapter_names, out.shape[0], out.device):
-            if name in self.boft_s:
-                s[rows] = self.boft_s[name].reshape(-1).float()
-        s = s.reshape(out.shape[0], *([1] * (out.dim() - 2)), self.out_features)
+        s = mixed_batch.row_scales(out, adapter_names, self.boft_s, torch.float32)
         return self._scaled(out, s).to(previous_dtype)
 
 

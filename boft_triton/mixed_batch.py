@@ -117,3 +117,15 @@ def rotate_per_sample(x: torch.Tensor, adapter_names: list[str], rotation_of) ->
         ys = ops.segmented_butterfly(xs, [Q for _, Q in members], offsets)
         y.index_copy_(0, samples, ys.reshape(samples.numel(), *x.shape[1:]))
     return y
+
+
+def row_scales(out: torch.Tensor, adapter_names: list[str], scales, dtype: torch.dtype) -> torch.Tensor:
+    """The output scale of each row of ``out`` ``[B, ..., o]``: ``scales[name]`` (``(o,)`` or
+    ``(o, 1)``) for the rows of an adapter that has one here, 1 for the others; shaped to
+    broadcast over ``out``."""
+    B, o = out.shape[0], out.shape[-1]
+    s = torch.ones(B, o, dtype=dtype, device=out.device)
+    for name, rows in groups(adapter_names, B, out.device):
+        if name in scales:
+            s[rows] = scales[name].reshape(-1).to(dtype)
+    return s.reshape(B, *([1] * (out.dim() - 2)), o)

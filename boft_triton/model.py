@@ -413,7 +413,6 @@ class BOFTModel(nn.Module):
         takes (``save_function``, ``save_embedding_layers``, ...) are accepted and unused: the
         files are written atomically with safetensors.
         """
-
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a directory.")
         self._refuse_empty_save()

@@ -17,6 +17,7 @@ from functools import lru_cache
 import torch
 
 from . import torch_ops
+from .inference_memo import memoised
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -110,6 +111,7 @@ def segmented_butterfly(x: torch.Tensor, Qs: list[torch.Tensor], offsets: list[i
     if not needs_grad and backend_for(x) == "triton":
         kernels = _kernels()[0][1]
         if not x.is_cuda or kernels.runs_on_gpu(n, b, N, x.dtype):
-            return kernels.segmented_butterfly(x, torch.stack([Q.float() for Q in Qs]), offsets)
+            stacked = memoised("stacked_q", tuple(Qs), lambda: torch.stack([Q.float() for Q in Qs]))  # once per decode, not per token
+            return kernels.segmented_butterfly(x, stacked, offsets)
     parts = [butterfly(x[offsets[k]:offsets[k + 1]], Q) for k, Q in enumerate(Qs)]
     return torch.cat(parts) if parts else x

@@ -9,9 +9,9 @@ registers), so no n x n matrix and no index tensor is ever formed, and the path 
 
 from __future__ import annotations
 
-import weakref
-
 import torch
+
+from .inference_memo import memoised
 
 
 
@@ -142,22 +142,9 @@ def _packed(blocks: torch.Tensor) -> torch.Tensor:
     return grouped.reshape(C // g, g * L, g * L)
 
 
-# Without gradients (inference, decoding) one Q's packed blocks serve every call: keyed by the
-# tensor itself (a weak reference, so a new tensor at a freed address never hits) and its
-# version counter (an in-place change misses).
-_BLOCKS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
-
-
 def _blocks_of(Q: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(Q) is not torch.Tensor:
-        return _packed(coarse_blocks(Q.float()))
-    hit = _BLOCKS.get(id(Q))
-    if hit is not None and hit[0]() is Q and hit[1] == Q._version:
-        return hit[2]
-    blocks = _packed(coarse_blocks(Q.float()))
-    key = id(Q)
-    _BLOCKS[key] = (weakref.ref(Q, lambda _, key=key: _BLOCKS.pop(key, None)), Q._version, blocks)
-    return blocks
+    """Q's packed coarse blocks; in inference built once per value of Q (decoding)."""
+    return memoised("coarse_blocks", (Q,), lambda: _packed(coarse_blocks(Q.float())))
 
 
 def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torch.Tensor:

@@ -77,7 +77,8 @@ def warn_once(message: str, topic: str | None = None) -> None:
 _DEFAULT_TILES = "the Triton kernels use their default tiles"
 
 
-_MISSING = "no tuning cache at {path} yet: " + _DEFAULT_TILES + " (`boft-triton tune` picks tiles for a model's shapes)"
+class _Missing(str):
+    """The problem "no cache file yet": the normal state of an untuned machine."""
 
 
 def _read(path: Path) -> tuple[dict, str | None]:
@@ -86,7 +87,8 @@ def _read(path: Path) -> tuple[dict, str | None]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return {}, _MISSING.format(path=path)
+        return {}, _Missing(f"no tuning cache at {path} yet: {_DEFAULT_TILES} (`boft-triton tune` picks tiles for a "
+                            "model's shapes)")
     except IsADirectoryError:
         return {}, f"the tuning cache {path} is a folder, not a file: {_DEFAULT_TILES}"
     except OSError as err:
@@ -106,7 +108,7 @@ def _load(path: str) -> dict:
     entries, problem = _read(Path(path))
     if problem is not None:
         # the untuned state is normal (a fresh machine, or per-test caches): said once per process
-        warn_once(problem, topic="missing" if problem == _MISSING.format(path=path) else None)
+        warn_once(problem, topic="missing" if isinstance(problem, _Missing) else None)
     return entries
 
 

@@ -58,11 +58,11 @@ def test_bf16_accuracy_of_the_residual_form(b, N):
 @pytest.mark.parametrize("b,N", [(4, 1), (8, 2)], ids=["b4-N1", "b8-N2"])
 def test_segmented_traffic_within_target(b, N):
     """A mixed-adapter batch over K = 1, 4, 16 adapters moves at most 1.25x one read + one write
-    of x, every adapter's Q included, and within 2% of the least possible (x, y and each Q once)."""
+    of x, every adapter's Q included, and within 1% of the least possible (x, y and each Q once)."""
     from boft_triton.bench import kernel_profile
 
     for K in kernel_profile.SEGMENTED_K:
         row = kernel_profile.segmented_traffic(256, b, N, kernel_profile.SEGMENTED_T, K, "bf16")
         assert row["torch_bytes"] == 0 and row["elementwise_mul"] == 0, row
         assert row["fwd_ratio"] <= kernel_profile.TARGET_FWD, row
-        assert row["fwd_ratio_to_floor"] <= 1.02, row
+        assert row["fwd_ratio_to_floor"] <= 1.01, row

@@ -122,3 +122,20 @@ def test_blocks_are_reused_without_gradients_and_never_stale():
     Qg = Q.clone().requires_grad_()
     y = torch_ops.butterfly(x.float(), Qg)
     assert y.requires_grad
+
+
+def test_inference_memo_keys_by_kind_and_sees_storage_swaps():
+    """Two things derived from one tensor never mix; a ``.data`` swap under the same Parameter
+    (what ``module.to()`` may do) and an in-place change both rebuild; with gradients nothing is kept."""
+    from boft_triton.inference_memo import memoised
+
+    t = torch.nn.Parameter(torch.ones(3))
+    with torch.no_grad():
+        doubled = memoised("double", (t,), lambda: t * 2)
+        assert memoised("double", (t,), lambda: "rebuilt") is doubled
+        assert memoised("triple", (t,), lambda: t * 3)[0].item() == 3
+        t.data = torch.full((3,), 5.0)
+        assert memoised("double", (t,), lambda: t * 2)[0].item() == 10
+        t.add_(1)
+        assert memoised("double", (t,), lambda: t * 2)[0].item() == 12
+    assert memoised("double", (t,), lambda: "built") == "built"

@@ -36,7 +36,7 @@ def plot_loss_curve(losses: Sequence[float], path: str | Path, title: str = "tra
         if window > 1:
             ax.plot(steps, moving_average(losses, window), lw=1.8,
                     label=f"training loss, trailing mean over {window} steps")
-        handles, labels = ax.get_legend_handles_labels()
+        acc_ax = None
         if held_out:
             size = held_out[0].get("examples")
             of = f" ({size} test examples)" if size else ""
@@ -46,7 +46,8 @@ def plot_loss_curve(losses: Sequence[float], path: str | Path, title: str = "tra
             acc_ax.plot([p["step"] for p in held_out], [p["accuracy"] for p in held_out], "s--", color="tab:green",
                         lw=1.0, ms=4, label=f"held-out accuracy{of}")
             acc_ax.set_ylabel("held-out accuracy")
-            handles, labels = ax.get_legend_handles_labels()
+        handles, labels = ax.get_legend_handles_labels()
+        if acc_ax is not None:  # one legend for both axes
             more = acc_ax.get_legend_handles_labels()
             handles, labels = handles + more[0], labels + more[1]
         ax.set_xlabel("optimizer step")

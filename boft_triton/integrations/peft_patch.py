@@ -122,11 +122,7 @@ def _linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # the dtype PEFT's own scale promotes to: ones of x's dtype times each adapter's boft_s
         dtype = functools.reduce(torch.promote_types, [self.boft_s[n].dtype for n in set(adapter_names)
                                                        if n in self.boft_s.keys()], previous_dtype)
-        scale = torch.ones(x.shape[0], int(self.out_features), dtype=dtype, device=x.device)
-        for name, rows in mixed_batch.groups(adapter_names, x.shape[0], x.device):
-            if name in self.boft_s.keys():
-                scale = scale.index_put((rows,), self.boft_s[name].reshape(-1).to(scale.dtype))
-        result = _scaled(self, result, scale.reshape(x.shape[0], *([1] * (result.dim() - 2)), -1))
+        result = _scaled(self, result, mixed_batch.row_scales(result, adapter_names, self.boft_s, dtype))
     else:
         rotations, scale = _active_rotations(self, previous_dtype, x.device)
         # PEFT rotates x by M_last ... M_first, so x meets the last active adapter's M first.
