@@ -5,7 +5,8 @@ Run from the source tree on the device machine (nothing installed there):
     PYTHONPATH=. python -m boft_triton.bench.gpu_check --out "$OUT"
 
 1. butterfly forward and forward+backward at T=16384, n=4096, bf16, (b, N) in
-   {(4,1), (8,2), (4,4), (32,2), (64,1)} (packed 16-wide dots, 16/32/64-wide tensor-core blocks):
+   {(4,1), (8,2), (4,4), (32,2), (64,1)} (packed 16-wide dots, 16/32/64-wide tensor-core blocks)
+   and the 256-wide coarse blocks {(64,3), (8,6)} (one pass over factor groups):
    Triton kernels vs the torch path vs torch.compile of the torch path (those rows last: inductor
    compiles each shape anew), as time and as a fraction
    of the measured device copy bandwidth (issue 8's targets: forward >= 80%, backward >= 60%).
@@ -34,9 +35,12 @@ import torch
 from .training_step import source_commit
 
 BUTTERFLY_SHAPES = [(4, 1), (8, 2), (4, 4), (32, 2), (64, 1)]
+# coarse blocks wider than 128 (L = 256): the one-pass forward over factor groups and its backward
+# (one pass per group); not in the torch.compile rows, which compile each shape anew
+WIDE_SHAPES = [(64, 3), (8, 6)]
 CAYLEY_SHAPES = [(1024, 8), (128, 32)]
 # preflight: the same code paths (packed, multi-level, wide block) at interpreter sizes
-PREFLIGHT = dict(T=64, n=256, butterfly=[(4, 1), (8, 2), (64, 1)], cayley=[(8, 8), (2, 32)])
+PREFLIGHT = dict(T=64, n=256, butterfly=[(4, 1), (8, 2), (64, 1)], wide=[(8, 6)], cayley=[(8, 8), (2, 32)])
 BF16_BOUND = 1e-2
 
 
@@ -149,9 +153,11 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit runs (the kernels import lazily)
         device, T, n = torch.device("cpu"), PREFLIGHT["T"], PREFLIGHT["n"]
         butterfly_shapes, cayley_shapes, copy_numel = PREFLIGHT["butterfly"], PREFLIGHT["cayley"], 1 << 16
+        wide_shapes = PREFLIGHT["wide"]
     elif torch.cuda.is_available():
         device, T, n = torch.device("cuda"), args.T, args.n
         butterfly_shapes, cayley_shapes, copy_numel = BUTTERFLY_SHAPES, CAYLEY_SHAPES, 1 << 28
+        wide_shapes = WIDE_SHAPES
     else:
         print("gpu_check needs a CUDA device (or --preflight)", file=sys.stderr)
         return 2
@@ -173,7 +179,7 @@ def main(argv=None) -> int:
         (out / f"{stem}.md").write_text(table)
         return table
 
-    for b, N in butterfly_shapes:
+    for b, N in butterfly_shapes + wide_shapes:
         rows += bench_butterfly(T, n, b, N, bandwidth, device)
         write()
     for blocks, b in cayley_shapes:

@@ -45,6 +45,13 @@ SHAPES = [(4, 1), (8, 1), (8, 2), (4, 4), (16, 1), (32, 1), (32, 2), (64, 1)]
 # More shapes the traffic report covers: wider coarse blocks (L = 128, the widest a program holds),
 # more levels, and L = 256 (two factor groups, two passes over x).
 MORE_SHAPES = [(16, 2), (8, 3), (16, 3), (2, 6), (64, 2), (128, 1), (32, 3), (16, 4), (64, 3), (8, 6)]
+# Issue 20's wide shapes (width, b, N): PEFT's examples set boft_block_num, so blocks grow with
+# the layer: DreamBooth's block_num=8, N=1 and the multi-concept / ControlNet scripts' 8x3 and 4x2
+# on Stable Diffusion's 320/640/1280-wide layers (768 for cross-attention keys and values).
+WIDE_SHAPES = [(1280, 160, 1), (1280, 40, 3), (1280, 80, 2), (1024, 64, 3), (1024, 8, 6)] + sorted(
+    {(n, n // num, N) for n in (320, 640, 768, 1280) for num in (4, 8) for N in (1, 2, 3)
+     if (n // num) % 2 == 0 and num % (1 << (N - 1)) == 0} - {(1280, 160, 1)})
+WIDE_T = 1024
 TARGET_FWD = 1.25
 TARGET_FWD_BWD = 1.5
 
@@ -444,7 +451,7 @@ def _write(out: Path, stem: str, rows: list[dict], table: str, title: str) -> No
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Interpreter traffic and sm_90/sm_80 compile reports of the butterfly kernels.")
-    parser.add_argument("report", choices=["traffic", "segmented", "compile", "roofline", "accuracy"])
+    parser.add_argument("report", choices=["traffic", "wide", "segmented", "compile", "roofline", "accuracy"])
     parser.add_argument("--n", type=int, default=1024, help="traffic: layer width")
     parser.add_argument("--T", type=int, default=512, help="traffic: rows (batch x sequence)")
     parser.add_argument("--widths", default="2048,3072,4096,512,1024", help="compile: layer widths")
@@ -464,6 +471,13 @@ def main(argv=None) -> int:
         table = traffic_markdown(rows)
         title = f"Interpreter traffic, {args.dtype}, n={args.n}, T={args.T} (targets: fwd <= {TARGET_FWD}x, fwd+bwd <= {TARGET_FWD_BWD}x)"
         stem = f"interp-traffic-{date}{tag}"
+    elif args.report == "wide":
+        T = args.T if args.T != 512 else WIDE_T
+        rows = [traffic(n, b, N, T, args.dtype) for n, b, N in WIDE_SHAPES]
+        table = traffic_markdown(rows)
+        title = (f"Interpreter traffic of wide blocks (PEFT's block_num examples), {args.dtype}, T={T} "
+                 f"(targets: fwd <= {TARGET_FWD}x, fwd+bwd <= {TARGET_FWD_BWD}x)")
+        stem = f"interp-wide-{date}{tag}"
     elif args.report == "segmented":
         T = args.T if args.T != 512 else SEGMENTED_T
         rows = [segmented_traffic(args.n, b, N, T, K, args.dtype) for b, N in shapes or SEGMENTED_SHAPES
@@ -501,7 +515,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("traffic", "segmented"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("traffic", "wide", "segmented"):
         os.environ["TRITON_INTERPRET"] = "1"
     else:
         os.environ.pop("TRITON_INTERPRET", None)

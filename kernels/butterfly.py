@@ -32,7 +32,14 @@ dense ``L x L`` block products with ``tl.dot``:
      block-diagonal block of at least 16 columns (``pack``), so every product is a 16-wide dot;
    - large coarse blocks (``L > MAX_BLOCK``): the factors are applied in groups of consecutive
      levels, each group with its own dense blocks of at most MAX_BLOCK columns (a group of high
-     levels acts on interleaved columns; the kernels gather them with a column map).
+     levels acts on interleaved columns). Where every group's blocks fit on chip
+     (``fused_groups``), one program holds its coarse block's row tile and applies the groups in
+     turn, permuting the tile in registers between their block frames (chunks padded to a power
+     of two), so the forward reads x once however wide L is; the backward takes one pass over
+     (x, g) per group (``fused_grad``: each recomputes its group's input and output gradient), or,
+     where a group's dMc does not fit, recomputes the group inputs for ``plan``'s per-group passes.
+     Other shapes run one pass per group of ``plan``, the kernels gathering interleaved columns
+     with a column map.
 
 Widths that are not a power of two are padded to one (masked lanes, zero Delta). The block layout
 (which Q value sits where) is ``reference.group_blocks``'s; the tests hold the kernels to it.
@@ -107,10 +114,71 @@ def group(n: int, b: int, N: int, k0: int) -> dict:
     return next(g for g in plan(n, b, N) if g["k0"] == k0)
 
 
+def fused_backward(n: int, b: int, N: int) -> bool:
+    """Whether the backward of a ``fused_groups`` shape runs in one pass per group
+    (``fused_grad``): every group's dMc over the coarse block fits FUSED_ACC."""
+    groups = fused_groups(n, b, N)
+    hp = next_pow2(b // 2)
+    return groups is not None and all(((1 << (N - k1)) << k0) * (hp << (k1 - k0)) ** 2 <= FUSED_ACC
+                                      for k0, k1 in groups)
+
+
 def path_name(n: int, b: int, N: int) -> str:
+    fused = fused_groups(n, b, N)
+    if fused is not None:
+        hp = next_pow2(b // 2)
+        widths = "+".join(str(hp << (k1 - k0)) for k0, k1 in reversed(fused))
+        return f"fused{widths}" + ("" if fused_backward(n, b, N) else "-bwd-per-group")
     groups = plan(n, b, N)
     widths = "+".join(str(g["WP"]) for g in reversed(groups))
     return f"dot{widths}" + (f"-pack{groups[-1]['pack']}" if groups[-1]["pack"] > 1 else "")
+
+
+# One pass over several factor groups (``fused_groups``): a program holds its coarse block's row
+# tile (chunks padded to a power of two) and every group's dense blocks, and applies the groups in
+# turn, so x is read once and y written once however wide the coarse block. The limits are what
+# compiles without spills on sm_90 and sm_80 (the compile report): a one-level group is at most
+# MAX_BLOCK wide; a group of several levels builds its blocks' products in fp32 registers, so all
+# its blocks in the coarse block hold at most FUSED_BUILD values (20x4 as two 64-wide two-level
+# groups, 16K values, spills 0.5 KB; as four one-level groups it does not); and the held blocks of
+# all groups at most FUSED_HELD values (bf16 in shared memory: 128 KB).
+FUSED_BUILD = 8 * 1024
+FUSED_HELD = 64 * 1024
+FUSED_MAX_GROUPS = 4
+# The one-pass backward holds one group's fp32 dMc for the coarse block besides the other groups'
+# blocks: up to this many values it compiles with at most ~100 bytes of spills a thread (64x3,
+# 40x3: 16K; 8x6: 8K, none in the row loop); above it (80x2: 2 x 128 x 128) it would spill
+# kilobytes, so those shapes recompute the group inputs and take plan()'s per-group backward.
+FUSED_ACC = 16 * 1024
+
+
+@functools.lru_cache(maxsize=1024)
+def fused_groups(n: int, b: int, N: int) -> tuple[tuple[int, int], ...] | None:
+    """The factor groups ``(k0, k1)`` of the one-pass kernel, in the order they act on ``x M``
+    (highest levels first), or None where the shape takes ``plan``'s path: one group already
+    covers the coarse block, or the blocks do not fit on chip.
+
+    A coarse block of ``L = 2^N h`` columns (chunks of ``h = b/2``, padded to ``hp``, a power of
+    two) is cut into as few groups of consecutive levels as the width limits allow, levels shared
+    out evenly (fewer block products than a greedy cut: 8x6 takes 32 + 32 rather than 128 + 16)."""
+    if N == 1 or len(plan(n, b, N)) == 1:
+        return None
+    hp = next_pow2(b // 2)
+    if 2 * hp > MAX_BLOCK:
+        return None  # one level is already wider than a held block
+    for G in range(2, min(N, FUSED_MAX_GROUPS) + 1):
+        sizes = [N // G + (1 if i < N % G else 0) for i in range(G)]
+        widths = [hp << s for s in sizes]
+        if all(MIN_BLOCK <= w <= MAX_BLOCK and (s == 1 or (hp << N) * w <= FUSED_BUILD)
+               for s, w in zip(sizes, widths)):
+            if (hp << N) * sum(widths) > FUSED_HELD:
+                return None
+            out, k = [], 0
+            for s in sizes:
+                out.append((k, k + s))
+                k += s
+            return tuple(reversed(out))
+    return None
 
 
 def _rows_min(grp: dict, b: int) -> int:
@@ -126,6 +194,9 @@ def candidates(n: int, b: int, N: int, kind: str) -> list[dict]:
     stages; the backward's row splits and chunk are fixed (determinism), so it tunes warps and
     stages."""
     WP = max(g["WP"] for g in plan(n, b, N))
+    if kind == "fwd" and fused_groups(n, b, N) is not None:  # one pass: tiles of 16 or 32 rows fit
+        return [{"BT": BT, "PPS": pps, "num_warps": warps, "num_stages": 2}
+                for warps in (4, 8) for pps in (2, 4, 8) for BT in (16, 32)]
     out = []
     for warps in (4, 8):
         for stages in (2, 3):
@@ -145,6 +216,8 @@ def default_config(n: int, b: int, N: int, kind: str, dtype: torch.dtype | None 
     fp32 dMc accumulator and block products need them, or 32-wide ones for fp32 inputs, whose
     tf32x3 dots hold three operand tiles), else 4."""
     WP = max(g["WP"] for g in plan(n, b, N))
+    if kind == "fwd" and fused_groups(n, b, N) is not None:
+        return {"BT": 16, "PPS": 4, "num_warps": 8, "num_stages": 2}  # the whole coarse block's tile
     if kind == "fwd":
         return {"BT": 128 if WP <= 32 else 64, "PPS": 4, "num_warps": 8 if WP >= 128 else 4, "num_stages": 3}
     return {"num_warps": 8 if WP >= (32 if dtype == torch.float32 else 64) else 4, "num_stages": 2}
@@ -411,6 +484,245 @@ def _segmented_apply_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# kernels: one pass over several factor groups (fused_groups)
+
+
+@triton.jit
+def _fused_factor(q_ptr, i_cb, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, NL: tl.constexpr,
+                  B: tl.constexpr, HC: tl.constexpr, HP: tl.constexpr):
+    """Where factor k's values sit for every block of group [K0, K1) in coarse block i_cb, as a
+    ``[Z, WP, WP]`` tile: Z = the group's blocks in the coarse block (outer bits x low bits), WP =
+    ``2^(K1-K0) HP`` (row = the block's chunk bits m and offset, chunks padded from HC to HP).
+    The same layout as ``_factor`` (and ``reference.group_blocks``), with padded chunks."""
+    LO: tl.constexpr = 1 << K0
+    MID: tl.constexpr = 1 << (K1 - K0)
+    HI: tl.constexpr = 1 << (NL - K1)
+    o_z = tl.arange(0, HI * LO)
+    o_w = tl.arange(0, MID * HP)
+    m = o_w // HP
+    off = o_w % HP
+    bit: tl.constexpr = 1 << (k - K0)
+    half = (m // bit) % 2
+    i_b = (i_cb * HI + o_z // LO) * LO + o_z % LO  # [Z] the block's index in the layer
+    chunk = ((i_b // LO)[:, None] * MID + m[None, :]) * LO + (i_b % LO)[:, None]  # [Z, WP]
+    d = (chunk // (2 << k)) * (1 << k) + chunk % (1 << k)
+    row = half * HC + off
+    o_q = ((k * D + d)[:, :, None] * B + row[None, :, None]) * B + row[None, None, :]
+    valid = off < HC
+    m_q = (valid[:, None] & valid[None, :]) & ((m | bit)[:, None] == (m | bit)[None, :])
+    return o_q, m_q[None, :, :] & (o_z >= 0)[:, None, None]
+
+
+@triton.jit
+def _fused_delta(q_ptr, i_cb, D, K0: tl.constexpr, K1: tl.constexpr, NL: tl.constexpr, B: tl.constexpr,
+                 HC: tl.constexpr, HP: tl.constexpr, TRANS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr):
+    """``Delta = Mc - I`` (``Delta^T`` with TRANS) of every block of the group in coarse block
+    i_cb, ``[Z, WP, WP]``, in residual form as ``_product_minus_eye`` builds one block."""
+    o_w = tl.arange(0, (1 << (K1 - K0)) * HP)
+    eye = ((o_w[:, None] == o_w[None, :]) & ((o_w % HP) < HC)[:, None])[None, :, :]
+    o_q, m_q = _fused_factor(q_ptr, i_cb, D, K0, K0, K1, NL, B, HC, HP)
+    f = tl.load(q_ptr + o_q, mask=m_q, other=0.0).to(tl.float32)
+    d = tl.where(eye, f - 1.0, f)
+    for k in tl.static_range(K0 + 1, K1):
+        o_q, m_q = _fused_factor(q_ptr, i_cb, D, k, K0, K1, NL, B, HC, HP)
+        f = tl.load(q_ptr + o_q, mask=m_q, other=0.0).to(tl.float32)
+        e = tl.where(eye, f - 1.0, f)
+        d = tl.dot(e.to(BUILD_DTYPE), d.to(BUILD_DTYPE), d + e, input_precision=BUILD_PRECISION)
+    if TRANS:
+        d = tl.permute(d, (0, 2, 1))
+    return d.to(DOT_DTYPE)
+
+
+@triton.jit
+def _fused_group(b_t, b_d, BT: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, NL: tl.constexpr,
+                 HP: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """``t + t Delta`` on the group's blocks: the row tile ``[BT, 2^NL HP]`` (chunk index bits
+    high to low, then the offset) is permuted so each block's columns are contiguous, multiplied
+    by its block (one batched dot), and permuted back. Everything stays in registers."""
+    LO: tl.constexpr = 1 << K0
+    MID: tl.constexpr = 1 << (K1 - K0)
+    HI: tl.constexpr = 1 << (NL - K1)
+    b_u = tl.permute(tl.reshape(b_t, (BT, HI, MID, LO, HP)), (1, 3, 0, 2, 4))
+    b_u = tl.reshape(b_u, (HI * LO, BT, MID * HP))  # [Z, BT, WP]
+    b_u = b_u + tl.dot(b_u.to(DOT_DTYPE), b_d, input_precision=PRECISION)
+    b_u = tl.permute(tl.reshape(b_u, (HI, LO, BT, MID, HP)), (2, 0, 3, 1, 4))
+    return tl.reshape(b_u, (BT, HI * MID * LO * HP))
+
+
+@triton.jit
+def _fused_apply_kernel(
+    x_ptr, q_ptr, y_ptr, T, n, D,
+    NL: tl.constexpr, B: tl.constexpr, HC: tl.constexpr, HP: tl.constexpr, NG: tl.constexpr,
+    A0: tl.constexpr, A1: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, TRANS: tl.constexpr,
+    BT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BUILD_DTYPE: tl.constexpr,
+    BUILD_PRECISION: tl.constexpr,
+):
+    """``y = x M`` (``x M^T`` with TRANS) on coarse block i_cb for row tiles i_p, i_p + P, ...:
+    the NG groups, levels ``[A0, A1)``, ``[B0, B1)``, ``[C0, C1)``, ``[D0, D1)``, in the order they act, each
+    with its blocks held for the whole row loop. x is read once and y written once."""
+    i_p = tl.program_id(0).to(tl.int64)
+    i_cb = tl.program_id(1).to(tl.int64)
+    n_p = tl.num_programs(0)
+    LP: tl.constexpr = (1 << NL) * HP
+    o_c = tl.arange(0, LP)
+    m_c = (o_c % HP) < HC
+    o_col = i_cb * ((1 << NL) * HC) + (o_c // HP) * HC + o_c % HP  # [LP] padded chunk lanes masked
+    b_da = _fused_delta(q_ptr, i_cb, D, A0, A1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+    b_db = _fused_delta(q_ptr, i_cb, D, B0, B1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+    if NG > 2:
+        b_dc = _fused_delta(q_ptr, i_cb, D, C0, C1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+    if NG > 3:
+        b_dd = _fused_delta(q_ptr, i_cb, D, D0, D1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+    for i_t in range(i_p, tl.cdiv(T, BT), n_p):
+        o_t = i_t * BT + tl.arange(0, BT)
+        o_x = o_t[:, None] * n + o_col[None, :]  # [BT, LP]
+        m_x = (o_t < T)[:, None] & m_c[None, :]
+        b_t = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
+        b_t = _fused_group(b_t, b_da, BT, A0, A1, NL, HP, DOT_DTYPE, PRECISION)
+        b_t = _fused_group(b_t, b_db, BT, B0, B1, NL, HP, DOT_DTYPE, PRECISION)
+        if NG > 2:
+            b_t = _fused_group(b_t, b_dc, BT, C0, C1, NL, HP, DOT_DTYPE, PRECISION)
+        if NG > 3:
+            b_t = _fused_group(b_t, b_dd, BT, D0, D1, NL, HP, DOT_DTYPE, PRECISION)
+        tl.store(y_ptr + o_x, b_t.to(y_ptr.dtype.element_ty), mask=m_x)
+
+
+@triton.jit
+def _fused_frame(b_t, BT: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, NL: tl.constexpr, HP: tl.constexpr):
+    """The row tile ``[BT, 2^NL HP]`` in the group's block frame ``[Z, BT, WP]``."""
+    LO: tl.constexpr = 1 << K0
+    MID: tl.constexpr = 1 << (K1 - K0)
+    HI: tl.constexpr = 1 << (NL - K1)
+    b_u = tl.permute(tl.reshape(b_t, (BT, HI, MID, LO, HP)), (1, 3, 0, 2, 4))
+    return tl.reshape(b_u, (HI * LO, BT, MID * HP))
+
+
+@triton.jit
+def _fused_store_dq(dq_ptr, q_ptr, dmc, i_cb, D, K0: tl.constexpr, K1: tl.constexpr, NL: tl.constexpr,
+                    B: tl.constexpr, HC: tl.constexpr, HP: tl.constexpr, BUILD_DTYPE: tl.constexpr,
+                    BUILD_PRECISION: tl.constexpr):
+    """dQ of the group's factors from ``dMc`` ``[Z, WP, WP]``, every block of the coarse block at
+    once: ``_store_dq`` with a batch of blocks (``dF_k = (F_{K1-1} ... F_{k+1})^T dMc (F_{k-1} ...
+    F_{K0})^T`` on F_k's values, factor by factor in residual form)."""
+    o_w = tl.arange(0, (1 << (K1 - K0)) * HP)
+    eye = ((o_w[:, None] == o_w[None, :]) & ((o_w % HP) < HC)[:, None])[None, :, :]
+    for k in tl.static_range(K0, K1):
+        upper = dmc
+        for j in tl.static_range(K0, k):
+            o_q, m_q = _fused_factor(q_ptr, i_cb, D, j, K0, K1, NL, B, HC, HP)
+            f = tl.load(q_ptr + o_q, mask=m_q, other=0.0).to(tl.float32)
+            e = tl.permute(tl.where(eye, f - 1.0, f), (0, 2, 1))
+            upper = tl.dot(upper.to(BUILD_DTYPE), e.to(BUILD_DTYPE), upper, input_precision=BUILD_PRECISION)
+        for t in tl.static_range(0, K1 - 1 - k):
+            o_q, m_q = _fused_factor(q_ptr, i_cb, D, K1 - 1 - t, K0, K1, NL, B, HC, HP)
+            f = tl.load(q_ptr + o_q, mask=m_q, other=0.0).to(tl.float32)
+            e = tl.permute(tl.where(eye, f - 1.0, f), (0, 2, 1))
+            upper = tl.dot(e.to(BUILD_DTYPE), upper.to(BUILD_DTYPE), upper, input_precision=BUILD_PRECISION)
+        o_q, m_q = _fused_factor(q_ptr, i_cb, D, k, K0, K1, NL, B, HC, HP)
+        tl.store(dq_ptr + o_q, upper, mask=m_q)
+
+
+@triton.jit
+def _fused_grad_kernel(
+    x_ptr, g_ptr, q_ptr, dx_ptr, dd_ptr, dq_ptr, T, n, D, ROWS, NCB,
+    NL: tl.constexpr, B: tl.constexpr, HC: tl.constexpr, HP: tl.constexpr, NG: tl.constexpr,
+    A0: tl.constexpr, A1: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, SEL: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr,
+    TRANS: tl.constexpr, WRITE_DX: tl.constexpr, FUSED_DQ: tl.constexpr, RC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr,
+):
+    """One pass over (x, g) for group SEL (levels ``[S0, S1)``; groups in acting order A, B, C,
+    D) on rows ``[i_s ROWS, (i_s+1) ROWS)`` of coarse block i_cb: the group's input u is x carried
+    forward through the groups before it, its output gradient v is g carried back through the
+    groups after it, and ``dMc = sum_rows u^T v`` is reduced RC rows at a time; then dQ (FUSED_DQ:
+    the only split) or the split's partial. With WRITE_DX (group A's pass) also ``dx = v + v
+    Delta_A^T`` (``Delta_A`` with TRANS). Each group's blocks are held once, in the orientation
+    this pass uses them in."""
+    i_s = tl.program_id(0).to(tl.int64)
+    i_cb = tl.program_id(1).to(tl.int64)
+    LP: tl.constexpr = (1 << NL) * HP
+    o_c = tl.arange(0, LP)
+    m_c = (o_c % HP) < HC
+    o_col = i_cb * ((1 << NL) * HC) + (o_c // HP) * HC + o_c % HP
+    # before SEL: forward operands (x M's blocks); after SEL: their transposes (the gradient's)
+    if SEL > 0 or WRITE_DX:
+        b_da = _fused_delta(q_ptr, i_cb, D, A0, A1, NL, B, HC, HP, TRANS != (SEL <= 0), DOT_DTYPE, BUILD_DTYPE,
+                            BUILD_PRECISION)
+    if SEL != 1:
+        b_db = _fused_delta(q_ptr, i_cb, D, B0, B1, NL, B, HC, HP, TRANS != (SEL < 1), DOT_DTYPE, BUILD_DTYPE,
+                            BUILD_PRECISION)
+    if NG > 2 and SEL != 2:
+        b_dc = _fused_delta(q_ptr, i_cb, D, C0, C1, NL, B, HC, HP, TRANS != (SEL < 2), DOT_DTYPE, BUILD_DTYPE,
+                            BUILD_PRECISION)
+    if NG > 3 and SEL != 3:
+        b_dd = _fused_delta(q_ptr, i_cb, D, D0, D1, NL, B, HC, HP, TRANS != (SEL < 3), DOT_DTYPE, BUILD_DTYPE,
+                            BUILD_PRECISION)
+    WP: tl.constexpr = (1 << (S1 - S0)) * HP
+    Z: tl.constexpr = (1 << (NL - S1)) * (1 << S0)
+    b_acc = tl.zeros([Z, WP, WP], dtype=tl.float32)
+    row_lo = i_s * ROWS
+    row_hi = tl.minimum(row_lo + ROWS, T)
+    for t0 in range(row_lo, row_hi, RC):
+        o_t = t0 + tl.arange(0, RC)
+        o_x = o_t[:, None] * n + o_col[None, :]  # [RC, LP]
+        m_x = (o_t < row_hi)[:, None] & m_c[None, :]
+        b_u = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
+        b_v = tl.load(g_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
+        if SEL > 0:
+            b_u = _fused_group(b_u, b_da, RC, A0, A1, NL, HP, DOT_DTYPE, PRECISION)
+        if SEL > 1:
+            b_u = _fused_group(b_u, b_db, RC, B0, B1, NL, HP, DOT_DTYPE, PRECISION)
+        if SEL > 2:
+            b_u = _fused_group(b_u, b_dc, RC, C0, C1, NL, HP, DOT_DTYPE, PRECISION)
+        if NG > 3 and SEL < 3:
+            b_v = _fused_group(b_v, b_dd, RC, D0, D1, NL, HP, DOT_DTYPE, PRECISION)
+        if NG > 2 and SEL < 2:
+            b_v = _fused_group(b_v, b_dc, RC, C0, C1, NL, HP, DOT_DTYPE, PRECISION)
+        if SEL < 1:
+            b_v = _fused_group(b_v, b_db, RC, B0, B1, NL, HP, DOT_DTYPE, PRECISION)
+        b_fu = _fused_frame(b_u, RC, S0, S1, NL, HP).to(DOT_DTYPE)
+        b_fv = _fused_frame(b_v, RC, S0, S1, NL, HP).to(DOT_DTYPE)
+        b_acc = tl.dot(tl.permute(b_fu, (0, 2, 1)), b_fv, b_acc, input_precision=PRECISION)
+        if WRITE_DX:
+            b_dx = _fused_group(b_v, b_da, RC, A0, A1, NL, HP, DOT_DTYPE, PRECISION)
+            tl.store(dx_ptr + o_x, b_dx.to(dx_ptr.dtype.element_ty), mask=m_x)
+    if TRANS:  # the held operand was Delta^T: its gradient is the transpose
+        b_acc = tl.permute(b_acc, (0, 2, 1))
+    if FUSED_DQ:
+        _fused_store_dq(dq_ptr, q_ptr, b_acc, i_cb, D, S0, S1, NL, B, HC, HP, BUILD_DTYPE, BUILD_PRECISION)
+    else:
+        o_z = tl.arange(0, Z)
+        o_w = tl.arange(0, WP)
+        m_w = (o_w % HP) < HC
+        o_dd = ((i_s * NCB + i_cb) * Z + o_z[:, None, None]) * (WP * WP) + o_w[None, :, None] * WP + o_w[None, None, :]
+        tl.store(dd_ptr + o_dd, b_acc, mask=(m_w[:, None] & m_w[None, :])[None, :, :] & (o_z >= 0)[:, None, None])
+
+
+@triton.jit
+def _fused_dq_kernel(
+    dd_ptr, q_ptr, dq_ptr, D, SPLITS, NCB,
+    NL: tl.constexpr, B: tl.constexpr, HC: tl.constexpr, HP: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr,
+    BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr,
+):
+    """dQ of group ``[S0, S1)`` in coarse block i_cb from its SPLITS partials, added in split
+    order (deterministic)."""
+    i_cb = tl.program_id(0).to(tl.int64)
+    WP: tl.constexpr = (1 << (S1 - S0)) * HP
+    Z: tl.constexpr = (1 << (NL - S1)) * (1 << S0)
+    o_z = tl.arange(0, Z)
+    o_w = tl.arange(0, WP)
+    m_w = (o_w % HP) < HC
+    m_dd = (m_w[:, None] & m_w[None, :])[None, :, :] & (o_z >= 0)[:, None, None]
+    dmc = tl.zeros([Z, WP, WP], dtype=tl.float32)
+    for i_s in range(0, SPLITS):
+        o_dd = ((i_s * NCB + i_cb) * Z + o_z[:, None, None]) * (WP * WP) + o_w[None, :, None] * WP + o_w[None, None, :]
+        dmc += tl.load(dd_ptr + o_dd, mask=m_dd, other=0.0)
+    _fused_store_dq(dq_ptr, q_ptr, dmc, i_cb, D, S0, S1, NL, B, HC, HP, BUILD_DTYPE, BUILD_PRECISION)
+
+
+# ---------------------------------------------------------------------------------------------
 # launchers
 
 
@@ -476,6 +788,92 @@ def apply_into(x, q, transpose, k0, key, y) -> None:
         x, q, y, T, n, n // b, **_layout(grp, b), H=grp["H"], TRANS=transpose, BT=BT,
         **_dot_meta(x.dtype, grp["WP"]), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )
+
+
+def _fused_programs(T: int, BT: int, pps: int, n: int, b: int, N: int, sms: int) -> int:
+    """Programs per coarse block of the one-pass kernel: as ``_programs``, each with at least
+    ``ROWS_PER_Q`` rows per level-times-b (its Q read is about 1/16 of its rows' bytes)."""
+    blocks = n // (b << (N - 1))
+    want = min(triton.cdiv(pps * sms, blocks), T // (ROWS_PER_Q * N * b))
+    return max(1, min(triton.cdiv(T, BT), max(triton.cdiv(sms, blocks), want)))
+
+
+def fused_apply_into(x, q, transpose, key, y) -> None:
+    """``y = x M`` (``x M^T``) in one pass for a shape with ``fused_groups``; x and y contiguous
+    ``[T, n]``, q all of Q (fp32, contiguous)."""
+    T, n = x.shape
+    if T == 0:
+        return
+    _, b, N = key
+    groups = fused_groups(*key)
+    if transpose:  # x M^T = x M_lo^T ... M_hi^T
+        groups = groups[::-1]
+    bounds = [v for k0k1 in groups for v in k0k1] + [0, 0] * (FUSED_MAX_GROUPS - len(groups))
+    source, cfg = pick_config("fwd", *key, x.dtype, x.device)
+    LAST_LAUNCH["butterfly_fused"] = (source, dict(cfg))
+    hp = next_pow2(b // 2)
+    programs = _fused_programs(T, cfg["BT"], cfg["PPS"], n, b, N, num_sms(x.device))
+    wrap_triton(_fused_apply_kernel)[(programs, n // (b << (N - 1)))](
+        x, q, y, T, n, n // b, NL=N, B=b, HC=b // 2, HP=hp, NG=len(groups), A0=bounds[0], A1=bounds[1],
+        B0=bounds[2], B1=bounds[3], C0=bounds[4], C1=bounds[5], D0=bounds[6], D1=bounds[7], TRANS=transpose, BT=cfg["BT"],
+        **_dot_meta(x.dtype, max(hp << (k1 - k0) for k0, k1 in groups)), num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 2),
+    )
+
+
+# Rows per step of the one-pass backward's dMc reduction (fixed, like RC): its tiles span the whole
+# coarse block, so fewer rows than RC.
+FUSED_RC = 16
+
+
+def _fused_splits(T: int, n: int, b: int, N: int, sms: int) -> tuple[int, int]:
+    """Row splits of the one-pass backward (as ``_splits``: set by T, the shape and the device
+    only): (splits, rows per split)."""
+    if T == 0:
+        return 1, 0
+    blocks = n // (b << (N - 1))
+    want = min(triton.cdiv(4 * sms, blocks), T // (ROWS_PER_Q * N * b))
+    splits = max(1, min(triton.cdiv(T, 4 * FUSED_RC), max(triton.cdiv(sms, blocks), want)))
+    rows = triton.cdiv(triton.cdiv(T, splits), FUSED_RC) * FUSED_RC
+    return triton.cdiv(T, rows), rows
+
+
+def fused_grad(x, g, q, transpose, key, need_dx):
+    """``(dx or None, dQ)`` of ``y = x M`` (``x M^T``) for a shape with ``fused_groups``: one
+    pass over (x, g) per group, the first-acting group's pass also writing dx."""
+    T, n = x.shape
+    _, b, N = key
+    dx = new_empty(T, n, dtype=x.dtype, device=x.device) if need_dx else None
+    if T == 0:
+        return dx, torch.zeros(q.shape, dtype=torch.float32, device=x.device)
+    groups = fused_groups(*key)
+    if transpose:
+        groups = groups[::-1]
+    bounds = [v for k0k1 in groups for v in k0k1] + [0, 0] * (FUSED_MAX_GROUPS - len(groups))
+    source, cfg = pick_config("bwd", *key, x.dtype, x.device)
+    LAST_LAUNCH["butterfly_fused_bwd"] = (source, dict(cfg))
+    hp, blocks = next_pow2(b // 2), n // (b << (N - 1))
+    splits, rows = _fused_splits(T, n, b, N, num_sms(x.device))
+    meta = _dot_meta(x.dtype, max(hp << (k1 - k0) for k0, k1 in groups))
+    dq = new_empty(*q.shape, dtype=torch.float32, device=x.device)
+    common = dict(NL=N, B=b, HC=b // 2, HP=hp)
+    for sel, (k0, k1) in enumerate(groups):
+        width, z = hp << (k1 - k0), (1 << (N - k1)) << k0
+        partial = dq if splits == 1 else new_empty(splits, blocks, z, width, width, dtype=torch.float32,
+                                                   device=x.device)
+        write_dx = need_dx and sel == 0
+        wrap_triton(_fused_grad_kernel)[(splits, blocks)](
+            x, g, q, dx if write_dx else x, partial, dq, T, n, n // b, rows, blocks, **common, NG=len(groups),
+            **dict(zip(("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1"), bounds)), SEL=sel, S0=k0, S1=k1,
+            TRANS=transpose, WRITE_DX=write_dx, FUSED_DQ=splits == 1, RC=FUSED_RC, **meta,
+            num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
+        )
+        if splits > 1:
+            wrap_triton(_fused_dq_kernel)[(blocks,)](
+                partial, q, dq, n // b, splits, blocks, **common, S0=k0, S1=k1, BUILD_DTYPE=meta["BUILD_DTYPE"],
+                BUILD_PRECISION=meta["BUILD_PRECISION"], num_warps=cfg["num_warps"], num_stages=1,
+            )
+    return dx, dq
 
 
 def grad(x, g, q, transpose, k0, key, need_dx):
@@ -609,10 +1007,78 @@ def _backward(ctx, g):
 block_apply.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _fused_apply_fake(x, q, transpose, n, b, N):
+    return x.new_empty(x.shape)
+
+
+@kernel_op("boft_triton::fused_apply", _fused_apply_fake)
+def fused_apply(x: torch.Tensor, q: torch.Tensor, transpose: bool, n: int, b: int, N: int) -> torch.Tensor:
+    """``x M`` (``x M^T`` with transpose) in one pass over x, for shapes with ``fused_groups``;
+    x ``[T, n]``, q all of Q (fp32)."""
+    x = x.contiguous()
+    y = new_empty(*x.shape, dtype=x.dtype, device=x.device)
+    fused_apply_into(x, q.contiguous(), transpose, (n, b, N), y)
+    return y
+
+
+def _fused_setup_context(ctx, inputs, output):
+    x, q, transpose, n, b, N = inputs
+    ctx.save_for_backward(x, q)
+    ctx.args = (transpose, n, b, N)
+
+
+def _fused_grad_fake(x, g, q, transpose, need_dx, n, b, N):
+    return x.new_empty(x.shape), q.new_empty(q.shape, dtype=torch.float32)
+
+
+@kernel_op("boft_triton::fused_grad", _fused_grad_fake)
+def fused_grad_op(x: torch.Tensor, g: torch.Tensor, q: torch.Tensor, transpose: bool, need_dx: bool, n: int, b: int,
+                  N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dl/dx, dl/dq)`` of ``fused_apply``; dl/dx is unwritten when not need_dx."""
+    dx, dq = fused_grad(x.contiguous(), g.contiguous(), q.contiguous(), transpose, (n, b, N), need_dx)
+    return (dx if dx is not None else torch.empty_like(x)), dq
+
+
+def _fused_backward(ctx, g):
+    """dl/dx alone (Q frozen) is the transposed product, one pass. With dl/dQ, one pass over
+    (x, g) per factor group (``fused_grad``): only x is saved, each pass recomputes what its group
+    needs, so the forward keeps no intermediate."""
+    x, q = ctx.saved_tensors
+    transpose, n, b, N = ctx.args
+    none = (None,) * 4
+    if g is None:
+        return None, None, *none
+    if not ctx.needs_input_grad[1]:
+        return fused_apply(g, q, not transpose, n, b, N), None, *none
+    need_dx = ctx.needs_input_grad[0]
+    if fused_backward(n, b, N):
+        dx, dq = fused_grad_op(x, g, q, transpose, need_dx, n, b, N)
+        return (dx if need_dx else None), dq, *none
+    # dMc too large to hold: recompute each of plan()'s group inputs from x, then block_grad group
+    # by group, last first, as _backward does
+    groups = plan(n, b, N)
+    if transpose:
+        groups = groups[::-1]
+    inputs = [x]
+    for grp in groups[:-1]:
+        inputs.append(block_apply(inputs[-1], q[grp["k0"]:grp["k1"]], transpose, grp["k0"], n, b, N))
+    dq = torch.empty_like(q)
+    h = g
+    for k, grp in reversed(list(enumerate(groups))):
+        h, dq[grp["k0"]:grp["k1"]] = block_grad(inputs[k], h, q[grp["k0"]:grp["k1"]], transpose, grp["k0"],
+                                                k > 0 or need_dx, n, b, N)
+    return (h if need_dx else None), dq, *none
+
+
+fused_apply.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
 def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """``x M`` (``x M^T``) over x's last dim; same contract as ``torch_ops.butterfly``."""
     shape, n = x.shape, x.shape[-1]
     N, D, b, _ = Q.shape
+    if fused_groups(n, b, N) is not None:
+        return fused_apply(x.reshape(-1, n), Q.float(), transpose, n, b, N).reshape(shape)
     groups = plan(n, b, N)
     if transpose:  # x M^T = x M_lo^T ... M_hi^T
         groups = groups[::-1]
@@ -681,6 +1147,34 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
     ptr = "*" + dtype_name
     fwd, bwd = default_config(n, b, N, "fwd", dtype), default_config(n, b, N, "bwd", dtype)
     specs = []
+    fused = fused_groups(n, b, N)
+    if fused is not None:  # the one-pass forward (and dx with Q frozen), then plan()'s backward kernels
+        hp = next_pow2(b // 2)
+        width = max(hp << (k1 - k0) for k0, k1 in fused)
+        with _compiling():
+            dot = _dot_meta(dtype, width)
+        for name, trans in (("fused", False), ("fused_T", True)):
+            groups = fused[::-1] if trans else fused
+            bounds = [v for k0k1 in groups for v in k0k1] + [0, 0] * (FUSED_MAX_GROUPS - len(groups))
+            specs.append(dict(name=name, width=width, levels=N, fn=_fused_apply_kernel,
+                              signature={"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "T": "i32", "n": "i32",
+                                         "D": "i32"}, divisible=("n",),
+                              constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, "NG": len(groups),
+                                          **dict(zip(("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1"), bounds)), "TRANS": trans,
+                                          "BT": fwd["BT"], **dot},
+                              config=fwd, num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))
+        gsig = {"x_ptr": ptr, "g_ptr": ptr, "q_ptr": "*fp32", "dx_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32",
+                "T": "i32", "n": "i32", "D": "i32", "ROWS": "i32", "NCB": "i32"}
+        bounds = [v for k0k1 in fused for v in k0k1] + [0, 0] * (FUSED_MAX_GROUPS - len(fused))
+        for sel, (k0, k1) in enumerate(fused if fused_backward(n, b, N) else ()):  # a pass per group
+            for tag, fused_dq in (("", False), ("_dq", True)):
+                specs.append(dict(name=f"fused_grad{tag}[{sel}]", width=hp << (k1 - k0), levels=k1 - k0,
+                                  fn=_fused_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
+                                  constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, "NG": len(fused),
+                                              **dict(zip(("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1"), bounds)),
+                                              "SEL": sel, "S0": k0, "S1": k1, "TRANS": False, "WRITE_DX": sel == 0,
+                                              "FUSED_DQ": fused_dq, "RC": FUSED_RC, **dot},
+                                  config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
     for k, grp in enumerate(plan(n, b, N)):
         with _compiling():
             dot = _dot_meta(dtype, grp["WP"])

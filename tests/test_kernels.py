@@ -207,14 +207,17 @@ GROUP_CASES = [(7, 64, 4, 4, 1.0), (129, 48, 6, 3, 1.0), (7, 64, 8, 3, 10.0), (1
 def narrow_blocks(monkeypatch):
     monkeypatch.setattr(kb, "MAX_BLOCK", 16)
     kb.plan.cache_clear()
+    kb.fused_groups.cache_clear()
     yield
     kb.plan.cache_clear()
+    kb.fused_groups.cache_clear()
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
 @pytest.mark.parametrize("T,n,b,N,scale", GROUP_CASES, ids=[case_id(c) for c in GROUP_CASES])
 def test_butterfly_factor_groups(narrow_blocks, T, n, b, N, scale, transpose):
     assert len(kb.plan(n, b, N)) > 1 and any(g["S"] > 1 for g in kb.plan(n, b, N))
+    assert kb.fused_groups(n, b, N) is None  # these keep one pass per group
     check_butterfly(T, n, b, N, scale, transpose)
 
 
@@ -232,7 +235,67 @@ def test_each_group_kernel_builds_the_reference_blocks(narrow_blocks, n, b, N):
         assert rel_err(got, reference.dense_group(Q.double().cpu(), grp["k0"], grp["k1"])) <= 1e-5, grp
 
 
-LOWP_CASES = [(7, 32, 4, 3, 1.0), (129, 64, 8, 2, 1.0), (7, 45, 45, 1, 1.0), (7, 24, 6, 2, 1.0)]
+# Coarse blocks wider than a program's widest block (L > 128) run in one pass (fused_groups): the
+# row tile stays in registers while each group of levels is applied in turn. Chunks padded to a
+# power of two (b=40: 20 -> 32), two to four groups, one and several coarse blocks, a partial tile.
+FUSED_CASES = [(17, 160, 40, 3, 1.0), (33, 256, 16, 5, 1.0), (7, 320, 80, 2, 10.0), (1, 320, 20, 4, 1.0),
+               (33, 512, 8, 6, 1.0)]
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
+@pytest.mark.parametrize("T,n,b,N,scale", FUSED_CASES, ids=[case_id(c) for c in FUSED_CASES])
+def test_butterfly_one_pass_over_factor_groups(T, n, b, N, scale, transpose):
+    groups = kb.fused_groups(n, b, N)
+    assert groups is not None and len(groups) > 1
+    # every level once, highest first; each group within the widths that compile without spills
+    assert [k for k0, k1 in reversed(groups) for k in range(k0, k1)] == list(range(N))
+    check_butterfly(T, n, b, N, scale, transpose)
+
+
+def test_one_pass_forward_reads_x_once_and_saves_only_x():
+    """The forward over several groups is one launch that reads x and writes y once, and autograd
+    keeps x and Q only (no intermediate between groups): the backward recomputes them."""
+    n, b, N, T = 160, 40, 3, 16
+    x = torch.randn(T, n, device=DEVICE, requires_grad=True)
+    Q = rand_q(N, n // b, b, 1.0).float().to(DEVICE).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kb.butterfly(x, Q)
+    assert sorted(tuple(t.shape) for t in saved) == sorted([(T, n), tuple(Q.shape)])
+
+
+def test_one_pass_backward_reduces_dq_deterministically_over_row_splits(monkeypatch):
+    """With several row splits each pass writes its partial dMc and a small kernel adds them in
+    split order: dQ is the same, bit for bit, whether the programs run in grid order or reversed,
+    and agrees with the torch path."""
+    n, b, N, T = 160, 40, 3, 200
+    monkeypatch.setattr(kb, "num_sms", lambda device: 64)
+    assert kb.fused_backward(n, b, N) and kb._fused_splits(T, n, b, N, 64)[0] > 1
+    Q = rand_q(N, n // b, b).float().to(DEVICE).requires_grad_()
+    x = torch.randn(T, n, device=DEVICE, requires_grad=True)
+    g = torch.randn(T, n, device=DEVICE)
+    first = torch.autograd.grad(kb.butterfly(x, Q), (x, Q), g)
+    expected = torch.autograd.grad(torch_ops.butterfly(x, Q), (x, Q), g)
+    assert rel_err(first[0], expected[0]) <= 1e-5 and rel_err(first[1], expected[1]) <= 1e-5
+    if DEVICE.type == "cpu":
+        _interpreter_runs_programs_in_reverse(monkeypatch)
+    again = torch.autograd.grad(kb.butterfly(x, Q), (x, Q), g)
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+def test_one_pass_groups_fall_back_where_blocks_do_not_fit():
+    """Shapes whose blocks do not fit on chip keep plan()'s passes; one-group shapes keep theirs."""
+    assert kb.fused_groups(1024, 64, 2) is None  # L = 128: one group already
+    assert kb.fused_groups(1280, 160, 2) is None  # one level is 160 wide (b > 128)
+    assert kb.fused_groups(4096, 8, 7) is None  # L = 512 of 4-wide chunks: no cut of 16..128-wide groups fits
+    assert kb.fused_groups(1024, 64, 3) == ((2, 3), (1, 2), (0, 1))
+    assert kb.fused_groups(1024, 8, 6) == ((3, 6), (0, 3))  # balanced: 32 + 32, not 128 + 16
+    # the backward holds one group's dMc: 64-wide groups do (one pass per group), 128-wide ones
+    # (80x2: 2 x 128 x 128 fp32) recompute the group inputs and take plan()'s passes
+    assert kb.fused_backward(1024, 64, 3) and not kb.fused_backward(1280, 80, 2)
+
+
+LOWP_CASES = [(7, 32, 4, 3, 1.0), (129, 64, 8, 2, 1.0), (7, 45, 45, 1, 1.0), (7, 24, 6, 2, 1.0), (7, 160, 40, 3, 1.0)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -488,7 +551,8 @@ for b in (5, 64):
     compile_(kc._cayley_fwd_kernel, {"r_ptr": "*bf16", "mask_ptr": "*i8", "q_ptr": "*fp32", "ainv_ptr": "*fp32", "NBLK": "i32"}, cst)
     compile_(kc._cayley_bwd_kernel, {"dq_ptr": "*fp32", "ainv_ptr": "*fp32", "mask_ptr": "*i8", "dr_ptr": "*bf16", "NBLK": "i32"}, cst)
 rows = kernel_profile.compile_rows([4096], [(32, 2)], archs=(90,))
-rows += kernel_profile.compile_rows([1024], [(64, 3)], archs=(90,))  # factor groups (L = 256)
+rows += kernel_profile.compile_rows([1024], [(64, 3)], archs=(90,))  # factor groups (L = 256): one-pass forward
+rows += [r for r in kernel_profile.compile_rows([1280], [(40, 3)], archs=(90, 80)) if r["kernel"].startswith("fused")]
 rows += kernel_profile.compile_rows([2048], [(64, 2), (128, 1)], archs=(90,))  # the widest one-group blocks (L = 128)
 rows += kernel_profile.compile_rows([512], [(16, 2)], archs=(90,), dtype_name="fp32")
 print("ROWS" + json.dumps([{k: r[k] for k in ("n", "b", "N", "L", "kernel", "width", "levels", "dtype", "spill_bytes", "smem_fits", "tensor_core")} for r in rows]))
@@ -515,7 +579,8 @@ def test_kernels_compile_for_sm90():
         pytest.skip("no ptxas in this Triton install")
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(proc.stdout.split("ROWS", 1)[1])
-    assert {r["kernel"] for r in rows} >= {"apply", "apply_T", "grad", "grad_dq", "dq", "grad[g0]", "grad[g1]"}
+    assert {r["kernel"] for r in rows} >= {"apply", "apply_T", "grad", "grad_dq", "dq", "grad[g0]", "grad[g1]", "fused",
+                                           "fused_T"}
     for r in rows:
         assert r["smem_fits"], r  # else the launch fails on that GPU
         # zero spills, but in the dQ epilogue (once per program, after the row loop) where it holds
@@ -523,7 +588,9 @@ def test_kernels_compile_for_sm90():
         # inputs (tf32x3: three operand tiles per product)
         wide_backward = r["width"] > 64 and r["levels"] > 1 and not r["kernel"].startswith("apply")
         fp32_epilogue = r["dtype"] == "fp32" and r["kernel"].startswith(("grad_dq", "dq"))
-        if not (wide_backward or fp32_epilogue):
+        if r["kernel"].startswith("fused_grad"):  # one-pass backward: a group's dMc + the others' blocks
+            assert r["spill_bytes"] <= 128, r
+        elif not (wide_backward or fp32_epilogue):
             assert r["spill_bytes"] == 0, r
         if r["L"] >= 32 and not (r["kernel"].startswith("dq") and r["levels"] == 1):  # one level: dQ = dMc, no product
             assert r["tensor_core"] > 0, r
