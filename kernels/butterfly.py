@@ -1175,6 +1175,14 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                                               "SEL": sel, "S0": k0, "S1": k1, "TRANS": False, "WRITE_DX": sel == 0,
                                               "FUSED_DQ": fused_dq, "RC": FUSED_RC, **dot},
                                   config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
+    # what still runs per plan() group: everything, but for one-pass shapes only the segmented
+    # forward (and, where the backward is not one pass, apply for the recompute and the grads)
+    if fused is None:
+        kept = None
+    elif fused_backward(n, b, N):
+        kept = ("segmented",)
+    else:
+        kept = ("apply[", "grad", "dq", "segmented")
     for k, grp in enumerate(plan(n, b, N)):
         with _compiling():
             dot = _dot_meta(dtype, grp["WP"])
@@ -1203,6 +1211,8 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                           constexprs={**layout, "BUILD_DTYPE": dot["BUILD_DTYPE"],
                                       "BUILD_PRECISION": dot["BUILD_PRECISION"]},
                           config=bwd, num_warps=bwd["num_warps"], num_stages=1))
+    if kept is not None:
+        specs = [sp for sp in specs if sp["name"].startswith(("fused",) + kept)]
     return specs
 
 

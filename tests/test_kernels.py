@@ -551,8 +551,9 @@ for b in (5, 64):
     compile_(kc._cayley_fwd_kernel, {"r_ptr": "*bf16", "mask_ptr": "*i8", "q_ptr": "*fp32", "ainv_ptr": "*fp32", "NBLK": "i32"}, cst)
     compile_(kc._cayley_bwd_kernel, {"dq_ptr": "*fp32", "ainv_ptr": "*fp32", "mask_ptr": "*i8", "dr_ptr": "*bf16", "NBLK": "i32"}, cst)
 rows = kernel_profile.compile_rows([4096], [(32, 2)], archs=(90,))
-rows += kernel_profile.compile_rows([1024], [(64, 3)], archs=(90,))  # factor groups (L = 256): one-pass forward
-rows += [r for r in kernel_profile.compile_rows([1280], [(40, 3)], archs=(90, 80)) if r["kernel"].startswith("fused")]
+rows += kernel_profile.compile_rows([1024], [(64, 3)], archs=(90,))  # L = 256: one pass forward and per group backward
+rows += kernel_profile.compile_rows([1280], [(80, 2)], archs=(90,))  # L = 160: one-pass forward, plan()'s backward
+rows += [r for r in kernel_profile.compile_rows([1280], [(40, 3)], archs=(80,)) if r["kernel"].startswith("fused")]
 rows += kernel_profile.compile_rows([2048], [(64, 2), (128, 1)], archs=(90,))  # the widest one-group blocks (L = 128)
 rows += kernel_profile.compile_rows([512], [(16, 2)], archs=(90,), dtype_name="fp32")
 print("ROWS" + json.dumps([{k: r[k] for k in ("n", "b", "N", "L", "kernel", "width", "levels", "dtype", "spill_bytes", "smem_fits", "tensor_core")} for r in rows]))
