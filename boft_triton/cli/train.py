@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckFailed, CLIError
-from .process_group import end_process_group, exit_without_finalizing
+from .process_group import end_process_group, exit_without_finalizing, lost_peer
 
 HELP = "fine-tune a sequence classifier with a BOFT adapter (accelerate-ready)"
 
@@ -336,13 +336,37 @@ def merge_check(adapter_logits, merged_logits, precision: str) -> dict[str, Any]
 # ----------------------------------------------------------------------------- main job
 
 
+class PeerLost(CLIError):
+    """Another process of a multi-process run died or became unreachable during a collective."""
+
+    exit_code = 1
+
+
 def run(args: argparse.Namespace) -> int:
-    train(args)  # its model, optimizer and accelerator are released when it returns
+    try:
+        train(args)  # its model, optimizer and accelerator are released when it returns
+    except RuntimeError as exc:
+        lost = lost_peer(exc)
+        if lost is None:
+            raise
+        raise PeerLost(f"another process of this run stopped or cannot be reached ({lost}); this process stops "
+                       f"too. {_last_checkpoint_note(args.output_dir)}; the other processes' logs say why "
+                       f"theirs stopped") from None
     # every rank leaves the process group cleanly (only on success: after an error on one rank a
     # barrier could meet another rank's collective); see process_group for what raced
     if end_process_group():
         exit_without_finalizing(0)
     return 0
+
+
+def _last_checkpoint_note(output_dir) -> str:
+    from . import train_state
+
+    try:
+        return (f"The last complete checkpoint is {train_state.resolve(train_state.LATEST, output_dir)} "
+                f"(continue with --resume once every process can run)")
+    except train_state.CheckpointError:
+        return "No checkpoint was written (see --save-every)"
 
 
 @dataclass

@@ -261,9 +261,10 @@ def resolve_on_every_rank(spec: str, output_dir, fingerprint: dict[str, Any]) ->
     if failed:
         seen = [r for r in found if not r["problem"]]
         ok = f"; {rank_agreement.where(seen[0])} resumes from {seen[0]['path']}" if seen else ""
+        why = failed[0]["problem"].removeprefix("--resume: ")
         raise CheckpointError(
             f"--resume: {rank_agreement.where(failed[0])} cannot resume ({len(failed)} of {len(found)} processes "
-            f"cannot){ok}: {failed[0]['problem']}; {rank_agreement.SHARED_FILESYSTEM_HINT}")
+            f"cannot){ok}: {why}; {rank_agreement.SHARED_FILESYSTEM_HINT}")
     if len({r["path"] for r in found}) > 1:
         listed = ", ".join(f"{rank_agreement.where(r)}: {r['path']}" for r in found)
         raise CheckpointError(f"--resume: the processes found different checkpoints ({listed}); "
