@@ -31,7 +31,8 @@ def fsdp_environment(config_file: str) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))}
 
 
-def _fsdp_on_cpu() -> None:
+def fsdp_on_cpu() -> None:
+    """From now on, an accelerate state built for CPU processes with an FSDP plugin is FSDP."""
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
@@ -51,7 +52,7 @@ def _fsdp_on_cpu() -> None:
 def main() -> int:
     config_file, argv = sys.argv[1], sys.argv[2:]
     os.environ.update(fsdp_environment(config_file))
-    _fsdp_on_cpu()
+    fsdp_on_cpu()
     from boft_triton.cli import main as cli_main
 
     return cli_main(argv)
