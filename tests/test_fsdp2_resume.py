@@ -174,7 +174,8 @@ def test_trainer_fsdp2_adapter_is_the_one_process_adapter_and_loads_in_peft(trai
     import peft
 
     sys.path.insert(0, str(TRAINER_SCRIPT.parent))
-    from test_trainer import CONFIG as BOFT, _base, _data
+    from test_trainer import CONFIG as BOFT
+    from test_trainer import _base, _data
     from trainer_fsdp2 import args
 
     from boft_triton import BOFTConfig, adapt

@@ -88,3 +88,19 @@ def lost_peer(exc: BaseException) -> str | None:
         return None
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return first if any(marker in first.lower() for marker in _LOST_PEER) else None
+
+
+def leave_after_error(code: int) -> None:
+    """End this process now with ``code`` when it is part of a process group, else return.
+
+    For an error the CLI reports as one line (every process raises it alike, or a peer is gone):
+    a barrier could meet another rank's collective, so the group cannot be left as on success,
+    and interpreter shutdown would race gloo's worker threads (see the module docstring): the
+    process then ended with SIGABRT instead of the error's exit status.
+    """
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        exit_without_finalizing(code)
