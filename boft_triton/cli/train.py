@@ -20,7 +20,10 @@ Several processes: ``accelerate launch --config_file configs/accelerate_ddp.yaml
 train ...`` (or ``accelerate launch --multi_gpu --num_processes K``; on CPU add
 ``ACCELERATE_USE_CPU=1``). Only adapter and modules_to_save parameters require grad, so DDP
 all-reduces only those; ``metrics.json`` records what DDP's reducer holds and a per-process digest
-of the final adapter.
+of the final adapter. Under FSDP2 (``configs/accelerate_fsdp2.yaml``) checkpoints hold each
+process's shards (:mod:`~boft_triton.cli.sharded_state`) and the merge check is skipped. Across
+machines, checkpoints need a filesystem every machine sees; the processes check that together
+(:mod:`~boft_triton.cli.rank_agreement`), and one that loses a peer stops with one line.
 
 Debug switch (environment, for tests): ``BOFT_TRITON_DEBUG_NAN_STEP=k`` makes step k's loss NaN
 (read once); ``BOFT_TRITON_DEBUG_KILL_AFTER_CHECKPOINT=k`` is in ``train_state``.
