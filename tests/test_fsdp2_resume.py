@@ -8,7 +8,8 @@ shards every BertLayer with ``fully_shard``, parameters are DTensors). Checked h
 - the sharded CLI run gives the adapter a one-process run gives on the same global batch;
 - killed (SIGKILL right after checkpoint 4) and resumed, it gives the uninterrupted run's losses and
   adapter bit for bit; the checkpoint holds each process's DCP shards, not a gathered copy;
-- its adapter loads in PEFT and in boft_triton; an unsharded run refuses its checkpoint;
+- its adapter loads in PEFT and in boft_triton and merges with ``boft-triton merge``; an unsharded
+  run refuses its checkpoint;
 - ``BOFTTrainer`` under FSDP2 writes PEFT-format checkpoints (no gathered full model) and resumes
   from one to the uninterrupted run's adapter, which is also the one-process Trainer's.
 """
@@ -123,7 +124,7 @@ def test_fsdp2_killed_and_resumed_is_bit_identical(fsdp2_runs):
                                                 "scheduler.pt", "state.json", "manifest.json"}
 
 
-def test_fsdp2_adapter_loads_in_peft_and_boft_triton(fsdp2_runs, tiny_bert):
+def test_fsdp2_adapter_loads_in_peft_and_boft_triton_and_merges(fsdp2_runs, tiny_bert, tmp_path):
     import peft
     from test_train_cli import _inputs
 
@@ -137,6 +138,11 @@ def test_fsdp2_adapter_loads_in_peft_and_boft_triton(fsdp2_runs, tiny_bert):
     assert rel_err(got, want) < 1e-5
     with torch.no_grad(), ours.disable_adapter():
         assert rel_err(ours(**batch).logits, want) > 1e-3  # the adapter (and its head) did something
+    # the run skipped its in-run merge check (sharded weights); the saved adapter merges offline
+    assert main(["merge", str(adapter), "--output-dir", str(tmp_path / "merged"), "--model", str(tiny_bert)]) == 0
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        assert rel_err(merged(**batch).logits, want) < 1e-5
 
 
 def test_unsharded_run_refuses_an_fsdp2_checkpoint(fsdp2_runs, tiny_bert, csv_data, capsys):
