@@ -272,7 +272,6 @@ def resolve_on_every_rank(spec: str, output_dir, fingerprint: dict[str, Any]) ->
     return path
 
 
-
 def resolve(spec: str, output_dir) -> Path:
     """``latest`` (under ``output_dir``) or a path: a checkpoint, a ``checkpoints/`` folder, or a
     run's output folder."""
