@@ -53,5 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("BOFT_TRITON_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        from .process_group import leave_after_error
+
+        leave_after_error(exc.exit_code)  # a multi-process run ends here, with this status
         return exc.exit_code
 

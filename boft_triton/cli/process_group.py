@@ -30,6 +30,13 @@ import gc
 import os
 import sys
 
+# what a collective raises on the survivors when a peer process died or cannot be reached: gloo's
+# TCP transport ("Connection reset by peer", "Connection closed by peer", "Broken pipe"), a
+# process-group timeout, NCCL's abort after its watchdog found a dead peer. torch raises plain
+# RuntimeErrors for most of these, so the message is what tells them from a bug.
+_LOST_PEER = ("connection reset by peer", "connection closed by peer", "broken pipe", "timed out",
+              "timeout", "communicator was aborted", "connection refused")
+
 
 def end_process_group(accelerator=None) -> int:
     """Barrier, drop references, destroy the default process group on this rank.
@@ -67,3 +74,33 @@ def exit_without_finalizing(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """The first line of ``exc`` when it says that another process of the run is gone (died,
+    killed, unreachable, timed out) during a collective; None for anything else (a bug keeps its
+    traceback). Only meaningful while a process group with other processes exists."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if not isinstance(exc, (RuntimeError, getattr(dist, "DistError", RuntimeError))):
+        return None
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return first if any(marker in first.lower() for marker in _LOST_PEER) else None
+
+
+def leave_after_error(code: int) -> None:
+    """End this process now with ``code`` when it is part of a process group, else return.
+
+    For an error the CLI reports as one line (every process raises it alike, or a peer is gone):
+    a barrier could meet another rank's collective, so the group cannot be left as on success,
+    and interpreter shutdown would race gloo's worker threads (see the module docstring): the
+    process then ended with SIGABRT instead of the error's exit status.
+    """
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        exit_without_finalizing(code)

@@ -20,7 +20,10 @@ Several processes: ``accelerate launch --config_file configs/accelerate_ddp.yaml
 train ...`` (or ``accelerate launch --multi_gpu --num_processes K``; on CPU add
 ``ACCELERATE_USE_CPU=1``). Only adapter and modules_to_save parameters require grad, so DDP
 all-reduces only those; ``metrics.json`` records what DDP's reducer holds and a per-process digest
-of the final adapter.
+of the final adapter. Under FSDP2 (``configs/accelerate_fsdp2.yaml``) checkpoints hold each
+process's shards (:mod:`~boft_triton.cli.sharded_state`) and the merge check is skipped. Across
+machines, checkpoints need a filesystem every machine sees; the processes check that together
+(:mod:`~boft_triton.cli.rank_agreement`), and one that loses a peer stops with one line.
 
 Debug switch (environment, for tests): ``BOFT_TRITON_DEBUG_NAN_STEP=k`` makes step k's loss NaN
 (read once); ``BOFT_TRITON_DEBUG_KILL_AFTER_CHECKPOINT=k`` is in ``train_state``.
@@ -41,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckFailed, CLIError
-from .process_group import end_process_group, exit_without_finalizing
+from .process_group import end_process_group, exit_without_finalizing, lost_peer
 
 HELP = "fine-tune a sequence classifier with a BOFT adapter (accelerate-ready)"
 
@@ -336,13 +339,37 @@ def merge_check(adapter_logits, merged_logits, precision: str) -> dict[str, Any]
 # ----------------------------------------------------------------------------- main job
 
 
+class PeerLost(CLIError):
+    """Another process of a multi-process run died or became unreachable during a collective."""
+
+    exit_code = 1
+
+
 def run(args: argparse.Namespace) -> int:
-    train(args)  # its model, optimizer and accelerator are released when it returns
+    try:
+        train(args)  # its model, optimizer and accelerator are released when it returns
+    except RuntimeError as exc:
+        lost = lost_peer(exc)
+        if lost is None:
+            raise
+        raise PeerLost(f"another process of this run stopped or cannot be reached ({lost}); this process stops "
+                       f"too. {_last_checkpoint_note(args.output_dir)}; the other processes' logs say why "
+                       f"theirs stopped") from None
     # every rank leaves the process group cleanly (only on success: after an error on one rank a
     # barrier could meet another rank's collective); see process_group for what raced
     if end_process_group():
         exit_without_finalizing(0)
     return 0
+
+
+def _last_checkpoint_note(output_dir) -> str:
+    from . import train_state
+
+    try:
+        return (f"The last complete checkpoint is {train_state.resolve(train_state.LATEST, output_dir)} "
+                f"(continue with --resume once every process can run)")
+    except train_state.CheckpointError:
+        return "No checkpoint was written (see --save-every)"
 
 
 @dataclass
@@ -442,9 +469,6 @@ def _start(args: argparse.Namespace) -> _Run:
     except (ValueError, RuntimeError) as exc:
         raise CLIError(f"--precision {args.precision} is not available here: {exc}") from None
     run = _Run(args, accelerator, Path(args.output_dir))
-    if run.sharded and (args.save_every or args.resume):
-        raise CLIError("--save-every / --resume are not supported with FSDP yet; use DDP "
-                       "(configs/accelerate_ddp.yaml) for resumable runs")
     set_seed(args.seed)
     return run
 
@@ -458,11 +482,11 @@ def _load_data_and_adapt(run: _Run) -> _Adapted:
     t = time.perf_counter()
     ds = load_data(args)
     majority_label, majority_acc = ds.majority_baseline()
-    fingerprint = _fingerprint(args, ds, accelerator.num_processes)
+    fingerprint = _fingerprint(args, ds, accelerator.num_processes, run.sharded)
     resume_path = None
-    if args.resume:  # fail fast, before the model loads: a missing, damaged or foreign checkpoint
-        resume_path = train_state.resolve(args.resume, run.out_dir)
-        train_state.check_matches(resume_path, train_state.verify(resume_path), fingerprint)
+    if args.resume:  # fail fast, before the model loads: a missing, damaged or foreign checkpoint,
+        # on any machine (every process checks, and they agree)
+        resume_path = train_state.resolve_on_every_rank(args.resume, run.out_dir, fingerprint)
     model_path = resolve_model_path(args.model)
     tokenizer, base, missing = load_model(model_path, ds.label_names, args.base_dtype)
     modules_to_save = resolve_modules_to_save(args.modules_to_save, base)
@@ -571,7 +595,10 @@ def _train_steps(run: _Run, job: _Adapted, model, optimizer, scheduler, train_dl
 
     args, accelerator = run.args, run.accelerator
     nan_step = int(os.environ.get("BOFT_TRITON_DEBUG_NAN_STEP", "0") or 0)
-    params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP swaps them
+    # what the optimizer steps (after prepare: FSDP's sharded DTensors). Not model.parameters():
+    # after an evaluation FSDP2 leaves the root unit unsharded, and its modules then hold plain
+    # full tensors in place of the DTensors, whose gradients clipping would miss
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     last_checkpoint = resumed_from
     t = time.perf_counter()
     model.train()
@@ -771,14 +798,17 @@ def _write_outputs(run: _Run, job: _Adapted, metrics, losses, acc_before: float,
             f"(total {run.timings['total']:.1f}s)")
 
 
-def _fingerprint(args: argparse.Namespace, ds, num_processes: int) -> dict[str, Any]:
-    """What a checkpoint must share with the run resuming it (anything that changes the path)."""
+def _fingerprint(args: argparse.Namespace, ds, num_processes: int, sharded: bool = False) -> dict[str, Any]:
+    """What a checkpoint must share with the run resuming it (anything that changes the path, and
+    the checkpoint layout: FSDP's sharded state; unsharded runs record no engine, as before)."""
     keys = ("model", "data", "text_column", "label_column", "targets", "block_size", "block_num",
             "factors", "dropout", "modules_to_save", "steps", "batch_size", "lr", "warmup",
             "weight_decay", "precision", "base_dtype", "seed", "max_length")
     fp = {k: getattr(args, k) for k in keys}
     fp.update(num_processes=num_processes, label_names=list(ds.label_names),
               train_size=len(ds.train_texts))
+    if sharded:
+        fp["engine"] = "fsdp"
     return fp
 
 

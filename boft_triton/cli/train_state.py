@@ -5,6 +5,8 @@ Layout under ``--output-dir``::
     checkpoints/step-000040/
         trainable.safetensors   every trainable tensor (adapters, modules_to_save) by name
         optimizer.pt            optimizer state
+        (FSDP: __<rank>_0.distcp and .metadata, the DCP save of both, instead of these two; see
+        :mod:`~boft_triton.cli.sharded_state`)
         scheduler.pt            learning-rate scheduler state
         rng-<rank>.pt           python / numpy / torch (/ cuda) RNG states of each process
         state.json              step, losses so far, and the run's fingerprint (what must match)
@@ -17,8 +19,12 @@ checkpoints pruned, so a kill at any moment leaves the previous good checkpoint 
 that points at a complete one. The data position needs no file: the sampler is seeded per epoch
 (accelerate's seedable sampler), so ``step`` fixes the epoch and the batches to skip.
 
-Only the main process writes, except ``rng-<rank>.pt`` (every process writes its own); a shared
-filesystem is assumed (one machine). Sharded (FSDP) training is not checkpointed here yet.
+Only the main process writes, except ``rng-<rank>.pt`` (every process writes its own) and, under
+FSDP, each process's DCP shards. A filesystem shared by every machine (at the same path) is
+assumed: each process checks that it sees the temporary folder before writing into it, and that
+it sees the checkpoint it is to resume from, and the processes agree (:mod:`rank_agreement`), so
+a machine that cannot see them stops the whole run with that message instead of leaving the others
+waiting in a collective.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from . import rank_agreement, sharded_state
 from .errors import CLIError
 
 FORMAT = 1
@@ -161,21 +168,27 @@ def save(accelerator, model, optimizer, scheduler, output_dir, step: int, losses
     tmp = root / f".tmp-{step_name(step)}"
     main = accelerator.is_main_process
     unwrapped = accelerator.unwrap_model(model)
-    tensors = trainable_tensors(unwrapped)  # collective under FSDP: every process
+    sharded = sharded_state.is_sharded(accelerator)
     if main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a killed run
         tmp.mkdir()
     accelerator.wait_for_everyone()
+    _check_every_rank_sees(tmp, main)
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if sharded:  # every process writes its own shards; nothing is gathered
+        sharded_state.save(unwrapped, optimizer, tmp)
     accelerator.wait_for_everyone()
     if main:
-        save_file(tensors, str(tmp / TENSORS))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        if not sharded:
+            save_file(trainable_tensors(unwrapped), str(tmp / TENSORS))
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER)
         state = {"format": FORMAT, "step": step, "losses": losses, "fingerprint": fingerprint,
                  "trainable": trainable_signature(unwrapped)}
+        if sharded:
+            state["layout"] = sharded_state.LAYOUT
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         for p in files:
@@ -199,6 +212,19 @@ def save(accelerator, model, optimizer, scheduler, output_dir, step: int, losses
     return final
 
 
+def _check_every_rank_sees(tmp: Path, main: bool) -> None:
+    """Every process must see the folder the main process has just created, or none writes."""
+    found = rank_agreement.reports({"sees": tmp.is_dir()})
+    blind = [r for r in found if not r["sees"]]
+    if not blind:
+        return
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(
+        f"{rank_agreement.where(blind[0])} does not see {tmp.resolve()}, which the main process has just "
+        f"created ({len(blind)} of {len(found)} processes do not); {rank_agreement.SHARED_FILESYSTEM_HINT}")
+
+
 def _debug_crash_after(step: int) -> None:
     """``BOFT_TRITON_DEBUG_KILL_AFTER_CHECKPOINT=k`` (for tests): the process SIGKILLs itself as
     soon as checkpoint k is complete, a crash at a known point with no cleanup, so that a resume
@@ -216,6 +242,34 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- find and verify
+
+
+def resolve_on_every_rank(spec: str, output_dir, fingerprint: dict[str, Any]) -> Path:
+    """:func:`resolve`, :func:`verify` and :func:`check_matches` on every process, which then agree
+    (a collective): a checkpoint one machine cannot see (or sees damaged, or another one) stops
+    every process with that machine's message."""
+    path, problem = None, None
+    try:
+        path = resolve(spec, output_dir)
+        check_matches(path, verify(path), fingerprint)
+    except CheckpointError as exc:
+        problem = str(exc)
+    found = rank_agreement.reports({"path": None if path is None else str(path.resolve()), "problem": problem})
+    failed = [r for r in found if r["problem"]]
+    if failed and len(failed) == len(found) and len({r["problem"] for r in failed}) == 1:
+        raise CheckpointError(failed[0]["problem"])  # the same everywhere: no machine to blame
+    if failed:
+        seen = [r for r in found if not r["problem"]]
+        ok = f"; {rank_agreement.where(seen[0])} resumes from {seen[0]['path']}" if seen else ""
+        why = failed[0]["problem"].removeprefix("--resume: ")
+        raise CheckpointError(
+            f"--resume: {rank_agreement.where(failed[0])} cannot resume ({len(failed)} of {len(found)} processes "
+            f"cannot){ok}: {why}; {rank_agreement.SHARED_FILESYSTEM_HINT}")
+    if len({r["path"] for r in found}) > 1:
+        listed = ", ".join(f"{rank_agreement.where(r)}: {r['path']}" for r in found)
+        raise CheckpointError(f"--resume: the processes found different checkpoints ({listed}); "
+                              f"{rank_agreement.SHARED_FILESYSTEM_HINT}")
+    return path
 
 
 def resolve(spec: str, output_dir) -> Path:
@@ -317,10 +371,19 @@ def load(accelerator, model, optimizer, scheduler, path: Path, fingerprint: dict
     unwrapped = accelerator.unwrap_model(model)
     state = verify(path)
     check_matches(path, state, fingerprint, unwrapped)
+    sharded = sharded_state.is_sharded(accelerator)
+    layout = state.get("layout", "full")
+    if layout != (sharded_state.LAYOUT if sharded else "full"):  # the fingerprint catches this first
+        raise CheckpointError(f"checkpoint {path} holds {layout} state; this run is "
+                              f"{'sharded (FSDP)' if sharded else 'not sharded'}: resume it on the engine that wrote it")
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     try:
-        tensors = load_file(str(path / TENSORS))
-        optim_state = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+        if sharded:  # collective: every process reads its own shards
+            sharded_state.load(unwrapped, optimizer, path)
+            tensors, optim_state = {}, None
+        else:
+            tensors = load_file(str(path / TENSORS))
+            optim_state = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
         sched_state = torch.load(path / SCHEDULER, map_location="cpu", weights_only=True)
         rng = torch.load(rng_file, map_location="cpu", weights_only=True)
     except Exception as exc:  # a file that passed its checksum yet does not load: say which
@@ -329,12 +392,10 @@ def load(accelerator, model, optimizer, scheduler, path: Path, fingerprint: dict
     params = dict(unwrapped.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
-            p = params[name]
-            if hasattr(p, "full_tensor"):  # pragma: no cover - sharded training is refused earlier
-                raise CheckpointError("resuming sharded (FSDP) training is not supported yet")
-            p.copy_(value.to(p.device, p.dtype))
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
     try:
-        optimizer.load_state_dict(optim_state)
+        if optim_state is not None:
+            optimizer.load_state_dict(optim_state)
         scheduler.load_state_dict(sched_state)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {path}: optimizer/scheduler state does not fit: {exc}") from None

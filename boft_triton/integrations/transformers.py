@@ -17,7 +17,10 @@ has that one). The mixin overrides the Trainer's save and load steps, nothing el
   with ``BOFTModel.save_pretrained``: PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``
   (``modules_to_save`` included), other adapters in sub-folders, never the frozen base;
 - resuming (``train(resume_from_checkpoint=...)``) and ``load_best_model_at_end`` copy the saved
-  adapter tensors back into the model's own Parameters (so optimizer state lines up);
+  adapter tensors back into the model's own Parameters (so optimizer state lines up; under FSDP2
+  each process keeps its shards of them);
+- under FSDP a checkpoint holds the adapter files, the optimizer as accelerate saves it and the
+  scheduler, not the Trainer's ``pytorch_model_fsdp.bin`` (the whole model gathered, never read);
 - ``label_names`` default to the wrapped model's, as the Trainer finds them for a PEFT model.
 """
 
@@ -92,6 +95,22 @@ class BOFTTrainerMixin:
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        boft_model = self._boft_model()
+        if boft_model is None or not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # The Trainer's FSDP branch would also write pytorch_model_fsdp.bin: the whole model, frozen
+        # base included, gathered onto one process at every checkpoint, and never read back (resuming
+        # loads the adapter files save_model wrote). So: the optimizer as accelerate saves it under
+        # FSDP (only adapter and modules_to_save parameters have optimizer state), then the scheduler
+        # as the Trainer does.
+        from accelerate.utils import save_fsdp_optimizer
+        from transformers.trainer import SCHEDULER_NAME
+
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         boft_model = self._boft_model()
