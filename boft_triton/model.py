@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint, hub, mixed_batch, status
+from . import deepspeed_support as zero
 from .config import BOFTConfig
 from .layer import BOFTLayer, supported_layer_class
 from .modules_to_save import ModulesToSaveWrapper
@@ -346,6 +347,8 @@ class BOFTModel(nn.Module):
                 "(save_pretrained gathers it), load it into an unsharded copy of the base model with "
                 "BOFTModel.from_pretrained, and merge there."
             )
+        if any(zero.is_partitioned(layer.weight) for _, layer in layers):
+            raise RuntimeError(zero.MERGE_REFUSAL)  # refused on every rank alike, before anything is written
         pending = []
         for key, layer in layers:
             names = layer.adapters_to_merge(adapter_names)
