@@ -84,6 +84,21 @@ def whole(t: torch.Tensor | None) -> torch.Tensor | None:
         return t.detach().clone()
 
 
+def copy_module(module: torch.nn.Module) -> torch.nn.Module:
+    """``copy.deepcopy(module)``; a module with ZeRO-3 parameters is copied from its gathered
+    parameters into ordinary ones (a deepcopy would copy the empty partitions and DeepSpeed's
+    bookkeeping, a parameter that gathers nothing). The DeepSpeed engine partitions the copy's
+    parameters when it wraps the model, as it does any parameter created outside ``zero.Init``."""
+    import copy
+
+    params = [p for p in module.parameters() if is_partitioned(p)]
+    if not params:
+        return copy.deepcopy(module)
+    with gathered(params):
+        memo = {id(p): torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad) for p in params}
+        return copy.deepcopy(module, memo)
+
+
 def gather_context(tensors, modifier_rank: int | None = None):
     """:func:`gathered` when any of ``tensors`` is a ZeRO-3 parameter, else a null context."""
     tensors = list(tensors)

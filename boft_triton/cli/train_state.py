@@ -7,6 +7,8 @@ Layout under ``--output-dir``::
         optimizer.pt            optimizer state
         scheduler.pt            learning-rate scheduler state
         rng-<rank>.pt           python / numpy / torch (/ cuda) RNG states of each process
+        deepspeed/              under DeepSpeed, instead of trainable.safetensors and optimizer.pt:
+                                DeepSpeed's own checkpoint (trainable tensors, optimizer partitions)
         state.json              step, losses so far, and the run's fingerprint (what must match)
         manifest.json           size and sha256 of every other file, written last
     checkpoints/latest          the name of the newest complete checkpoint
@@ -17,8 +19,8 @@ checkpoints pruned, so a kill at any moment leaves the previous good checkpoint 
 that points at a complete one. The data position needs no file: the sampler is seeded per epoch
 (accelerate's seedable sampler), so ``step`` fixes the epoch and the batches to skip.
 
-Only the main process writes, except ``rng-<rank>.pt`` (every process writes its own); a shared
-filesystem is assumed (one machine). Sharded (FSDP) training is not checkpointed here yet.
+Only the main process writes, except ``rng-<rank>.pt`` and DeepSpeed's partitions (every process
+writes its own); a shared filesystem is assumed (one machine). Sharded (FSDP) training is not checkpointed here yet.
 """
 
 from __future__ import annotations
@@ -79,7 +81,10 @@ def trainable_tensors(model) -> dict[str, Any]:
 
 
 def trainable_signature(model) -> dict[str, list[int]]:
-    return {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    # a ZeRO-3 parameter's own shape is empty
+    from ..deepspeed_support import full_shape
+
+    return {n: list(full_shape(p)) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -156,31 +161,37 @@ def save(accelerator, model, optimizer, scheduler, output_dir, step: int, losses
     import torch
     from safetensors.torch import save_file
 
+    from . import engines
+
     root = checkpoint_root(output_dir)
     final = root / step_name(step)
     tmp = root / f".tmp-{step_name(step)}"
     main = accelerator.is_main_process
     unwrapped = accelerator.unwrap_model(model)
-    tensors = trainable_tensors(unwrapped)  # collective under FSDP: every process
+    deepspeed = engines.owns_optimizer(model)
+    tensors = None if deepspeed else trainable_tensors(unwrapped)  # collective under FSDP: every process
     if main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a killed run
         tmp.mkdir()
     accelerator.wait_for_everyone()
+    if deepspeed:  # every process writes its partitions
+        engines.save_deepspeed_checkpoint(model, tmp)
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if main:
-        save_file(tensors, str(tmp / TENSORS))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        if not deepspeed:
+            save_file(tensors, str(tmp / TENSORS))
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER)
         state = {"format": FORMAT, "step": step, "losses": losses, "fingerprint": fingerprint,
                  "trainable": trainable_signature(unwrapped)}
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())  # DeepSpeed's files sit in a folder
         for p in files:
             _fsync_file(p)
-        manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+        manifest = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _fsync_file(tmp / MANIFEST)
         _fsync_dir(tmp)
@@ -314,13 +325,19 @@ def load(accelerator, model, optimizer, scheduler, path: Path, fingerprint: dict
     import torch
     from safetensors.torch import load_file
 
+    from . import engines
+
     unwrapped = accelerator.unwrap_model(model)
     state = verify(path)
     check_matches(path, state, fingerprint, unwrapped)
     rng_file = path / f"rng-{accelerator.process_index}.pt"
+    deepspeed = engines.owns_optimizer(model)
+    if deepspeed != (path / engines.DEEPSPEED_DIR).is_dir():
+        raise CheckpointError(f"checkpoint {path} was written {'without' if deepspeed else 'under'} DeepSpeed; "
+                              "resume it under the engine that wrote it")
     try:
-        tensors = load_file(str(path / TENSORS))
-        optim_state = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+        tensors = {} if deepspeed else load_file(str(path / TENSORS))
+        optim_state = None if deepspeed else torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
         sched_state = torch.load(path / SCHEDULER, map_location="cpu", weights_only=True)
         rng = torch.load(rng_file, map_location="cpu", weights_only=True)
     except Exception as exc:  # a file that passed its checksum yet does not load: say which
@@ -333,8 +350,11 @@ def load(accelerator, model, optimizer, scheduler, path: Path, fingerprint: dict
             if hasattr(p, "full_tensor"):  # pragma: no cover - sharded training is refused earlier
                 raise CheckpointError("resuming sharded (FSDP) training is not supported yet")
             p.copy_(value.to(p.device, p.dtype))
+    if deepspeed:  # trainable tensors and optimizer partitions: DeepSpeed's own checkpoint
+        engines.load_deepspeed_checkpoint(model, path)
     try:
-        optimizer.load_state_dict(optim_state)
+        if not deepspeed:
+            optimizer.load_state_dict(optim_state)
         scheduler.load_state_dict(sched_state)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {path}: optimizer/scheduler state does not fit: {exc}") from None
