@@ -30,7 +30,7 @@ import torch
 MERGE_REFUSAL = (
     "This model's weights are partitioned by DeepSpeed ZeRO-3; merging needs whole weights and is refused "
     "(nothing was merged). Save the adapter (save_pretrained gathers only the adapter), then merge on one "
-    "process: `boft-triton merge --base MODEL --adapter ADAPTER_DIR --output OUT`, or load it with "
+    "process: `boft-triton merge ADAPTER_DIR --model BASE_MODEL --output-dir OUT`, or load it with "
     "BOFTModel.from_pretrained into an unpartitioned copy of the base model and call merge_and_unload() there."
 )
 

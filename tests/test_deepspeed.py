@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_distributed import SCRIPT, _run
+from test_train_cli import csv_data, tiny_bert  # noqa: F401  (fixtures)
 from tiny_models import call, llama, rel_err
 
 from boft_triton import BOFTModel
@@ -93,3 +94,90 @@ def test_zero3_adapter_loads_in_peft_and_boft_triton(own_loop, peft_with_butterf
     ours = BOFTModel.from_pretrained(copy.deepcopy(base), own_loop / "zero3" / "adapter")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), own_loop / "zero3" / "adapter")
     assert rel_err(call(ours, inputs), call(theirs, inputs)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- boft-triton train
+
+
+def _cli_argv(tiny_bert, data, out, *extra, batch_size=4):
+    """4 steps with a checkpoint every 2, no dropout (the one-process run must draw nothing the
+    ranks do not), 4 eval rows."""
+    return ["train", "--model", str(tiny_bert), "--data", str(data), "--text-column", "review",
+            "--label-column", "sentiment", "--steps", "4", "--batch-size", str(batch_size), "--lr", "1e-2",
+            "--max-length", "16", "--block-size", "4", "--dropout", "0", "--eval-size", "4", "--save-every", "2",
+            "--output-dir", str(out), "--no-progress", *extra]
+
+
+def _cli_launch(stage, argv, cwd, **env):
+    _run(deepspeed_launch(stage) + ["-m", "boft_triton.cli", *argv], cwd, PYTHONPATH=str(ROOT), **env)
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tiny_bert, csv_data, tmp_path_factory):
+    """One process with batch 8; ZeRO-3 uninterrupted; ZeRO-3 and ZeRO-2 killed (SIGKILL) right
+    after the checkpoint of step 2, then resumed. 2 processes x batch 4 = the same global batch."""
+    from boft_triton.cli import main
+
+    root = tmp_path_factory.mktemp("deepspeed_cli")
+    assert main(_cli_argv(tiny_bert, csv_data, root / "single", batch_size=8)) == 0
+    _cli_launch(3, _cli_argv(tiny_bert, csv_data, root / "zero3"), root)
+    for stage in (3, 2):
+        out = root / f"zero{stage}_resumed"
+        with pytest.raises(AssertionError):  # the ranks kill themselves once checkpoint 2 is complete
+            _cli_launch(stage, _cli_argv(tiny_bert, csv_data, out), root, BOFT_TRITON_DEBUG_KILL_AFTER_CHECKPOINT="2")
+        assert not (out / "adapter").exists()
+        _cli_launch(stage, _cli_argv(tiny_bert, csv_data, out, "--resume"), root)
+    return root
+
+
+def _metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("run", ["zero3", "zero2_resumed"])
+def test_cli_zero_matches_one_process(cli_runs, run):
+    zero, single = _adapter(cli_runs / run), _adapter(cli_runs / "single")
+    assert zero.keys() == single.keys()
+    for key in single:
+        assert rel_err(zero[key], single[key]) < TOLERANCE[run[:5]], key
+    m, m1 = _metrics(cli_runs / run), _metrics(cli_runs / "single")
+    # accelerate's CPU count (1 process, every rank the main one) was corrected: DDP's batch and shards
+    assert m["training"]["num_processes"] == 2 and m["training"]["global_batch_size"] == 8
+    assert m["distributed"]["type"] == "DEEPSPEED" and m["distributed"]["zero_stage"] == int(run[4])
+    assert m["dataset"]["test_size"] == m1["dataset"]["test_size"] == 4  # gathered, not per rank
+    torch.testing.assert_close(torch.tensor(m["losses"]), torch.tensor(m1["losses"]), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_zero3_resume_equals_uninterrupted(cli_runs):
+    resumed, whole = cli_runs / "zero3_resumed", cli_runs / "zero3"
+    assert _metrics(resumed)["training"]["resumed_from"].endswith("step-000002")
+    assert _metrics(resumed)["losses"] == _metrics(whole)["losses"]
+    a, b = _adapter(resumed), _adapter(whole)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_zero_checkpoint_is_deepspeeds_own(cli_runs):
+    from boft_triton.cli import train_state
+
+    for run in ("zero3", "zero2_resumed"):
+        ckpt = cli_runs / run / "checkpoints" / "step-000004"
+        train_state.verify(ckpt)  # every file, DeepSpeed's partitions included, against the manifest
+        names = {p.name for p in ckpt.iterdir()}
+        assert "deepspeed" in names and not {"optimizer.pt", "trainable.safetensors"} & names
+        assert len(list((ckpt / "deepspeed" / "state").glob("*optim_states.pt"))) == 2  # one partition per rank
+
+
+def test_cli_zero_merge(cli_runs, tiny_bert, tmp_path):
+    """ZeRO-2 merges a copy in the run (as DDP); ZeRO-3 skips that and the saved adapter merges
+    with `boft-triton merge` on one process."""
+    import transformers
+
+    from boft_triton.cli import main
+
+    check = _metrics(cli_runs / "zero2_resumed")["merge_check"]
+    assert check["passed"] and check["max_abs_logit_diff"] <= check["tolerance"]
+    assert _metrics(cli_runs / "zero2_resumed")["distributed"]["replicas"]["identical"]
+    assert "ZeRO-3" in _metrics(cli_runs / "zero3")["merge_check"]["skipped"]
+    out = tmp_path / "merged"
+    assert main(["merge", str(cli_runs / "zero3" / "adapter"), "--model", str(tiny_bert), "--output-dir", str(out)]) == 0
+    assert transformers.AutoModelForSequenceClassification.from_pretrained(str(out)).config.id2label
