@@ -17,15 +17,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_train_cli
 import torch
 from safetensors.torch import load_file
 from test_distributed import SCRIPT, _run
-from test_train_cli import csv_data, tiny_bert  # noqa: F401  (fixtures)
 from tiny_models import call, llama, rel_err
 
 from boft_triton import BOFTModel
 
 pytest.importorskip("deepspeed")
+tiny_bert, csv_data = test_train_cli.tiny_bert, test_train_cli.csv_data  # the CLI tests' fixtures
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -181,3 +182,51 @@ def test_cli_zero_merge(cli_runs, tiny_bert, tmp_path):
     out = tmp_path / "merged"
     assert main(["merge", str(cli_runs / "zero3" / "adapter"), "--model", str(tiny_bert), "--output-dir", str(out)]) == 0
     assert transformers.AutoModelForSequenceClassification.from_pretrained(str(out)).config.id2label
+
+
+# ----------------------------------------------------------------------------- BOFTTrainer
+
+TRAINER_SCRIPT = Path(__file__).parent / "distributed" / "trainer_tiny_llama.py"
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepspeed_trainer")
+    for stage in (2, 3):
+        (root / f"zero{stage}").mkdir()
+        _run(deepspeed_launch(stage) + [str(TRAINER_SCRIPT), str(root / f"zero{stage}")], root)
+    return root
+
+
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_trainer_sees_both_processes_and_one_writes(trainer_runs, mode):
+    report = json.loads((trainer_runs / mode / "report.json").read_text())
+    assert report["world_size"] == report["torch_world_size"] == 2 and report["stage"] == int(mode[-1])
+    assert report["should_save_ranks"] == [0]
+
+
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_trainer_checkpoints_are_peft_adapters_and_load(trainer_runs, mode, peft_with_butterfly):
+    import peft
+
+    checkpoint = trainer_runs / mode / "whole" / "checkpoint-2"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+    assert not {"model.safetensors", "pytorch_model.bin"} & names  # never the base model
+    torch.manual_seed(0)
+    base = llama()  # the script's base model
+    inputs = {"input_ids": torch.randint(0, 64, (2, 8))}
+    ours = BOFTModel.from_pretrained(copy.deepcopy(base), checkpoint)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), checkpoint)
+    assert rel_err(call(ours, inputs), call(theirs, inputs)) < 1e-5
+    assert rel_err(call(ours, inputs), call(base.eval(), inputs)) > 1e-4  # it did train
+
+
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_trainer_resume_equals_uninterrupted(trainer_runs, mode):
+    """resume_from_checkpoint loads DeepSpeed's own checkpoint (optimizer partitions) and the
+    scheduler; the adapter after step 4 is the uninterrupted run's, bit for bit."""
+    assert json.loads((trainer_runs / mode / "report.json").read_text())["resumed_global_step"] == 4
+    whole = load_file(trainer_runs / mode / "whole" / "checkpoint-4" / "adapter_model.safetensors")
+    resumed = load_file(trainer_runs / mode / "resumed" / "checkpoint-4" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
