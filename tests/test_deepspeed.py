@@ -230,3 +230,17 @@ def test_trainer_resume_equals_uninterrupted(trainer_runs, mode):
     whole = load_file(trainer_runs / mode / "whole" / "checkpoint-4" / "adapter_model.safetensors")
     resumed = load_file(trainer_runs / mode / "resumed" / "checkpoint-4" / "adapter_model.safetensors")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_config_files_parse(stage):
+    """Through accelerate's loader and `accelerate launch`'s argument merge."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    path = ROOT / "configs" / f"accelerate_deepspeed_zero{stage}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type == "DEEPSPEED" and config.num_machines == 1 and config.mixed_precision == "no"
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(path), "x.py"]))
+    assert args.use_deepspeed and args.zero_stage == stage and args.gradient_clipping == 1.0
+    assert args.zero3_init_flag == (stage == 3)  # the launches above build the plugin from these
