@@ -236,7 +236,10 @@ def test_trainer_resume_equals_uninterrupted(trainer_runs, mode):
 def test_deepspeed_config_files_parse(stage):
     """Through accelerate's loader and `accelerate launch`'s argument merge."""
     from accelerate.commands.config.config_args import load_config_from_file
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
 
     path = ROOT / "configs" / f"accelerate_deepspeed_zero{stage}.yaml"
     config = load_config_from_file(str(path))
