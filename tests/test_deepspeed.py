@@ -81,6 +81,13 @@ def test_zero3_partitions_the_base_and_loads_into_it(own_loop):
     assert checks["identity_vs_base_max_abs_diff"] < 1e-6  # written into the partitioned adapter
 
 
+def test_zero3_save_pretrained_with_a_consolidated_state_dict(own_loop):
+    """save_pretrained(state_dict=) as PEFT and Trainer call it under ZeRO-3: the same files."""
+    gathered, given = _adapter(own_loop / "zero3"), load_file(own_loop / "zero3" / "adapter_from_state_dict" /
+                                                              "adapter_model.safetensors")
+    assert gathered.keys() == given.keys() and all(torch.equal(gathered[k], given[k]) for k in given)
+
+
 def test_zero3_merge_is_refused_with_the_recipe(own_loop):
     message = (own_loop / "zero3" / "merge_error.txt").read_text()
     assert "partitioned by DeepSpeed ZeRO-3" in message and "boft-triton merge" in message

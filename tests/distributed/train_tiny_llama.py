@@ -109,6 +109,11 @@ def train(args):
                 with open(os.path.join(args.out, "merge_error.txt"), "w") as fh:
                     fh.write(str(err))
     if args.mode == "zero3":
+        # PEFT's and Trainer's way: a consolidated state dict (a collective; rank 0 gets it), then
+        # save_pretrained(state_dict=) on the main process only
+        state_dict = model._zero3_consolidated_16bit_state_dict()
+        if main_process:
+            boft_model.save_pretrained(os.path.join(args.out, "adapter_from_state_dict"), state_dict=state_dict)
         checks = zero3_checks(model, boft_model, os.path.join(args.out, "adapter"))
         if main_process:
             with open(os.path.join(args.out, "zero3.json"), "w") as fh:
