@@ -80,6 +80,11 @@ def whole(t: torch.Tensor | None) -> torch.Tensor | None:
     (detached: used for frozen base tensors read outside their module's forward)."""
     if t is None or not is_partitioned(t) or _available(t):
         return t
+    if t.requires_grad:  # a copy would silently take no gradient
+        raise RuntimeError(
+            "A trainable base tensor (bias='boft_only' or 'all') is partitioned by DeepSpeed ZeRO-3 and read outside "
+            "its layer's forward, where its gradient cannot reach the partition. Keep it whole: raise "
+            "zero_optimization.stage3_param_persistence_threshold above its size, or train with bias='none'.")
     with gathered([t]):
         return t.detach().clone()
 
