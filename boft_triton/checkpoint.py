@@ -13,6 +13,7 @@ import warnings
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import deepspeed_support as zero
 from .geometry import resolve_geometry
 from .io_utils import atomic_path
 from .layer import BOFTLayer
@@ -37,10 +38,41 @@ def adapter_state_dict(model: torch.nn.Module, adapter_name: str, bias: str,
             return live
         for candidate in (key, f"model.{key}", f"{PREFIX}{key}"):
             if candidate in values:
-                return values[candidate]
+                found = values[candidate]
+                if found.numel() == 0 and zero.full_numel(live) > 0:
+                    raise ValueError(
+                        f"the state_dict passed to save_pretrained holds an empty {candidate!r}: a partitioned "
+                        "(DeepSpeed ZeRO-3) state dict. Call save_pretrained without state_dict on every rank "
+                        "(it gathers the adapter tensors only), or pass accelerator.get_state_dict(model).")
+                return found
         raise KeyError(f"the state_dict passed to save_pretrained has no {key!r}: pass the whole model's state dict "
                        "(accelerator.get_state_dict(model)), or none")
 
+    # DeepSpeed ZeRO-3: gather this adapter's tensors (never the base) and copy them inside the block
+    to_gather = _adapter_tensors(model, adapter_name, bias) if values is None else []
+    copy = any(zero.is_partitioned(t) for t in to_gather)  # the storage goes back on exit
+    with zero.gather_context(to_gather):
+        out = _collect(model, adapter_name, bias, value)
+        return {k: _full(v).detach().clone() if copy else _full(v).detach().contiguous() for k, v in out.items()}
+
+
+def _adapter_tensors(model: torch.nn.Module, adapter_name: str, bias: str) -> list[torch.Tensor]:
+    """The parameters ``adapter_state_dict`` reads for one adapter: its BOFT tensors, its
+    ``modules_to_save`` copies and the biases ``bias`` trains."""
+    found: list[torch.Tensor] = []
+    for module in model.modules():
+        if isinstance(module, BOFTLayer) and adapter_name in module.boft_R:
+            found += [module.boft_R[adapter_name], module.boft_s[adapter_name]]
+            if bias == "boft_only" and module.base_layer.bias is not None:
+                found.append(module.base_layer.bias)
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            found += list(module.modules_to_save[adapter_name].parameters())
+    if bias == "all":
+        found += [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return list({id(t): t for t in found}.values())
+
+
+def _collect(model: torch.nn.Module, adapter_name: str, bias: str, value) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, BOFTLayer) and adapter_name in module.boft_R:
@@ -62,7 +94,7 @@ def adapter_state_dict(model: torch.nn.Module, adapter_name: str, bias: str,
             elif any_copy in f".{name}":
                 continue  # another adapter's copy
             out[f"{PREFIX}{name}"] = value(source, param) if (source := name_of.get(id(param))) else param
-    return {k: _full(v).detach().contiguous() for k, v in out.items()}
+    return out
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -168,7 +200,7 @@ def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.
                     "modules than this config; check target_modules and the model."
                 )
             param = getattr(layers[path], kind)[adapter_name]
-            expected = tuple(param.shape)
+            expected = zero.full_shape(param)  # a ZeRO-3 parameter's own shape is empty
             if kind == "boft_R" and value.dim() == 4 and tuple(value.shape[1:]) == expected[1:]:
                 if value.shape[0] != expected[0]:
                     _check_factor_count(key, value.shape)
@@ -193,8 +225,8 @@ def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.
         if dest is None:
             unexpected.append(key)
             continue
-        if tuple(dest.shape) != tuple(value.shape):
-            raise _mismatch(key, dest.shape, value.shape)
+        if zero.full_shape(dest) != tuple(value.shape):
+            raise _mismatch(key, zero.full_shape(dest), value.shape)
         writes.append((key, dest, value))
 
     missing = [f"{PREFIX}{p}.{k}" for p in layers for k in ("boft_R", "boft_s") if (p, k) not in found]
@@ -208,13 +240,18 @@ def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.
                 else f"keys with no place in this adapter, e.g. {unexpected[:3]}")
         raise ValueError(f"The checkpoint does not fit adapter {adapter_name!r} as it is ({what}); nothing was "
                          "changed. Load it as a new adapter with load_adapter instead.")
+    if reshapes and any(zero.is_partitioned(layers[p].boft_R[adapter_name]) for p in reshapes):
+        raise ValueError(
+            f"The checkpoint holds {len(reshapes)} layers with another butterfly factor count than this adapter, and "
+            "its parameters are partitioned by DeepSpeed ZeRO-3, where they cannot be replaced; nothing was changed. "
+            "Build the adapter with the checkpoint's boft_n_butterfly_factor, then load.")
     for path, n_factors in reshapes.items():
         layers[path].reshape_adapter(adapter_name, n_factors)
-    with torch.no_grad():
-        for key, dest, value in writes:
-            if isinstance(dest, tuple):
-                layer, kind = dest
-                dest = getattr(layer, kind)[adapter_name]
+    resolved = [(key, getattr(dest[0], dest[1])[adapter_name] if isinstance(dest, tuple) else dest, value)
+                for key, dest, value in writes]
+    # ZeRO-3: every rank read the same file; rank 0's whole tensors are re-partitioned on exit
+    with torch.no_grad(), zero.gather_context([dest for _, dest, _ in resolved], modifier_rank=0):
+        for key, dest, value in resolved:
             if is_dtensor(dest):  # FSDP2: each rank keeps its shard of the full tensor
                 from torch.distributed.tensor import distribute_tensor
 

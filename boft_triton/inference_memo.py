@@ -6,7 +6,11 @@ batch) would otherwise be rebuilt every token. An entry is keyed by its tensors 
 references: a new tensor at a freed address never hits, and the entry goes with its tensors) and
 is valid while each keeps its version counter (in-place changes: optimizer steps, load_state_dict,
 hot swap), storage and dtype (``module.to()`` may swap ``.data`` under the same Parameter). With
-gradients enabled, while compiling, or for tensor subclasses (FSDP2's DTensors) nothing is kept.
+gradients enabled, while compiling, or for tensor subclasses (FSDP2's DTensors) nothing is kept;
+nor for a tensor that is a window into a larger storage: DeepSpeed ZeRO-1/2 makes each trainable
+parameter a view of one flat buffer and writes every step's result through that buffer, which
+changes neither the parameter's version counter nor its data pointer (a memoised Q went stale
+there: evaluation after training used the adapter of the first evaluation).
 """
 
 from __future__ import annotations
@@ -23,10 +27,17 @@ def _state(t: torch.Tensor) -> tuple:
     return t._version, t.data_ptr(), t.dtype, t.device
 
 
+def _trackable(t: torch.Tensor) -> bool:
+    """Whether the version counter and data pointer see every change of ``t`` (see above)."""
+    if type(t.data) is not torch.Tensor:
+        return False
+    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def memoised(kind: str, tensors: tuple[torch.Tensor, ...], build: Callable[[], object]):
     """``build()``, reused while ``tensors`` are alive and unchanged (outside autograd and tracing);
     ``kind`` names what is built, so different things derived from the same tensors never mix."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or any(type(t.data) is not torch.Tensor for t in tensors):
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not all(_trackable(t) for t in tensors):
         return build()
     key = (kind, *(id(t) for t in tensors))
     state = tuple(_state(t) for t in tensors)

@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import deepspeed_support as zero
 from . import mixed_batch, offload, ops, quantized
 from .config import BOFTConfig
 from .geometry import resolve_geometry
@@ -256,8 +257,8 @@ class Linear(BOFTLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: BOFTConfig, layer_name: str = "layer"):
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
-        if self.fan_in_fan_out:
-            n, o = base_layer.weight.shape
+        if self.fan_in_fan_out:  # ZeRO-3 partitions the weight: its shape is ds_shape, not gathered
+            n, o = zero.full_shape(base_layer.weight)
         else:  # from the layer, not its weight: a 4-bit weight is stored packed
             n, o = base_layer.in_features, base_layer.out_features
         super().__init__(base_layer, n, o)
@@ -292,7 +293,9 @@ class Linear(BOFTLayer):
         out + (out - b)(s - 1) so that s = 1 returns the base output bit for bit and rounding in
         (out - b) is damped by s - 1. The fp32 scale promotes the product (as in PEFT): rounding s
         to bf16 first would erase any change of s below 2^-8, freezing it in low-precision training."""
-        bias = offload.module_tensor(self.base_layer, "bias")
+        # ZeRO-3 released the bias with the base layer's forward (unless it is small enough to
+        # persist): gathered again here, a copy of one bias; every rank runs this forward alike
+        bias = zero.whole(offload.module_tensor(self.base_layer, "bias"))
         return out * s if bias is None else torch.addcmul(out, out - bias, s - 1)
 
     def mixed_forward(self, x, adapter_names, *args, **kwargs):
@@ -317,7 +320,7 @@ class Conv2d(BOFTLayer):
                 f"{layer_name}: BOFT supports Conv2d with groups=1 only (this one has groups={base_layer.groups}); "
                 "exclude it with exclude_modules or target other layers."
             )
-        o, c, kh, kw = base_layer.weight.shape
+        o, c, kh, kw = zero.full_shape(base_layer.weight)
         super().__init__(base_layer, c * kh * kw, o)
         self.update_layer(adapter_name, config, layer_name)
 
@@ -335,12 +338,13 @@ class Conv2d(BOFTLayer):
     def adapted_forward(self, x, adapters, *args, **kwargs):
         previous_dtype = x.dtype
         base = self.base_layer
-        w = self.weight_o_n()
+        # ZeRO-3: the weight is read outside the base's forward, so it is gathered (a copy) here
+        w = zero.whole(base.weight).reshape(self.out_features, self.in_features)
         # W rotation^T with rotation = M_last ... M_first: apply the first adapter's M^T first.
         for adapter in adapters:
             w = ops.butterfly(w, self._q(adapter, with_dropout=True), transpose=True)
         w = (w * self._scale(adapters).reshape(-1, 1)).to(base.weight.dtype)  # scale in fp32, then the base dtype
-        out = base._conv_forward(x.to(w.dtype), w.reshape(base.weight.shape), base.bias)
+        out = base._conv_forward(x.to(w.dtype), w.reshape(zero.full_shape(base.weight)), zero.whole(base.bias))
         return out.to(previous_dtype)
 
     def mixed_forward(self, x, adapter_names, *args, **kwargs):

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint, hub, mixed_batch, status
+from . import deepspeed_support as zero
 from .config import BOFTConfig
 from .layer import BOFTLayer, supported_layer_class
 from .modules_to_save import ModulesToSaveWrapper
@@ -346,6 +347,8 @@ class BOFTModel(nn.Module):
                 "(save_pretrained gathers it), load it into an unsharded copy of the base model with "
                 "BOFTModel.from_pretrained, and merge there."
             )
+        if any(zero.is_partitioned(layer.weight) for _, layer in layers):
+            raise RuntimeError(zero.MERGE_REFUSAL)  # refused on every rank alike, before anything is written
         pending = []
         for key, layer in layers:
             names = layer.adapters_to_merge(adapter_names)
@@ -409,7 +412,10 @@ class BOFTModel(nn.Module):
         only the one with ``is_main_process`` writes. ``state_dict``, as PEFT and Trainer pass it:
         the whole model's state dict (``accelerator.get_state_dict(model)`` under DeepSpeed ZeRO-3
         or FSDP, keys as this model's ``state_dict()`` or its wrapped model's), from which the
-        adapter tensors are taken instead of the live parameters. Other keywords PEFT's method
+        adapter tensors are taken instead of the live parameters; nothing is gathered then (no
+        collective), so only the main process needs to call, as Trainer does. Without it, under
+        DeepSpeed ZeRO-3 every rank must call: the adapter tensors (never the base) are gathered.
+        Other keywords PEFT's method
         takes (``save_function``, ``save_embedding_layers``, ...) are accepted and unused: the
         files are written atomically with safetensors.
         """

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
+
+from .deepspeed_support import copy_module
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -24,7 +24,8 @@ class ModulesToSaveWrapper(nn.Module):
 
     def update(self, adapter_name: str) -> None:
         if adapter_name not in self.modules_to_save:
-            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+            # a deepcopy; under ZeRO-3 (zero3_init_flag) copied from the gathered parameters
+            self.modules_to_save[adapter_name] = copy_module(self.original_module)
 
     def set_adapter(self, adapter_names: list[str], trainable: bool = True) -> None:
         live = [a for a in adapter_names if a in self.modules_to_save]

@@ -70,8 +70,12 @@ def test_every_rank_leaves_the_process_group(runs, mode):
     ended = {p.name: json.loads(p.read_text()) for p in (runs / mode / "ended").iterdir()}
     assert sorted(ended) == ["rank0", "rank1"]
     assert not any(e["initialised"] for e in ended.values())
-    if mode == "ddp":  # the gloo backend was joined: no worker thread outlives the run
-        assert all(e["gloo_threads"] == 0 for e in ended.values()), ended
+    # No gloo worker thread races interpreter shutdown: each rank either joined the backend (0
+    # threads left) or, where torch 2.13 keeps it alive, ended without finalizing. Plain DDP
+    # joins or not depending on C++ object lifetimes (with deepspeed importable it did not; a
+    # bare torch DDP of one Linear, without accelerate or deepspeed, does not either), so both
+    # ways out are checked rather than one assumed; see boft_triton.cli.process_group.
+    assert all(e["gloo_threads"] == 0 or e["exit"] == "without_finalizing" for e in ended.values()), ended
 
 
 def test_fsdp2_adapter_loads_in_peft_and_boft_triton(runs, peft_with_butterfly):

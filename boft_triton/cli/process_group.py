@@ -18,10 +18,16 @@ DDP-wrapped model before calling, ``accelerator`` drops its own references), and
 group from Python: that destructor releases the GIL and joins the worker threads, so each one
 drops its last collective while the interpreter is fully alive, and none is left running.
 
-One case it cannot join: once FSDP2/DTensor functional collectives have used the group, torch
-2.13 keeps the gloo backend alive in C++ after ``destroy_process_group``, so its threads outlive
-it (``gloo_threads_left`` says so). ``exit_without_finalizing`` is for that case: it flushes and
-ends the process with its exit code but without the interpreter shutdown those threads race.
+Cases it cannot join, where torch 2.13 keeps the gloo backend alive in C++ after
+``destroy_process_group`` so its threads outlive it (``gloo_threads_left`` says so): once
+FSDP2/DTensor functional collectives have used the group; under DeepSpeed (its own groups); and
+DDP, depending on C++ object lifetimes alone: no Python object refers to the group any more (a
+gc scan finds no ProcessGroup, Work, DDP module or Parameter), yet a bare torch DDP of one Linear
+(no accelerate, no deepspeed) leaves 3 gloo threads, and whether a DDP run through accelerate
+does flips with the order its objects were created in (having deepspeed importable, which
+accelerate then imports, is one such change). ``exit_without_finalizing`` is for all of these: it
+flushes and ends the process with its exit code but without the interpreter shutdown those
+threads race. Every caller checks the count rather than assuming one engine joins.
 """
 
 from __future__ import annotations

@@ -391,9 +391,26 @@ class _Run:
 
     @property
     def sharded(self) -> bool:
-        from accelerate.utils import DistributedType
+        """No process holds whole weights (FSDP, DeepSpeed ZeRO-3); see :mod:`.engines`."""
+        from . import engines
 
-        return self.accelerator.distributed_type == DistributedType.FSDP
+        return engines.weights_partitioned(self.accelerator)
+
+    @property
+    def deepspeed(self) -> bool:
+        from . import engines
+
+        return engines.is_deepspeed(self.accelerator)
+
+    @property
+    def engine(self) -> str | None:
+        """The engine whose checkpoint layout this run writes: "fsdp", "deepspeed-zero<stage>", or
+        None (one process, DDP: whole tensors)."""
+        from . import engines, sharded_state
+
+        if sharded_state.is_sharded(self.accelerator):
+            return "fsdp"
+        return f"deepspeed-zero{engines.zero_stage(self.accelerator)}" if self.deepspeed else None
 
     def say(self, msg: str) -> None:
         if self.main:
@@ -468,6 +485,9 @@ def _start(args: argparse.Namespace) -> _Run:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     except (ValueError, RuntimeError) as exc:
         raise CLIError(f"--precision {args.precision} is not available here: {exc}") from None
+    from . import engines
+
+    engines.start(accelerator)  # DeepSpeed: the process count accelerate got wrong on CPU, clipping
     run = _Run(args, accelerator, Path(args.output_dir))
     set_seed(args.seed)
     return run
@@ -482,7 +502,7 @@ def _load_data_and_adapt(run: _Run) -> _Adapted:
     t = time.perf_counter()
     ds = load_data(args)
     majority_label, majority_acc = ds.majority_baseline()
-    fingerprint = _fingerprint(args, ds, accelerator.num_processes, run.sharded)
+    fingerprint = _fingerprint(args, ds, accelerator.num_processes, run.engine)
     resume_path = None
     if args.resume:  # fail fast, before the model loads: a missing, damaged or foreign checkpoint,
         # on any machine (every process checks, and they agree)
@@ -508,8 +528,11 @@ def _load_data_and_adapt(run: _Run) -> _Adapted:
     except (ValueError, KeyError, TypeError) as exc:
         raise CLIError(f"cannot add the BOFT adapter to {args.model}: {exc}") from None
     adapted = sorted({n for n, m in model.named_modules() if hasattr(m, "boft_R") and hasattr(m, "base_layer")})
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 (zero3_init_flag): the base is partitioned already, its own numel() is 0
+    from ..deepspeed_support import full_numel
+
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(full_numel(p) for p in model.parameters())
     run.timings["load"] = time.perf_counter() - t
 
     run.say(f"data: {ds.source}; split {ds.split}")
@@ -617,6 +640,9 @@ def _train_steps(run: _Run, job: _Adapted, model, optimizer, scheduler, train_dl
             loss = model(**batch).loss
             if step + 1 == nan_step:
                 loss = loss * float("nan")
+            if run.deepspeed:  # DeepSpeed steps the optimizer inside backward: check the loss first
+                _stop_if_diverged(accelerator.reduce(loss.detach().float(), reduction="mean").item(), 0.0,
+                                  step, last_checkpoint, check_grad=False)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(params, 1.0)
             if grad_norm is None:  # accelerate returns None on non-syncing (accumulation) steps
@@ -627,13 +653,7 @@ def _train_steps(run: _Run, job: _Adapted, model, optimizer, scheduler, train_dl
             stats = torch.stack([loss.detach().float(), torch.as_tensor(grad_norm, dtype=torch.float32,
                                                                         device=loss.device)])
             value, norm = accelerator.reduce(stats, reduction="mean").tolist()
-            if not math.isfinite(value) or (check_grad and not math.isfinite(norm)):
-                what = f"loss became {value}" if not math.isfinite(value) else f"gradient norm became {norm}"
-                kept = (f"the last good checkpoint is {last_checkpoint} (continue with --resume)"
-                        if last_checkpoint else "no checkpoint was written (see --save-every)")
-                raise TrainingDiverged(
-                    f"training {what} at step {step + 1}; stopped before the optimizer step; {kept}; "
-                    f"try a lower --lr")
+            _stop_if_diverged(value, norm, step, last_checkpoint, check_grad, stepped=run.deepspeed)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -661,6 +681,19 @@ def _train_steps(run: _Run, job: _Adapted, model, optimizer, scheduler, train_dl
                  f"(step {points[-1]['step']})")
     run.say(said)
     return losses, last_checkpoint
+
+
+def _stop_if_diverged(value: float, norm: float, step: int, last_checkpoint, check_grad: bool,
+                      stepped: bool = False) -> None:
+    """``TrainingDiverged`` on a non-finite loss or gradient norm. Under DeepSpeed the loss is
+    checked before the backward (which steps the optimizer), the norm only after it (``stepped``)."""
+    if math.isfinite(value) and (not check_grad or math.isfinite(norm)):
+        return
+    what = f"loss became {value}" if not math.isfinite(value) else f"gradient norm became {norm}"
+    when = "after DeepSpeed's optimizer step" if stepped else "before the optimizer step"
+    kept = (f"the last good checkpoint is {last_checkpoint} (continue with --resume)"
+            if last_checkpoint else "no checkpoint was written (see --save-every)")
+    raise TrainingDiverged(f"training {what} at step {step + 1}; stopped {when}; {kept}; try a lower --lr")
 
 
 def _loss_window(n: int) -> int:
@@ -708,8 +741,10 @@ def _save_adapter(run: _Run, model):
     orthogonality = train_checks.block_orthogonality(unwrapped)
     run.say(f"orthogonality: max |Q^T Q - I| over {orthogonality['blocks']} Cayley blocks "
             f"{orthogonality['max_abs_QtQ_minus_I_per_block']:.2e}")
+    from . import engines
+
     distributed = {"type": str(accelerator.distributed_type).rsplit(".", 1)[-1],
-                   "all_reduced": train_checks.all_reduced_parameters(model)}
+                   "all_reduced": train_checks.all_reduced_parameters(model), **engines.describe(accelerator)}
     if accelerator.num_processes > 1 and not run.sharded:
         distributed["replicas"] = train_checks.replica_digests(accelerator, unwrapped)
         run.say(f"replicas: {accelerator.num_processes} processes end with "
@@ -723,8 +758,9 @@ def _check_merged_model(run: _Run, unwrapped, eval_dl, logits1) -> dict[str, Any
     t = time.perf_counter()
     coarsest = max((args.precision, args.base_dtype), key=lambda d: _MERGE_TOLERANCE[d])
     if run.sharded:  # sharded weights cannot be merged in place; merge the saved adapter offline
-        check = {"skipped": "FSDP: weights are sharded; use boft-triton merge on the saved adapter",
-                 "passed": True}
+        from . import engines
+
+        check = {"skipped": engines.merge_skipped(run.accelerator), "passed": True}
     else:
         merged = copy.deepcopy(unwrapped).merge_and_unload()
         logits2, _ = evaluate(merged, eval_dl, run.accelerator, "merge check", run.show)
@@ -798,17 +834,18 @@ def _write_outputs(run: _Run, job: _Adapted, metrics, losses, acc_before: float,
             f"(total {run.timings['total']:.1f}s)")
 
 
-def _fingerprint(args: argparse.Namespace, ds, num_processes: int, sharded: bool = False) -> dict[str, Any]:
+def _fingerprint(args: argparse.Namespace, ds, num_processes: int, engine: str | None = None) -> dict[str, Any]:
     """What a checkpoint must share with the run resuming it (anything that changes the path, and
-    the checkpoint layout: FSDP's sharded state; unsharded runs record no engine, as before)."""
+    the checkpoint layout: FSDP's shards, DeepSpeed's partitions per ZeRO stage; DDP and one
+    process record no engine, as before)."""
     keys = ("model", "data", "text_column", "label_column", "targets", "block_size", "block_num",
             "factors", "dropout", "modules_to_save", "steps", "batch_size", "lr", "warmup",
             "weight_decay", "precision", "base_dtype", "seed", "max_length")
     fp = {k: getattr(args, k) for k in keys}
     fp.update(num_processes=num_processes, label_names=list(ds.label_names),
               train_size=len(ds.train_texts))
-    if sharded:
-        fp["engine"] = "fsdp"
+    if engine:
+        fp["engine"] = engine
     return fp
 
 

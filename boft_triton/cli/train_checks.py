@@ -18,11 +18,14 @@ from typing import Any
 def block_orthogonality(model) -> dict[str, Any]:
     import torch
 
+    from .. import deepspeed_support as zero
     from .. import ops
     from ..layer import BOFTLayer
 
     worst, worst_layer, layers, blocks = 0.0, None, 0, 0
-    with torch.no_grad():
+    every_R = [R for m in model.modules() if isinstance(m, BOFTLayer) for R in m.boft_R.values()]
+    # ZeRO-3: the R tensors (only they) are gathered; every process calls this
+    with torch.no_grad(), zero.gather_context(every_R):
         for name, layer in model.named_modules():
             if not isinstance(layer, BOFTLayer):
                 continue

@@ -9,6 +9,8 @@ Layout under ``--output-dir``::
         :mod:`~boft_triton.cli.sharded_state`)
         scheduler.pt            learning-rate scheduler state
         rng-<rank>.pt           python / numpy / torch (/ cuda) RNG states of each process
+        deepspeed/              under DeepSpeed, instead of trainable.safetensors and optimizer.pt:
+                                DeepSpeed's own checkpoint (trainable tensors, optimizer partitions)
         state.json              step, losses so far, and the run's fingerprint (what must match)
         manifest.json           size and sha256 of every other file, written last
     checkpoints/latest          the name of the newest complete checkpoint
@@ -20,11 +22,11 @@ that points at a complete one. The data position needs no file: the sampler is s
 (accelerate's seedable sampler), so ``step`` fixes the epoch and the batches to skip.
 
 Only the main process writes, except ``rng-<rank>.pt`` (every process writes its own) and, under
-FSDP, each process's DCP shards. A filesystem shared by every machine (at the same path) is
-assumed: each process checks that it sees the temporary folder before writing into it, and that
-it sees the checkpoint it is to resume from, and the processes agree (:mod:`rank_agreement`), so
-a machine that cannot see them stops the whole run with that message instead of leaving the others
-waiting in a collective.
+FSDP or DeepSpeed, each process's own shards or partitions. A filesystem shared by every machine
+(at the same path) is assumed: each process checks that it sees the temporary folder before
+writing into it, and that it sees the checkpoint it is to resume from, and the processes agree
+(:mod:`rank_agreement`), so a machine that cannot see them stops the whole run with that message
+instead of leaving the others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -86,7 +88,10 @@ def trainable_tensors(model) -> dict[str, Any]:
 
 
 def trainable_signature(model) -> dict[str, list[int]]:
-    return {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    # a ZeRO-3 parameter's own shape is empty
+    from ..deepspeed_support import full_shape
+
+    return {n: list(full_shape(p)) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -163,12 +168,15 @@ def save(accelerator, model, optimizer, scheduler, output_dir, step: int, losses
     import torch
     from safetensors.torch import save_file
 
+    from . import engines
+
     root = checkpoint_root(output_dir)
     final = root / step_name(step)
     tmp = root / f".tmp-{step_name(step)}"
     main = accelerator.is_main_process
     unwrapped = accelerator.unwrap_model(model)
     sharded = sharded_state.is_sharded(accelerator)
+    deepspeed = engines.owns_optimizer(model)
     if main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -176,12 +184,14 @@ def save(accelerator, model, optimizer, scheduler, output_dir, step: int, losses
         tmp.mkdir()
     accelerator.wait_for_everyone()
     _check_every_rank_sees(tmp, main)
+    if deepspeed:  # every process writes its partitions
+        engines.save_deepspeed_checkpoint(model, tmp)
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     if sharded:  # every process writes its own shards; nothing is gathered
         sharded_state.save(unwrapped, optimizer, tmp)
     accelerator.wait_for_everyone()
     if main:
-        if not sharded:
+        if not (sharded or deepspeed):
             save_file(trainable_tensors(unwrapped), str(tmp / TENSORS))
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER)
@@ -190,10 +200,10 @@ def save(accelerator, model, optimizer, scheduler, output_dir, step: int, losses
         if sharded:
             state["layout"] = sharded_state.LAYOUT
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())  # DeepSpeed's files sit in a folder
         for p in files:
             _fsync_file(p)
-        manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+        manifest = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _fsync_file(tmp / MANIFEST)
         _fsync_dir(tmp)
@@ -368,6 +378,8 @@ def load(accelerator, model, optimizer, scheduler, path: Path, fingerprint: dict
     import torch
     from safetensors.torch import load_file
 
+    from . import engines
+
     unwrapped = accelerator.unwrap_model(model)
     state = verify(path)
     check_matches(path, state, fingerprint, unwrapped)
@@ -377,9 +389,15 @@ def load(accelerator, model, optimizer, scheduler, path: Path, fingerprint: dict
         raise CheckpointError(f"checkpoint {path} holds {layout} state; this run is "
                               f"{'sharded (FSDP)' if sharded else 'not sharded'}: resume it on the engine that wrote it")
     rng_file = path / f"rng-{accelerator.process_index}.pt"
+    deepspeed = engines.owns_optimizer(model)
+    if deepspeed != (path / engines.DEEPSPEED_DIR).is_dir():
+        raise CheckpointError(f"checkpoint {path} was written {'without' if deepspeed else 'under'} DeepSpeed; "
+                              "resume it under the engine that wrote it")
     try:
         if sharded:  # collective: every process reads its own shards
             sharded_state.load(unwrapped, optimizer, path)
+            tensors, optim_state = {}, None
+        elif deepspeed:  # DeepSpeed's own checkpoint, loaded below
             tensors, optim_state = {}, None
         else:
             tensors = load_file(str(path / TENSORS))
@@ -393,6 +411,8 @@ def load(accelerator, model, optimizer, scheduler, path: Path, fingerprint: dict
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
+    if deepspeed:  # trainable tensors and optimizer partitions: DeepSpeed's own checkpoint
+        engines.load_deepspeed_checkpoint(model, path)
     try:
         if optim_state is not None:
             optimizer.load_state_dict(optim_state)

@@ -68,6 +68,7 @@ class BOFTTrainerMixin:
     """Put in front of ``transformers.Trainer`` or a subclass of it (see the module docstring)."""
 
     def __init__(self, *args, **kwargs) -> None:
+        _fix_deepspeed_process_count(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         boft_model = self._boft_model()
         if boft_model is not None:
@@ -124,6 +125,19 @@ class BOFTTrainerMixin:
         if boft_model is None or best is None or not has_adapter_checkpoint(best):
             return super()._load_best_model()
         load_adapter_checkpoint(boft_model, best)
+
+
+def _fix_deepspeed_process_count(args) -> None:
+    """Under DeepSpeed on a machine without GPUs accelerate counts one process on every rank
+    (``deepspeed_support.fix_accelerate_process_count``); the Trainer sizes DeepSpeed's batch and
+    shards the data from that count, so it is corrected before the Trainer reads it."""
+    if args is None or not getattr(args, "deepspeed_plugin", None) and \
+            os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    from ..deepspeed_support import fix_accelerate_process_count
+
+    _ = args.device  # TrainingArguments sets up accelerate's PartialState on first use
+    fix_accelerate_process_count()
 
 
 class BOFTTrainer(BOFTTrainerMixin, Trainer):
