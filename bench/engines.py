@@ -6,7 +6,7 @@
 For each engine (DDP and FSDP2 through ``torchrun``; DeepSpeed ZeRO-2 and ZeRO-3 through
 ``accelerate launch`` with ``configs/accelerate_deepspeed_zero{2,3}.yaml``, when deepspeed is
 installed) and each method (``peft-lora-r16``, ``boft_triton-b8-N2`` on q/v of a tiny Llama),
-two processes train the same global batch, each rank on its half. Every rank times ``--steps``
+two processes (``--nproc``) train the same global batch, each rank on its share. Every rank times ``--steps``
 steps after ``--warmup`` (median) and then measures one step's peak resident-set growth (the
 CPU probe of ``training_step``; ``torch.cuda.max_memory_allocated`` on GPUs). The table gives
 both per rank and boft_triton's ratio to LoRA under the same engine, all measured in one run.
@@ -41,6 +41,16 @@ def _method(name: str):
 # ----------------------------------------------------------------------------- one rank
 
 
+def _device():
+    import torch
+
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _backend() -> str:
+    return "nccl" if _device().type == "cuda" else "gloo"
+
+
 def _wrap(model, engine: str, world: int):
     """The engine's model and optimizer wrapping (what a user's script does)."""
     import torch
@@ -50,13 +60,13 @@ def _wrap(model, engine: str, world: int):
     if engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        dist.init_process_group("gloo")
+        dist.init_process_group(_backend())
         model = DistributedDataParallel(model)
         return model, torch.optim.AdamW(params(model), lr=1e-3), None
     if engine == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        dist.init_process_group("gloo")
+        dist.init_process_group(_backend())
         for layer in [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]:
             fully_shard(layer)  # per transformer block, as accelerate's FSDP2 plugin wraps
         fully_shard(model)
@@ -85,11 +95,14 @@ def worker(engine: str, method_name: str, steps: int, warmup: int, out: Path) ->
     work = tiny_llama(batch_size=GLOBAL_BATCH, seq_len=SEQ_LEN)
     method = _method(method_name)
     torch.manual_seed(1)
-    model = method.build(work.model, list(work.targets), list(work.heads))
+    device = _device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = method.build(work.model, list(work.targets), list(work.heads)).to(device)
     model.train()
     model, optimizer, accelerator = _wrap(model, engine, world)
     share = GLOBAL_BATCH // world
-    batch = {k: v[rank * share:(rank + 1) * share] for k, v in work.batch.items()}
+    batch = {k: v[rank * share:(rank + 1) * share].to(device) for k, v in work.batch.items()}
 
     def step() -> float:
         loss = model(**batch).loss
@@ -101,14 +114,23 @@ def worker(engine: str, method_name: str, steps: int, warmup: int, out: Path) ->
     for _ in range(warmup):
         step()
     times = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(steps):
         dist.barrier()
+        sync()
         start = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - start)
     memory: dict = {}
-    with cpu_rss().measure(memory):
+    if device.type == "cuda":  # the step's own peak: allocated at its peak less at its start
+        torch.cuda.reset_peak_memory_stats(device)
+        begin = torch.cuda.memory_allocated(device)
         step()
+        memory["rss_peak_growth_mib"] = (torch.cuda.max_memory_allocated(device) - begin) / 2**20
+    else:
+        with cpu_rss().measure(memory):
+            step()
     row = {"engine": engine, "method": method_name, "rank": rank, "world": world,
            "step_ms": 1e3 * statistics.median(times), "step_ms_all": [1e3 * t for t in times],
            "rss_peak_growth_mib": memory.get("rss_peak_growth_mib"),
@@ -131,16 +153,16 @@ def available_engines() -> list[str]:
     return [e for e in ENGINES if not e.startswith("zero") or importlib.util.find_spec("deepspeed")]
 
 
-def launch(engine: str, method: str, steps: int, warmup: int, out: Path) -> None:
-    """Two processes of ``worker`` under the engine's launcher (loopback, a free port)."""
+def launch(engine: str, method: str, steps: int, warmup: int, out: Path, nproc: int = 2) -> None:
+    """``nproc`` processes of ``worker`` under the engine's launcher (loopback, a free port)."""
     args = ["-m", "boft_triton.bench.engines", "--worker", "--engine", engine, "--method", method,
             "--steps", str(steps), "--warmup", str(warmup), "--output-dir", str(out)]
     if engine.startswith("zero"):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / f"accelerate_deepspeed_{engine}.yaml"), "--num_processes", "2",
+               str(ROOT / "configs" / f"accelerate_deepspeed_{engine}.yaml"), "--num_processes", str(nproc),
                "--main_process_port", "0", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     # run outside the checkout: from its root, the kernels/ folder would answer `import kernels`
     # (bitsandbytes probes Hugging Face's package of that name)
     paths = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -149,16 +171,21 @@ def launch(engine: str, method: str, steps: int, warmup: int, out: Path) -> None
 
 
 def markdown(rows: list[dict], env: dict) -> str:
+    nproc = env["nproc"]
+    memory = "peak allocated growth" if env["device"] != "cpu" else "peak RSS growth"
+    per_rank = " / ".join(str(k) for k in range(nproc))
     lines = [f"# Engines: step time and peak memory per rank, tiny Llama (q/v), global batch {GLOBAL_BATCH} x "
-             f"{SEQ_LEN}, 2 processes ({env['device']}, torch {env['torch']}, {env['date']}, commit {env['commit']})", "",
-             "| engine | method | step ms (rank 0 / 1) | peak RSS growth MiB (rank 0 / 1) | step vs LoRA | memory vs LoRA |",
+             f"{SEQ_LEN}, {nproc} process(es) ({env['device']}, torch {env['torch']}, {env['date']}, commit "
+             f"{env['commit']})", "",
+             f"| engine | method | step ms (rank {per_rank}) | {memory} MiB (rank {per_rank}) | step vs LoRA | "
+             "memory vs LoRA |",
              "|---|---|---|---|---|---|"]
     by = {(r["engine"], r["method"], r["rank"]): r for r in rows}
     for engine in dict.fromkeys(r["engine"] for r in rows):
         for method in METHODS:
-            ranks = [by.get((engine, method, k)) for k in (0, 1)]
-            lora = [by.get((engine, METHODS[0], k)) for k in (0, 1)]
-            if None in ranks:
+            ranks = [by.get((engine, method, k)) for k in range(nproc)]
+            lora = [by.get((engine, METHODS[0], k)) for k in range(nproc)]
+            if None in ranks or None in lora:
                 continue
             step = " / ".join(f"{r['step_ms']:.1f}" for r in ranks)
             mem = " / ".join("n/a" if r["rss_peak_growth_mib"] is None else f"{r['rss_peak_growth_mib']:.1f}"
@@ -175,6 +202,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", default=None, help=f"comma-separated, of {', '.join(ENGINES)} (default: all installed)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--nproc", type=int, default=2, help="processes per engine (1 on a single GPU)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--output-dir", default="bench/results")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -197,16 +225,18 @@ def main(argv=None) -> int:
     try:
         for engine in engines:
             for method in METHODS:
-                launch(engine, method, args.steps, args.warmup, scratch)
+                launch(engine, method, args.steps, args.warmup, scratch, args.nproc)
         rows = [json.loads(p.read_text()) for p in sorted(scratch.glob("*.json"))]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    env = {"device": "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": source_commit()[0]}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    env = {"device": device, "nproc": args.nproc, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": source_commit()[0]}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-{env['date']}-engines"
+    stem = f"{device.replace(' ', '-').lower()}-{env['date']}-engines"
     table = markdown(rows, env)
-    (out / f"{stem}.json").write_text(json.dumps({**env, "rows": rows}, indent=1) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"kind": "boft_triton.bench.engines", **env, "rows": rows}, indent=1)
+                                      + "\n")
     (out / f"{stem}.md").write_text(table)
     print(table)
     return 0

@@ -40,6 +40,7 @@ if [ "$preflight" = 1 ]; then
   llama=(--workload tiny-llama --batch-size 1 --seq-len 16 --steps 1 --warmup 0 --device cpu)
   unet=(--workload unet --batch-size 1 --seq-len 256 --steps 1 --warmup 0 --device cpu)
   serve=(--workload serve --batch-size 4 --seq-len 8 --steps 1 --device cpu)
+  engines=(--steps 1 --warmup 0)
   tests=(tests/test_kernels.py tests/test_tune.py tests/test_mixed_batch.py)
   limit() { echo "$2"; }   # the interpreter's times are not the GPU's: generous limits
 else
@@ -47,6 +48,7 @@ else
   llama=(--workload llama-1b --steps 3 --warmup 1)
   unet=(--workload unet --batch-size 16 --seq-len 4096 --steps 3 --warmup 1)
   serve=(--workload serve --steps 5)
+  engines=(--steps 5 --warmup 2)
   tests=(tests/test_kernels.py tests/test_kernel_layers.py tests/test_torch_path.py tests/test_tune.py
          tests/test_mixed_batch.py)
   limit() { echo "$1"; }
@@ -83,6 +85,8 @@ step unet 45 600 "$python" -m boft_triton.bench.command "${unet[@]}" --boft 8x1,
   --methods floor,peft-lora-r16,peft-boft-b8-N2,boft_triton-b8-N1,boft_triton-b8-N2 --output-dir "$out"
 # serving: mixed-adapter batches over K = 1, 4, 16 adapters (the segmented kernel) against a loop and LoRA
 step serve 40 600 "$python" -m boft_triton.bench.command "${serve[@]}" --output-dir "$out"
+# engines: FSDP2 with one process on the one GPU (the image has no deepspeed), boft_triton against LoRA
+step engines 30 600 "$python" -m boft_triton.bench.engines --engines fsdp2 --nproc 1 "${engines[@]}" --output-dir "$out"
 step kernel-tests 110 900 "$python" -m pytest -q -p no:cacheprovider "${parallel[@]}" "${tests[@]}" \
   -k "not compile_for_sm90" --junitxml="$out/gpu-tests.xml"
 

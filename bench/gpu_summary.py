@@ -83,6 +83,16 @@ def _serving_rows(out: Path) -> list[str]:
     return lines or ["  (no serving results)"]
 
 
+def _engine_rows(out: Path) -> list[str]:
+    lines = []
+    for data in _payloads(out, "boft_triton.bench.engines"):
+        for r in data["rows"]:
+            mem = r.get("rss_peak_growth_mib")
+            lines.append(f"  {r['engine']:<6} {r['method']:<20} rank {r['rank']}  {r['step_ms']:9.1f} ms  "
+                         f"step peak {mem or 0:8.0f} MiB")
+    return lines or ["  (no engine results)"]
+
+
 def _tests(out: Path) -> list[str]:
     path = out / "gpu-tests.xml"
     if not path.is_file():
@@ -99,7 +109,8 @@ def _tests(out: Path) -> list[str]:
 
 def summary(out: Path) -> str:
     parts = [("steps", _steps(out)), ("kernels (checked against fp64, then timed)", _kernel_rows(out)),
-             ("kernel tests", _tests(out)), ("training step", _training_rows(out)), ("serving", _serving_rows(out))]
+             ("kernel tests", _tests(out)), ("training step", _training_rows(out)), ("serving", _serving_rows(out)),
+             ("engines", _engine_rows(out))]
     return "\n".join(f"== {title}\n" + "\n".join(lines) for title, lines in parts)
 
 

@@ -210,3 +210,18 @@ def test_serving_benchmark_runs_every_method_at_every_k(tmp_path):
     assert {(m, k) for m in ("boft mixed", "boft loop", "lora mixed") for k in (1, 4, 16)} <= got
     assert all(r["forward_ms"] > 0 and r["generate_ms"] > 0 for r in payload["rows"])
     assert "| 16 | boft mixed |" in (tmp_path / "serve.md").read_text()
+
+
+def test_engines_table_gives_ratios_to_lora_per_engine():
+    """bench/engines.py's table: per engine, each method's per-rank step time and memory, and its
+    ratio to LoRA under the same engine (mean over ranks of the per-rank ratios)."""
+    from boft_triton.bench import engines
+
+    rows = [{"engine": e, "method": m, "rank": k, "step_ms": t * (k + 1), "rss_peak_growth_mib": mem}
+            for e, m, t, mem in [("ddp", "peft-lora-r16", 100.0, 10.0), ("ddp", "boft_triton-b8-N2", 110.0, 12.0),
+                                 ("zero3", "peft-lora-r16", 200.0, 20.0), ("zero3", "boft_triton-b8-N2", 180.0, None)]
+            for k in (0, 1)]
+    env = {"device": "cpu", "nproc": 2, "torch": "x", "date": "d", "commit": "c"}
+    table = engines.markdown(rows, env)
+    assert "| ddp | boft_triton-b8-N2 | 110.0 / 220.0 | 12.0 / 12.0 | 1.10x | 1.20x |" in table
+    assert "| zero3 | boft_triton-b8-N2 | 180.0 / 360.0 | n/a / n/a | 0.90x | n/a |" in table
