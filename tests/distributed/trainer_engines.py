@@ -33,12 +33,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from fsdp2_on_cpu import fsdp_on_cpu
-from test_trainer import CONFIG, _base, _data, _tokenizer
+from fsdp2_on_cpu import fsdp_on_cpu  # noqa: E402
+from test_trainer import CONFIG, _base, _data, _tokenizer  # noqa: E402
 
-from boft_triton import BOFTConfig, adapt
-from boft_triton.cli.process_group import end_process_group, exit_without_finalizing
-from boft_triton.integrations.transformers import BOFTTrainer
+from boft_triton import BOFTConfig, adapt  # noqa: E402
+from boft_triton.cli.process_group import end_process_group, exit_without_finalizing  # noqa: E402
+from boft_triton.integrations.transformers import BOFTTrainer  # noqa: E402
 
 STEPS, GLOBAL_BATCH, SAVE_AT = 4, 8, 2
 LLAMA_CONFIG = dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], boft_block_size=4)
