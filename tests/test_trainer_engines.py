@@ -145,7 +145,8 @@ def test_checkpoints_are_peft_format_and_load_in_peft(runs, engine):
 
     from boft_triton import BOFTModel
 
-    out = runs(engine)["out"]
+    result = runs(engine)
+    out = result["out"]
     optimizer = "optimizer.bin" if engine == "fsdp2" else "optimizer.pt"  # accelerate's FSDP name, the Trainer's
     for part in ("boft", "sft"):
         for step in (2, 4):
@@ -164,6 +165,16 @@ def test_checkpoints_are_peft_format_and_load_in_peft(runs, engine):
     for name in ("full", "resumed"):
         assert {p.name for p in (out / "loop" / name / "adapter").iterdir()} == {"adapter_config.json",
                                                                                  "adapter_model.safetensors"}
+    # the own loop's adapter file is the adapter the run ended with (gathered under FSDP2), in PEFT's keys
+    saved, full = load_file(out / "loop" / "full" / "adapter" / "adapter_model.safetensors"), result["loop"]["full"]
+    names = {}
+    for key in saved:
+        name = key.removeprefix("base_model.")
+        names[key] = (f"{name}.default" if name.endswith(("boft_R", "boft_s"))
+                      else name.replace(".classifier.", ".classifier.modules_to_save.default."))
+    assert sorted(names.values()) == sorted(full)
+    for key, name in names.items():
+        assert torch.equal(saved[key], torch.tensor(full[name])), key
     for part, base, x in (("boft", _base, {"input_ids": torch.randint(1, 64, (2, 8))}),
                           ("sft", te.llama, {"input_ids": torch.randint(2, 64, (2, 8))})):
         folder = str(out / part / "full" / "checkpoint-4")
