@@ -85,20 +85,17 @@ def _launch(engine: str, root: Path) -> dict:
     return {"out": out, **json.loads((out / "result.json").read_text())}
 
 
-_RUNS: dict[str, dict] = {}
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One launch per engine, made the first time a test asks for it."""
+    """One launch per engine, made the first time a test asks for it (``-k ddp`` launches one)."""
+    found: dict[str, dict] = {}
 
     def get(engine):
-        if engine not in _RUNS:
-            _RUNS[engine] = _launch(engine, tmp_path_factory.mktemp(engine))
-        return _RUNS[engine]
+        if engine not in found:
+            found[engine] = _launch(engine, tmp_path_factory.mktemp(engine))
+        return found[engine]
 
-    yield get
-    _RUNS.clear()
+    return get
 
 
 @pytest.fixture(scope="module")
