@@ -1,4 +1,5 @@
-"""FSDP2 through ``boft-triton train`` and ``BOFTTrainer`` on 2 CPU processes (gloo).
+"""FSDP2 through ``boft-triton train`` on 2 CPU processes (gloo); the Trainers and the own loop
+under FSDP2 are in ``test_trainer_engines.py``.
 
 accelerate picks FSDP only on accelerator devices, so ``distributed/fsdp2_on_cpu.py`` makes that one
 decision for CPU processes (everything else is the CLI's, accelerate's and torch's own code: the
@@ -9,15 +10,12 @@ shards every BertLayer with ``fully_shard``, parameters are DTensors). Checked h
 - killed (SIGKILL right after checkpoint 4) and resumed, it gives the uninterrupted run's losses and
   adapter bit for bit; the checkpoint holds each process's DCP shards, not a gathered copy;
 - its adapter loads in PEFT and in boft_triton and merges with ``boft-triton merge``; an unsharded
-  run refuses its checkpoint;
-- ``BOFTTrainer`` under FSDP2 writes PEFT-format checkpoints (no gathered full model) and resumes
-  from one to the uninterrupted run's adapter, which is also the one-process Trainer's.
+  run refuses its checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import signal
 import subprocess
@@ -29,7 +27,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from safetensors.torch import load_file  # noqa: E402
 from test_train_cli import csv_data, tiny_bert  # noqa: E402,F401  (fixtures)
 from test_train_resume import _adapter, _argv, _env, _error, _metrics  # noqa: E402
 from tiny_models import rel_err  # noqa: E402
@@ -41,7 +38,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SHIM = ROOT / "tests" / "distributed" / "fsdp2_on_cpu.py"
-TRAINER_SCRIPT = ROOT / "tests" / "distributed" / "trainer_fsdp2.py"
 CONFIG = ROOT / "configs" / "accelerate_fsdp2.yaml"
 
 
@@ -148,55 +144,3 @@ def test_fsdp2_adapter_loads_in_peft_and_boft_triton_and_merges(fsdp2_runs, tiny
 def test_unsharded_run_refuses_an_fsdp2_checkpoint(fsdp2_runs, tiny_bert, csv_data, capsys):
     err = _error(capsys, _argv(tiny_bert, csv_data, fsdp2_runs["run"], "--resume", "--batch-size", "4"))
     assert "different run setup" in err and "engine: checkpoint 'fsdp', this run None" in err
-
-
-# ----------------------------------------------------------------------------- BOFTTrainer
-
-
-@pytest.fixture(scope="module")
-def trainer_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainer_fsdp2")
-    code, log = _launch(_torchrun(TRAINER_SCRIPT, root), root)
-    assert code == 0, log[-6000:]
-    return root, json.loads((root / "result.json").read_text())
-
-
-def test_trainer_under_fsdp2_writes_peft_checkpoints_and_resumes(trainer_runs):
-    root, result = trainer_runs
-    assert result["distributed_type"] == "DistributedType.FSDP" and "FSDPModule" in result["model_class"]
-    assert result["boft_R_types"] == ["DTensor"]
-    for step in (2, 4):
-        files = {p.name for p in (root / "full" / f"checkpoint-{step}").iterdir()}
-        assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.bin", "scheduler.pt"} <= files
-        # never the frozen base: no gathered full model (the Trainer's pytorch_model_fsdp.bin)
-        assert not files & {"pytorch_model_fsdp.bin", "model.safetensors", "pytorch_model.bin"}, files
-    assert result["resumed_step"] == 4
-    assert result["losses"]["resumed"] == result["losses"]["full"]
-    for key, value in result["full"].items():
-        assert torch.equal(torch.tensor(result["resumed"][key]), torch.tensor(value)), key
-
-
-def test_trainer_fsdp2_adapter_is_the_one_process_adapter_and_loads_in_peft(trainer_runs, tmp_path):
-    import peft
-
-    sys.path.insert(0, str(TRAINER_SCRIPT.parent))
-    from test_trainer import CONFIG as BOFT
-    from test_trainer import _base, _data
-    from trainer_fsdp2 import args
-
-    from boft_triton import BOFTConfig, adapt
-    from boft_triton.integrations.transformers import BOFTTrainer
-
-    root, result = trainer_runs
-    single = BOFTTrainer(model=adapt(_base(), BOFTConfig(**BOFT)), args=args(tmp_path, 1), train_dataset=_data())
-    single.train()
-    for name, p in single.model.named_parameters():
-        if p.requires_grad:
-            assert rel_err(torch.tensor(result["full"][name]), p.detach()) < 1e-5, name
-    saved = load_file(str(root / "full" / "checkpoint-4" / "adapter_model.safetensors"))
-    assert any(k.endswith("boft_R") for k in saved)
-    x = {"input_ids": torch.randint(1, 64, (2, 8))}
-    ours = BOFTModel.from_pretrained(_base(), str(root / "full" / "checkpoint-4")).eval()
-    theirs = peft.PeftModel.from_pretrained(_base(), str(root / "full" / "checkpoint-4")).eval()
-    with torch.no_grad():
-        assert rel_err(ours(**x).logits, theirs(**x).logits) < 1e-5

@@ -41,7 +41,10 @@ def fsdp_on_cpu() -> None:
     @functools.wraps(original)
     def init(self, *args, fsdp_plugin=None, **kwargs):
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        # MULTI_CPU: the first state of the process; FSDP: a state rebuilt after
+        # AcceleratorState._reset_state(), which keeps the PartialState this assignment changed
+        cpu_processes = (DistributedType.MULTI_CPU, DistributedType.FSDP)
+        if fsdp_plugin is not None and self.distributed_type in cpu_processes and self.device.type == "cpu":
             # what accelerate does for GPUs, in both of its shared states
             self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
