@@ -239,6 +239,30 @@ def test_trainer_resume_equals_uninterrupted(trainer_runs, mode):
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_sft_trainer_checkpoints_load_in_peft_and_resume(trainer_runs, mode, peft_with_butterfly):
+    """TRL's BOFTSFTTrainer under ZeRO-2/3 (the same launch as the Trainer's): PEFT-format
+    checkpoints that PEFT loads with our outputs, and a resume equal to the uninterrupted run."""
+    pytest.importorskip("trl")
+    import peft
+
+    root = trainer_runs / mode / "sft"
+    assert json.loads((trainer_runs / mode / "report.json").read_text())["sft_resumed_global_step"] == 4
+    checkpoint = root / "whole" / "checkpoint-2"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+    assert not {"model.safetensors", "pytorch_model.bin"} & names
+    torch.manual_seed(0)
+    base = llama()
+    inputs = {"input_ids": torch.randint(0, 64, (2, 8))}
+    ours = BOFTModel.from_pretrained(copy.deepcopy(base), checkpoint)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), checkpoint)
+    assert rel_err(call(ours, inputs), call(theirs, inputs)) < 1e-5
+    whole = load_file(root / "whole" / "checkpoint-4" / "adapter_model.safetensors")
+    resumed = load_file(root / "resumed" / "checkpoint-4" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_config_files_parse(stage):
     """Through accelerate's loader and `accelerate launch`'s argument merge."""
