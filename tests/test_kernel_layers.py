@@ -2,7 +2,6 @@
 and torch.compile of a BOFT layer without graph breaks."""
 
 import copy
-import os
 
 import pytest
 import torch
