@@ -172,6 +172,7 @@ def test_cli_zero_checkpoint_is_deepspeeds_own(cli_runs):
         train_state.verify(ckpt)  # every file, DeepSpeed's partitions included, against the manifest
         names = {p.name for p in ckpt.iterdir()}
         assert "deepspeed" in names and not {"optimizer.pt", "trainable.safetensors"} & names
+        assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()  # PEFT files, adapter gathered
         assert len(list((ckpt / "deepspeed" / "state").glob("*optim_states.pt"))) == 2  # one partition per rank
 
 

@@ -117,7 +117,9 @@ def test_fsdp2_killed_and_resumed_is_bit_identical(fsdp2_runs):
     assert state["layout"] == "dcp" and state["fingerprint"]["engine"] == "fsdp"
     # each process's shards and the DCP index; no gathered trainable.safetensors / optimizer.pt
     assert {p.name for p in ckpt.iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp", "rng-0.pt", "rng-1.pt",
-                                                "scheduler.pt", "state.json", "manifest.json"}
+                                                "scheduler.pt", "state.json", "manifest.json", "adapter"}
+    # and the adapter, gathered, in PEFT's format: what the finished run writes at that step
+    assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_fsdp2_adapter_loads_in_peft_and_boft_triton_and_merges(fsdp2_runs, tiny_bert, tmp_path):

@@ -123,7 +123,10 @@ def test_checkpoint_holds_what_resume_needs(killed_and_resumed):
     state = train_state.verify(ckpt)
     assert state["step"] == 8 and len(state["losses"]) == 8
     assert {p.name for p in ckpt.iterdir()} == {
-        "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng-0.pt", "state.json", "manifest.json"}
+        "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng-0.pt", "state.json", "manifest.json", "adapter"}
+    assert {p.name for p in (ckpt / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    adapter = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))  # PEFT's keys, same values
+    assert adapter and all(k.startswith("base_model.model.") and ".default" not in k for k in adapter)
     tensors = load_file(str(ckpt / "trainable.safetensors"))
     assert any(k.endswith("boft_R.default") for k in tensors)
     assert any(".modules_to_save." in k for k in tensors)

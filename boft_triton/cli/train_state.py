@@ -11,6 +11,10 @@ Layout under ``--output-dir``::
         rng-<rank>.pt           python / numpy / torch (/ cuda) RNG states of each process
         deepspeed/              under DeepSpeed, instead of trainable.safetensors and optimizer.pt:
                                 DeepSpeed's own checkpoint (trainable tensors, optimizer partitions)
+        adapter/                the adapter in PEFT's format (adapter_config.json,
+                                adapter_model.safetensors): loads in PEFT or boft_triton as it is,
+                                under every engine (gathered under FSDP / ZeRO-3); resume reads
+                                the files above, not this
         state.json              step, losses so far, and the run's fingerprint (what must match)
         manifest.json           size and sha256 of every other file, written last
     checkpoints/latest          the name of the newest complete checkpoint
@@ -50,6 +54,7 @@ STATE = "state.json"
 TENSORS = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
+ADAPTER = "adapter"
 
 
 class CheckpointError(CLIError):
@@ -189,6 +194,8 @@ def save(accelerator, model, optimizer, scheduler, output_dir, step: int, losses
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     if sharded:  # every process writes its own shards; nothing is gathered
         sharded_state.save(unwrapped, optimizer, tmp)
+    if hasattr(unwrapped, "save_pretrained"):  # PEFT files too (every process calls: FSDP / ZeRO-3 gather)
+        unwrapped.save_pretrained(tmp / ADAPTER, is_main_process=main)
     accelerator.wait_for_everyone()
     if main:
         if not (sharded or deepspeed):
