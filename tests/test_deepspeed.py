@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 import test_train_cli
 import torch
+from launching import adapter as _adapter
+from launching import assert_adapter_matches, assert_resumed_equals_uninterrupted, launch_ok
+from launching import metrics as _metrics
 from safetensors.torch import load_file
-from test_distributed import SCRIPT, _run
+from test_distributed import SCRIPT
 from tiny_models import call, llama, rel_err
 
 from boft_triton import BOFTModel
@@ -46,24 +49,16 @@ def own_loop(tmp_path_factory):
     llama().save_pretrained(root / "base")  # the script's single-process base, for from_pretrained
     for mode in ("single", "zero2", "zero3"):
         (root / mode).mkdir()
-    _run([sys.executable, str(SCRIPT), "--mode", "single", str(root / "single")], root)
+    launch_ok([sys.executable, str(SCRIPT), "--mode", "single", str(root / "single")], root)
     for stage in (2, 3):
-        _run(deepspeed_launch(stage) + [str(SCRIPT), "--mode", f"zero{stage}", "--base", str(root / "base"),
+        launch_ok(deepspeed_launch(stage) + [str(SCRIPT), "--mode", f"zero{stage}", "--base", str(root / "base"),
                                         str(root / f"zero{stage}")], root)
     return root
 
 
-def _adapter(run_dir):
-    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
-
-
 @pytest.mark.parametrize("mode", ["zero2", "zero3"])
 def test_zero_adapter_equals_single_process(own_loop, mode):
-    single, zero = _adapter(own_loop / "single"), _adapter(own_loop / mode)
-    assert single.keys() == zero.keys()
-    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in single.items() if k.endswith("boft_R"))
-    for key in single:
-        assert rel_err(zero[key], single[key]) < TOLERANCE[mode], key
+    assert_adapter_matches(own_loop / mode, own_loop / "single", TOLERANCE[mode])
 
 
 @pytest.mark.parametrize("mode", ["zero2", "zero3"])
@@ -117,7 +112,7 @@ def _cli_argv(tiny_bert, data, out, *extra, batch_size=4):
 
 
 def _cli_launch(stage, argv, cwd, **env):
-    _run(deepspeed_launch(stage) + ["-m", "boft_triton.cli", *argv], cwd, PYTHONPATH=str(ROOT), **env)
+    launch_ok(deepspeed_launch(stage) + ["-m", "boft_triton.cli", *argv], cwd, **env)
 
 
 @pytest.fixture(scope="module")
@@ -138,16 +133,9 @@ def cli_runs(tiny_bert, csv_data, tmp_path_factory):
     return root
 
 
-def _metrics(run_dir):
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
 @pytest.mark.parametrize("run", ["zero3", "zero2_resumed"])
 def test_cli_zero_matches_one_process(cli_runs, run):
-    zero, single = _adapter(cli_runs / run), _adapter(cli_runs / "single")
-    assert zero.keys() == single.keys()
-    for key in single:
-        assert rel_err(zero[key], single[key]) < TOLERANCE[run[:5]], key
+    assert_adapter_matches(cli_runs / run, cli_runs / "single", TOLERANCE[run[:5]])
     m, m1 = _metrics(cli_runs / run), _metrics(cli_runs / "single")
     # accelerate's CPU count (1 process, every rank the main one) was corrected: DDP's batch and shards
     assert m["training"]["num_processes"] == 2 and m["training"]["global_batch_size"] == 8
@@ -157,11 +145,7 @@ def test_cli_zero_matches_one_process(cli_runs, run):
 
 
 def test_cli_zero3_resume_equals_uninterrupted(cli_runs):
-    resumed, whole = cli_runs / "zero3_resumed", cli_runs / "zero3"
-    assert _metrics(resumed)["training"]["resumed_from"].endswith("step-000002")
-    assert _metrics(resumed)["losses"] == _metrics(whole)["losses"]
-    a, b = _adapter(resumed), _adapter(whole)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumed_equals_uninterrupted(cli_runs / "zero3", cli_runs / "zero3_resumed", "step-000002", steps=4)
 
 
 def test_cli_zero_checkpoint_is_deepspeeds_own(cli_runs):
@@ -202,7 +186,7 @@ def trainer_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepspeed_trainer")
     for stage in (2, 3):
         (root / f"zero{stage}").mkdir()
-        _run(deepspeed_launch(stage) + [str(TRAINER_SCRIPT), str(root / f"zero{stage}")], root)
+        launch_ok(deepspeed_launch(stage) + [str(TRAINER_SCRIPT), str(root / f"zero{stage}")], root)
     return root
 
 

@@ -4,38 +4,20 @@ and loads in PEFT and in boft_triton."""
 
 import copy
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from launching import assert_adapter_matches, launch_ok
+from tiny_models import call, llama, rel_err
 
 from boft_triton import BOFTModel
-from tiny_models import call, llama, rel_err
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).parent / "distributed" / "train_tiny_llama.py"
 BIN = Path(sys.executable).parent
-
-
-def _run(cmd, tmp_path, **env):
-    # faulthandler: should a rank ever die in native code, its stacks are in the assertion message
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **env}
-    full_env.pop("TRITON_INTERPRET", None)
-    # its own session, so that a hang (caught by the timeout) takes every rank down with the launcher
-    with subprocess.Popen(cmd, cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as proc:
-        try:
-            _, stderr = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise
-    assert proc.returncode == 0, stderr[-12000:]
 
 
 @pytest.fixture(scope="module")
@@ -43,26 +25,18 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     for mode in ("single", "ddp", "fsdp2"):
         (root / mode).mkdir()
-    _run([sys.executable, str(SCRIPT), "--mode", "single", str(root / "single")], root)
+    launch_ok([sys.executable, str(SCRIPT), "--mode", "single", str(root / "single")], root)
     # free ports only: accelerate picks one for --main_process_port 0, torchrun for --standalone
-    _run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-          str(SCRIPT), "--mode", "ddp", str(root / "ddp")], root, ACCELERATE_USE_CPU="1")
-    _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(SCRIPT), "--mode", "fsdp2", str(root / "fsdp2")], root)
+    launch_ok([BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+               SCRIPT, "--mode", "ddp", root / "ddp"], root, ACCELERATE_USE_CPU="1")
+    launch_ok([BIN / "torchrun", "--standalone", "--nproc_per_node", "2", SCRIPT, "--mode", "fsdp2", root / "fsdp2"], root)
     return root
-
-
-def _adapter(run_dir):
-    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_multi_process_adapter_equals_single_process(runs, mode):
-    single, multi = _adapter(runs / "single"), _adapter(runs / mode)
-    assert single.keys() == multi.keys()
-    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in single.items() if k.endswith("boft_R"))
-    for key in single:
-        assert rel_err(multi[key], single[key]) < 1e-5, key
+    assert_adapter_matches(runs / mode, runs / "single", 1e-5)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from boft_triton import BOFTConfig, BOFTModel, adapt
-from tiny_models import build, call, rel_err
+from tiny_models import build, call
 
 
 @pytest.mark.parametrize(

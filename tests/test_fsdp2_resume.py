@@ -16,9 +16,6 @@ shards every BertLayer with ``fully_shard``, parameters are DTensors). Checked h
 from __future__ import annotations
 
 import copy
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,8 +24,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from launching import adapter as _adapter  # noqa: E402
+from launching import assert_adapter_matches, assert_resumed_equals_uninterrupted, launch  # noqa: E402
+from launching import metrics as _metrics  # noqa: E402
 from test_train_cli import csv_data, tiny_bert  # noqa: E402,F401  (fixtures)
-from test_train_resume import _adapter, _argv, _env, _error, _metrics  # noqa: E402
+from test_train_resume import _argv, _error  # noqa: E402
 from tiny_models import rel_err  # noqa: E402
 
 from boft_triton import BOFTModel  # noqa: E402
@@ -42,19 +42,7 @@ CONFIG = ROOT / "configs" / "accelerate_fsdp2.yaml"
 
 
 def _launch(cmd, cwd, **env):
-    """Run a torchrun launch in its own session (a hang, caught by the timeout, takes every rank
-    down with it); output to a file, so no pipe can fill and stall a rank. Returns (code, log)."""
-    log_path = Path(cwd) / f"launch-{len(list(Path(cwd).glob('launch-*.log')))}.log"
-    with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=cwd, env=_env(ACCELERATE_USE_CPU="1", **env),
-                                                      stdout=log, stderr=subprocess.STDOUT,
-                                                      start_new_session=True) as proc:
-        try:
-            code = proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-    return code, log_path.read_text()
+    return launch(cmd, cwd, ACCELERATE_USE_CPU="1", **env)
 
 
 def _torchrun(*args):
@@ -94,22 +82,14 @@ def test_fsdp2_run_is_sharded_and_matches_one_process(fsdp2_runs):
     assert m["orthogonality"]["adapted_layers"] == 6
     # fp32; other GEMM shapes per rank (each pads its own batch): rounding only, measured 1.8e-6
     torch.testing.assert_close(torch.tensor(m["losses"]), torch.tensor(m1["losses"]), rtol=1e-5, atol=1e-6)
-    a, b = _adapter(fsdp2_runs["ref"]), _adapter(fsdp2_runs["single"])
-    assert a.keys() == b.keys() and "base_model.model.classifier.weight" in a  # the head (modules_to_save)
-    for key in a:
-        assert rel_err(a[key], b[key]) < 1e-5, key
+    assert_adapter_matches(fsdp2_runs["ref"], fsdp2_runs["single"], 1e-5)
+    assert "base_model.model.classifier.weight" in _adapter(fsdp2_runs["ref"])  # the head (modules_to_save)
 
 
 def test_fsdp2_killed_and_resumed_is_bit_identical(fsdp2_runs):
     ref, run = fsdp2_runs["ref"], fsdp2_runs["run"]
     assert fsdp2_runs["after_kill"] == {"latest": "step-000004", "metrics": False, "adapter": False}
-    m_ref, m_run = _metrics(ref), _metrics(run)
-    assert m_run["training"]["resumed_from"].endswith("step-000004")
-    assert len(m_ref["losses"]) == 8 and m_run["losses"] == m_ref["losses"]  # exact
-    a, b = _adapter(ref), _adapter(run)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_resumed_equals_uninterrupted(ref, run, "step-000004")
     assert [p.name for p in train_state.list_checkpoints(run / "checkpoints")] == ["step-000006", "step-000008"]
     assert not list((run / "checkpoints").glob(".tmp-*"))
     ckpt = run / "checkpoints" / "step-000008"

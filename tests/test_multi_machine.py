@@ -14,10 +14,6 @@ folder sees none of them (a machine without the shared mount). Checked here:
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,8 +22,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from launching import assert_resumed_equals_uninterrupted, free_port, launch_together  # noqa: E402
+from launching import metrics as _metrics  # noqa: E402
 from test_train_cli import csv_data, tiny_bert  # noqa: E402,F401  (fixtures)
-from test_train_resume import _adapter, _argv, _env, _metrics  # noqa: E402
+from test_train_resume import _argv  # noqa: E402
 
 from boft_triton.cli import train_state  # noqa: E402
 
@@ -35,34 +33,15 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_machines(argv, cwd0: Path, cwd1: Path, env1=None) -> list[tuple[int, str]]:
-    """Both machines' (exit code, output). Each launch runs in its own session and writes to a
-    file (no pipe to fill); a hang, caught by the timeout, takes both down."""
-    port = _free_port()
-    procs, logs = [], []
-    try:
-        for rank, (cwd, extra) in enumerate(((cwd0, {}), (cwd1, env1 or {}))):
-            cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "2",
-                   "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "boft_triton.cli", *argv]
-            log = cwd / f"machine{rank}-{len(list(cwd.glob(f'machine{rank}-*.log')))}.log"
-            logs.append(log)
-            with open(log, "w") as fh:
-                procs.append(subprocess.Popen(cmd, cwd=cwd, env=_env(ACCELERATE_USE_CPU="1", **extra), stdout=fh,
-                                              stderr=subprocess.STDOUT, start_new_session=True))
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    return [(code, log.read_text()) for code, log in zip(codes, logs)]
+    """Both machines' (exit code, output)."""
+    port = free_port()
+    return launch_together([
+        ([BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "2",
+          "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "boft_triton.cli", *argv],
+         cwd, {"ACCELERATE_USE_CPU": "1", **extra})
+        for rank, (cwd, extra) in enumerate(((cwd0, {}), (cwd1, env1 or {})))])
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +76,7 @@ def test_two_machines_train_identical_replicas_and_resume_bit_for_bit(machines):
     m_ref, m_run = _metrics(ref), _metrics(run)
     assert m_ref["training"]["num_processes"] == 2 and m_ref["distributed"]["type"] == "MULTI_CPU"
     assert m_ref["distributed"]["replicas"]["identical"] and m_run["distributed"]["replicas"]["identical"]
-    assert m_run["training"]["resumed_from"].endswith("step-000004")
-    assert len(m_ref["losses"]) == 8 and m_run["losses"] == m_ref["losses"]  # exact
-    a, b = _adapter(ref), _adapter(run)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_resumed_equals_uninterrupted(ref, run, "step-000004")
 
 
 def test_a_dying_rank_stops_the_other_with_a_clear_error_and_nothing_half_written(machines):

@@ -12,10 +12,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +21,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from launching import adapter as _adapter  # noqa: E402
+from launching import assert_adapter_matches, assert_resumed_equals_uninterrupted, launch_ok, launch_together  # noqa: E402
+from launching import metrics as _metrics  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from test_train_cli import csv_data, tiny_bert  # noqa: E402,F401  (fixtures)
 from tiny_models import rel_err  # noqa: E402
@@ -44,31 +44,13 @@ def _argv(tiny_bert, data, out, *extra, steps=8):
             "--output-dir", str(out), "--no-progress", *extra]
 
 
-def _env(**extra):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
-
-
 def _cli(args):
     return [sys.executable, "-m", "boft_triton.cli", *args]
 
 
 def _run(cmd, cwd, **env):
-    """A full command line, or the arguments of ``python -m boft_triton.cli``."""
-    cmd = cmd if cmd[0] not in ("train", "merge") else _cli(cmd)
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def _metrics(out):
-    return json.loads((Path(out) / "metrics.json").read_text())
-
-
-def _adapter(out):
-    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+    """A full command line, or the arguments of ``python -m boft_triton.cli``; must succeed."""
+    return launch_ok(cmd if cmd[0] not in ("train", "merge") else _cli(cmd), cwd, **env)
 
 
 # ----------------------------------------------------------------------------- kill and resume
@@ -79,37 +61,24 @@ def killed_and_resumed(tiny_bert, csv_data, tmp_path_factory):
     """(uninterrupted run, killed-then-resumed run) output folders; 8 steps of 6 per epoch."""
     root = tmp_path_factory.mktemp("resume")
     ref, run = root / "ref", root / "run"
-    # the uninterrupted run goes alongside; its output goes to a file, so no pipe can fill and stall it
-    with open(root / "reference.log", "w") as log:
-        reference = subprocess.Popen(_cli(_argv(tiny_bert, csv_data, ref)), cwd=root, env=_env(),
-                                     stdout=log, stderr=subprocess.STDOUT)
-    try:
-        # the killed run SIGKILLs itself right after checkpoint 2 (step 4) is complete: no timing window
-        victim = subprocess.run(_cli(_argv(tiny_bert, csv_data, run, "--save-every", "2")), cwd=root,
-                                env=_env(BOFT_TRITON_DEBUG_KILL_AFTER_CHECKPOINT="4"),
-                                capture_output=True, text=True, timeout=300)
-        assert victim.returncode == -signal.SIGKILL, victim.stderr[-4000:]
-        assert not (run / "metrics.json").exists() and not (run / "adapter").exists()
-        assert (run / "checkpoints" / "latest").read_text().strip() == "step-000004"
-        _run(_argv(tiny_bert, csv_data, run, "--save-every", "2", "--resume"), root)
-        assert reference.wait(timeout=300) == 0, (root / "reference.log").read_text()[-4000:]
-    finally:
-        if reference.poll() is None:  # a failed assertion above must not leave it running
-            reference.kill()
-            reference.wait()
+    # the killed run SIGKILLs itself right after checkpoint 2 (step 4) is complete: no timing window;
+    # the uninterrupted run goes alongside
+    (ref_code, ref_log), (code, log) = launch_together([
+        (_cli(_argv(tiny_bert, csv_data, ref)), root, {}),
+        (_cli(_argv(tiny_bert, csv_data, run, "--save-every", "2")), root,
+         {"BOFT_TRITON_DEBUG_KILL_AFTER_CHECKPOINT": "4"})])
+    assert ref_code == 0, ref_log[-4000:]
+    assert code == -signal.SIGKILL, log[-4000:]
+    assert not (run / "metrics.json").exists() and not (run / "adapter").exists()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    _run(_argv(tiny_bert, csv_data, run, "--save-every", "2", "--resume"), root)
     return ref, run
 
 
 def test_resumed_run_is_bit_identical(killed_and_resumed):
     ref, run = killed_and_resumed
+    assert_resumed_equals_uninterrupted(ref, run, "step-000004")
     m_ref, m_run = _metrics(ref), _metrics(run)
-    assert m_run["training"]["resumed_from"].endswith("step-000004")
-    assert len(m_ref["losses"]) == 8
-    assert m_run["losses"] == m_ref["losses"]  # floats from JSON: exact equality
-    a, b = _adapter(ref), _adapter(run)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
     assert m_run["accuracy_after"] == m_ref["accuracy_after"]
     # checkpoints 6 and 8 were written after the resume; 2 was pruned (keep 2)
     names = [p.name for p in train_state.list_checkpoints(run / "checkpoints")]
@@ -207,10 +176,7 @@ def test_ddp_two_processes_match_one_process(tiny_bert, csv_data, tmp_path):
     assert m["distributed"]["all_reduced"]["elements"] == m["adapter"]["trainable_params"]
     assert m1["distributed"]["all_reduced"] is None
     torch.testing.assert_close(torch.tensor(m["losses"]), torch.tensor(m1["losses"]), rtol=1e-5, atol=1e-6)
-    a, b = _adapter(ddp), _adapter(single)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert rel_err(a[key], b[key]) < 1e-5, key
+    assert_adapter_matches(ddp, single, 1e-5)
     assert m["dataset"]["test_size"] == m1["dataset"]["test_size"] == 4  # gathered, not per rank
 
 

@@ -17,10 +17,6 @@ engine and lifecycle:
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,8 +28,8 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 peft = pytest.importorskip("peft")
 
+from launching import free_port, launch_together  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from test_train_resume import _env  # noqa: E402
 from tiny_models import rel_err  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -48,40 +44,21 @@ ENGINES = ("ddp", "machines", "fsdp2")
 PARTS = ("boft", "sft", "loop")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _commands(engine: str, out: Path) -> list[list[str]]:
     script = [str(SCRIPT), "--engine", "fsdp2" if engine == "fsdp2" else "ddp", str(out)]
     if engine != "machines":
         return [[str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *script]]
-    port = str(_free_port())  # static rendezvous: machine 0 listens on it, as a head node would
+    port = str(free_port())  # static rendezvous: machine 0 listens on it, as a head node would
     return [[str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
              "--master_addr", "127.0.0.1", "--master_port", port, *script] for rank in (0, 1)]
 
 
 def _launch(engine: str, root: Path) -> dict:
-    """Run the engine's launches (each in its own session, output to a file: no pipe to fill, and a
-    hang, caught by the timeout, takes every process down); returns the main process's result."""
+    """Run the engine's launches; returns the main process's result."""
     out = root / "out"
-    procs, logs = [], []
-    try:
-        for i, cmd in enumerate(_commands(engine, out)):
-            logs.append(root / f"launch-{i}.log")
-            with open(logs[-1], "w") as fh:
-                procs.append(subprocess.Popen(cmd, cwd=root, env=_env(ACCELERATE_USE_CPU="1"), stdout=fh,
-                                              stderr=subprocess.STDOUT, start_new_session=True))
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    for code, log in zip(codes, logs):
-        assert code == 0, f"{engine}: {log.name}\n{log.read_text()[-6000:]}"
+    ended = launch_together([(cmd, root, {"ACCELERATE_USE_CPU": "1"}) for cmd in _commands(engine, out)])
+    for i, (code, log) in enumerate(ended):
+        assert code == 0, f"{engine}: launch {i}\n{log[-6000:]}"
     return {"out": out, **json.loads((out / "result.json").read_text())}
 
 
