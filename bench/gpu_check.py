@@ -35,12 +35,13 @@ import torch
 from .training_step import source_commit
 
 BUTTERFLY_SHAPES = [(4, 1), (8, 2), (4, 4), (32, 2), (64, 1)]
-# coarse blocks wider than 128 (L = 256): the one-pass forward over factor groups and its backward
-# (one pass per group); not in the torch.compile rows, which compile each shape anew
-WIDE_SHAPES = [(64, 3), (8, 6)]
+# coarse blocks wider than 128: L = 256 as the one-pass forward over factor groups and its backward
+# (one pass per group), and single levels of 256 and 512 (the slab kernels, kernels/wide.py); not in
+# the torch.compile rows, which compile each shape anew
+WIDE_SHAPES = [(64, 3), (8, 6), (256, 1), (512, 1)]
 CAYLEY_SHAPES = [(1024, 8), (128, 32)]
 # preflight: the same code paths (packed, multi-level, wide block) at interpreter sizes
-PREFLIGHT = dict(T=64, n=256, butterfly=[(4, 1), (8, 2), (64, 1)], wide=[(8, 6)], cayley=[(8, 8), (2, 32)])
+PREFLIGHT = dict(T=64, n=256, butterfly=[(4, 1), (8, 2), (64, 1)], wide=[(8, 6), (256, 1)], cayley=[(8, 8), (2, 32)])
 BF16_BOUND = 1e-2
 
 

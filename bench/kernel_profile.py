@@ -48,7 +48,7 @@ MORE_SHAPES = [(16, 2), (8, 3), (16, 3), (2, 6), (64, 2), (128, 1), (32, 3), (16
 # Issue 20's wide shapes (width, b, N): PEFT's examples set boft_block_num, so blocks grow with
 # the layer: DreamBooth's block_num=8, N=1 and the multi-concept / ControlNet scripts' 8x3 and 4x2
 # on Stable Diffusion's 320/640/1280-wide layers (768 for cross-attention keys and values).
-WIDE_SHAPES = [(1280, 160, 1), (1280, 40, 3), (1280, 80, 2), (1024, 64, 3), (1024, 8, 6)] + sorted(
+WIDE_SHAPES = [(1280, 160, 1), (1280, 40, 3), (1280, 80, 2), (1024, 64, 3), (1024, 8, 6), (4096, 512, 1)] + sorted(
     {(n, n // num, N) for n in (320, 640, 768, 1280) for num in (4, 8) for N in (1, 2, 3)
      if (n // num) % 2 == 0 and num % (1 << (N - 1)) == 0} - {(1280, 160, 1)})
 WIDE_T = 1024

@@ -247,7 +247,7 @@ def tune(
     dev_name = _common.device_name(device)
     gen = torch.Generator().manual_seed(0)
     rows, new_entries = [], {}
-    bar = tqdm(total=count_candidates(shapes, max_configs), desc="tuning", unit="tile", disable=not progress)
+    bar = tqdm(total=count_candidates(shapes, max_configs, dtype), desc="tuning", unit="tile", disable=not progress)
     for shape in shapes:
         n, b, N = (int(v) for v in shape[:3])
         dt = dtype or (shape[3] if len(shape) > 3 else torch.bfloat16)
@@ -265,7 +265,7 @@ def tune(
         entry = {}
         for kind, (fn, nbytes) in work.items():
             best = None
-            configs = kb.candidates(n, b, N, kind)
+            configs = kb.candidates(n, b, N, kind, dt)
             if max_configs is not None:
                 configs = configs[:max_configs]
             for cfg in configs:
@@ -296,14 +296,15 @@ def tune(
     return rows
 
 
-def count_candidates(shapes, max_configs: int | None = None) -> int:
+def count_candidates(shapes, max_configs: int | None = None, dtype: torch.dtype | None = None) -> int:
     """Tiles ``tune`` would time for these shapes, forward and backward."""
     from boft_triton.kernels import butterfly as kb
 
     total = 0
     for shape in shapes:
+        dt = dtype or (shape[3] if len(shape) > 3 else torch.bfloat16)
         for kind in ("fwd", "bwd"):
-            count = len(kb.candidates(*(int(v) for v in shape[:3]), kind))
+            count = len(kb.candidates(*(int(v) for v in shape[:3]), kind, dt))
             total += count if max_configs is None else min(count, max_configs)
     return total
 

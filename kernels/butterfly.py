@@ -39,7 +39,10 @@ dense ``L x L`` block products with ``tl.dot``:
      (x, g) per group (``fused_grad``: each recomputes its group's input and output gradient), or,
      where a group's dMc does not fit, recomputes the group inputs for ``plan``'s per-group passes.
      Other shapes run one pass per group of ``plan``, the kernels gathering interleaved columns
-     with a column map.
+     with a column map;
+   - single levels wider than MAX_BLOCK (b > 128, a group of their own): the slab kernels of
+     ``wide.py``, each program owning a slab of a block's output columns; fp32 inputs whose blocks
+     are wider than MAX_FP32_BLOCK run level by level through them too (``wide.takes_levels``).
 
 Widths that are not a power of two are padded to one (masked lanes, zero Delta). The block layout
 (which Q value sits where) is ``reference.group_blocks``'s; the tests hold the kernels to it.
@@ -130,6 +133,9 @@ def path_name(n: int, b: int, N: int) -> str:
         widths = "+".join(str(hp << (k1 - k0)) for k0, k1 in reversed(fused))
         return f"fused{widths}" + ("" if fused_backward(n, b, N) else "-bwd-per-group")
     groups = plan(n, b, N)
+    if _wide().is_wide(groups[0]):  # then every group is one wide level: slab passes
+        slabs = _wide().slab("fwd", b)[2]
+        return f"wide{groups[0]['WP']}x{len(groups)}" + (f"-slabs{slabs}" if slabs > 1 else "")
     widths = "+".join(str(g["WP"]) for g in reversed(groups))
     return f"dot{widths}" + (f"-pack{groups[-1]['pack']}" if groups[-1]["pack"] > 1 else "")
 
@@ -189,11 +195,13 @@ def _rows_min(grp: dict, b: int) -> int:
 # configs
 
 
-def candidates(n: int, b: int, N: int, kind: str) -> list[dict]:
+def candidates(n: int, b: int, N: int, kind: str, dtype: torch.dtype | None = None) -> list[dict]:
     """Configs worth trying: forward rows per tile BT, programs per SM (persistence), warps,
     stages; the backward's row splits and chunk are fixed (determinism), so it tunes warps and
     stages."""
     WP = max(g["WP"] for g in plan(n, b, N))
+    if _wide().is_wide(plan(n, b, N)[0]) or dtype == torch.float32 and WP > MAX_FP32_BLOCK:  # the slab kernels
+        return _wide().candidates(kind, b, dtype)
     if kind == "fwd" and fused_groups(n, b, N) is not None:  # one pass: tiles of 16 or 32 rows fit
         return [{"BT": BT, "PPS": pps, "num_warps": warps, "num_stages": 2}
                 for warps in (4, 8) for pps in (2, 4, 8) for BT in (16, 32)]
@@ -223,23 +231,29 @@ def default_config(n: int, b: int, N: int, kind: str, dtype: torch.dtype | None 
     return {"num_warps": 8 if WP >= (32 if dtype == torch.float32 else 64) else 4, "num_stages": 2}
 
 
-# fp32 inputs run their dots as tf32x3 (three operand tiles): wider than this, a program needs
+# fp32 inputs run their dots as tf32x3 (three operand tiles): wider than this, a block kernel needs
 # more shared memory or registers than an SM has (the compile report), so on a GPU those shapes
-# take the torch path (cuBLAS fp32 batched matmuls, the same maths).
+# run level by level through the slab kernels (wide.takes_levels), up to wide.MAX_FP32_WIDE.
 MAX_FP32_BLOCK = 32
+# The widest single level the slab kernels (kernels/wide.py) take: at 1024 their forward row tile
+# alone spills (the compile report); wider levels would need a K-split that streams Delta per
+# row tile.
+MAX_WIDE = 512
 
 
 def runs_on_gpu(n: int, b: int, N: int, dtype: torch.dtype) -> bool:
-    """Whether the kernels take this layer shape and input dtype on a GPU: bf16/fp16 with blocks
-    up to MAX_BLOCK wide (a single factor level wider than that, b > 128, cannot be split into
-    groups), fp32 up to MAX_FP32_BLOCK. Other shapes and dtypes (fp64) take the torch path."""
+    """Whether the kernels take this layer shape and input dtype on a GPU: bf16/fp16 with every
+    group of levels up to MAX_BLOCK wide, or one level up to MAX_WIDE (the slab kernels); fp32 up
+    to MAX_FP32_BLOCK, or level by level with blocks up to wide.MAX_FP32_WIDE. Other shapes and
+    dtypes (fp64) take the torch path."""
     try:
         width = max(g["WP"] for g in plan(n, b, N))
     except ValueError:
         return True  # a shape no backend takes: the kernels raise plan()'s error
     if dtype in (torch.bfloat16, torch.float16):
-        return width <= MAX_BLOCK
-    return dtype == torch.float32 and width <= MAX_FP32_BLOCK
+        return width <= MAX_WIDE  # groups wider than MAX_BLOCK are single levels (plan)
+    # fp32: the block kernels up to MAX_FP32_BLOCK, else level by level (wide.takes_levels)
+    return dtype == torch.float32 and (width <= MAX_FP32_BLOCK or next_pow2(b) <= _wide().MAX_FP32_WIDE)
 
 
 _REQUIRED = {"fwd": ("BT", "PPS", "num_warps"), "bwd": ("num_warps",)}
@@ -1077,6 +1091,11 @@ def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torc
     """``x M`` (``x M^T``) over x's last dim; same contract as ``torch_ops.butterfly``."""
     shape, n = x.shape, x.shape[-1]
     N, D, b, _ = Q.shape
+    if _wide().takes_levels(n, b, N, x.dtype):  # fp32 wider than its block kernels hold: level by level
+        h, Q = x.reshape(-1, n), Q.float()
+        for k in (range(N) if transpose else reversed(range(N))):
+            h = _wide().wide_apply(h, Q[k:k + 1], transpose, k, n, b, N)
+        return h.reshape(shape)
     if fused_groups(n, b, N) is not None:
         return fused_apply(x.reshape(-1, n), Q.float(), transpose, n, b, N).reshape(shape)
     groups = plan(n, b, N)
@@ -1086,8 +1105,17 @@ def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torc
     h = x.reshape(-1, n)
     for grp in groups:
         q = Q if len(groups) == 1 else Q[grp["k0"]:grp["k1"]]
-        h = block_apply(h, q, transpose, grp["k0"], n, b, N)
+        apply = _wide().wide_apply if _wide().is_wide(grp) else block_apply
+        h = apply(h, q, transpose, grp["k0"], n, b, N)
     return h.reshape(shape)
+
+
+def _wide():
+    """``kernels.wide`` (levels wider than MAX_BLOCK), imported on first use: it builds on this
+    module."""
+    from . import wide
+
+    return wide
 
 
 def _segmented_block_apply_fake(x, q, offsets, k0, n, b, N):
@@ -1115,12 +1143,17 @@ def segmented_butterfly(x: torch.Tensor, Q: torch.Tensor, offsets: list[int]) ->
     if len(offsets) != Q.shape[0] + 1 or offsets[0] != 0 or offsets[-1] != x.shape[0]:
         raise ValueError(f"segmented_butterfly: {len(offsets)} offsets ending at {offsets[-1] if offsets else None} "
                          f"for {Q.shape[0]} adapters and {x.shape[0]} rows; want K + 1 bounds from 0 to the row count")
-    groups = plan(n, b, N)
+    levels = _wide().takes_levels(n, b, N, x.dtype)
+    groups = tuple(_wide().level_group(n, b, N, k) for k in reversed(range(N))) if levels else plan(n, b, N)
     Q = Q.float()
     h = x
     for grp in groups:
         q = Q if len(groups) == 1 else Q[:, grp["k0"]:grp["k1"]]
-        h = segmented_block_apply(h, q, list(offsets), grp["k0"], n, b, N)
+        if levels or _wide().is_wide(grp):  # a slab kernel (fp32 level by level, or wider than MAX_BLOCK), per segment
+            h = torch.cat([_wide().wide_apply(h[offsets[k]:offsets[k + 1]], q[k], False, grp["k0"], n, b, N)
+                           for k in range(len(offsets) - 1)])
+        else:
+            h = segmented_block_apply(h, q, list(offsets), grp["k0"], n, b, N)
     return h
 
 
@@ -1140,10 +1173,15 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
     """Every kernel the launchers run for this layer shape, at the default config, as
     (kernel, signature, constexprs, options): apply (forward), apply_T (``dx`` when Q is frozen,
     and merges), grad (the fused backward, several row splits), grad_dq (one split: dQ in the same
-    program), segmented (mixed-adapter batches) and dq (adds the splits' partials, then dQ).
+    program), segmented (mixed-adapter batches) and dq (adds the splits' partials, then dQ); the
+    one-pass ``fused*`` kernels where ``fused_groups`` holds; the slab kernels ``wide*`` for levels
+    wider than MAX_BLOCK and, per level, for fp32 beyond MAX_FP32_BLOCK.
     Pointers are 16-byte aligned and n, ROWS divisible by 16 at launch, as the compile report
     assumes."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    if dtype == torch.float32 and max(g["WP"] for g in plan(n, b, N)) > MAX_FP32_BLOCK:  # wide.takes_levels
+        return [spec for k in range(N)
+                for spec in _wide().launch_specs(_wide().level_group(n, b, N, k), b, dtype, f"[l{k}]" if N > 1 else "")]
     ptr = "*" + dtype_name
     fwd, bwd = default_config(n, b, N, "fwd", dtype), default_config(n, b, N, "bwd", dtype)
     specs = []
@@ -1186,9 +1224,12 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
     for k, grp in enumerate(plan(n, b, N)):
         with _compiling():
             dot = _dot_meta(dtype, grp["WP"])
+        tag = f"[g{k}]" if len(plan(n, b, N)) > 1 else ""
+        if _wide().is_wide(grp):
+            specs += _wide().launch_specs(grp, b, dtype, tag)
+            continue
         layout = _layout(grp, b)
         shape = dict(width=grp["WP"], levels=grp["k1"] - grp["k0"])
-        tag = f"[g{k}]" if len(plan(n, b, N)) > 1 else ""
         sig = {"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "T": "i32", "n": "i32", "D": "i32"}
         for name, trans in (("apply", False), ("apply_T", True)):
             specs.append(dict(name=name + tag, **shape, fn=_apply_kernel, signature=sig, divisible=("n",),

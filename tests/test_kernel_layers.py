@@ -179,3 +179,19 @@ def test_peft_parity_on_wide_blocks(monkeypatch, tmp_path, peft_with_butterfly, 
     kwargs = {"target_modules": ["0"], "boft_block_size": 0, "boft_block_num": block_num,
               "boft_n_butterfly_factor": n_factors, "init_weights": False}
     _check_peft_parity(monkeypatch, tmp_path, base, (torch.randn(2, 9, 160),), kwargs)
+
+
+@pytest.mark.parametrize("width,block_num,n_factors", [(320, 2, 1), (512, 2, 2)], ids=["b160-N1", "b256-N2"])
+def test_peft_parity_on_levels_wider_than_128(monkeypatch, tmp_path, peft_with_butterfly, width, block_num, n_factors):
+    """Single levels wider than a program holds (b = 160, DreamBooth's block_num=8 on 1280-wide
+    layers; b = 256 with two interleaved levels) run the slab kernels (kernels/wide.py): PEFT's
+    BOFT and ours, same outputs and adapter gradients, fp32."""
+    from boft_triton.kernels import butterfly as kb
+    from boft_triton.kernels import wide
+
+    assert all(wide.is_wide(g) for g in kb.plan(width, width // block_num, n_factors))
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(width, 24)).eval()
+    kwargs = {"target_modules": ["0"], "boft_block_size": 0, "boft_block_num": block_num,
+              "boft_n_butterfly_factor": n_factors, "init_weights": False}
+    _check_peft_parity(monkeypatch, tmp_path, base, (torch.randn(2, 9, width),), kwargs)

@@ -271,6 +271,12 @@ def test_one_pass_backward_reduces_dq_deterministically_over_row_splits(monkeypa
     n, b, N, T = 160, 40, 3, 200
     monkeypatch.setattr(kb, "num_sms", lambda device: 64)
     assert kb.fused_backward(n, b, N) and kb._fused_splits(T, n, b, N, 64)[0] > 1
+    check_grads_do_not_depend_on_program_order(monkeypatch, T, n, b, N)
+
+
+def check_grads_do_not_depend_on_program_order(monkeypatch, T, n, b, N):
+    """dx and dQ against the torch path, then bit for bit the same with the programs run in
+    reverse (interpreter) or again (GPU)."""
     Q = rand_q(N, n // b, b).float().to(DEVICE).requires_grad_()
     x = torch.randn(T, n, device=DEVICE, requires_grad=True)
     g = torch.randn(T, n, device=DEVICE)
@@ -555,6 +561,7 @@ rows += kernel_profile.compile_rows([1024], [(64, 3)], archs=(90,))  # L = 256: 
 rows += kernel_profile.compile_rows([1280], [(80, 2)], archs=(90,))  # L = 160: one-pass forward, plan()'s backward
 rows += [r for r in kernel_profile.compile_rows([1280], [(40, 3)], archs=(80,)) if r["kernel"].startswith("fused")]
 rows += kernel_profile.compile_rows([2048], [(64, 2), (128, 1)], archs=(90,))  # the widest one-group blocks (L = 128)
+rows += kernel_profile.compile_rows([1280], [(160, 1)], archs=(90,))  # one level wider than 128: the slab kernels
 rows += kernel_profile.compile_rows([512], [(16, 2)], archs=(90,), dtype_name="fp32")
 print("ROWS" + json.dumps([{k: r[k] for k in ("n", "b", "N", "L", "kernel", "width", "levels", "dtype", "spill_bytes", "smem_fits", "tensor_core")} for r in rows]))
 """
@@ -581,7 +588,7 @@ def test_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(proc.stdout.split("ROWS", 1)[1])
     assert {r["kernel"] for r in rows} >= {"apply", "apply_T", "grad", "grad_dq", "dq", "grad[g0]", "grad[g1]", "fused",
-                                           "fused_T"}
+                                           "fused_T", "wide", "wide_T", "wide_grad", "wide_grad_dq", "wide_dq"}
     for r in rows:
         assert r["smem_fits"], r  # else the launch fails on that GPU
         # zero spills, but in the dQ epilogue (once per program, after the row loop) where it holds
@@ -593,19 +600,23 @@ def test_kernels_compile_for_sm90():
             assert r["spill_bytes"] <= 128, r
         elif not (wide_backward or fp32_epilogue):
             assert r["spill_bytes"] == 0, r
-        if r["L"] >= 32 and not (r["kernel"].startswith("dq") and r["levels"] == 1):  # one level: dQ = dMc, no product
+        if r["L"] >= 32 and not (r["kernel"].startswith(("dq", "wide_dq")) and r["levels"] == 1):  # dQ = dMc: no product
             assert r["tensor_core"] > 0, r
 
 
 def test_shapes_the_kernels_cannot_hold_take_the_torch_path_on_a_gpu():
-    """On a GPU, ops.butterfly sends shapes one program cannot hold to the torch path: fp32 inputs
-    with blocks wider than 32 (tf32x3 tiles: over an SM's shared memory at 128 wide, spills at 64,
-    in the compile report), a single factor wider than 128, and fp64."""
+    """On a GPU, ops.butterfly sends shapes the kernels cannot hold to the torch path: blocks wider
+    than MAX_WIDE (512; fp32: 256, its slab kernels' tf32x3 tiles), and fp64."""
     assert kb.runs_on_gpu(4096, 32, 2, torch.bfloat16) and kb.runs_on_gpu(4096, 64, 2, torch.float16)
     assert kb.runs_on_gpu(4096, 128, 1, torch.bfloat16) and kb.runs_on_gpu(4096, 4, 4, torch.float32)
-    assert not kb.runs_on_gpu(4096, 32, 2, torch.float32)  # 64 wide
-    assert not kb.runs_on_gpu(4096, 256, 1, torch.bfloat16)  # one level, 256 wide: no groups possible
     assert kb.runs_on_gpu(4096, 64, 3, torch.bfloat16)  # 256 wide, but two groups of levels
+    # fp32 wider than 32: level by level through the slab kernels, blocks up to 256
+    assert kb.runs_on_gpu(4096, 32, 2, torch.float32) and kb.runs_on_gpu(4096, 256, 1, torch.float32)
+    assert not kb.runs_on_gpu(4096, 512, 1, torch.float32)
+    # single levels wider than 128: the slab kernels (kernels/wide.py), up to 512
+    assert kb.runs_on_gpu(1280, 160, 1, torch.bfloat16) and kb.runs_on_gpu(4096, 512, 1, torch.float16)
+    assert kb.runs_on_gpu(1536, 192, 3, torch.bfloat16)  # every level its own 192-wide pass
+    assert not kb.runs_on_gpu(4096, 1024, 1, torch.bfloat16)
     assert not kb.runs_on_gpu(1024, 8, 2, torch.float64)
 
 
@@ -618,18 +629,21 @@ class _SeenAsCuda(torch.Tensor):
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="routing is checked with a CPU tensor posing as CUDA")
-def test_ops_routes_wide_fp32_to_the_torch_path_on_a_gpu(monkeypatch):
+def test_ops_routes_what_the_kernels_cannot_hold_to_the_torch_path_on_a_gpu(monkeypatch):
     from boft_triton import ops
 
     monkeypatch.setenv("BOFT_TRITON_BACKEND", "triton")
     launched = []
     monkeypatch.setattr(kb, "butterfly", lambda *args: launched.append(args) or args[0])
-    Q = rand_q(2, 8, 32).float()  # 64-wide blocks
-    x = torch.Tensor._make_subclass(_SeenAsCuda, torch.randn(3, 256))
-    y = ops.butterfly(x, Q)
+    Q = rand_q(1, 2, 512).float()  # one 512-wide level
+    x = torch.Tensor._make_subclass(_SeenAsCuda, torch.randn(3, 1024))
+    y = ops.butterfly(x, Q)  # fp32: wider than its slab kernels take
     assert not launched and torch.allclose(y.as_subclass(torch.Tensor), torch_ops.butterfly(x.as_subclass(torch.Tensor), Q))
-    ops.butterfly(x.bfloat16(), Q)  # bf16 at 64 wide: the kernels
-    assert len(launched) == 1
+    ops.butterfly(x.bfloat16(), Q)  # bf16 at 512 wide: the slab kernels
+    ops.butterfly(x[:, :256], rand_q(2, 8, 32).float())  # fp32 at 32 x 2 (64 wide): level by level
+    assert len(launched) == 2
+    ops.butterfly(x.double(), Q.double())
+    assert len(launched) == 2
 
 
 @pytest.mark.parametrize("width", [16, 32, 64, 128])

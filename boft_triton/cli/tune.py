@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     shapes = tuning.collect_shapes(model)
     if os.environ.get("TRITON_INTERPRET") == "1" and args.max_configs is None:
-        total = tuning.count_candidates(shapes)
+        total = tuning.count_candidates(shapes, dtype=dtype)
         raise CLIError(
             f"under TRITON_INTERPRET=1 the kernels run in Triton's CPU interpreter: a full search over {total} tiles "
             f"of {len(shapes)} shape(s) takes many minutes and times nothing a GPU would see. For a quick check of "

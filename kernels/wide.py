@@ -1,0 +1,387 @@
+"""One factor level wider than a program holds (blocks of ``b > MAX_BLOCK`` columns), in column slabs.
+
+PEFT's examples set ``boft_block_num``, so blocks grow with the layer: DreamBooth's block_num=8 on
+Stable Diffusion's 1280-wide layers is b = 160, and on a 4096-wide LLM layer b = 512. Such a level
+is always a group of its own in ``butterfly.plan`` (two levels would be at least 2b wide), with
+``Delta = F - I`` one dense ``b x b`` Q block per block of columns (``reference.group_blocks``:
+block i_b of the level is Q block i_b, rows = input columns). Its Delta, padded to ``KP`` (a power
+of two), is 128 KB in bf16 at b = 256 and 512 KB at b = 512: more than a program holds next to
+its row tiles. So each program owns a slab of ``BN`` output columns of one block:
+
+- **Forward** ``y[:, slab] = x[:, slab] + x Delta[:, slab]``: the program builds its ``[KP, BN]``
+  slice of Delta once and streams row tiles (persistent, as ``butterfly._apply_kernel``). Up to
+  256 wide one slab covers the block (x read once); wider, each of the ``NS`` slabs reads the
+  block's full row tile. The slabs of a block are neighbours in the grid (axis 0), so they walk
+  the same row tiles together and share them through L2 on a GPU; the interpreter's byte count,
+  which has no cache, counts every read.
+- **Backward** ``dx = g + g Delta^T`` (``g + g Delta`` with transpose) is the forward kernel on
+  g with the transpose flipped. ``dMc = x^T g`` (``g^T x``) takes a second pass: a program
+  accumulates a slab of dMc's rows (columns with transpose) in fp32, reading the full row tile of
+  g and its slab of x; dQ of the level *is* dMc (one factor: no block products). Row splits and
+  the split-ordered partial sums are ``butterfly._splits``'s, so dQ's bits do not depend on the
+  tile config. (One pass holding both the ``Delta^T`` slab and the dMc slab spills on sm_80 at
+  256 wide and on both at 512, or, with slabs narrow enough not to, reads g more often than the
+  two passes do: 4 times against 3 at b = 160.)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.library import wrap_triton
+
+from . import butterfly as kb
+from ._common import LAST_LAUNCH, kernel_op, new_empty, next_pow2, num_sms, tl, triton
+
+# Values of the Delta slab a forward program holds next to its row tile, and of the dMc slab a
+# backward program accumulates (fp32): the widest that compile without spills on sm_90 and sm_80
+# (the compile report). Up to 256 wide the forward holds the whole block (256 x 256 bf16 with
+# 32-row tiles); wider, 32K values with 16-row tiles (512: 128-wide slabs spill 16-92 bytes). One
+# 512-wide dMc slab of 64 rows is 32K fp32 values too.
+FWD_WHOLE = 256
+FWD_SLAB = 32 * 1024
+BWD_SLAB = 32 * 1024
+# fp32 inputs (tf32x3: three operand tiles per product): 32-column forward slabs in 16-row tiles up
+# to 256 wide (512 spills kilobytes), dMc slabs of 4K values (16 x 256, 32 x 128; 16 x 512 too).
+FP32_FWD_COLUMNS = 32
+FP32_BWD_SLAB = 4 * 1024
+MAX_FP32_WIDE = 256
+# Rows per step of the dMc reduction: fixed (never tuned), so the bits of dQ do not depend on the
+# tile config; a divisor of butterfly.RC, so butterfly._splits' row splits hold whole steps.
+WIDE_RC = 32
+
+
+def is_wide(grp: dict) -> bool:
+    """Whether a group of ``butterfly.plan`` is one level wider than the block kernels hold
+    (packed groups of narrow blocks are up to ``2 MIN_BLOCK`` wide: never these)."""
+    return grp["k1"] - grp["k0"] == 1 and grp["pack"] == 1 and grp["W"] > kb.MAX_BLOCK
+
+
+@functools.lru_cache(maxsize=1024)
+def level_group(n: int, b: int, N: int, k: int) -> dict:
+    """Level k of an (n, b, N) butterfly as a group of its own, in ``butterfly.plan``'s terms:
+    blocks of ``W = b`` columns (two chunks of b/2 when N > 1) interleaved with stride ``S = 2^k``;
+    block i_b is Q block i_b of the level. (Where plan() already makes level k a group of its
+    own, this is that group.)"""
+    chunk = b // 2 if N > 1 else b
+    width = 2 * chunk if N > 1 else b
+    S = 1 << k
+    return dict(k0=k, k1=k + 1, HC=chunk, W=width, S=S, H=chunk if S > 1 else width, pack=1, WB=width,
+                NB=n // width, WP=max(kb.MIN_BLOCK, next_pow2(width)))
+
+
+def takes_levels(n: int, b: int, N: int, dtype: torch.dtype) -> bool:
+    """fp32 inputs whose blocks are wider than ``butterfly.MAX_FP32_BLOCK`` run level by level
+    through the slab kernels on a GPU: the block kernels' tf32x3 tiles (three operand tiles per
+    product) would not fit an SM there. One pass per level, each fp32-exact. (The interpreter has
+    no registers to run out of: there the block kernels take every shape.)"""
+    return (dtype == torch.float32 and not kb.interpreting()
+            and max(g["WP"] for g in kb.plan(n, b, N)) > kb.MAX_FP32_BLOCK)
+
+
+def slab(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
+    """``(KP, BN, NS)``: the padded block width, the slab width and the slabs per block."""
+    kp = max(kb.MIN_BLOCK, next_pow2(b))
+    if dtype == torch.float32:
+        bn = min(kp, FP32_FWD_COLUMNS) if kind == "fwd" else max(kb.MIN_BLOCK, min(kp, FP32_BWD_SLAB // kp))
+        return kp, bn, triton.cdiv(b, bn)
+    if kind == "fwd" and kp <= FWD_WHOLE:
+        return kp, kp, 1
+    bn = max(kb.MIN_BLOCK, min(kp, (FWD_SLAB if kind == "fwd" else BWD_SLAB) // kp))
+    return kp, bn, triton.cdiv(b, bn)
+
+
+def default_config(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The untuned config. Forward: the whole block (up to FWD_WHOLE) in 32-row tiles on 4 warps
+    (8 warps spill 12-40 bytes at b = 256 on sm_80), else (and for fp32) 16-row tiles on 8."""
+    if kind == "fwd":
+        whole = next_pow2(b) <= FWD_WHOLE and dtype != torch.float32
+        return {"BT": 32 if whole else 16, "PPS": 2, "num_warps": 4 if whole else 8, "num_stages": 2}
+    return {"num_warps": 8, "num_stages": 2}
+
+
+def candidates(kind: str, b: int, dtype: torch.dtype | None = None) -> list[dict]:
+    """Configs worth tuning: forward rows per tile (16, and 32 where the whole block is held),
+    programs per SM, warps; the dMc pass tunes warps and stages (its row steps are fixed)."""
+    if kind != "fwd":
+        return [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2)]
+    tiles = (16, 32) if next_pow2(b) <= FWD_WHOLE and dtype != torch.float32 else (16,)
+    return [{"BT": bt, "PPS": pps, "num_warps": w, "num_stages": 2} for w in (4, 8) for pps in (1, 2, 4) for bt in tiles]
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _block_columns(i_b, o_w, WB: tl.constexpr, S: tl.constexpr, H: tl.constexpr):
+    """The x columns of block-local indices o_w of block i_b (``butterfly._columns``' map)."""
+    if S == 1:
+        return i_b * WB + o_w
+    return (i_b // S) * (S * WB) + (o_w // H) * (S * H) + (i_b % S) * H + o_w % H
+
+
+@triton.jit
+def _slab(i_bs, B: tl.constexpr, S: tl.constexpr, H: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr,
+          NS: tl.constexpr):
+    """Block i_b and slab i_n of grid index i_bs (axis 0: the slabs of a block are neighbours, so
+    they walk the same rows together and share them in L2); the x columns of the block (KP lanes)
+    and of the slab (BN lanes), with their masks."""
+    i_b = i_bs // NS
+    i_n = i_bs % NS
+    o_k = tl.arange(0, KP)
+    o_c = i_n * BN + tl.arange(0, BN)
+    return i_b, i_n, _block_columns(i_b, o_k, B, S, H), o_k < B, _block_columns(i_b, o_c, B, S, H), o_c < B
+
+
+@triton.jit
+def _delta_slab(q_ptr, i_b, i_n, B: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, TRANS: tl.constexpr):
+    """``[KP, BN]`` fp32: rows k of block i_b's Delta, columns of slab i_n (``Delta^T`` with
+    TRANS: element (k, c) is ``Delta[c, k]``), zero on padded lanes."""
+    o_k = tl.arange(0, KP)
+    o_c = i_n * BN + tl.arange(0, BN)
+    m = (o_k < B)[:, None] & (o_c < B)[None, :]
+    if TRANS:
+        off = o_c[None, :] * B + o_k[:, None]
+    else:
+        off = o_k[:, None] * B + o_c[None, :]
+    f = tl.load(q_ptr + i_b * (B * B) + off, mask=m, other=0.0)
+    return tl.where((o_k[:, None] == o_c[None, :]) & m, f - 1.0, f)
+
+
+@triton.jit
+def _wide_apply_kernel(
+    x_ptr, q_ptr, y_ptr, T, n,
+    B: tl.constexpr, S: tl.constexpr, H: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
+    TRANS: tl.constexpr, BT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``y = x + x Delta`` (``Delta^T`` with TRANS) on slab i_n of block i_b, for row tiles i_p,
+    i_p + P, ... (persistent: the Delta slab is built once per program)."""
+    i_b, i_n, col_k, m_k, col_c, m_c = _slab(tl.program_id(0).to(tl.int64), B, S, H, KP, BN, NS)
+    i_p = tl.program_id(1).to(tl.int64)
+    b_d = _delta_slab(q_ptr, i_b, i_n, B, KP, BN, TRANS).to(DOT_DTYPE)
+    for i_t in range(i_p, tl.cdiv(T, BT), tl.num_programs(1)):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        b_x = tl.load(x_ptr + o_t[:, None] * n + col_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        if NS == 1:  # the slab is the block: its residual is the tile just read
+            b_r = b_x
+        else:
+            b_r = tl.load(x_ptr + o_t[:, None] * n + col_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0)
+        b_y = b_r.to(tl.float32) + tl.dot(b_x.to(DOT_DTYPE), b_d, input_precision=PRECISION)
+        tl.store(y_ptr + o_t[:, None] * n + col_c[None, :], b_y.to(y_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _store_dmc_slab(ptr, acc, i_n, B: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, TRANS: tl.constexpr):
+    """Store a dMc slab (rows i_n BN.. of the ``[B, B]`` block at ptr; columns with TRANS)."""
+    o_k = tl.arange(0, KP)
+    o_c = i_n * BN + tl.arange(0, BN)
+    if TRANS:  # acc [KP, BN]: dMc[k, c]
+        tl.store(ptr + o_k[:, None] * B + o_c[None, :], acc, mask=(o_k < B)[:, None] & (o_c < B)[None, :])
+    else:  # acc [BN, KP]: dMc[c, k]
+        tl.store(ptr + o_c[:, None] * B + o_k[None, :], acc, mask=(o_c < B)[:, None] & (o_k < B)[None, :])
+
+
+@triton.jit
+def _wide_grad_kernel(
+    x_ptr, g_ptr, dd_ptr, dq_ptr, T, n, ROWS, NB,
+    B: tl.constexpr, S: tl.constexpr, H: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
+    TRANS: tl.constexpr, FUSED_DQ: tl.constexpr, RC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Rows [i_s ROWS, (i_s+1) ROWS) of slab i_n of block i_b: this split's slab of dMc, rows
+    ``x[:, slab]^T g`` (columns ``g^T x[:, slab]`` with TRANS), reduced RC rows at a time; then
+    dQ (FUSED_DQ: the only split) or the split's partial."""
+    i_b, i_n, col_k, m_k, col_c, m_c = _slab(tl.program_id(0).to(tl.int64), B, S, H, KP, BN, NS)
+    i_s = tl.program_id(1).to(tl.int64)
+    if TRANS:
+        acc = tl.zeros([KP, BN], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BN, KP], dtype=tl.float32)
+    row_lo = i_s * ROWS
+    row_hi = tl.minimum(row_lo + ROWS, T)
+    for t0 in range(row_lo, row_hi, RC):
+        o_t = t0 + tl.arange(0, RC)
+        m_t = o_t < row_hi
+        b_g = tl.load(g_ptr + o_t[:, None] * n + col_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_x = tl.load(x_ptr + o_t[:, None] * n + col_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0)
+        if TRANS:
+            acc = tl.dot(tl.trans(b_g.to(DOT_DTYPE)), b_x.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(tl.trans(b_x.to(DOT_DTYPE)), b_g.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    if FUSED_DQ:
+        _store_dmc_slab(dq_ptr + i_b * (B * B), acc, i_n, B, KP, BN, TRANS)
+    else:
+        _store_dmc_slab(dd_ptr + (i_s * NB + i_b) * (B * B), acc, i_n, B, KP, BN, TRANS)
+
+
+@triton.jit
+def _wide_dq_kernel(dd_ptr, dq_ptr, SPLITS, NB, B: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr):
+    """dQ of rows ``[i_r BR, (i_r+1) BR)`` of block i_b: its SPLITS partial dMc added in split
+    order (deterministic)."""
+    i_b = tl.program_id(0).to(tl.int64)
+    i_r = tl.program_id(1).to(tl.int64)
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_k = tl.arange(0, KP)
+    off = o_r[:, None] * B + o_k[None, :]
+    m = (o_r < B)[:, None] & (o_k < B)[None, :]
+    acc = tl.zeros([BR, KP], dtype=tl.float32)
+    for i_s in range(0, SPLITS):
+        acc += tl.load(dd_ptr + (i_s * NB + i_b) * (B * B) + off, mask=m, other=0.0)
+    tl.store(dq_ptr + i_b * (B * B) + off, acc, mask=m)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+
+
+def _dot_meta(dtype: torch.dtype) -> dict:
+    """Row products in x's dtype with fp32 accumulation (tf32x3 for fp32 x; fp32 in the
+    interpreter, whose bf16 dots are wrong); no block products here."""
+    meta = kb._dot_meta(dtype, 2 * kb.MAX_BLOCK)
+    return dict(DOT_DTYPE=meta["DOT_DTYPE"], PRECISION=meta["PRECISION"])
+
+
+def _layout(grp: dict, b: int, kind: str, dtype: torch.dtype) -> dict:
+    kp, bn, ns = slab(kind, b, dtype)
+    return dict(B=b, S=grp["S"], H=grp["H"], KP=kp, BN=bn, NS=ns)
+
+
+def _pick(kind: str, key, x) -> tuple[str, dict]:
+    source, cfg = kb.pick_config(kind, *key, x.dtype, x.device)
+    return (source, cfg) if source != "default" else ("default", default_config(kind, key[1], x.dtype))
+
+
+def apply_into(x, q, transpose, k0, key, y) -> None:
+    """``y = x + x Delta`` per block of the wide level k0 (``Delta^T`` with transpose); x and y
+    contiguous ``[T, n]``, q the level's Q ``[1, D, b, b]`` (fp32, contiguous)."""
+    T, n = x.shape
+    if T == 0:
+        return
+    b = key[1]
+    grp = level_group(*key, k0)
+    layout = _layout(grp, b, "fwd", x.dtype)
+    source, cfg = _pick("fwd", key, x)
+    LAST_LAUNCH["butterfly_wide"] = (source, dict(cfg))
+    blocks = grp["NB"] * layout["NS"]
+    want = min(triton.cdiv(cfg["PPS"] * num_sms(x.device), blocks), T // kb._rows_min(grp, b))
+    programs = max(1, min(triton.cdiv(T, cfg["BT"]), max(triton.cdiv(num_sms(x.device), blocks), want)))
+    wrap_triton(_wide_apply_kernel)[(blocks, programs)](
+        x, q, y, T, n, **layout, TRANS=transpose, BT=cfg["BT"], **_dot_meta(x.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
+    )
+
+
+def grad_q(x, g, q, transpose, k0, key):
+    """dQ of the level (``dMc``) of ``apply_into``'s product, for contiguous x, g."""
+    T, n = x.shape
+    b = key[1]
+    grp = level_group(*key, k0)
+    if T == 0:
+        return torch.zeros(q.shape, dtype=torch.float32, device=x.device)
+    layout = _layout(grp, b, "bwd", x.dtype)
+    source, cfg = _pick("bwd", key, x)
+    LAST_LAUNCH["butterfly_wide_bwd"] = (source, dict(cfg))
+    splits, rows = kb._splits(T, grp, b, num_sms(x.device))
+    dq = new_empty(*q.shape, dtype=torch.float32, device=x.device)
+    NB = grp["NB"]
+    partial = dq if splits == 1 else new_empty(splits, NB, b, b, dtype=torch.float32, device=x.device)
+    warps, stages = cfg["num_warps"], cfg.get("num_stages", 2)
+    wrap_triton(_wide_grad_kernel)[(NB * layout["NS"], splits)](
+        x, g, partial, dq, T, n, rows, NB, **layout, TRANS=transpose, FUSED_DQ=splits == 1, RC=WIDE_RC,
+        **_dot_meta(x.dtype), num_warps=warps, num_stages=stages,
+    )
+    if splits > 1:
+        kp, br = layout["KP"], max(1, BWD_SLAB // layout["KP"])
+        wrap_triton(_wide_dq_kernel)[(NB, triton.cdiv(b, br))](
+            partial, dq, splits, NB, B=b, KP=kp, BR=br, num_warps=warps, num_stages=1,
+        )
+    return dq
+
+
+# ---------------------------------------------------------------------------------------------
+# ops and autograd
+
+
+def _apply_fake(x, q, transpose, k0, n, b, N):
+    return x.new_empty(x.shape)
+
+
+def _grad_fake(x, g, q, transpose, k0, n, b, N):
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+@kernel_op("boft_triton::wide_apply", _apply_fake)
+def wide_apply(x: torch.Tensor, q: torch.Tensor, transpose: bool, k0: int, n: int, b: int, N: int) -> torch.Tensor:
+    """``x + x Delta`` on each block of the wide level k0 (``Delta^T`` with transpose); x ``[T, n]``,
+    q that level's Q ``[1, D, b, b]`` (fp32). (n, b, N) name the layer shape."""
+    x = x.contiguous()
+    y = new_empty(*x.shape, dtype=x.dtype, device=x.device)
+    apply_into(x, q.contiguous(), transpose, k0, (n, b, N), y)
+    return y
+
+
+@kernel_op("boft_triton::wide_grad_q", _grad_fake)
+def wide_grad_q(x: torch.Tensor, g: torch.Tensor, q: torch.Tensor, transpose: bool, k0: int, n: int, b: int,
+                N: int) -> torch.Tensor:
+    """dl/dq of ``wide_apply``."""
+    return grad_q(x.contiguous(), g.contiguous(), q.contiguous(), transpose, k0, (n, b, N))
+
+
+def _setup_context(ctx, inputs, output):
+    x, q, transpose, k0, n, b, N = inputs
+    ctx.save_for_backward(x, q)
+    ctx.args = (transpose, k0, n, b, N)
+
+
+def _backward(ctx, g):
+    """dl/dx is the transposed product (``g Mc^T``, ``g Mc`` with transpose); dl/dq a pass over
+    (x, g)."""
+    x, q = ctx.saved_tensors
+    transpose, k0, n, b, N = ctx.args
+    none = (None,) * 5
+    if g is None:
+        return None, None, *none
+    dx = wide_apply(g, q, not transpose, k0, n, b, N) if ctx.needs_input_grad[0] else None
+    dq = wide_grad_q(x, g, q, transpose, k0, n, b, N) if ctx.needs_input_grad[1] else None
+    return dx, dq, *none
+
+
+wide_apply.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a launch compiles (for the compile report: bench/kernel_profile.py)
+
+
+def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[dict]:
+    """Every kernel the wide launchers run for level group ``grp``, at the default config (see
+    ``butterfly.launch_specs``): wide (forward), wide_T (dx), wide_grad (dMc, several row splits),
+    wide_grad_dq (one split), wide_dq (adds the splits' partials)."""
+    ptr = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    with kb._compiling():
+        dot = _dot_meta(dtype)
+    fwd, bwd = default_config("fwd", b, dtype), default_config("bwd", b, dtype)
+    shape = dict(width=grp["WP"], levels=1)
+    specs = []
+    sig = {"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "T": "i32", "n": "i32"}
+    for name, trans in (("wide", False), ("wide_T", True)):
+        specs.append(dict(name=name + tag, **shape, fn=_wide_apply_kernel, signature=sig, divisible=("n",),
+                          constexprs={**_layout(grp, b, "fwd", dtype), "TRANS": trans, "BT": fwd["BT"], **dot},
+                          config=fwd, num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))
+    gsig = {"x_ptr": ptr, "g_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32", "T": "i32", "n": "i32",
+            "ROWS": "i32", "NB": "i32"}
+    for name, fused in (("wide_grad", False), ("wide_grad_dq", True)):
+        specs.append(dict(name=name + tag, **shape, fn=_wide_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
+                          constexprs={**_layout(grp, b, "bwd", dtype), "TRANS": False, "FUSED_DQ": fused, "RC": WIDE_RC,
+                                      **dot},
+                          config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
+    kp = slab("bwd", b, dtype)[0]
+    specs.append(dict(name="wide_dq" + tag, **shape, fn=_wide_dq_kernel,
+                      signature={"dd_ptr": "*fp32", "dq_ptr": "*fp32", "SPLITS": "i32", "NB": "i32"}, divisible=(),
+                      constexprs={"B": b, "KP": kp, "BR": max(1, BWD_SLAB // kp)}, config=bwd,
+                      num_warps=bwd["num_warps"], num_stages=1))
+    return specs

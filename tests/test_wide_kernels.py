@@ -1,0 +1,142 @@
+"""Levels wider than a program holds (b > 128): the slab kernels of ``kernels/wide.py``, against
+the dense fp64 reference and the torch path, gradients included. In Triton's interpreter on a CPU
+(the conftest sets it), compiled on a GPU."""
+
+import importlib
+import os
+
+import pytest
+import torch
+from test_kernels import (  # noqa: F401  (_nan_outputs: NaN-filled outputs, default tiles)
+    DEVICE,
+    TOL,
+    check_grads_do_not_depend_on_program_order,
+    _nan_outputs,
+    case_id,
+    check_butterfly,
+    rand_q,
+    rel_err,
+)
+
+from boft_triton import reference, torch_ops
+
+kb = importlib.import_module("boft_triton.kernels.butterfly")
+kw = importlib.import_module("boft_triton.kernels.wide")
+
+pytestmark = pytest.mark.kernels
+
+
+# DreamBooth's block_num=8 on a 1280-wide layer (b = 160: padded lanes), b = 256 with N = 2 (two
+# interleaved wide levels), b = 512 (LLM block_num=8 on 4096: 8 slabs of 64 in the forward, 8 of
+# 64 for dMc), a 192-wide block in 3 layers' worth of rows, a partial last tile everywhere.
+WIDE_CASES = [(37, 320, 160, 1, 1.0), (9, 512, 256, 2, 1.0), (13, 1024, 512, 1, 1.0), (70, 384, 192, 1, 10.0)]
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
+@pytest.mark.parametrize("T,n,b,N,scale", WIDE_CASES, ids=[case_id(c) for c in WIDE_CASES])
+def test_wide_levels(T, n, b, N, scale, transpose):
+    groups = kb.plan(n, b, N)
+    assert all(kw.is_wide(g) for g in groups) and len(groups) == N  # each level its own slab pass
+    check_butterfly(T, n, b, N, scale, transpose)
+
+
+def test_wide_levels_in_bf16():
+    check_butterfly(21, 320, 160, 1, 1.0, False, dtype=torch.bfloat16)
+
+
+def test_slabs_cover_the_block_and_fit():
+    """Up to 256 wide the forward holds the whole block; wider it takes slabs; the dMc slabs hold
+    at most BWD_SLAB values; MAX_WIDE bounds what the GPU routes here."""
+    assert kw.slab("fwd", 160) == (256, 256, 1) and kw.slab("fwd", 512) == (512, 64, 8)
+    assert kw.slab("bwd", 160) == (256, 128, 2) and kw.slab("bwd", 512) == (512, 64, 8)
+    for b in (130, 160, 192, 256, 320, 384, 512):
+        for kind in ("fwd", "bwd"):
+            kp, bn, ns = kw.slab(kind, b)
+            assert (ns - 1) * bn < b <= ns * bn and kp >= b
+            assert bn * kp <= (kp * kp if kind == "fwd" and kp <= kw.FWD_WHOLE else kw.FWD_SLAB)
+    assert kb.runs_on_gpu(4096, kb.MAX_WIDE, 1, torch.bfloat16) and not kb.runs_on_gpu(4096, 1024, 1, torch.bfloat16)
+
+
+def test_wide_dq_is_deterministic_over_row_splits(monkeypatch):
+    """With several row splits each program writes its own partial dMc slab and a small kernel adds
+    them in split order: dQ has the same bits in grid order and reversed, and agrees with the
+    torch path."""
+    n, b, N, T = 320, 160, 1, 600
+    monkeypatch.setattr(kb, "num_sms", lambda device: 64)
+    monkeypatch.setattr(kw, "num_sms", lambda device: 64)
+    assert kb._splits(T, kb.group(n, b, N, 0), b, 64)[0] > 1
+    check_grads_do_not_depend_on_program_order(monkeypatch, T, n, b, N)
+
+
+def test_one_gradient_at_a_time():
+    """Q frozen: dx alone (the transposed forward); x frozen: dQ alone."""
+    n, b = 320, 160
+    Q = rand_q(1, n // b, b).float().to(DEVICE)
+    x = torch.randn(17, n, device=DEVICE)
+    g = torch.randn(17, n, device=DEVICE)
+    xr = x.clone().requires_grad_()
+    Qr = Q.clone().requires_grad_()
+    dx_ref, dq_ref = torch.autograd.grad(torch_ops.butterfly(xr, Qr), (xr, Qr), g)
+    x1 = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(kb.butterfly(x1, Q), (x1,), g)
+    Q1 = Q.clone().requires_grad_()
+    (dq,) = torch.autograd.grad(kb.butterfly(x, Q1), (Q1,), g)
+    assert rel_err(dx, dx_ref) <= 1e-5 and rel_err(dq, dq_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_segmented_batch_with_wide_levels(dtype):
+    """Serving a mixed batch: a wide level runs its slab kernel segment by segment."""
+    n, b, N, lengths = 320, 160, 1, [5, 0, 7]
+    Q64 = torch.stack([rand_q(N, n // b, b) for _ in lengths])
+    offsets = [0, 5, 5, 12]
+    x = torch.randn(12, n, dtype=torch.float64).to(dtype).to(DEVICE)
+    y = kb.segmented_butterfly(x, Q64.float().to(DEVICE), offsets)
+    expected = torch.cat([x.double().cpu()[offsets[k]:offsets[k + 1]] @ reference.dense_rotation(Q64[k].float().double())
+                          for k in range(len(lengths))])
+    assert y.dtype == dtype and rel_err(y, expected) <= TOL[dtype]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts bytes in Triton's interpreter")
+def test_wide_traffic():
+    """b = 160 (DreamBooth's block_num=8 on 1280): the forward reads x once within the target;
+    the backward is two passes (dx: the transposed forward; dMc: 2 slabs, each reading g), so
+    forward + backward is about 1.6x at T = 1024 (bench/results/interp-wide-*)."""
+    from boft_triton.bench import kernel_profile
+
+    row = kernel_profile.traffic(640, 160, 1, 1024, "bf16")
+    assert row["torch_bytes"] == 0, row
+    assert row["fwd_ratio"] <= kernel_profile.TARGET_FWD, row
+    assert row["fwd_bwd_ratio"] <= 1.65, row
+
+
+# fp32 inputs wider than the block kernels' tf32x3 tiles fit (blocks over 32 wide) run level by
+# level through the slab kernels on a GPU; forced here, where the interpreter has no such limit.
+LEVEL_CASES = [(37, 256, 8, 4, 1.0, False), (21, 256, 64, 2, 1.0, True), (19, 320, 160, 1, 1.0, False),
+               (5, 96, 6, 4, 10.0, True)]
+
+
+@pytest.mark.parametrize("T,n,b,N,scale,transpose", LEVEL_CASES,
+                         ids=[case_id(c) + ("-xMT" if c[-1] else "-xM") for c in LEVEL_CASES])
+def test_fp32_level_by_level(monkeypatch, T, n, b, N, scale, transpose):
+    assert not kw.takes_levels(n, b, N, torch.float32)  # the interpreter: the block kernels
+    with monkeypatch.context() as gpu:
+        gpu.setattr(kb, "interpreting", lambda: False)  # what takes_levels sees on a GPU
+        assert kw.takes_levels(n, b, N, torch.float32) and not kw.takes_levels(n, b, N, torch.bfloat16)
+        assert kb.runs_on_gpu(n, b, N, torch.float32)
+    monkeypatch.setattr(kw, "takes_levels", lambda n, b, N, dtype: dtype == torch.float32)
+    launched = []
+    monkeypatch.setattr(kw, "apply_into", lambda *a, _f=kw.apply_into: (launched.append(a[3]), _f(*a))[1])
+    check_butterfly(T, n, b, N, scale, transpose)
+    assert sorted(set(launched)) == list(range(N))  # every level its own slab pass
+
+
+def test_fp32_segmented_level_by_level(monkeypatch):
+    monkeypatch.setattr(kw, "takes_levels", lambda n, b, N, dtype: dtype == torch.float32)
+    n, b, N = 256, 64, 2
+    Q64 = torch.stack([rand_q(N, n // b, b) for _ in range(2)])
+    x = torch.randn(9, n, dtype=torch.float64).float().to(DEVICE)
+    y = kb.segmented_butterfly(x, Q64.float().to(DEVICE), [0, 4, 9])
+    expected = torch.cat([x.double().cpu()[lo:hi] @ reference.dense_rotation(Q64[k].float().double())
+                          for k, (lo, hi) in enumerate([(0, 4), (4, 9)])])
+    assert rel_err(y, expected) <= 1e-5
