@@ -19,9 +19,10 @@ its row tiles. So each program owns a slab of ``BN`` output columns of one block
   accumulates a slab of dMc's rows (columns with transpose) in fp32, reading the full row tile of
   g and its slab of x; dQ of the level *is* dMc (one factor: no block products). Row splits and
   the split-ordered partial sums are ``butterfly._splits``'s, so dQ's bits do not depend on the
-  tile config. (One pass holding both the ``Delta^T`` slab and the dMc slab spills on sm_80 at
-  256 wide and on both at 512, or, with slabs narrow enough not to, reads g more often than the
-  two passes do: 4 times against 3 at b = 160.)
+  tile config. Up to ``MAX_BLOCK + PAIR_REST`` (160) wide one program holds the block's whole
+  dMc as four tiles instead (``_wide_grad_pair_kernel``), so that pass reads g once. (One pass
+  holding both a ``Delta^T`` slab and a dMc slab spills on sm_80 at 256 wide and on both at 512,
+  or, with slabs narrow enough not to, reads g more often than the two passes do.)
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ MAX_FP32_WIDE = 256
 # Rows per step of the dMc reduction: fixed (never tuned), so the bits of dQ do not depend on the
 # tile config; a divisor of butterfly.RC, so butterfly._splits' row splits hold whole steps.
 WIDE_RC = 32
+# Blocks of MAX_BLOCK + up to PAIR_REST columns (b = 160: DreamBooth's block_num=8 on 1280) hold
+# their whole dMc as four tiles in one program (_wide_grad_pair_kernel), so the dMc pass reads g
+# once instead of once per slab: no spills on sm_90 and sm_80 in 16-row steps (b = 192, a 64-wide
+# rest, spills 84 bytes on sm_80). 16-bit inputs (fp32's tf32x3 operands would not fit).
+PAIR_REST = 32
+PAIR_RC = 16
 
 
 def is_wide(grp: dict) -> bool:
@@ -219,6 +226,59 @@ def _wide_grad_kernel(
 
 
 @triton.jit
+def _store_tile(ptr, acc, o_r, o_c, B: tl.constexpr):
+    tl.store(ptr + o_r[:, None] * B + o_c[None, :], acc, mask=(o_r < B)[:, None] & (o_c < B)[None, :])
+
+
+@triton.jit
+def _wide_grad_pair_kernel(
+    x_ptr, g_ptr, dd_ptr, dq_ptr, T, n, ROWS, NB,
+    B: tl.constexpr, S: tl.constexpr, H: tl.constexpr, A: tl.constexpr, RP: tl.constexpr,
+    TRANS: tl.constexpr, FUSED_DQ: tl.constexpr, RC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Rows [i_s ROWS, (i_s+1) ROWS) of block i_b: this split's whole dMc, ``x^T g`` (``g^T x``
+    with TRANS), for a block of ``A < B <= A + RP`` columns held as four tiles (columns [0, A) and
+    [A, B), the second padded to RP) rather than one padded to a power of two: 160 columns are
+    25K fp32 values this way, 64K padded to 256. So g and x are each read once."""
+    i_b = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    o_a = tl.arange(0, A)
+    o_r = A + tl.arange(0, RP)
+    col_a = _block_columns(i_b, o_a, B, S, H)
+    col_r, m_r = _block_columns(i_b, o_r, B, S, H), o_r < B
+    acc_aa = tl.zeros([A, A], dtype=tl.float32)
+    acc_ar = tl.zeros([A, RP], dtype=tl.float32)
+    acc_ra = tl.zeros([RP, A], dtype=tl.float32)
+    acc_rr = tl.zeros([RP, RP], dtype=tl.float32)
+    row_lo = i_s * ROWS
+    row_hi = tl.minimum(row_lo + ROWS, T)
+    for t0 in range(row_lo, row_hi, RC):
+        o_t = t0 + tl.arange(0, RC)
+        m_t = (o_t < row_hi)[:, None]
+        x_a = tl.load(x_ptr + o_t[:, None] * n + col_a[None, :], mask=m_t, other=0.0).to(DOT_DTYPE)
+        x_r = tl.load(x_ptr + o_t[:, None] * n + col_r[None, :], mask=m_t & m_r[None, :], other=0.0).to(DOT_DTYPE)
+        g_a = tl.load(g_ptr + o_t[:, None] * n + col_a[None, :], mask=m_t, other=0.0).to(DOT_DTYPE)
+        g_r = tl.load(g_ptr + o_t[:, None] * n + col_r[None, :], mask=m_t & m_r[None, :], other=0.0).to(DOT_DTYPE)
+        if TRANS:  # dMc rows come from g
+            u_a, u_r, v_a, v_r = g_a, g_r, x_a, x_r
+        else:
+            u_a, u_r, v_a, v_r = x_a, x_r, g_a, g_r
+        acc_aa = tl.dot(tl.trans(u_a), v_a, acc_aa, input_precision=PRECISION)
+        acc_ar = tl.dot(tl.trans(u_a), v_r, acc_ar, input_precision=PRECISION)
+        acc_ra = tl.dot(tl.trans(u_r), v_a, acc_ra, input_precision=PRECISION)
+        acc_rr = tl.dot(tl.trans(u_r), v_r, acc_rr, input_precision=PRECISION)
+    if FUSED_DQ:
+        base = dq_ptr + i_b * (B * B)
+    else:
+        base = dd_ptr + (i_s * NB + i_b) * (B * B)
+    _store_tile(base, acc_aa, o_a, o_a, B)
+    _store_tile(base, acc_ar, o_a, o_r, B)
+    _store_tile(base, acc_ra, o_r, o_a, B)
+    _store_tile(base, acc_rr, o_r, o_r, B)
+
+
+@triton.jit
 def _wide_dq_kernel(dd_ptr, dq_ptr, SPLITS, NB, B: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr):
     """dQ of rows ``[i_r BR, (i_r+1) BR)`` of block i_b: its SPLITS partial dMc added in split
     order (deterministic)."""
@@ -248,6 +308,11 @@ def _dot_meta(dtype: torch.dtype) -> dict:
 def _layout(grp: dict, b: int, kind: str, dtype: torch.dtype) -> dict:
     kp, bn, ns = slab(kind, b, dtype)
     return dict(B=b, S=grp["S"], H=grp["H"], KP=kp, BN=bn, NS=ns)
+
+
+def takes_pair(b: int, dtype: torch.dtype) -> bool:
+    """Whether the dMc pass of a b-wide level holds the whole dMc (``_wide_grad_pair_kernel``)."""
+    return kb.MAX_BLOCK < b <= kb.MAX_BLOCK + PAIR_REST and (dtype != torch.float32 or kb.interpreting())
 
 
 def _pick(kind: str, key, x) -> tuple[str, dict]:
@@ -290,10 +355,17 @@ def grad_q(x, g, q, transpose, k0, key):
     NB = grp["NB"]
     partial = dq if splits == 1 else new_empty(splits, NB, b, b, dtype=torch.float32, device=x.device)
     warps, stages = cfg["num_warps"], cfg.get("num_stages", 2)
-    wrap_triton(_wide_grad_kernel)[(NB * layout["NS"], splits)](
-        x, g, partial, dq, T, n, rows, NB, **layout, TRANS=transpose, FUSED_DQ=splits == 1, RC=WIDE_RC,
-        **_dot_meta(x.dtype), num_warps=warps, num_stages=stages,
-    )
+    if takes_pair(b, x.dtype):
+        wrap_triton(_wide_grad_pair_kernel)[(NB, splits)](
+            x, g, partial, dq, T, n, rows, NB, B=b, S=grp["S"], H=grp["H"], A=kb.MAX_BLOCK,
+            RP=max(kb.MIN_BLOCK, next_pow2(b - kb.MAX_BLOCK)), TRANS=transpose, FUSED_DQ=splits == 1, RC=PAIR_RC,
+            **_dot_meta(x.dtype), num_warps=warps, num_stages=stages,
+        )
+    else:
+        wrap_triton(_wide_grad_kernel)[(NB * layout["NS"], splits)](
+            x, g, partial, dq, T, n, rows, NB, **layout, TRANS=transpose, FUSED_DQ=splits == 1, RC=WIDE_RC,
+            **_dot_meta(x.dtype), num_warps=warps, num_stages=stages,
+        )
     if splits > 1:
         kp, br = layout["KP"], max(1, BWD_SLAB // layout["KP"])
         wrap_triton(_wide_dq_kernel)[(NB, triton.cdiv(b, br))](
@@ -374,10 +446,17 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[d
                           config=fwd, num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))
     gsig = {"x_ptr": ptr, "g_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32", "T": "i32", "n": "i32",
             "ROWS": "i32", "NB": "i32"}
+    with kb._compiling():
+        pair = takes_pair(b, dtype)
     for name, fused in (("wide_grad", False), ("wide_grad_dq", True)):
-        specs.append(dict(name=name + tag, **shape, fn=_wide_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
-                          constexprs={**_layout(grp, b, "bwd", dtype), "TRANS": False, "FUSED_DQ": fused, "RC": WIDE_RC,
-                                      **dot},
+        if pair:
+            fn, constexprs = _wide_grad_pair_kernel, {"B": b, "S": grp["S"], "H": grp["H"], "A": kb.MAX_BLOCK,
+                                                      "RP": max(kb.MIN_BLOCK, next_pow2(b - kb.MAX_BLOCK)),
+                                                      "RC": PAIR_RC}
+        else:
+            fn, constexprs = _wide_grad_kernel, {**_layout(grp, b, "bwd", dtype), "RC": WIDE_RC}
+        specs.append(dict(name=name + ("_pair" if pair else "") + tag, **shape, fn=fn, signature=gsig,
+                          divisible=("n", "ROWS"), constexprs={**constexprs, "TRANS": False, "FUSED_DQ": fused, **dot},
                           config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
     kp = slab("bwd", b, dtype)[0]
     specs.append(dict(name="wide_dq" + tag, **shape, fn=_wide_dq_kernel,

@@ -26,9 +26,10 @@ kw = importlib.import_module("boft_triton.kernels.wide")
 pytestmark = pytest.mark.kernels
 
 
-# DreamBooth's block_num=8 on a 1280-wide layer (b = 160: padded lanes), b = 256 with N = 2 (two
-# interleaved wide levels), b = 512 (LLM block_num=8 on 4096: 8 slabs of 64 in the forward, 8 of
-# 64 for dMc), a 192-wide block in 3 layers' worth of rows, a partial last tile everywhere.
+# DreamBooth's block_num=8 on a 1280-wide layer (b = 160: padded lanes, dMc held whole as four
+# tiles), b = 256 with N = 2 (two interleaved wide levels), b = 512 (LLM block_num=8 on 4096: 8
+# slabs of 64 in the forward, 8 of 64 for dMc), a 192-wide block (dMc in 2 slabs), a partial last
+# tile everywhere.
 WIDE_CASES = [(37, 320, 160, 1, 1.0), (9, 512, 256, 2, 1.0), (13, 1024, 512, 1, 1.0), (70, 384, 192, 1, 10.0)]
 
 
@@ -99,15 +100,16 @@ def test_segmented_batch_with_wide_levels(dtype):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts bytes in Triton's interpreter")
 def test_wide_traffic():
-    """b = 160 (DreamBooth's block_num=8 on 1280): the forward reads x once within the target;
-    the backward is two passes (dx: the transposed forward; dMc: 2 slabs, each reading g), so
-    forward + backward is about 1.6x at T = 1024 (bench/results/interp-wide-*)."""
+    """b = 160 (DreamBooth's block_num=8 on 1280): the forward reads x once, the backward takes
+    two passes (dx: the transposed forward; dMc: the whole block's in one program, g and x read
+    once), both within the targets at T = 1024 (bench/results/interp-wide-*)."""
     from boft_triton.bench import kernel_profile
 
+    assert kw.takes_pair(160, torch.bfloat16) and not kw.takes_pair(192, torch.bfloat16)
     row = kernel_profile.traffic(640, 160, 1, 1024, "bf16")
     assert row["torch_bytes"] == 0, row
     assert row["fwd_ratio"] <= kernel_profile.TARGET_FWD, row
-    assert row["fwd_bwd_ratio"] <= 1.65, row
+    assert row["fwd_bwd_ratio"] <= kernel_profile.TARGET_FWD_BWD, row
 
 
 # fp32 inputs wider than the block kernels' tf32x3 tiles fit (blocks over 32 wide) run level by
