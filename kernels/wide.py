@@ -33,7 +33,7 @@ import torch
 from torch.library import wrap_triton
 
 from . import butterfly as kb
-from ._common import LAST_LAUNCH, kernel_op, new_empty, next_pow2, num_sms, tl, triton
+from ._common import TRITON_VERSION, LAST_LAUNCH, _version_tuple, kernel_op, new_empty, next_pow2, num_sms, tl, triton
 
 # Values of the Delta slab a forward program holds next to its row tile, and of the dMc slab a
 # backward program accumulates (fp32): the widest that compile without spills on sm_90 and sm_80
@@ -99,12 +99,18 @@ def slab(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, i
     return kp, bn, triton.cdiv(b, bn)
 
 
+# Warps of the whole-block forward: the two Triton versions in use compile it without spills at
+# opposite counts (sm_90 and sm_80, b = 160-256; the compile report): triton 3.7 on 4 warps (8
+# spill 12-40 bytes at b = 256), triton 3.6 (the GPU image's) on 8 (4 spill 200-800 bytes).
+WHOLE_BLOCK_WARPS = 4 if _version_tuple(TRITON_VERSION) >= (3, 7) else 8
+
+
 def default_config(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The untuned config. Forward: the whole block (up to FWD_WHOLE) in 32-row tiles on 4 warps
-    (8 warps spill 12-40 bytes at b = 256 on sm_80), else (and for fp32) 16-row tiles on 8."""
+    """The untuned config. Forward: the whole block (up to FWD_WHOLE) in 32-row tiles on
+    WHOLE_BLOCK_WARPS warps, else (and for fp32) 16-row tiles on 8."""
     if kind == "fwd":
         whole = next_pow2(b) <= FWD_WHOLE and dtype != torch.float32
-        return {"BT": 32 if whole else 16, "PPS": 2, "num_warps": 4 if whole else 8, "num_stages": 2}
+        return {"BT": 32 if whole else 16, "PPS": 2, "num_warps": WHOLE_BLOCK_WARPS if whole else 8, "num_stages": 2}
     return {"num_warps": 8, "num_stages": 2}
 
 
