@@ -588,7 +588,7 @@ def test_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(proc.stdout.split("ROWS", 1)[1])
     assert {r["kernel"] for r in rows} >= {"apply", "apply_T", "grad", "grad_dq", "dq", "grad[g0]", "grad[g1]", "fused",
-                                           "fused_T", "wide", "wide_T", "wide_grad", "wide_grad_dq", "wide_dq"}
+                                           "fused_T", "wide", "wide_T", "wide_grad_pair", "wide_grad_dq_pair", "wide_dq"}
     for r in rows:
         assert r["smem_fits"], r  # else the launch fails on that GPU
         # zero spills, but in the dQ epilogue (once per program, after the row loop) where it holds
