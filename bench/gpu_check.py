@@ -39,9 +39,14 @@ BUTTERFLY_SHAPES = [(4, 1), (8, 2), (4, 4), (32, 2), (64, 1)]
 # (one pass per group), and single levels of 256 and 512 (the slab kernels, kernels/wide.py); not in
 # the torch.compile rows, which compile each shape anew
 WIDE_SHAPES = [(64, 3), (8, 6), (256, 1), (512, 1)]
+# DreamBooth's block_num=8 with N=3 and ControlNet's block_num=4 with N=2 on 1280-wide layers
+# (L = 160): the backward through dense coarse blocks (kernels/coarse.py), as (n, b, N)
+COARSE_SHAPES = [(1280, 40, 3), (1280, 80, 2)]
 CAYLEY_SHAPES = [(1024, 8), (128, 32)]
-# preflight: the same code paths (packed, multi-level, wide block) at interpreter sizes
-PREFLIGHT = dict(T=64, n=256, butterfly=[(4, 1), (8, 2), (64, 1)], wide=[(8, 6), (256, 1)], cayley=[(8, 8), (2, 32)])
+# preflight: the same code paths (packed, multi-level, wide block, coarse backward) at interpreter
+# sizes (the coarse backward needs a few L rows)
+PREFLIGHT = dict(T=64, n=256, butterfly=[(4, 1), (8, 2), (64, 1)], wide=[(8, 6), (256, 1)], cayley=[(8, 8), (2, 32)],
+                 coarse_T=320, coarse=[(320, 40, 3), (320, 80, 2)])
 BF16_BOUND = 1e-2
 
 
@@ -155,10 +160,12 @@ def main(argv=None) -> int:
         device, T, n = torch.device("cpu"), PREFLIGHT["T"], PREFLIGHT["n"]
         butterfly_shapes, cayley_shapes, copy_numel = PREFLIGHT["butterfly"], PREFLIGHT["cayley"], 1 << 16
         wide_shapes = PREFLIGHT["wide"]
+        coarse_T, coarse_shapes = PREFLIGHT["coarse_T"], PREFLIGHT["coarse"]
     elif torch.cuda.is_available():
         device, T, n = torch.device("cuda"), args.T, args.n
         butterfly_shapes, cayley_shapes, copy_numel = BUTTERFLY_SHAPES, CAYLEY_SHAPES, 1 << 28
         wide_shapes = WIDE_SHAPES
+        coarse_T, coarse_shapes = args.T, COARSE_SHAPES
     else:
         print("gpu_check needs a CUDA device (or --preflight)", file=sys.stderr)
         return 2
@@ -182,6 +189,9 @@ def main(argv=None) -> int:
 
     for b, N in butterfly_shapes + wide_shapes:
         rows += bench_butterfly(T, n, b, N, bandwidth, device)
+        write()
+    for coarse_n, b, N in coarse_shapes:
+        rows += bench_butterfly(coarse_T, coarse_n, b, N, bandwidth, device)
         write()
     for blocks, b in cayley_shapes:
         rows += bench_cayley(blocks, b, device)

@@ -173,7 +173,7 @@ def traffic(n: int, b: int, N: int, T: int, dtype_name: str = "bf16", x_grad: bo
         "fwd_bwd_ratio_with_torch": (moved_fwd + moved_bwd + fwd_torch["bytes"] + bwd_torch["bytes"]) / (ideal_fwd + ideal_bwd),
         "dot_macs": macs, "elementwise_mul": fwd["mul"] + bwd["mul"],
         "dot_fraction": macs / max(1, macs + fwd["mul"] + bwd["mul"]),
-        "path": kb.path_name(n, b, N) if hasattr(kb, "path_name") else "",
+        "path": kb.path_name(n, b, N, T, dtype),
     }
 
 

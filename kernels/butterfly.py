@@ -38,6 +38,10 @@ dense ``L x L`` block products with ``tl.dot``:
      of two), so the forward reads x once however wide L is; the backward takes one pass over
      (x, g) per group (``fused_grad``: each recomputes its group's input and output gradient), or,
      where a group's dMc does not fit, recomputes the group inputs for ``plan``'s per-group passes.
+     For 16-bit inputs with enough rows (L up to MAX_WIDE) the backward instead runs through the
+     dense coarse blocks (``kernels/coarse.py``): dx by the transposed one-pass forward, the
+     whole ``L x L`` dMc in one pass, then dQ by a parameter-sized chain pass per group
+     (``fused_chain_dq``), so the activations move four times rather than ``2G + 1``.
      Other shapes run one pass per group of ``plan``, the kernels gathering interleaved columns
      with a column map;
    - single levels wider than MAX_BLOCK (b > 128, a group of their own): the slab kernels of
@@ -58,7 +62,19 @@ from torch.library import wrap_triton
 
 from boft_triton.tuning import valid_config, warn_once
 
-from ._common import LAST_LAUNCH, cached_config, interpreting, kernel_op, new_empty, next_pow2, num_sms, tl, triton
+from ._common import (
+    LAST_LAUNCH,
+    TRITON_VERSION,
+    _version_tuple,
+    cached_config,
+    interpreting,
+    kernel_op,
+    new_empty,
+    next_pow2,
+    num_sms,
+    tl,
+    triton,
+)
 
 # Widest dense block a program holds (its Delta tile and, backward, its dMc accumulator).
 MAX_BLOCK = 128
@@ -126,11 +142,15 @@ def fused_backward(n: int, b: int, N: int) -> bool:
                                       for k0, k1 in groups)
 
 
-def path_name(n: int, b: int, N: int) -> str:
+def path_name(n: int, b: int, N: int, T: int | None = None, dtype: torch.dtype | None = None) -> str:
+    """The kernels a shape runs, in a few characters (reports, tuning); with the row count and
+    dtype, also whether the backward goes through the dense coarse blocks (``-bwd-coarse``)."""
     fused = fused_groups(n, b, N)
     if fused is not None:
         hp = next_pow2(b // 2)
         widths = "+".join(str(hp << (k1 - k0)) for k0, k1 in reversed(fused))
+        if T is not None and dtype is not None and _coarse().takes(n, b, N, T, dtype, True):
+            return f"fused{widths}-bwd-coarse"
         return f"fused{widths}" + ("" if fused_backward(n, b, N) else "-bwd-per-group")
     groups = plan(n, b, N)
     if _wide().is_wide(groups[0]):  # then every group is one wide level: slab passes
@@ -200,7 +220,7 @@ def candidates(n: int, b: int, N: int, kind: str, dtype: torch.dtype | None = No
     stages; the backward's row splits and chunk are fixed (determinism), so it tunes warps and
     stages."""
     WP = max(g["WP"] for g in plan(n, b, N))
-    if _wide().is_wide(plan(n, b, N)[0]) or dtype == torch.float32 and WP > MAX_FP32_BLOCK:  # the slab kernels
+    if _wide().is_wide(plan(n, b, N)[0]) or _wide().fp32_too_wide(n, b, N, dtype):  # the slab kernels
         return _wide().candidates(kind, b, dtype)
     if kind == "fwd" and fused_groups(n, b, N) is not None:  # one pass: tiles of 16 or 32 rows fit
         return [{"BT": BT, "PPS": pps, "num_warps": warps, "num_stages": 2}
@@ -614,6 +634,31 @@ def _fused_frame(b_t, BT: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, NL: 
 
 
 @triton.jit
+def _chain_store_rows(dq_ptr, b_fv, o_t, row_hi, i_cb, D, K0: tl.constexpr, NL: tl.constexpr, B: tl.constexpr,
+                      HC: tl.constexpr, HP: tl.constexpr, RC: tl.constexpr, TRANS: tl.constexpr):
+    """The chain pass of a one-level group [K0, K0+1) acting first (``_fused_grad_kernel``'s
+    DIRECT): row r of the identity lies in one block z(r) of the group, at row p(r), so dMc's row
+    p(r) of block z(r) is row r of the frame ``b_fv`` ``[Z, RC, WP]`` there, and dQ of the level
+    is dMc (transposed with TRANS). Stored straight into Q's layout (``_fused_factor``'s, where a
+    one-level group's block z is Q block i_b of the level)."""
+    LO: tl.constexpr = 1 << K0
+    HI: tl.constexpr = 1 << (NL - K0 - 1)
+    o_z = tl.arange(0, HI * LO)
+    o_w = tl.arange(0, 2 * HP)
+    chunk = o_t // HC  # row r's chunk: bits (outer, the level's bit, low)
+    z_r = (chunk // (2 * LO)) * LO + chunk % LO
+    p_r = ((chunk // LO) % 2) * HC + o_t % HC  # its row in the block
+    c_w = (o_w // HP) * HC + o_w % HP  # lane w's column in the block
+    i_b = (i_cb * HI + o_z // LO) * LO + o_z % LO  # [Z] Q block of the level
+    if TRANS:
+        o_q = ((K0 * D + i_b)[:, None, None] * B + c_w[None, None, :]) * B + p_r[None, :, None]
+    else:
+        o_q = ((K0 * D + i_b)[:, None, None] * B + p_r[None, :, None]) * B + c_w[None, None, :]
+    mine = (o_z[:, None] == z_r[None, :]) & (o_t < row_hi)[None, :]
+    tl.store(dq_ptr + o_q, b_fv, mask=mine[:, :, None] & ((o_w % HP) < HC)[None, None, :])
+
+
+@triton.jit
 def _fused_store_dq(dq_ptr, q_ptr, dmc, i_cb, D, K0: tl.constexpr, K1: tl.constexpr, NL: tl.constexpr,
                     B: tl.constexpr, HC: tl.constexpr, HP: tl.constexpr, BUILD_DTYPE: tl.constexpr,
                     BUILD_PRECISION: tl.constexpr):
@@ -646,6 +691,7 @@ def _fused_grad_kernel(
     D0: tl.constexpr, D1: tl.constexpr, SEL: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr,
     TRANS: tl.constexpr, WRITE_DX: tl.constexpr, FUSED_DQ: tl.constexpr, RC: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr,
+    CHAIN: tl.constexpr, DIRECT: tl.constexpr,
 ):
     """One pass over (x, g) for group SEL (levels ``[S0, S1)``; groups in acting order A, B, C,
     D) on rows ``[i_s ROWS, (i_s+1) ROWS)`` of coarse block i_cb: the group's input u is x carried
@@ -653,7 +699,14 @@ def _fused_grad_kernel(
     groups after it, and ``dMc = sum_rows u^T v`` is reduced RC rows at a time; then dQ (FUSED_DQ:
     the only split) or the split's partial. With WRITE_DX (group A's pass) also ``dx = v + v
     Delta_A^T`` (``Delta_A`` with TRANS). Each group's blocks are held once, in the orientation
-    this pass uses them in."""
+    this pass uses them in.
+
+    CHAIN (``fused_chain_dq``): x is the identity, one row per column of the coarse block (made here,
+    never read), and g is the coarse block's dense ``dMc`` ``[L, L]`` (row r of block i_cb at
+    ``(i_cb L + r) L``; with TRANS, the chain of ``y = I M^T`` reads ``dMc^T``): dQ is then the
+    chain rule from dMc to the factors. DIRECT (the chain of a one-level group acting first):
+    row r of the identity is nonzero in one block of the group only, so each row's dMc row is
+    that row of v, stored straight into dQ: no accumulator, no partials."""
     i_s = tl.program_id(0).to(tl.int64)
     i_cb = tl.program_id(1).to(tl.int64)
     LP: tl.constexpr = (1 << NL) * HP
@@ -675,15 +728,25 @@ def _fused_grad_kernel(
                             BUILD_PRECISION)
     WP: tl.constexpr = (1 << (S1 - S0)) * HP
     Z: tl.constexpr = (1 << (NL - S1)) * (1 << S0)
-    b_acc = tl.zeros([Z, WP, WP], dtype=tl.float32)
+    b_acc = tl.zeros([Z, WP, WP], dtype=tl.float32)  # (unused, so never allocated, with DIRECT)
     row_lo = i_s * ROWS
     row_hi = tl.minimum(row_lo + ROWS, T)
     for t0 in range(row_lo, row_hi, RC):
         o_t = t0 + tl.arange(0, RC)
         o_x = o_t[:, None] * n + o_col[None, :]  # [RC, LP]
         m_x = (o_t < row_hi)[:, None] & m_c[None, :]
-        b_u = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
-        b_v = tl.load(g_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
+        if CHAIN:
+            LC: tl.constexpr = (1 << NL) * HC
+            o_lc = o_col - i_cb * LC  # [LP] the lane's column inside the coarse block
+            b_u = tl.where((o_lc[None, :] == o_t[:, None]) & m_x, 1.0, 0.0)
+            if TRANS:  # the chain of y = I M^T: its gradient is dMc^T
+                o_g = (i_cb * LC + o_lc)[None, :] * LC + o_t[:, None]
+            else:
+                o_g = (i_cb * LC + o_t)[:, None] * LC + o_lc[None, :]
+            b_v = tl.load(g_ptr + o_g, mask=m_x, other=0.0).to(tl.float32)
+        else:
+            b_u = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
+            b_v = tl.load(g_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
         if SEL > 0:
             b_u = _fused_group(b_u, b_da, RC, A0, A1, NL, HP, DOT_DTYPE, PRECISION)
         if SEL > 1:
@@ -696,22 +759,27 @@ def _fused_grad_kernel(
             b_v = _fused_group(b_v, b_dc, RC, C0, C1, NL, HP, DOT_DTYPE, PRECISION)
         if SEL < 1:
             b_v = _fused_group(b_v, b_db, RC, B0, B1, NL, HP, DOT_DTYPE, PRECISION)
-        b_fu = _fused_frame(b_u, RC, S0, S1, NL, HP).to(DOT_DTYPE)
-        b_fv = _fused_frame(b_v, RC, S0, S1, NL, HP).to(DOT_DTYPE)
-        b_acc = tl.dot(tl.permute(b_fu, (0, 2, 1)), b_fv, b_acc, input_precision=PRECISION)
+        if DIRECT:
+            _chain_store_rows(dq_ptr, _fused_frame(b_v, RC, S0, S1, NL, HP), o_t, row_hi, i_cb, D, S0, NL, B, HC, HP,
+                              RC, TRANS)
+        else:
+            b_fu = _fused_frame(b_u, RC, S0, S1, NL, HP).to(DOT_DTYPE)
+            b_fv = _fused_frame(b_v, RC, S0, S1, NL, HP).to(DOT_DTYPE)
+            b_acc = tl.dot(tl.permute(b_fu, (0, 2, 1)), b_fv, b_acc, input_precision=PRECISION)
         if WRITE_DX:
             b_dx = _fused_group(b_v, b_da, RC, A0, A1, NL, HP, DOT_DTYPE, PRECISION)
             tl.store(dx_ptr + o_x, b_dx.to(dx_ptr.dtype.element_ty), mask=m_x)
-    if TRANS:  # the held operand was Delta^T: its gradient is the transpose
-        b_acc = tl.permute(b_acc, (0, 2, 1))
-    if FUSED_DQ:
-        _fused_store_dq(dq_ptr, q_ptr, b_acc, i_cb, D, S0, S1, NL, B, HC, HP, BUILD_DTYPE, BUILD_PRECISION)
-    else:
-        o_z = tl.arange(0, Z)
-        o_w = tl.arange(0, WP)
-        m_w = (o_w % HP) < HC
-        o_dd = ((i_s * NCB + i_cb) * Z + o_z[:, None, None]) * (WP * WP) + o_w[None, :, None] * WP + o_w[None, None, :]
-        tl.store(dd_ptr + o_dd, b_acc, mask=(m_w[:, None] & m_w[None, :])[None, :, :] & (o_z >= 0)[:, None, None])
+    if not DIRECT:  # (DIRECT stored its rows in the loop)
+        if TRANS:  # the held operand was Delta^T: its gradient is the transpose
+            b_acc = tl.permute(b_acc, (0, 2, 1))
+        if FUSED_DQ:
+            _fused_store_dq(dq_ptr, q_ptr, b_acc, i_cb, D, S0, S1, NL, B, HC, HP, BUILD_DTYPE, BUILD_PRECISION)
+        else:
+            o_z = tl.arange(0, Z)
+            o_w = tl.arange(0, WP)
+            m_w = (o_w % HP) < HC
+            o_dd = ((i_s * NCB + i_cb) * Z + o_z[:, None, None]) * (WP * WP) + o_w[None, :, None] * WP + o_w[None, None, :]
+            tl.store(dd_ptr + o_dd, b_acc, mask=(m_w[:, None] & m_w[None, :])[None, :, :] & (o_z >= 0)[:, None, None])
 
 
 @triton.jit
@@ -863,31 +931,84 @@ def fused_grad(x, g, q, transpose, key, need_dx):
     groups = fused_groups(*key)
     if transpose:
         groups = groups[::-1]
-    bounds = [v for k0k1 in groups for v in k0k1] + [0, 0] * (FUSED_MAX_GROUPS - len(groups))
     source, cfg = pick_config("bwd", *key, x.dtype, x.device)
     LAST_LAUNCH["butterfly_fused_bwd"] = (source, dict(cfg))
+    dq = new_empty(*q.shape, dtype=torch.float32, device=x.device)
+    for sel in range(len(groups)):
+        _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, need_dx and sel == 0, key, cfg, x.dtype,
+                         chain=False, direct=False)
+    return dx, dq
+
+
+def _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, write_dx, key, cfg, dtype, chain, direct) -> None:
+    """One ``_fused_grad_kernel`` pass for group ``groups[sel]`` (groups in acting order), then,
+    with several row splits, the kernel adding their partials into dQ."""
+    T, n = x.shape
+    _, b, N = key
+    k0, k1 = groups[sel]
     hp, blocks = next_pow2(b // 2), n // (b << (N - 1))
     splits, rows = _fused_splits(T, n, b, N, num_sms(x.device))
-    meta = _dot_meta(x.dtype, max(hp << (k1 - k0) for k0, k1 in groups))
-    dq = new_empty(*q.shape, dtype=torch.float32, device=x.device)
+    meta = _dot_meta(dtype, max(hp << (g1 - g0) for g0, g1 in groups))
+    bounds = [v for k0k1 in groups for v in k0k1] + [0, 0] * (FUSED_MAX_GROUPS - len(groups))
     common = dict(NL=N, B=b, HC=b // 2, HP=hp)
-    for sel, (k0, k1) in enumerate(groups):
-        width, z = hp << (k1 - k0), (1 << (N - k1)) << k0
-        partial = dq if splits == 1 else new_empty(splits, blocks, z, width, width, dtype=torch.float32,
-                                                   device=x.device)
-        write_dx = need_dx and sel == 0
-        wrap_triton(_fused_grad_kernel)[(splits, blocks)](
-            x, g, q, dx if write_dx else x, partial, dq, T, n, n // b, rows, blocks, **common, NG=len(groups),
-            **dict(zip(("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1"), bounds)), SEL=sel, S0=k0, S1=k1,
-            TRANS=transpose, WRITE_DX=write_dx, FUSED_DQ=splits == 1, RC=FUSED_RC, **meta,
-            num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
+    width, z = hp << (k1 - k0), (1 << (N - k1)) << k0
+    reduce = splits > 1 and not direct  # the direct chain stores every row's own values: nothing to add
+    partial = new_empty(splits, blocks, z, width, width, dtype=torch.float32, device=x.device) if reduce else dq
+    wrap_triton(_fused_grad_kernel)[(splits, blocks)](
+        x, g, q, dx if write_dx else x, partial, dq, T, n, n // b, rows, blocks, **common, NG=len(groups),
+        **dict(zip(("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1"), bounds)), SEL=sel, S0=k0, S1=k1,
+        TRANS=transpose, WRITE_DX=write_dx, FUSED_DQ=not reduce, RC=FUSED_RC, **meta, CHAIN=chain, DIRECT=direct,
+        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
+    )
+    if reduce:
+        wrap_triton(_fused_dq_kernel)[(blocks,)](
+            partial, q, dq, n // b, splits, blocks, **common, S0=k0, S1=k1, BUILD_DTYPE=meta["BUILD_DTYPE"],
+            BUILD_PRECISION=meta["BUILD_PRECISION"], num_warps=cfg["num_warps"], num_stages=1,
         )
-        if splits > 1:
-            wrap_triton(_fused_dq_kernel)[(blocks,)](
-                partial, q, dq, n // b, splits, blocks, **common, S0=k0, S1=k1, BUILD_DTYPE=meta["BUILD_DTYPE"],
-                BUILD_PRECISION=meta["BUILD_PRECISION"], num_warps=cfg["num_warps"], num_stages=1,
-            )
-    return dx, dq
+
+
+# The chain passes of ``kernels/coarse.py`` (parameter-sized work, L rows): the config whose
+# accumulating pass (a middle group, 16K fp32 of dMc) spills least on sm_90/sm_80 at 40x3, 64x3,
+# 36x3 and 20x4, which differs by Triton version: 3.7 at most 132 bytes on 4 warps (8: 196), 3.6
+# (the GPU image's) at most 220 on 8 (4: 400). The direct passes spill nothing on either.
+CHAIN_CONFIG = {"num_warps": 4 if _version_tuple(TRITON_VERSION) >= (3, 7) else 8, "num_stages": 1}
+
+
+@functools.lru_cache(maxsize=1024)
+def chain_passes(n: int, b: int, N: int) -> tuple[str, ...] | None:
+    """How ``fused_chain_dq`` takes each group of ``fused_groups`` (in that order): ``first`` /
+    ``last`` (a one-level group acting first in ``y = I M`` / ``y = I M^T``: rows stored
+    straight, no accumulator), ``acc`` (a middle or multi-level group: dMc accumulated, so it
+    must fit FUSED_ACC), or None where one does not."""
+    groups = fused_groups(n, b, N)
+    if groups is None:
+        return None
+    hp, modes = next_pow2(b // 2), []
+    for sel, (k0, k1) in enumerate(groups):
+        if k1 - k0 == 1 and sel in (0, len(groups) - 1):
+            modes.append("first" if sel == 0 else "last")
+        elif ((1 << (N - k1)) << k0) * (hp << (k1 - k0)) ** 2 <= FUSED_ACC:
+            modes.append("acc")
+        else:
+            return None
+    return tuple(modes)
+
+
+def fused_chain_dq(dmc: torch.Tensor, q: torch.Tensor, key) -> torch.Tensor:
+    """dQ of every factor from the coarse blocks' ``dl/dMc`` ``[n/L, L, L]`` (``y = x M``'s Mc):
+    the dQ passes of ``y = I M`` with ``dl/dy = dMc`` (identity rows made in registers), each
+    group in the orientation ``chain_passes`` names (``y = I M^T`` with ``dMc^T`` has the same dQ).
+    The operands are dMc's, bf16 (fp32's range) on a GPU, as _dot_meta's wide blocks."""
+    n, b, N = key
+    L = b << (N - 1)
+    x = torch.empty(1, 1, dtype=torch.bfloat16, device=dmc.device).expand(L, n)  # never read
+    groups = fused_groups(*key)
+    dq = new_empty(*q.shape, dtype=torch.float32, device=dmc.device)
+    for sel, mode in enumerate(chain_passes(*key)):
+        order, at = (groups[::-1], len(groups) - 1 - sel) if mode == "last" else (groups, sel)
+        _fused_grad_pass(x, dmc, q, None, dq, order, at, mode == "last", False, key, CHAIN_CONFIG, torch.bfloat16,
+                         chain=True, direct=mode != "acc")
+    return dq
 
 
 def grad(x, g, q, transpose, k0, key, need_dx):
@@ -1065,6 +1186,9 @@ def _fused_backward(ctx, g):
     if not ctx.needs_input_grad[1]:
         return fused_apply(g, q, not transpose, n, b, N), None, *none
     need_dx = ctx.needs_input_grad[0]
+    if _coarse().takes(n, b, N, x.shape[0], x.dtype, need_dx):  # three passes over the activations
+        dx, dq = _coarse().coarse_grad(x, g, q, transpose, need_dx, n, b, N)
+        return (dx if need_dx else None), dq, *none
     if fused_backward(n, b, N):
         dx, dq = fused_grad_op(x, g, q, transpose, need_dx, n, b, N)
         return (dx if need_dx else None), dq, *none
@@ -1116,6 +1240,13 @@ def _wide():
     from . import wide
 
     return wide
+
+
+def _coarse():
+    """``kernels.coarse`` (the backward through dense coarse blocks), imported on first use."""
+    from . import coarse
+
+    return coarse
 
 
 def _segmented_block_apply_fake(x, q, offsets, k0, n, b, N):
@@ -1174,12 +1305,13 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
     (kernel, signature, constexprs, options): apply (forward), apply_T (``dx`` when Q is frozen,
     and merges), grad (the fused backward, several row splits), grad_dq (one split: dQ in the same
     program), segmented (mixed-adapter batches) and dq (adds the splits' partials, then dQ); the
-    one-pass ``fused*`` kernels where ``fused_groups`` holds; the slab kernels ``wide*`` for levels
-    wider than MAX_BLOCK and, per level, for fp32 beyond MAX_FP32_BLOCK.
+    one-pass ``fused*`` kernels where ``fused_groups`` holds, with ``coarse*`` where the backward
+    can run through dense coarse blocks; the slab kernels ``wide*`` for levels wider than
+    MAX_BLOCK and, per level, for fp32 beyond MAX_FP32_BLOCK.
     Pointers are 16-byte aligned and n, ROWS divisible by 16 at launch, as the compile report
     assumes."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
-    if dtype == torch.float32 and max(g["WP"] for g in plan(n, b, N)) > MAX_FP32_BLOCK:  # wide.takes_levels
+    if _wide().fp32_too_wide(n, b, N, dtype):  # wide.takes_levels on a GPU
         return [spec for k in range(N)
                 for spec in _wide().launch_specs(_wide().level_group(n, b, N, k), b, dtype, f"[l{k}]" if N > 1 else "")]
     ptr = "*" + dtype_name
@@ -1211,8 +1343,11 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                                   constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, "NG": len(fused),
                                               **dict(zip(("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1"), bounds)),
                                               "SEL": sel, "S0": k0, "S1": k1, "TRANS": False, "WRITE_DX": sel == 0,
-                                              "FUSED_DQ": fused_dq, "RC": FUSED_RC, **dot},
+                                              "FUSED_DQ": fused_dq, "RC": FUSED_RC, **dot, "CHAIN": False,
+                                              "DIRECT": False},
                                   config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
+        if _coarse().supported(n, b, N, dtype):  # the backward through dense coarse blocks
+            specs += _coarse().launch_specs(n, b, N, dtype, gsig)
     # what still runs per plan() group: everything, but for one-pass shapes only the segmented
     # forward (and, where the backward is not one pass, apply for the recompute and the grads)
     if fused is None:
@@ -1253,7 +1388,7 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                                       "BUILD_PRECISION": dot["BUILD_PRECISION"]},
                           config=bwd, num_warps=bwd["num_warps"], num_stages=1))
     if kept is not None:
-        specs = [sp for sp in specs if sp["name"].startswith(("fused",) + kept)]
+        specs = [sp for sp in specs if sp["name"].startswith(("fused", "coarse") + kept)]
     return specs
 
 

@@ -19,7 +19,7 @@ its row tiles. So each program owns a slab of ``BN`` output columns of one block
   accumulates a slab of dMc's rows (columns with transpose) in fp32, reading the full row tile of
   g and its slab of x; dQ of the level *is* dMc (one factor: no block products). Row splits and
   the split-ordered partial sums are ``butterfly._splits``'s, so dQ's bits do not depend on the
-  tile config. Up to ``MAX_BLOCK + PAIR_REST`` (160) wide one program holds the block's whole
+  tile config. Up to ``MAX_BLOCK + PAIR_REST`` (192) wide one program holds the block's whole
   dMc as four tiles instead (``_wide_grad_pair_kernel``), so that pass reads g once. (One pass
   holding both a ``Delta^T`` slab and a dMc slab spills on sm_80 at 256 wide and on both at 512,
   or, with slabs narrow enough not to, reads g more often than the two passes do.)
@@ -51,11 +51,12 @@ MAX_FP32_WIDE = 256
 # Rows per step of the dMc reduction: fixed (never tuned), so the bits of dQ do not depend on the
 # tile config; a divisor of butterfly.RC, so butterfly._splits' row splits hold whole steps.
 WIDE_RC = 32
-# Blocks of MAX_BLOCK + up to PAIR_REST columns (b = 160: DreamBooth's block_num=8 on 1280) hold
-# their whole dMc as four tiles in one program (_wide_grad_pair_kernel), so the dMc pass reads g
-# once instead of once per slab: no spills on sm_90 and sm_80 in 16-row steps (b = 192, a 64-wide
-# rest, spills 84 bytes on sm_80). 16-bit inputs (fp32's tf32x3 operands would not fit).
-PAIR_REST = 32
+# Blocks of MAX_BLOCK + up to PAIR_REST columns (b = 160: DreamBooth's block_num=8 on 1280; 192:
+# block_num=4 on 768) hold their whole dMc as four tiles in one program (_wide_grad_pair_kernel),
+# so the dMc pass reads g once instead of once per slab: no spills on sm_90 and sm_80 (triton 3.6
+# and 3.7) in 16-row steps on 8 warps with one stage (two stages spill 84 bytes at b = 192 on
+# sm_80; 16 warps, kilobytes). 16-bit inputs (fp32's tf32x3 operands would not fit).
+PAIR_REST = 64
 PAIR_RC = 16
 
 
@@ -78,13 +79,19 @@ def level_group(n: int, b: int, N: int, k: int) -> dict:
                 NB=n // width, WP=max(kb.MIN_BLOCK, next_pow2(width)))
 
 
+def fp32_too_wide(n: int, b: int, N: int, dtype: torch.dtype | None) -> bool:
+    """Whether fp32 inputs have blocks wider than ``butterfly.MAX_FP32_BLOCK``: on a GPU the
+    block kernels' tf32x3 tiles (three operand tiles per product) would not fit an SM, so these
+    run level by level (``takes_levels``), and their tuning space and compiled kernels are the
+    slab kernels'."""
+    return dtype == torch.float32 and max(g["WP"] for g in kb.plan(n, b, N)) > kb.MAX_FP32_BLOCK
+
+
 def takes_levels(n: int, b: int, N: int, dtype: torch.dtype) -> bool:
-    """fp32 inputs whose blocks are wider than ``butterfly.MAX_FP32_BLOCK`` run level by level
-    through the slab kernels on a GPU: the block kernels' tf32x3 tiles (three operand tiles per
-    product) would not fit an SM there. One pass per level, each fp32-exact. (The interpreter has
-    no registers to run out of: there the block kernels take every shape.)"""
-    return (dtype == torch.float32 and not kb.interpreting()
-            and max(g["WP"] for g in kb.plan(n, b, N)) > kb.MAX_FP32_BLOCK)
+    """Whether ``butterfly`` runs the shape level by level through the slab kernels, each level
+    fp32-exact: ``fp32_too_wide`` on a GPU. (The interpreter has no registers to run out of:
+    there the block kernels take every shape.)"""
+    return fp32_too_wide(n, b, N, dtype) and not kb.interpreting()
 
 
 def slab(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
@@ -107,11 +114,12 @@ WHOLE_BLOCK_WARPS = 4 if _version_tuple(TRITON_VERSION) >= (3, 7) else 8
 
 def default_config(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """The untuned config. Forward: the whole block (up to FWD_WHOLE) in 32-row tiles on
-    WHOLE_BLOCK_WARPS warps, else (and for fp32) 16-row tiles on 8."""
+    WHOLE_BLOCK_WARPS warps, else (and for fp32) 16-row tiles on 8. Backward: 8 warps, one stage
+    for the four-tile dMc (``takes_pair``), else two."""
     if kind == "fwd":
         whole = next_pow2(b) <= FWD_WHOLE and dtype != torch.float32
         return {"BT": 32 if whole else 16, "PPS": 2, "num_warps": WHOLE_BLOCK_WARPS if whole else 8, "num_stages": 2}
-    return {"num_warps": 8, "num_stages": 2}
+    return {"num_warps": 8, "num_stages": 1 if kb.MAX_BLOCK < b <= kb.MAX_BLOCK + PAIR_REST else 2}
 
 
 def candidates(kind: str, b: int, dtype: torch.dtype | None = None) -> list[dict]:
@@ -321,8 +329,10 @@ def takes_pair(b: int, dtype: torch.dtype) -> bool:
     return kb.MAX_BLOCK < b <= kb.MAX_BLOCK + PAIR_REST and (dtype != torch.float32 or kb.interpreting())
 
 
-def _pick(kind: str, key, x) -> tuple[str, dict]:
-    source, cfg = kb.pick_config(kind, *key, x.dtype, x.device)
+def _pick(kind: str, key, x, tuned_as=None) -> tuple[str, dict]:
+    """The config for ``key``'s kernels: forced, or tuned (the cache entry of ``tuned_as``, the
+    layer shape that runs them, else ``key``), else this module's default."""
+    source, cfg = kb.pick_config(kind, *(tuned_as or key), x.dtype, x.device)
     return (source, cfg) if source != "default" else ("default", default_config(kind, key[1], x.dtype))
 
 
@@ -346,18 +356,20 @@ def apply_into(x, q, transpose, k0, key, y) -> None:
     )
 
 
-def grad_q(x, g, q, transpose, k0, key):
-    """dQ of the level (``dMc``) of ``apply_into``'s product, for contiguous x, g."""
+def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None):
+    """dQ of the level (``dMc``) of ``apply_into``'s product, for contiguous x, g; ``shape`` is
+    the level's Q's, ``[1, D, b, b]``, dtype dQ's (accumulated in fp32 either way); tuned_as
+    the layer shape whose tuned backward config to use (``kernels/coarse.py``)."""
     T, n = x.shape
     b = key[1]
     grp = level_group(*key, k0)
     if T == 0:
-        return torch.zeros(q.shape, dtype=torch.float32, device=x.device)
+        return torch.zeros(shape, dtype=dtype, device=x.device)
     layout = _layout(grp, b, "bwd", x.dtype)
-    source, cfg = _pick("bwd", key, x)
+    source, cfg = _pick("bwd", key, x, tuned_as)
     LAST_LAUNCH["butterfly_wide_bwd"] = (source, dict(cfg))
     splits, rows = kb._splits(T, grp, b, num_sms(x.device))
-    dq = new_empty(*q.shape, dtype=torch.float32, device=x.device)
+    dq = new_empty(*shape, dtype=dtype, device=x.device)
     NB = grp["NB"]
     partial = dq if splits == 1 else new_empty(splits, NB, b, b, dtype=torch.float32, device=x.device)
     warps, stages = cfg["num_warps"], cfg.get("num_stages", 2)
@@ -406,7 +418,7 @@ def wide_apply(x: torch.Tensor, q: torch.Tensor, transpose: bool, k0: int, n: in
 def wide_grad_q(x: torch.Tensor, g: torch.Tensor, q: torch.Tensor, transpose: bool, k0: int, n: int, b: int,
                 N: int) -> torch.Tensor:
     """dl/dq of ``wide_apply``."""
-    return grad_q(x.contiguous(), g.contiguous(), q.contiguous(), transpose, k0, (n, b, N))
+    return grad_q(x.contiguous(), g.contiguous(), q.shape, transpose, k0, (n, b, N))
 
 
 def _setup_context(ctx, inputs, output):

@@ -559,7 +559,7 @@ for b in (5, 64):
 rows = kernel_profile.compile_rows([4096], [(32, 2)], archs=(90,))
 rows += kernel_profile.compile_rows([1024], [(64, 3)], archs=(90,))  # L = 256: one pass forward and per group backward
 rows += kernel_profile.compile_rows([1280], [(80, 2)], archs=(90,))  # L = 160: one-pass forward, plan()'s backward
-rows += [r for r in kernel_profile.compile_rows([1280], [(40, 3)], archs=(80,)) if r["kernel"].startswith("fused")]
+rows += [r for r in kernel_profile.compile_rows([1280], [(40, 3)], archs=(80,)) if r["kernel"].startswith(("fused", "coarse"))]
 rows += kernel_profile.compile_rows([2048], [(64, 2), (128, 1)], archs=(90,))  # the widest one-group blocks (L = 128)
 rows += kernel_profile.compile_rows([1280], [(160, 1)], archs=(90,))  # one level wider than 128: the slab kernels
 rows += kernel_profile.compile_rows([512], [(16, 2)], archs=(90,), dtype_name="fp32")
@@ -588,7 +588,8 @@ def test_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(proc.stdout.split("ROWS", 1)[1])
     assert {r["kernel"] for r in rows} >= {"apply", "apply_T", "grad", "grad_dq", "dq", "grad[g0]", "grad[g1]", "fused",
-                                           "fused_T", "wide", "wide_T", "wide_grad_pair", "wide_grad_dq_pair", "wide_dq"}
+                                           "fused_T", "wide", "wide_T", "wide_grad_pair", "wide_grad_dq_pair", "wide_dq",
+                                           "coarse_dmc_grad_pair", "coarse_chain_direct[0]", "coarse_chain_dq[1]"}
     for r in rows:
         assert r["smem_fits"], r  # else the launch fails on that GPU
         # zero spills, but in the dQ epilogue (once per program, after the row loop) where it holds
@@ -596,11 +597,11 @@ def test_kernels_compile_for_sm90():
         # inputs (tf32x3: three operand tiles per product)
         wide_backward = r["width"] > 64 and r["levels"] > 1 and not r["kernel"].startswith("apply")
         fp32_epilogue = r["dtype"] == "fp32" and r["kernel"].startswith(("grad_dq", "dq"))
-        if r["kernel"].startswith("fused_grad"):  # one-pass backward: a group's dMc + the others' blocks
+        if r["kernel"].startswith(("fused_grad", "coarse_chain")):  # a group's dMc + the others' blocks
             assert r["spill_bytes"] <= 128, r
         elif not (wide_backward or fp32_epilogue):
             assert r["spill_bytes"] == 0, r
-        if r["L"] >= 32 and not (r["kernel"].startswith(("dq", "wide_dq")) and r["levels"] == 1):  # dQ = dMc: no product
+        if r["L"] >= 32 and not (r["kernel"].startswith(("dq", "wide_dq", "coarse_dmc_dq")) and r["levels"] == 1):  # dQ = dMc: no product
             assert r["tensor_core"] > 0, r
 
 

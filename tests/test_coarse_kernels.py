@@ -1,0 +1,127 @@
+"""The backward through dense coarse blocks (``kernels/coarse.py``): dx by the transposed one-pass
+forward, dMc of each ``L x L`` coarse block in one pass, dQ by the chain pass on identity rows.
+Against the dense fp64 reference and the per-group backward, in Triton's interpreter on a CPU
+(the conftest sets it), compiled on a GPU."""
+
+import importlib
+import os
+
+import pytest
+import torch
+from test_kernels import (  # noqa: F401  (_nan_outputs: NaN-filled outputs, default tiles)
+    DEVICE,
+    TOL,
+    _interpreter_runs_programs_in_reverse,
+    _nan_outputs,
+    case_id,
+    check_butterfly,
+    rand_q,
+    rel_err,
+)
+
+kb = importlib.import_module("boft_triton.kernels.butterfly")
+kc = importlib.import_module("boft_triton.kernels.coarse")
+
+pytestmark = pytest.mark.kernels
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the backwards that take this route."""
+    calls = []
+    grad = kc.grad
+
+    def counted(*args, **kwargs):
+        calls.append(args[-1])
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(kc, "grad", counted)
+    return calls
+
+
+# DreamBooth's block_num=8 (40x3, L = 160: chunks of 20 padded to 32), 20x4 (four one-level
+# groups), 36x3 (L = 144, dMc's second tile mostly padding), ControlNet's 80x2 (each group's two
+# 128-wide blocks shared out between two chain programs) and 72x2; enough rows that the route
+# pays, a partial last row tile in each.
+COARSE_CASES = [(300, 320, 40, 3, 1.0), (333, 320, 20, 4, 1.0), (301, 288, 36, 3, 10.0), (300, 320, 80, 2, 1.0),
+                (250, 288, 72, 2, 1.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
+@pytest.mark.parametrize("T,n,b,N,scale", COARSE_CASES, ids=[case_id(c) for c in COARSE_CASES])
+def test_coarse_backward(spy, T, n, b, N, scale, transpose, dtype):
+    assert kc.takes(n, b, N, T, dtype, True)
+    check_butterfly(T, n, b, N, scale, transpose, dtype=dtype)
+    assert spy == [True]
+
+
+@pytest.mark.parametrize("need", ["x", "Q"])
+def test_one_gradient_at_a_time(spy, need):
+    """x frozen: dQ alone (no dx pass); Q frozen: dx alone, the transposed forward, as before."""
+    T, n, b, N = 300, 320, 40, 3
+    Q64 = rand_q(N, n // b, b)
+    x = torch.randn(T, n, dtype=torch.float64).bfloat16().to(DEVICE)
+    g = torch.randn(T, n, dtype=torch.float64).bfloat16().to(DEVICE)
+    Q = Q64.float().to(DEVICE)
+    xr = x.double().cpu().requires_grad_()
+    Qr = Q.double().cpu().requires_grad_()
+    from boft_triton import reference
+
+    expected = dict(zip("xQ", torch.autograd.grad(xr @ reference.dense_rotation(Qr), (xr, Qr), g.double().cpu())))
+    leaf = dict(x=x, Q=Q)[need].clone().requires_grad_()
+    args = (leaf, Q) if need == "x" else (x, leaf)
+    (grad,) = torch.autograd.grad(kb.butterfly(*args), (leaf,), g)
+    assert rel_err(grad, expected[need]) <= TOL[torch.bfloat16]
+    assert spy == ([False] if need == "Q" else [])
+
+
+def test_route_moves_fewer_bytes_than_the_group_passes():
+    """The route is taken where it moves fewer bytes: 16-bit inputs, enough rows, the one-pass
+    backward's shapes with L past MAX_BLOCK; never fp32 (its own fp32-exact paths)."""
+    bf16 = torch.bfloat16
+    assert kc.takes(1280, 40, 3, 1024, bf16, True) and not kc.takes(1280, 40, 3, 16, bf16, True)
+    assert not kc.takes(1280, 40, 3, 1 << 16, torch.float32, True)
+    assert not kc.supported(1024, 64, 2, bf16)  # L = 128: one block kernel already
+    assert not kc.supported(2560, 160, 2, bf16)  # one level past MAX_BLOCK: no one-pass forward
+    assert not kc.supported(8192, 8, 8, bf16)  # L = 1024: past what the dMc pass holds
+    # 80x2: no one-pass backward (each group's dMc is 2 x 128 x 128), but each group acts first
+    # in y = I M or y = I M^T, so its chain pass stores rows and holds no dMc
+    assert not kb.fused_backward(1280, 80, 2) and kb.chain_passes(1280, 80, 2) == ("first", "last")
+    assert kb.chain_passes(1280, 40, 3) == ("first", "acc", "last")
+    assert kb.chain_passes(1024, 8, 6) == ("acc", "acc")
+    for b, N in ((40, 3), (80, 2)):
+        per_group, coarse = kc.moved_bytes(1280, b, N, 1024, bf16, True)
+        assert coarse < 0.8 * per_group and kc.takes(1280, b, N, 1024, bf16, True)
+
+
+@pytest.mark.parametrize("b,N", [(40, 3), (80, 2)], ids=["40x3", "80x2"])
+def test_chain_is_deterministic_over_row_splits(monkeypatch, spy, b, N):
+    """The dMc and chain passes split rows the same fixed way whatever the tile config (the chain
+    of 80x2 stores rows straight): dQ has the same bits with the programs run in
+    reverse."""
+    T, n = 600, 320
+    monkeypatch.setattr(kb, "num_sms", lambda device: 64)
+    monkeypatch.setattr(kc.kw, "num_sms", lambda device: 64)
+    assert kb._fused_splits(kc.width(b, N), n, b, N, 64)[0] > 1
+    Q = rand_q(N, n // b, b).float().to(DEVICE).requires_grad_()
+    x = torch.randn(T, n, device=DEVICE).bfloat16().requires_grad_()
+    g = torch.randn(T, n, device=DEVICE).bfloat16()
+    first = torch.autograd.grad(kb.butterfly(x, Q), (x, Q), g)
+    if DEVICE.type == "cpu":
+        _interpreter_runs_programs_in_reverse(monkeypatch)
+    again = torch.autograd.grad(kb.butterfly(x, Q), (x, Q), g)
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    assert spy == [True, True]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts bytes in Triton's interpreter")
+def test_coarse_traffic():
+    """40x3 on 1280 (DreamBooth's block_num=8 with N=3): four activation passes in the backward,
+    against seven for the per-group passes (bench/results/interp-wide-*)."""
+    from boft_triton.bench import kernel_profile
+
+    row = kernel_profile.traffic(640, 40, 3, 1024, "bf16")
+    assert row["torch_bytes"] == 0, row
+    assert row["fwd_ratio"] <= kernel_profile.TARGET_FWD, row
+    assert row["fwd_bwd_ratio"] <= 1.6, row  # parameters included; 2.0 per group
