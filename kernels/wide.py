@@ -48,6 +48,9 @@ BWD_SLAB = 32 * 1024
 FP32_FWD_COLUMNS = 32
 FP32_BWD_SLAB = 4 * 1024
 MAX_FP32_WIDE = 256
+# Values of dQ the kernel adding the row splits' partials holds (fp32): 32K spill 8 bytes at
+# b = 144 on sm_90.
+DQ_SUM = 16 * 1024
 # Rows per step of the dMc reduction: fixed (never tuned), so the bits of dQ do not depend on the
 # tile config; a divisor of butterfly.RC, so butterfly._splits' row splits hold whole steps.
 WIDE_RC = 32
@@ -385,7 +388,7 @@ def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None):
             **_dot_meta(x.dtype), num_warps=warps, num_stages=stages,
         )
     if splits > 1:
-        kp, br = layout["KP"], max(1, BWD_SLAB // layout["KP"])
+        kp, br = layout["KP"], max(1, DQ_SUM // layout["KP"])
         wrap_triton(_wide_dq_kernel)[(NB, triton.cdiv(b, br))](
             partial, dq, splits, NB, B=b, KP=kp, BR=br, num_warps=warps, num_stages=1,
         )
@@ -479,6 +482,6 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[d
     kp = slab("bwd", b, dtype)[0]
     specs.append(dict(name="wide_dq" + tag, **shape, fn=_wide_dq_kernel,
                       signature={"dd_ptr": "*fp32", "dq_ptr": "*fp32", "SPLITS": "i32", "NB": "i32"}, divisible=(),
-                      constexprs={"B": b, "KP": kp, "BR": max(1, BWD_SLAB // kp)}, config=bwd,
+                      constexprs={"B": b, "KP": kp, "BR": max(1, DQ_SUM // kp)}, config=bwd,
                       num_warps=bwd["num_warps"], num_stages=1))
     return specs
