@@ -282,7 +282,7 @@ def tune(
             entry[f"{kind}_ms"] = ms
             row = {
                 "n": n, "b": b, "N": N, "dtype": _dtype_name(dt), "T": T, "kind": kind,
-                "path": kb.path_name(n, b, N, T, dt),
+                "path": kb.path_name(n, b, N, T, dt, route=cfg.get("route")),
                 "config": dict(cfg), "time_ms": ms, "gbps": nbytes / (ms * 1e-3) / 1e9,
                 "candidates": len(configs),
             }

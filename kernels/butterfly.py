@@ -142,14 +142,18 @@ def fused_backward(n: int, b: int, N: int) -> bool:
                                       for k0, k1 in groups)
 
 
-def path_name(n: int, b: int, N: int, T: int | None = None, dtype: torch.dtype | None = None) -> str:
-    """The kernels a shape runs, in a few characters (reports, tuning); with the row count and
-    dtype, also whether the backward goes through the dense coarse blocks (``-bwd-coarse``)."""
+def path_name(n: int, b: int, N: int, T: int | None = None, dtype: torch.dtype | None = None,
+              route: str | None = None) -> str:
+    """The kernels a shape runs, in a few characters (reports, tuning); with the backward's
+    route, or the row count and dtype that model it, also whether the backward goes through the
+    dense coarse blocks (``-bwd-coarse``)."""
     fused = fused_groups(n, b, N)
     if fused is not None:
         hp = next_pow2(b // 2)
         widths = "+".join(str(hp << (k1 - k0)) for k0, k1 in reversed(fused))
-        if T is not None and dtype is not None and _coarse().takes(n, b, N, T, dtype, True):
+        if route is None and T is not None and dtype is not None:
+            route = "coarse" if _coarse().takes(n, b, N, T, dtype, True) else None
+        if route == "coarse":
             return f"fused{widths}-bwd-coarse"
         return f"fused{widths}" + ("" if fused_backward(n, b, N) else "-bwd-per-group")
     groups = plan(n, b, N)
@@ -218,13 +222,17 @@ def _rows_min(grp: dict, b: int) -> int:
 def candidates(n: int, b: int, N: int, kind: str, dtype: torch.dtype | None = None) -> list[dict]:
     """Configs worth trying: forward rows per tile BT, programs per SM (persistence), warps,
     stages; the backward's row splits and chunk are fixed (determinism), so it tunes warps and
-    stages."""
+    stages, and, where the backward can run through the dense coarse blocks, the ``route``
+    (``coarse`` or per ``groups``: which is faster is measured, not modelled)."""
     WP = max(g["WP"] for g in plan(n, b, N))
     if _wide().is_wide(plan(n, b, N)[0]) or _wide().fp32_too_wide(n, b, N, dtype):  # the slab kernels
         return _wide().candidates(kind, b, dtype)
     if kind == "fwd" and fused_groups(n, b, N) is not None:  # one pass: tiles of 16 or 32 rows fit
         return [{"BT": BT, "PPS": pps, "num_warps": warps, "num_stages": 2}
                 for warps in (4, 8) for pps in (2, 4, 8) for BT in (16, 32)]
+    if kind != "fwd" and dtype is not None and _coarse().supported(n, b, N, dtype):
+        return [{"num_warps": warps, "num_stages": stages, "route": route}
+                for warps in (4, 8) for stages in (2, 3) for route in _coarse().ROUTES]
     out = []
     for warps in (4, 8):
         for stages in (2, 3):
@@ -1186,7 +1194,7 @@ def _fused_backward(ctx, g):
     if not ctx.needs_input_grad[1]:
         return fused_apply(g, q, not transpose, n, b, N), None, *none
     need_dx = ctx.needs_input_grad[0]
-    if _coarse().takes(n, b, N, x.shape[0], x.dtype, need_dx):  # three passes over the activations
+    if _coarse().route(n, b, N, x.shape[0], x.dtype, need_dx, x.device) == "coarse":  # 3 activation passes
         dx, dq = _coarse().coarse_grad(x, g, q, transpose, need_dx, n, b, N)
         return (dx if need_dx else None), dq, *none
     if fused_backward(n, b, N):

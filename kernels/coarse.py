@@ -18,7 +18,8 @@ activations are cheaper than that:
    is parameter-sized work, ``n L`` values a pass, whatever the row count.
 
 Activations move 4 times (the per-group backward: ``2 G + 1``), parameter-sized tensors ``G + 1``
-times, so the route pays from a few L rows on; ``takes`` picks whichever moves fewer bytes.
+times, so the route pays from about L rows on: ``takes`` picks whichever moves fewer bytes,
+unless ``boft-triton tune`` timed both routes for the shape (``route``).
 Row splits and split-ordered sums are the dMc and dQ passes' own, so dQ is deterministic.
 """
 
@@ -28,7 +29,7 @@ import torch
 
 from . import butterfly as kb
 from . import wide as kw
-from ._common import kernel_op, new_empty, next_pow2
+from ._common import LAST_LAUNCH, kernel_op, new_empty, next_pow2
 
 
 def width(b: int, N: int) -> int:
@@ -64,12 +65,30 @@ def moved_bytes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: boo
 
 
 def takes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: bool) -> bool:
-    """Whether the backward of ``T`` rows goes through the dense coarse blocks: supported, and
-    fewer bytes moved than the per-group passes."""
+    """Whether the byte model sends the backward of ``T`` rows through the dense coarse blocks:
+    supported, and fewer bytes moved than the per-group passes."""
     if not supported(n, b, N, dtype):
         return False
     per_group, coarse = moved_bytes(n, b, N, T, dtype, need_dx)
     return coarse < per_group
+
+
+# The backward routes ``boft-triton tune`` times for a supported shape (``butterfly.candidates``).
+ROUTES = ("coarse", "groups")
+
+
+def route(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: bool, device: torch.device) -> str:
+    """``coarse`` or ``groups``: the tuned backward's route where the tuning cache has one for
+    this shape (or tuning forces one), else the byte model's (``takes``)."""
+    if not supported(n, b, N, dtype):
+        return "groups"
+    source, cfg = kb.pick_config("bwd", n, b, N, dtype, device)
+    if source != "default" and cfg.get("route") in ROUTES:
+        LAST_LAUNCH["butterfly_bwd_route"] = (source, cfg["route"])
+        return cfg["route"]
+    chosen = "coarse" if takes(n, b, N, T, dtype, need_dx) else "groups"
+    LAST_LAUNCH["butterfly_bwd_route"] = ("model", chosen)
+    return chosen
 
 
 def grad(x, g, q, transpose, key, need_dx):

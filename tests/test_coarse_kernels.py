@@ -125,3 +125,50 @@ def test_coarse_traffic():
     assert row["torch_bytes"] == 0, row
     assert row["fwd_ratio"] <= kernel_profile.TARGET_FWD, row
     assert row["fwd_bwd_ratio"] <= 1.6, row  # parameters included; 2.0 per group
+
+
+@pytest.fixture
+def cache_file(tmp_path, monkeypatch):
+    from boft_triton import tuning
+
+    path = tmp_path / "tune.json"
+    monkeypatch.setenv(tuning.CACHE_ENV, str(path))
+    tuning.clear_memo()
+    yield path
+    tuning.clear_memo()
+
+
+def _backward(n, b, N, T):
+    Q = rand_q(N, n // b, b).float().to(DEVICE).requires_grad_()
+    x = torch.randn(T, n, device=DEVICE).bfloat16().requires_grad_()
+    torch.autograd.grad(kb.butterfly(x, Q), (x, Q), torch.randn(T, n, device=DEVICE).bfloat16())
+
+
+def test_tune_times_both_routes_and_the_backward_takes_the_cached_one(cache_file, spy):
+    """``tune`` times the coarse and the per-group backward as candidates; the cached winner is the
+    route the backward takes, whatever the byte model would say; without a usable entry, the
+    model decides."""
+    import json
+
+    from boft_triton import tuning
+    from boft_triton.kernels import _common
+
+    n, b, N, bf16 = 320, 80, 2, torch.bfloat16
+    assert {c["route"] for c in kb.candidates(n, b, N, "bwd", bf16)} == set(kc.ROUTES)
+    assert "route" not in kb.candidates(1024, 64, 2, "bwd", bf16)[0]  # L = 128: one route only
+    rows = tuning.tune([(n, b, N)], tokens_per_step=32, dtype=bf16, device=DEVICE, max_configs=2, verbose=False)
+    won = next(r for r in rows if r["kind"] == "bwd")["config"]["route"]
+    assert won in kc.ROUTES and spy and not any(spy)  # the coarse route was timed (dQ alone)
+    spy.clear()
+    _backward(n, b, N, 32)
+    assert kb.LAST_LAUNCH["butterfly_bwd_route"] == ("cache", won) and spy == ([True] if won == "coarse" else [])
+
+    key = tuning.cache_key(_common.device_name(DEVICE), _common.TRITON_VERSION, bf16, n, b, N)
+    for route, T, expected in (("coarse", 32, [True]), ("groups", 300, []), ("sideways", 300, [True])):
+        assert kc.takes(n, b, N, T, bf16, True) == (T == 300)  # the model: coarse from 121 rows
+        entry = {"bwd": {"num_warps": 4, "num_stages": 2, "route": route}}
+        cache_file.write_text(json.dumps({"format": tuning.CACHE_FORMAT, "entries": {key: entry}}))
+        tuning.clear_memo()
+        spy.clear()
+        _backward(n, b, N, T)
+        assert spy == expected, route
