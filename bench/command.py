@@ -76,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "PEFT's OFT and BOFT do not adapt bitsandbytes layers and are skipped")
     g.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
     g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is steadier on a shared machine)")
+                   help="CPU threads for torch (default: torch's choice; 1 is steadier on a shared machine; "
+                        "with torch 2.13 CPU, more than 1 set here breaks batched solves of blocks from ~150 wide)")
 
     g = p.add_argument_group("methods")
     default_boft = ",".join(f"{b}x{n}" for b, n in DEFAULT_BOFT_SHAPES)
@@ -133,13 +134,17 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: no CUDA GPU is available here")
+    # set (and restore) the thread count only when asked: with torch 2.13.0+cpu (MKL 2024.2) any
+    # torch.set_num_threads call, even to the current count, leaves batched linalg.inv/solve of
+    # matrices from about 150 wide wrong or hanging for the rest of the process
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         return _run(args, device)
     finally:
-        torch.set_num_threads(threads)
+        if args.threads:
+            torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace, device) -> int:

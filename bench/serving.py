@@ -158,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         payload = measure(device, workload=workload, batch=args.batch_size or 16, seq_len=args.seq_len or 64,
                           repeats=max(1, args.steps))
     finally:
-        torch.set_num_threads(threads)
+        if getattr(args, "threads", None):  # only when set: see bench/command.py
+            torch.set_num_threads(threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     env = payload["environment"]

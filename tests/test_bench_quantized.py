@@ -21,7 +21,7 @@ def bench(tmp_path, *extra):
     args = parser.parse_args([
         "--workload", "tiny-llama", "--batch-size", "1", "--seq-len", "16", "--device", "cpu", "--warmup", "1",
         "--steps", "1", "--boft", "4x2", "--lora-ranks", "16", "--oft-block-sizes", "", "--methods", METHODS,
-        "--threads", "1", "--output-dir", str(tmp_path), "--name", "run", "--no-plots", *extra,
+        "--output-dir", str(tmp_path), "--name", "run", "--no-plots", *extra,
     ])
     assert command.run(args) == 0
     payload = json.loads((tmp_path / "run.json").read_text())
@@ -53,7 +53,7 @@ def test_interleaved_timing_runs_on_a_4bit_base(capsys):
     assert interleaved.main([
         "--workload", "tiny-llama", "--quantize", "nf4", "--batch-size", "1", "--seq-len", "16", "--boft", "4x2",
         "--lora-ranks", "16", "--methods", "peft-lora-r16,peft-boft-b4-N2,boft_triton-b4-N2", "--rounds", "1",
-        "--threads", "1",
+       
     ]) == 0
     out = capsys.readouterr().out
     assert "peft-boft-b4-N2: skipped, does not adapt bitsandbytes layers" in out
