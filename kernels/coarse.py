@@ -9,7 +9,7 @@ activations are cheaper than that:
 1. ``dx = g Mc^T`` (``g Mc`` with transpose): the one-pass forward with the transpose flipped,
    reading g once and writing dx once;
 2. ``dl/dMc = x^T g`` (``g^T x``) per coarse block: the dMc pass of a single level ``L`` wide
-   (``wide.grad_q``: up to 160 wide the whole block's dMc is four tiles in one program, so x and
+   (``wide.grad_q``: up to 192 wide the whole block's dMc is four tiles in one program, so x and
    g are read once), accumulated in fp32 and written once as ``[n/L, L, L]`` bf16;
 3. dQ from dMc by the chain rule, ``dF_k = (F_{N-1}..F_{k+1})^T dMc (F_{k-1}..F_0)^T`` on F_k's
    values: the butterfly's own dQ pass on ``y = I M`` with ``dl/dy = dMc`` (``fused_chain_dq``: the

@@ -122,7 +122,7 @@ def default_config(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> di
     if kind == "fwd":
         whole = next_pow2(b) <= FWD_WHOLE and dtype != torch.float32
         return {"BT": 32 if whole else 16, "PPS": 2, "num_warps": WHOLE_BLOCK_WARPS if whole else 8, "num_stages": 2}
-    return {"num_warps": 8, "num_stages": 1 if kb.MAX_BLOCK < b <= kb.MAX_BLOCK + PAIR_REST else 2}
+    return {"num_warps": 8, "num_stages": 1 if takes_pair(b, dtype) else 2}
 
 
 def candidates(kind: str, b: int, dtype: torch.dtype | None = None) -> list[dict]:

@@ -69,3 +69,15 @@ def peft_with_butterfly(monkeypatch):
     monkeypatch.setattr(peft_boft_layer, "get_fbd_cuda", lambda: True)
     monkeypatch.setattr(peft_boft_layer, "FastBlockDiag", BlockDiag)
     return peft_boft_layer
+
+
+@pytest.fixture
+def cache_file(tmp_path, monkeypatch):
+    """A fresh tuning cache file of the test's own (``$BOFT_TRITON_TUNE_CACHE``), memo cleared."""
+    from boft_triton import tuning
+
+    path = tmp_path / "tune.json"
+    monkeypatch.setenv(tuning.CACHE_ENV, str(path))
+    tuning.clear_memo()
+    yield path
+    tuning.clear_memo()

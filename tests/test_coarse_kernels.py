@@ -127,17 +127,6 @@ def test_coarse_traffic():
     assert row["fwd_bwd_ratio"] <= 1.6, row  # parameters included; 2.0 per group
 
 
-@pytest.fixture
-def cache_file(tmp_path, monkeypatch):
-    from boft_triton import tuning
-
-    path = tmp_path / "tune.json"
-    monkeypatch.setenv(tuning.CACHE_ENV, str(path))
-    tuning.clear_memo()
-    yield path
-    tuning.clear_memo()
-
-
 def _backward(n, b, N, T):
     Q = rand_q(N, n // b, b).float().to(DEVICE).requires_grad_()
     x = torch.randn(T, n, device=DEVICE).bfloat16().requires_grad_()

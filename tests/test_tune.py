@@ -40,15 +40,6 @@ class Adapted(nn.Module):
         self.boft_R = nn.ParameterDict({"default": nn.Parameter(torch.zeros(N, n // b, b, b))})
 
 
-@pytest.fixture
-def cache_file(tmp_path, monkeypatch):
-    path = tmp_path / "tune.json"
-    monkeypatch.setenv(tuning.CACHE_ENV, str(path))
-    tuning.clear_memo()
-    yield path
-    tuning.clear_memo()
-
-
 def test_collect_shapes():
     model = nn.Sequential(
         Adapted(16, 8, 4, 2), nn.ReLU(), Adapted(16, 8, 4, 2), Adapted(24, 4, 6, 1, torch.bfloat16), nn.Linear(4, 4)
