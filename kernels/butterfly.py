@@ -64,8 +64,6 @@ from boft_triton.tuning import valid_config, warn_once
 
 from ._common import (
     LAST_LAUNCH,
-    TRITON_VERSION,
-    _version_tuple,
     cached_config,
     interpreting,
     kernel_op,
@@ -334,7 +332,8 @@ def _factor(i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, B: tl.c
     Block row r = (pack slot, m, off): m holds the group's chunk bits (levels K0..K1-1 of the
     chunk index), off the offset in a chunk of HC. Factor k pairs the two chunks that differ in
     bit k, so (r, c) is a value when they agree in every other bit; it is row (bit k of m_r, off_r),
-    column (bit k of m_c, off_c) of Q block ``d = (chunk >> (k+1)) 2^k + (chunk mod 2^k)``."""
+    column (bit k of m_c, off_c) of Q block ``d = (chunk >> (k+1)) 2^k + (chunk mod 2^k)``.
+    The offsets' type is i_b's (Q has fewer than 2^31 values, so an int32 i_b is safe)."""
     o_w = tl.arange(0, WP)
     slot = o_w // W
     m = (o_w % W) // HC
@@ -393,19 +392,27 @@ def _store_dq(dq_ptr, q_ptr, dmc, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B:
               BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr):
     """dQ of block i_b's factors from ``dMc``: ``dF_k = (F_{K1-1} ... F_{k+1})^T dMc (F_{k-1} ...
     F_{K0})^T``, stored on F_k's values (each is one Q value: a plain store, no accumulation).
-    Factor by factor, residual form: ``V F_j^T = V + V E_j^T`` for the lower levels, then
-    ``F_j^T V = V + E_j^T V`` for the upper ones; no product of factors is ever held. (At 128 wide
-    with several levels this epilogue still spills, 0.3-3 KB a thread: the compile report.)"""
-    for k in tl.static_range(K0, K1):
-        upper = dmc
-        for j in tl.static_range(K0, k):  # dMc (F_{k-1} ... F_{K0})^T = dMc F_{K0}^T ... F_{k-1}^T
-            e = _residual(q_ptr, i_b, D, j, K0, K1, B, HC, W, WB, WP, S, PACK)
-            upper = tl.dot(upper.to(BUILD_DTYPE), tl.trans(e).to(BUILD_DTYPE), upper, input_precision=BUILD_PRECISION)
-        for t in tl.static_range(0, K1 - 1 - k):  # levels K1-1 down to k+1
-            e = _residual(q_ptr, i_b, D, K1 - 1 - t, K0, K1, B, HC, W, WB, WP, S, PACK)
-            upper = tl.dot(tl.trans(e).to(BUILD_DTYPE), upper.to(BUILD_DTYPE), upper, input_precision=BUILD_PRECISION)
+    Factor by factor, residual form, sweeping down from the top level: ``G = dMc``; for k = K1-1
+    .. K0, ``dF_k = G F_{K0}^T ... F_{k-1}^T`` (``V F_j^T = V + V E_j^T``), then ``G <- F_k^T G``
+    (``= G + E_k^T G``). No product of factors is ever held, and a group of m levels loads
+    ``m (m - 1) / 2 + m - 1`` factor tiles (3 levels: 5, against 6 recomputing each upper product
+    from dMc). Offsets are int32 here: int64 ``[WP, WP]`` ones took a quarter of the registers at
+    128 wide (int32 ones in the block builds before the row loop spill more: the compile report).
+    One level has no products: its offsets stay as they were (int32 ones spilled 8 bytes at 8x1).
+    """
+    if K1 - K0 > 1:
+        i_b = i_b.to(tl.int32)
+    upper_g = dmc  # (F_{K1-1} ... F_{k+1})^T dMc
+    for k in tl.static_range(K1 - 1, K0 - 1, -1):
+        upper = upper_g
+        for j in tl.static_range(K0, k):  # dF_k = G (F_{k-1} ... F_{K0})^T = G F_{K0}^T ... F_{k-1}^T
+            e = _residual(q_ptr, i_b, D, j, K0, K1, B, HC, W, WB, WP, S, PACK).to(BUILD_DTYPE)
+            upper = tl.dot(upper.to(BUILD_DTYPE), tl.trans(e), upper, input_precision=BUILD_PRECISION)
         o_q, m_q = _factor(i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK)
         tl.store(dq_ptr + o_q, upper, mask=m_q)
+        if k > K0:  # G <- F_k^T G for the level below
+            e = _residual(q_ptr, i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK).to(BUILD_DTYPE)
+            upper_g = tl.dot(tl.trans(e), upper_g.to(BUILD_DTYPE), upper_g, input_precision=BUILD_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,7 +521,7 @@ def _segmented_apply_kernel(
     row1 = tl.load(chunk_ptr + 3 * i_c + 1).to(tl.int64)
     i_k = tl.load(chunk_ptr + 3 * i_c + 2).to(tl.int64)
     o_col, m_col = _columns(i_b, WB, WP, S, H)  # [WP]
-    b_d = _delta(q_ptr + i_k * Q_STRIDE, i_b, D, K0, K1, B, HC, W, WB, WP, S, PACK, TRANS, DOT_DTYPE, BUILD_DTYPE,
+    b_d = _delta(q_ptr + i_k * Q_STRIDE, i_b.to(tl.int32), D, K0, K1, B, HC, W, WB, WP, S, PACK, TRANS, DOT_DTYPE, BUILD_DTYPE,
                  BUILD_PRECISION)
     for t0 in range(row0, row1, BT):
         o_t = t0 + tl.arange(0, BT)
@@ -667,28 +674,52 @@ def _chain_store_rows(dq_ptr, b_fv, o_t, row_hi, i_cb, D, K0: tl.constexpr, NL: 
 
 
 @triton.jit
+def _chain_factor_rows(q_ptr, o_t, o_lc, m_x, i_cb, D, k: tl.constexpr, NL: tl.constexpr, B: tl.constexpr,
+                       HC: tl.constexpr, TRANS: tl.constexpr):
+    """Rows ``o_t`` of one level's factor ``F_k`` (``F_k^T`` with TRANS) on the coarse block's
+    lanes ``o_lc`` (their columns inside it), ``[RC, LP]`` fp32: the identity's rows carried
+    through a one-level group (``_fused_grad_kernel``'s CHAIN), gathered from Q rather than
+    multiplied by a held block. Row r's chunk pairs with the chunk that differs in bit k; Q block
+    and rows as ``_fused_factor`` lays them out."""
+    bit: tl.constexpr = 1 << k
+    chunk_r = i_cb * (1 << NL) + o_t // HC  # [RC] global chunks
+    chunk_c = i_cb * (1 << NL) + o_lc // HC  # [LP]
+    d = (chunk_r // (2 * bit)) * bit + chunk_r % bit  # [RC] the level's block of row r
+    row_r = ((chunk_r // bit) % 2) * HC + o_t % HC
+    row_c = ((chunk_c // bit) % 2) * HC + o_lc % HC
+    if TRANS:
+        o_q = ((k * D + d)[:, None] * B + row_c[None, :]) * B + row_r[:, None]
+    else:
+        o_q = ((k * D + d)[:, None] * B + row_r[:, None]) * B + row_c[None, :]
+    pair = (chunk_r | bit)[:, None] == (chunk_c | bit)[None, :]
+    return tl.load(q_ptr + o_q, mask=m_x & pair, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _fused_store_dq(dq_ptr, q_ptr, dmc, i_cb, D, K0: tl.constexpr, K1: tl.constexpr, NL: tl.constexpr,
                     B: tl.constexpr, HC: tl.constexpr, HP: tl.constexpr, BUILD_DTYPE: tl.constexpr,
                     BUILD_PRECISION: tl.constexpr):
     """dQ of the group's factors from ``dMc`` ``[Z, WP, WP]``, every block of the coarse block at
     once: ``_store_dq`` with a batch of blocks (``dF_k = (F_{K1-1} ... F_{k+1})^T dMc (F_{k-1} ...
-    F_{K0})^T`` on F_k's values, factor by factor in residual form)."""
+    F_{K0})^T`` on F_k's values, swept down from the top level in residual form; int32
+    offsets, as ``_store_dq``'s)."""
+    i_cb = i_cb.to(tl.int32)
     o_w = tl.arange(0, (1 << (K1 - K0)) * HP)
     eye = ((o_w[:, None] == o_w[None, :]) & ((o_w % HP) < HC)[:, None])[None, :, :]
-    for k in tl.static_range(K0, K1):
-        upper = dmc
+    upper_g = dmc  # (F_{K1-1} ... F_{k+1})^T dMc
+    for k in tl.static_range(K1 - 1, K0 - 1, -1):
+        upper = upper_g
         for j in tl.static_range(K0, k):
             o_q, m_q = _fused_factor(q_ptr, i_cb, D, j, K0, K1, NL, B, HC, HP)
             f = tl.load(q_ptr + o_q, mask=m_q, other=0.0).to(tl.float32)
             e = tl.permute(tl.where(eye, f - 1.0, f), (0, 2, 1))
             upper = tl.dot(upper.to(BUILD_DTYPE), e.to(BUILD_DTYPE), upper, input_precision=BUILD_PRECISION)
-        for t in tl.static_range(0, K1 - 1 - k):
-            o_q, m_q = _fused_factor(q_ptr, i_cb, D, K1 - 1 - t, K0, K1, NL, B, HC, HP)
-            f = tl.load(q_ptr + o_q, mask=m_q, other=0.0).to(tl.float32)
-            e = tl.permute(tl.where(eye, f - 1.0, f), (0, 2, 1))
-            upper = tl.dot(e.to(BUILD_DTYPE), upper.to(BUILD_DTYPE), upper, input_precision=BUILD_PRECISION)
         o_q, m_q = _fused_factor(q_ptr, i_cb, D, k, K0, K1, NL, B, HC, HP)
         tl.store(dq_ptr + o_q, upper, mask=m_q)
+        if k > K0:  # G <- F_k^T G for the level below
+            f = tl.load(q_ptr + o_q, mask=m_q, other=0.0).to(tl.float32)
+            e = tl.permute(tl.where(eye, f - 1.0, f), (0, 2, 1))
+            upper_g = tl.dot(e.to(BUILD_DTYPE), upper_g.to(BUILD_DTYPE), upper_g, input_precision=BUILD_PRECISION)
 
 
 @triton.jit
@@ -720,9 +751,14 @@ def _fused_grad_kernel(
     LP: tl.constexpr = (1 << NL) * HP
     o_c = tl.arange(0, LP)
     m_c = (o_c % HP) < HC
-    o_col = i_cb * ((1 << NL) * HC) + (o_c // HP) * HC + o_c % HP
+    LC: tl.constexpr = (1 << NL) * HC
+    o_lc = (o_c // HP) * HC + o_c % HP  # [LP] the lane's column inside the coarse block
+    o_col = i_cb * LC + o_lc
+    # the chain's identity rows through a one-level first group are rows of its factor: gathered
+    # from Q, so that group's blocks are not held (the accumulating passes' registers)
+    GATHER_A: tl.constexpr = CHAIN and SEL > 0 and A1 - A0 == 1
     # before SEL: forward operands (x M's blocks); after SEL: their transposes (the gradient's)
-    if SEL > 0 or WRITE_DX:
+    if (SEL > 0 and not GATHER_A) or WRITE_DX:
         b_da = _fused_delta(q_ptr, i_cb, D, A0, A1, NL, B, HC, HP, TRANS != (SEL <= 0), DOT_DTYPE, BUILD_DTYPE,
                             BUILD_PRECISION)
     if SEL != 1:
@@ -743,19 +779,22 @@ def _fused_grad_kernel(
         o_t = t0 + tl.arange(0, RC)
         o_x = o_t[:, None] * n + o_col[None, :]  # [RC, LP]
         m_x = (o_t < row_hi)[:, None] & m_c[None, :]
-        if CHAIN:
-            LC: tl.constexpr = (1 << NL) * HC
-            o_lc = o_col - i_cb * LC  # [LP] the lane's column inside the coarse block
-            b_u = tl.where((o_lc[None, :] == o_t[:, None]) & m_x, 1.0, 0.0)
-            if TRANS:  # the chain of y = I M^T: its gradient is dMc^T
-                o_g = (i_cb * LC + o_lc)[None, :] * LC + o_t[:, None]
+        if CHAIN:  # int32 offsets inside the coarse block: int64 ones spilled the accumulating passes
+            o_r = o_t.to(tl.int32)
+            if GATHER_A:  # I F_A: rows of group A's one factor (transposed with TRANS, as b_da would be)
+                b_u = _chain_factor_rows(q_ptr, o_r, o_lc, m_x, i_cb.to(tl.int32), D, A0, NL, B, HC,
+                                         TRANS).to(DOT_DTYPE)
             else:
-                o_g = (i_cb * LC + o_t)[:, None] * LC + o_lc[None, :]
-            b_v = tl.load(g_ptr + o_g, mask=m_x, other=0.0).to(tl.float32)
+                b_u = tl.where((o_lc[None, :] == o_r[:, None]) & m_x, 1.0, 0.0)
+            if TRANS:  # the chain of y = I M^T: its gradient is dMc^T
+                o_g = o_lc[None, :] * LC + o_r[:, None]
+            else:
+                o_g = o_r[:, None] * LC + o_lc[None, :]
+            b_v = tl.load(g_ptr + i_cb * LC * LC + o_g, mask=m_x, other=0.0).to(tl.float32)
         else:
             b_u = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
             b_v = tl.load(g_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
-        if SEL > 0:
+        if SEL > 0 and not GATHER_A:
             b_u = _fused_group(b_u, b_da, RC, A0, A1, NL, HP, DOT_DTYPE, PRECISION)
         if SEL > 1:
             b_u = _fused_group(b_u, b_db, RC, B0, B1, NL, HP, DOT_DTYPE, PRECISION)
@@ -975,11 +1014,13 @@ def _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, write_dx, key, cfg
         )
 
 
-# The chain passes of ``kernels/coarse.py`` (parameter-sized work, L rows): the config whose
-# accumulating pass (a middle group, 16K fp32 of dMc) spills least on sm_90/sm_80 at 40x3, 64x3,
-# 36x3 and 20x4, which differs by Triton version: 3.7 at most 132 bytes on 4 warps (8: 196), 3.6
-# (the GPU image's) at most 220 on 8 (4: 400). The direct passes spill nothing on either.
-CHAIN_CONFIG = {"num_warps": 4 if _version_tuple(TRITON_VERSION) >= (3, 7) else 8, "num_stages": 1}
+# The chain passes of ``kernels/coarse.py`` (parameter-sized work, L rows): the config under which
+# the accumulating passes (a middle group, up to 16K fp32 of dMc) spill nothing on sm_90 and sm_80
+# under triton 3.7 at 40x3, 64x3, 36x3, 20x4 and 8x6 (3.6, the GPU image's: at most 16 bytes, at
+# 36x3 and 8x6), once the first group's factor rows are gathered (``_chain_factor_rows``) and the
+# offsets are int32. 4 warps, or 1 or 2 stages, spill 8-480 bytes on one of them or another. The
+# direct passes spill nothing under any of these.
+CHAIN_CONFIG = {"num_warps": 8, "num_stages": 3}
 
 
 @functools.lru_cache(maxsize=1024)
