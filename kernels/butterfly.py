@@ -398,9 +398,9 @@ def _store_dq(dq_ptr, q_ptr, dmc, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B:
     ``m (m - 1) / 2 + m - 1`` factor tiles (3 levels: 5, against 6 recomputing each upper product
     from dMc). Offsets are int32 here: int64 ``[WP, WP]`` ones took a quarter of the registers at
     128 wide (int32 ones in the block builds before the row loop spill more: the compile report).
-    One level has no products: its offsets stay as they were (int32 ones spilled 8 bytes at 8x1).
-    """
-    if K1 - K0 > 1:
+    One narrow level (no products, small tiles) keeps them as they were: int32 ones spilled 8
+    bytes at 8x1, where they save 124-288 at one 128-wide level (80x2, 72x2 on sm_80)."""
+    if K1 - K0 > 1 or WP > 64:
         i_b = i_b.to(tl.int32)
     upper_g = dmc  # (F_{K1-1} ... F_{k+1})^T dMc
     for k in tl.static_range(K1 - 1, K0 - 1, -1):
