@@ -399,7 +399,8 @@ def _store_dq(dq_ptr, q_ptr, dmc, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B:
     from dMc). Offsets are int32 here: int64 ``[WP, WP]`` ones took a quarter of the registers at
     128 wide (int32 ones in the block builds before the row loop spill more: the compile report).
     One narrow level (no products, small tiles) keeps them as they were: int32 ones spilled 8
-    bytes at 8x1, where they save 124-288 at one 128-wide level (80x2, 72x2 on sm_80)."""
+    bytes at 8x1, where they cut 440-536 bytes to 124-248 at one 128-wide level (80x2, 72x2, 96x2
+    on sm_80)."""
     if K1 - K0 > 1 or WP > 64:
         i_b = i_b.to(tl.int32)
     upper_g = dmc  # (F_{K1-1} ... F_{k+1})^T dMc
@@ -738,14 +739,18 @@ def _fused_grad_kernel(
     groups after it, and ``dMc = sum_rows u^T v`` is reduced RC rows at a time; then dQ (FUSED_DQ:
     the only split) or the split's partial. With WRITE_DX (group A's pass) also ``dx = v + v
     Delta_A^T`` (``Delta_A`` with TRANS). Each group's blocks are held once, in the orientation
-    this pass uses them in.
+    this pass uses them in (but CHAIN's GATHER_A: below).
 
     CHAIN (``fused_chain_dq``): x is the identity, one row per column of the coarse block (made here,
     never read), and g is the coarse block's dense ``dMc`` ``[L, L]`` (row r of block i_cb at
     ``(i_cb L + r) L``; with TRANS, the chain of ``y = I M^T`` reads ``dMc^T``): dQ is then the
     chain rule from dMc to the factors. DIRECT (the chain of a one-level group acting first):
     row r of the identity is nonzero in one block of the group only, so each row's dMc row is
-    that row of v, stored straight into dQ: no accumulator, no partials."""
+    that row of v, stored straight into dQ: no accumulator, no partials. GATHER_A (an
+    accumulating chain pass whose first group A is one level): the identity's rows carried
+    through A are rows of A's factor, gathered from Q (``_chain_factor_rows``) rather than made
+    here and multiplied by a held Delta_A, which frees that block's registers. (``fused_chain_dq``
+    runs accumulating passes in ``y = I M`` only; the TRANS gather is tested directly.)"""
     i_s = tl.program_id(0).to(tl.int64)
     i_cb = tl.program_id(1).to(tl.int64)
     LP: tl.constexpr = (1 << NL) * HP
@@ -782,8 +787,9 @@ def _fused_grad_kernel(
         if CHAIN:  # int32 offsets inside the coarse block: int64 ones spilled the accumulating passes
             o_r = o_t.to(tl.int32)
             if GATHER_A:  # I F_A: rows of group A's one factor (transposed with TRANS, as b_da would be)
-                b_u = _chain_factor_rows(q_ptr, o_r, o_lc, m_x, i_cb.to(tl.int32), D, A0, NL, B, HC,
-                                         TRANS).to(DOT_DTYPE)
+                b_u = _chain_factor_rows(q_ptr, o_r, o_lc, m_x, i_cb.to(tl.int32), D, A0, NL, B, HC, TRANS)
+                if SEL == 1:  # only a dot operand from here (further groups keep the fp32 residual)
+                    b_u = b_u.to(DOT_DTYPE)
             else:
                 b_u = tl.where((o_lc[None, :] == o_r[:, None]) & m_x, 1.0, 0.0)
             if TRANS:  # the chain of y = I M^T: its gradient is dMc^T
@@ -1339,10 +1345,10 @@ def segmented_butterfly(x: torch.Tensor, Q: torch.Tensor, offsets: list[int]) ->
 
 def block_products(grp: dict) -> tuple[int, int]:
     """``WP x WP x WP`` products a program spends on its block: building Delta (forward, and the
-    backward's dx) and dQ from dMc (``levels (levels - 1)``: for each level, one product per
-    other level of the group)."""
+    backward's dx) and dQ from dMc (``_store_dq``'s sweep: ``m (m - 1) / 2`` products for the
+    lower levels' factors plus ``m - 1`` updates of the running upper product, m levels)."""
     levels = grp["k1"] - grp["k0"]
-    return levels - 1, levels * (levels - 1)
+    return levels - 1, levels * (levels - 1) // 2 + levels - 1
 
 
 # ---------------------------------------------------------------------------------------------

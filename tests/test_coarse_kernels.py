@@ -161,3 +161,50 @@ def test_tune_times_both_routes_and_the_backward_takes_the_cached_one(cache_file
         spy.clear()
         _backward(n, b, N, T)
         assert spy == expected, route
+
+
+# Chains the route cases above do not reach: accumulating passes over groups of several levels
+# (8x6: two 3-level groups; 6x6), and a gathered one-level group feeding a 2-level one (10x5).
+CHAIN_CASES = [(256, 8, 6), (192, 6, 6), (320, 10, 5), (320, 40, 3)]
+
+
+def _chain_reference(Q, dmc):
+    """dl/dQ of ``l = sum_c <Mc_c, dmc_c>`` over the coarse blocks of the dense rotation, fp64."""
+    from boft_triton import reference
+
+    Qr = Q.detach().double().cpu().requires_grad_()
+    M = reference.dense_rotation(Qr)
+    L = dmc.shape[-1]
+    blocks = torch.stack([M[c * L:(c + 1) * L, c * L:(c + 1) * L] for c in range(dmc.shape[0])])
+    (dq,) = torch.autograd.grad((blocks * dmc.double().cpu()).sum(), Qr)
+    return dq
+
+
+@pytest.mark.parametrize("n,b,N", CHAIN_CASES, ids=lambda v: str(v))
+def test_chain_rule_from_dmc_to_every_factor(n, b, N):
+    """``fused_chain_dq`` against autograd through the dense rotation, every pass mode included
+    (direct, accumulating over one or several levels, the first group's rows gathered from Q).
+    The interpreter computes in fp32 (tight), a GPU with bf16 operands."""
+    L = kc.width(b, N)
+    Q = rand_q(N, n // b, b).float().to(DEVICE)
+    dmc = torch.randn(n // L, L, L, dtype=torch.float64).bfloat16().to(DEVICE)
+    tol = 1e-5 if DEVICE.type == "cpu" else TOL[torch.bfloat16]
+    assert rel_err(kb.fused_chain_dq(dmc, Q, (n, b, N)), _chain_reference(Q, dmc)) <= tol
+
+
+def test_chain_pass_in_the_transposed_orientation():
+    """The accumulating pass of 40x3's middle level run in ``y = I M^T`` with dMc^T (the groups
+    reversed; ``fused_chain_dq`` takes that orientation only for a last one-level group) gives the
+    same dQ: the gather of the first group's rows transposed (``_chain_factor_rows`` with TRANS)."""
+    n, b, N = 320, 40, 3
+    L = kc.width(b, N)
+    Q = rand_q(N, n // b, b).float().to(DEVICE)
+    dmc = torch.randn(n // L, L, L, dtype=torch.float64).bfloat16().to(DEVICE)
+    groups = kb.fused_groups(n, b, N)
+    assert groups[1] == (1, 2) and kb.chain_passes(n, b, N)[1] == "acc"
+    dq = torch.full(Q.shape, float("nan"), device=DEVICE)
+    x = torch.empty(1, 1, dtype=torch.bfloat16, device=DEVICE).expand(L, n)
+    kb._fused_grad_pass(x, dmc, Q, None, dq, groups[::-1], 1, True, False, (n, b, N), kb.CHAIN_CONFIG,
+                        torch.bfloat16, chain=True, direct=False)
+    tol = 1e-5 if DEVICE.type == "cpu" else TOL[torch.bfloat16]
+    assert rel_err(dq[1], _chain_reference(Q, dmc)[1]) <= tol

@@ -560,6 +560,7 @@ rows = kernel_profile.compile_rows([4096], [(32, 2)], archs=(90,))
 rows += kernel_profile.compile_rows([1024], [(64, 3)], archs=(90,))  # L = 256: one pass forward and per group backward
 rows += kernel_profile.compile_rows([1280], [(80, 2)], archs=(90,))  # L = 160: one-pass forward, plan()'s backward
 rows += [r for r in kernel_profile.compile_rows([1280], [(40, 3)], archs=(80,)) if r["kernel"].startswith(("fused", "coarse"))]
+rows += [r for r in kernel_profile.compile_rows([1024], [(8, 6)], archs=(90,)) if r["kernel"].startswith("coarse_chain")]  # 3-level accumulating chains
 rows += kernel_profile.compile_rows([2048], [(64, 2), (128, 1)], archs=(90,))  # the widest one-group blocks (L = 128)
 rows += kernel_profile.compile_rows([1280], [(160, 1)], archs=(90,))  # one level wider than 128: the slab kernels
 rows += kernel_profile.compile_rows([512], [(16, 2)], archs=(90,), dtype_name="fp32")
@@ -599,6 +600,8 @@ def test_kernels_compile_for_sm90():
         fp32_epilogue = r["dtype"] == "fp32" and r["kernel"].startswith(("grad_dq", "dq"))
         if r["kernel"].startswith("fused_grad"):  # one-pass backward: a group's dMc + the others' blocks
             assert r["spill_bytes"] <= 128, r
+        elif r["kernel"].startswith("coarse_chain"):  # whatever the group's width: none
+            assert r["spill_bytes"] == 0, r
         elif not (wide_backward or fp32_epilogue):
             assert r["spill_bytes"] == 0, r
         if r["L"] >= 32 and not (r["kernel"].startswith(("dq", "wide_dq", "coarse_dmc_dq")) and r["levels"] == 1):  # dQ = dMc: no product
