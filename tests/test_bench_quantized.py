@@ -53,7 +53,6 @@ def test_interleaved_timing_runs_on_a_4bit_base(capsys):
     assert interleaved.main([
         "--workload", "tiny-llama", "--quantize", "nf4", "--batch-size", "1", "--seq-len", "16", "--boft", "4x2",
         "--lora-ranks", "16", "--methods", "peft-lora-r16,peft-boft-b4-N2,boft_triton-b4-N2", "--rounds", "1",
-       
     ]) == 0
     out = capsys.readouterr().out
     assert "peft-boft-b4-N2: skipped, does not adapt bitsandbytes layers" in out

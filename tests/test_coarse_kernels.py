@@ -168,6 +168,17 @@ def test_tune_times_both_routes_and_the_backward_takes_the_cached_one(cache_file
 CHAIN_CASES = [(256, 8, 6), (192, 6, 6), (320, 10, 5), (320, 40, 3)]
 
 
+# The interpreter computes in fp32 (tight), a GPU with bf16 operands.
+CHAIN_TOL = 1e-5 if DEVICE.type == "cpu" else TOL[torch.bfloat16]
+
+
+def _chain_inputs(n, b, N):
+    """Q of the shape and a random bf16 dMc ``[n/L, L, L]``."""
+    L = kc.width(b, N)
+    Q = rand_q(N, n // b, b).float().to(DEVICE)
+    return Q, torch.randn(n // L, L, L, dtype=torch.float64).bfloat16().to(DEVICE)
+
+
 def _chain_reference(Q, dmc):
     """dl/dQ of ``l = sum_c <Mc_c, dmc_c>`` over the coarse blocks of the dense rotation, fp64."""
     from boft_triton import reference
@@ -183,13 +194,9 @@ def _chain_reference(Q, dmc):
 @pytest.mark.parametrize("n,b,N", CHAIN_CASES, ids=lambda v: str(v))
 def test_chain_rule_from_dmc_to_every_factor(n, b, N):
     """``fused_chain_dq`` against autograd through the dense rotation, every pass mode included
-    (direct, accumulating over one or several levels, the first group's rows gathered from Q).
-    The interpreter computes in fp32 (tight), a GPU with bf16 operands."""
-    L = kc.width(b, N)
-    Q = rand_q(N, n // b, b).float().to(DEVICE)
-    dmc = torch.randn(n // L, L, L, dtype=torch.float64).bfloat16().to(DEVICE)
-    tol = 1e-5 if DEVICE.type == "cpu" else TOL[torch.bfloat16]
-    assert rel_err(kb.fused_chain_dq(dmc, Q, (n, b, N)), _chain_reference(Q, dmc)) <= tol
+    (direct, accumulating over one or several levels, the first group's rows gathered from Q)."""
+    Q, dmc = _chain_inputs(n, b, N)
+    assert rel_err(kb.fused_chain_dq(dmc, Q, (n, b, N)), _chain_reference(Q, dmc)) <= CHAIN_TOL
 
 
 def test_chain_pass_in_the_transposed_orientation():
@@ -197,14 +204,11 @@ def test_chain_pass_in_the_transposed_orientation():
     reversed; ``fused_chain_dq`` takes that orientation only for a last one-level group) gives the
     same dQ: the gather of the first group's rows transposed (``_chain_factor_rows`` with TRANS)."""
     n, b, N = 320, 40, 3
-    L = kc.width(b, N)
-    Q = rand_q(N, n // b, b).float().to(DEVICE)
-    dmc = torch.randn(n // L, L, L, dtype=torch.float64).bfloat16().to(DEVICE)
+    Q, dmc = _chain_inputs(n, b, N)
     groups = kb.fused_groups(n, b, N)
     assert groups[1] == (1, 2) and kb.chain_passes(n, b, N)[1] == "acc"
     dq = torch.full(Q.shape, float("nan"), device=DEVICE)
-    x = torch.empty(1, 1, dtype=torch.bfloat16, device=DEVICE).expand(L, n)
+    x = torch.empty(1, 1, dtype=torch.bfloat16, device=DEVICE).expand(kc.width(b, N), n)  # never read
     kb._fused_grad_pass(x, dmc, Q, None, dq, groups[::-1], 1, True, False, (n, b, N), kb.CHAIN_CONFIG,
                         torch.bfloat16, chain=True, direct=False)
-    tol = 1e-5 if DEVICE.type == "cpu" else TOL[torch.bfloat16]
-    assert rel_err(dq[1], _chain_reference(Q, dmc)[1]) <= tol
+    assert rel_err(dq[1], _chain_reference(Q, dmc)[1]) <= CHAIN_TOL
