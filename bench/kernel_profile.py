@@ -88,14 +88,22 @@ def count_traffic():
         "create_dot": on_dot,
     }
     originals = {name: getattr(builder, name) for name in hooks}
+    # The interpreter's unmasked load and store call its masked ones with an all-true mask: only
+    # the outermost hooked call of an op counts, so they are not counted twice.
+    depth = [0]
 
     def wrap(name):
         original, account = originals[name], hooks[name]
 
         def counted(self, *args, **kwargs):
-            key, amount = account(*args)
-            counts[key] += amount
-            return original(self, *args, **kwargs)
+            if depth[0] == 0:
+                key, amount = account(*args)
+                counts[key] += amount
+            depth[0] += 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
 
         return counted
 

@@ -3,33 +3,39 @@
 ``M = B_{N-1} ... B_0`` is block-diagonal with dense ``L x L`` coarse blocks ``Mc`` (``L = b
 2^(N-1)``). The one-pass backward (``butterfly.fused_grad``) reads (x, g) once per factor group
 because each group's ``dMc`` fills a program's registers. With ``L`` just past ``MAX_BLOCK``
-(DreamBooth's 40x3 and ControlNet's 80x2 on 1280-wide layers: L = 160) three passes over the
+(DreamBooth's 40x3 and ControlNet's 80x2 on 1280-wide layers: L = 160) fewer passes over the
 activations are cheaper than that:
 
-1. ``dx = g Mc^T`` (``g Mc`` with transpose): the one-pass forward with the transpose flipped,
-   reading g once and writing dx once;
-2. ``dl/dMc = x^T g`` (``g^T x``) per coarse block: the dMc pass of a single level ``L`` wide
-   (``wide.grad_q``: up to 192 wide the whole block's dMc is four tiles in one program, so x and
-   g are read once), accumulated in fp32 and written once as ``[n/L, L, L]`` bf16;
-3. dQ from dMc by the chain rule, ``dF_k = (F_{N-1}..F_{k+1})^T dMc (F_{k-1}..F_0)^T`` on F_k's
+1. ``dl/dMc = x^T g`` (``g^T x``) per coarse block: the dMc pass of a single level ``L`` wide
+   (``wide.grad_q``), accumulated in fp32 and written once as ``[n/L, L, L]`` bf16. Up to 192
+   wide the whole block's dMc is four tiles in one program (``wide.takes_pair``), so x and g are
+   read once. Up to 160 wide that program also writes ``dx = g + g Delta_c`` on the same rows,
+   with ``Delta_c = Mc^T - I`` (``Mc - I`` with transpose) held as four tiles too: g is read once
+   for both gradients. ``Delta_c`` is built first (``_coarse_delta_kernel``, parameter-sized: the
+   one-pass forward on the identity's L rows) and stored in x's dtype. Wider (L in (160, 512];
+   past 160 the held tiles would spill), dx takes the one-pass forward with the transpose flipped,
+   a pass of its own over g.
+2. dQ from dMc by the chain rule, ``dF_k = (F_{N-1}..F_{k+1})^T dMc (F_{k-1}..F_0)^T`` on F_k's
    values: the butterfly's own dQ pass on ``y = I M`` with ``dl/dy = dMc`` (``fused_chain_dq``: the
    identity rows are made in registers, dMc is read once per factor group; a one-level group
    acting first, in ``I M`` or ``I M^T``, needs no accumulator: ``butterfly.chain_passes``). This
    is parameter-sized work, ``n L`` values a pass, whatever the row count.
 
-Activations move 4 times (the per-group backward: ``2 G + 1``), parameter-sized tensors ``G + 1``
-times, so the route pays from about L rows on: ``takes`` picks whichever moves fewer bytes,
-unless ``boft-triton tune`` timed both routes for the shape (``route``).
-Row splits and split-ordered sums are the dMc and dQ passes' own, so dQ is deterministic.
+Activations move 3 times (4 past 160 wide; the per-group backward: ``2 G + 1``), parameter-sized
+tensors ``G + 1`` times (``G + 3`` with Delta_c), so the route pays from about L rows on: ``takes``
+picks whichever moves fewer bytes, unless ``boft-triton tune`` timed both routes for the shape
+(``route``). Row splits and split-ordered sums are the dMc and dQ passes' own, so dQ is
+deterministic.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.library import wrap_triton
 
 from . import butterfly as kb
 from . import wide as kw
-from ._common import LAST_LAUNCH, kernel_op, new_empty, next_pow2
+from ._common import LAST_LAUNCH, kernel_op, new_empty, next_pow2, tl, triton
 
 
 def width(b: int, N: int) -> int:
@@ -58,10 +64,19 @@ def moved_bytes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: boo
     else:  # plan()'s groups: recompute their inputs, then a pass over (input, gradient) each
         levels = len(kb.plan(n, b, N))
         per_group = (2 * (levels - 1) + 3 * levels - (not need_dx)) * act
-    dmc = n * L * 2  # bf16
-    g_reads = 1 if kw.takes_pair(L, dtype) else kw.slab("bwd", L, dtype)[2]
-    coarse = (2 * need_dx + 1 + g_reads) * act + (1 + groups) * dmc
+    dmc = n * L * 2  # bf16 (Delta_c: x's dtype, the same size)
+    if fuses_dx(L, dtype):  # one pass: x and g read once, dx written; Delta_c written and read once
+        coarse = (2 + need_dx) * act + (1 + groups + 2 * need_dx) * dmc
+    else:
+        g_reads = kw.slab("bwd", L, dtype)[2]
+        coarse = (2 * need_dx + 1 + g_reads) * act + (1 + groups) * dmc
     return per_group, coarse
+
+
+def fuses_dx(L: int, dtype: torch.dtype) -> bool:
+    """Whether the dMc pass also writes dx (step 1 of the module docstring): the whole-block dMc
+    kernel, up to 160 wide (``wide.takes_pair_dx``)."""
+    return kw.takes_pair_dx(L, dtype)
 
 
 def takes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: bool) -> bool:
@@ -91,18 +106,92 @@ def route(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: bool, dev
     return chosen
 
 
+@triton.jit
+def _coarse_delta_kernel(
+    q_ptr, d_ptr, D,
+    NL: tl.constexpr, B: tl.constexpr, HC: tl.constexpr, HP: tl.constexpr, NG: tl.constexpr,
+    A0: tl.constexpr, A1: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, TRANS: tl.constexpr,
+    BT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BUILD_DTYPE: tl.constexpr,
+    BUILD_PRECISION: tl.constexpr,
+):
+    """``Delta_c = Mc - I`` (``Mc^T - I`` with TRANS) of coarse block i_cb, ``[L, L]`` at d_ptr
+    in its dtype: ``butterfly._fused_apply_kernel`` on the identity's rows, in BT-row tiles, the
+    groups held once. As there, each group adds ``t Delta_g`` to the fp32 tile t with t rounded to
+    the dot's dtype, which costs Delta_c about one rounding of ``Delta_g`` (``2^-9 |Delta_g|`` in
+    bf16), the order of its own rounding when stored; in residual form (``R + I Delta_g + R
+    Delta_g``, only R rounded) it would cost less, but its second product per group spilled
+    0.9-1.1 KB a thread at 80x2 and 72x2 on sm_90 and sm_80."""
+    i_cb = tl.program_id(0).to(tl.int64)
+    L: tl.constexpr = (1 << NL) * HC
+    LP: tl.constexpr = (1 << NL) * HP
+    o_c = tl.arange(0, LP)
+    m_c = (o_c % HP) < HC
+    o_lc = (o_c // HP) * HC + o_c % HP  # [LP] the lane's column in the coarse block
+    b_da = kb._fused_delta(q_ptr, i_cb, D, A0, A1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+    b_db = kb._fused_delta(q_ptr, i_cb, D, B0, B1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+    if NG > 2:
+        b_dc = kb._fused_delta(q_ptr, i_cb, D, C0, C1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE,
+                               BUILD_PRECISION)
+    if NG > 3:
+        b_dd = kb._fused_delta(q_ptr, i_cb, D, D0, D1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE,
+                               BUILD_PRECISION)
+    for t0 in range(0, L, BT):
+        o_t = t0 + tl.arange(0, BT)
+        m_x = (o_t < L)[:, None] & m_c[None, :]
+        eye = tl.where((o_lc[None, :] == o_t[:, None]) & m_x, 1.0, 0.0)
+        b_t = kb._fused_group(eye, b_da, BT, A0, A1, NL, HP, DOT_DTYPE, PRECISION)
+        b_t = kb._fused_group(b_t, b_db, BT, B0, B1, NL, HP, DOT_DTYPE, PRECISION)
+        if NG > 2:
+            b_t = kb._fused_group(b_t, b_dc, BT, C0, C1, NL, HP, DOT_DTYPE, PRECISION)
+        if NG > 3:
+            b_t = kb._fused_group(b_t, b_dd, BT, D0, D1, NL, HP, DOT_DTYPE, PRECISION)
+        tl.store(d_ptr + i_cb * (L * L) + o_t[:, None] * L + o_lc[None, :], (b_t - eye).to(d_ptr.dtype.element_ty),
+                 mask=m_x)
+
+
+# Rows per tile of the Delta_c build: parameter-sized work, one program per coarse block.
+DELTA_BT = 16
+
+
+def _delta_launch(n: int, b: int, N: int, transpose: bool, dtype: torch.dtype) -> dict:
+    """The build's constexprs and launch options (groups in acting order, as
+    ``butterfly.fused_apply_into``; the forward's default warps and stages)."""
+    groups = kb.fused_groups(n, b, N)
+    if transpose:
+        groups = groups[::-1]
+    bounds = [v for k0k1 in groups for v in k0k1] + [0, 0] * (kb.FUSED_MAX_GROUPS - len(groups))
+    hp = next_pow2(b // 2)
+    fwd = kb.default_config(n, b, N, "fwd", dtype)
+    return dict(NL=N, B=b, HC=b // 2, HP=hp, NG=len(groups),
+                **dict(zip(("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1"), bounds)), TRANS=transpose,
+                BT=DELTA_BT, **kb._dot_meta(dtype, max(hp << (k1 - k0) for k0, k1 in groups)),
+                num_warps=fwd["num_warps"], num_stages=fwd["num_stages"])
+
+
+def coarse_delta(q, transpose, key, dtype) -> torch.Tensor:
+    """``Delta_c`` of every coarse block, ``[n/L, L, L]`` in dtype: ``Mc - I`` (``Mc^T - I``
+    with transpose), so that ``x M`` on a coarse block is ``x + x Delta_c``."""
+    n, b, N = key
+    L = width(b, N)
+    delta = new_empty(n // L, L, L, dtype=dtype, device=q.device)
+    wrap_triton(_coarse_delta_kernel)[(n // L,)](q, delta, n // b, **_delta_launch(n, b, N, transpose, dtype))
+    return delta
+
+
 def grad(x, g, q, transpose, key, need_dx):
-    """``(dx or None, dQ)`` of ``y = x M`` (``x M^T``): the three passes of the module docstring."""
+    """``(dx or None, dQ)`` of ``y = x M`` (``x M^T``): the passes of the module docstring."""
     T, n = x.shape
     _, b, N = key
     L = width(b, N)
-    dx = None
-    if need_dx:
-        dx = new_empty(T, n, dtype=x.dtype, device=x.device)
+    dx = new_empty(T, n, dtype=x.dtype, device=x.device) if need_dx else None
+    fused = need_dx and fuses_dx(L, x.dtype)
+    if need_dx and not fused:
         kb.fused_apply_into(g, q, not transpose, key, dx)
     # dMc in bf16 (fp32's range): the chain's products round it to bf16 anyway on a GPU, and at
     # fp32 its write and reads would cost a third of an activation pass each at T = 1024
-    dmc = kw.grad_q(x, g, (1, n // L, L, L), transpose, 0, (n, L, 1), dtype=torch.bfloat16, tuned_as=key)
+    dmc = kw.grad_q(x, g, (1, n // L, L, L), transpose, 0, (n, L, 1), dtype=torch.bfloat16, tuned_as=key,
+                    dx=dx if fused else None, delta=coarse_delta(q, not transpose, key, x.dtype) if fused else None)
     return dx, kb.fused_chain_dq(dmc[0], q, key)
 
 
@@ -129,6 +218,21 @@ def launch_specs(n: int, b: int, N: int, dtype: torch.dtype, gsig: dict) -> list
                 signature={**spec["signature"], "dq_ptr": "*bf16"})
            for spec in kw.launch_specs(kw.level_group(n, L, 1, 0), L, dtype)
            if spec["name"].startswith(("wide_grad", "wide_dq"))]
+    with kb._compiling():
+        fused_dx = fuses_dx(L, dtype)
+    if fused_dx:  # the dMc pass writing dx too, and the Delta_c build it reads
+        dmc += [dict(spec, name=spec["name"].replace("_grad", "_dx_grad", 1),
+                     constexprs={**spec["constexprs"], "WRITE_DX": True, "RP": kw.pair_rest(L, True)})
+                for spec in dmc if spec["constexprs"].get("WRITE_DX") is False]
+        ptr = gsig["x_ptr"]
+        for trans in (False, True):
+            with kb._compiling():
+                meta = _delta_launch(n, b, N, trans, dtype)
+            warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+            dmc.append(dict(name="coarse_delta" + ("_T" if trans else ""), width=L, levels=N,
+                            fn=_coarse_delta_kernel, signature={"q_ptr": "*fp32", "d_ptr": ptr, "D": "i32"},
+                            divisible=(), constexprs=meta, config={"num_warps": warps, "num_stages": stages},
+                            num_warps=warps, num_stages=stages))
     fused, hp = kb.fused_groups(n, b, N), next_pow2(b // 2)
     with kb._compiling():
         dot = kb._dot_meta(torch.bfloat16, max(hp << (k1 - k0) for k0, k1 in fused))

@@ -61,6 +61,17 @@ WIDE_RC = 32
 # sm_80; 16 warps, kilobytes). 16-bit inputs (fp32's tf32x3 operands would not fit).
 PAIR_REST = 64
 PAIR_RC = 16
+# The four-tile kernel also writes dx (``kernels/coarse.py``: Delta's four tiles held next to
+# dMc's) for blocks of MAX_BLOCK + up to PAIR_DX_REST columns, its second tile padded to exactly
+# that: L = 144 and 160 then compile without spills on sm_90 and sm_80 (8 warps, one stage), while
+# 16 columns of padding (L = 144) spill 444-500 bytes, and L = 192 (64) 24-120 bytes on sm_80 at
+# any of 1-3 stages.
+PAIR_DX_REST = 32
+
+
+def pair_rest(b: int, write_dx: bool) -> int:
+    """RP, the padded width of the four-tile kernel's second tile (columns [MAX_BLOCK, b))."""
+    return PAIR_DX_REST if write_dx else max(kb.MIN_BLOCK, next_pow2(b - kb.MAX_BLOCK))
 
 
 def is_wide(grp: dict) -> bool:
@@ -249,21 +260,32 @@ def _store_tile(ptr, acc, o_r, o_c, B: tl.constexpr):
 
 @triton.jit
 def _wide_grad_pair_kernel(
-    x_ptr, g_ptr, dd_ptr, dq_ptr, T, n, ROWS, NB,
+    x_ptr, g_ptr, dd_ptr, dq_ptr, d_ptr, dx_ptr, T, n, ROWS, NB,
     B: tl.constexpr, S: tl.constexpr, H: tl.constexpr, A: tl.constexpr, RP: tl.constexpr,
-    TRANS: tl.constexpr, FUSED_DQ: tl.constexpr, RC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    TRANS: tl.constexpr, FUSED_DQ: tl.constexpr, WRITE_DX: tl.constexpr, RC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Rows [i_s ROWS, (i_s+1) ROWS) of block i_b: this split's whole dMc, ``x^T g`` (``g^T x``
     with TRANS), for a block of ``A < B <= A + RP`` columns held as four tiles (columns [0, A) and
     [A, B), the second padded to RP) rather than one padded to a power of two: 160 columns are
-    25K fp32 values this way, 64K padded to 256. So g and x are each read once."""
+    25K fp32 values this way, 64K padded to 256. So g and x are each read once.
+
+    With WRITE_DX (``kernels/coarse.py``) also ``dx = g + g Delta`` on the same row steps, Delta
+    (``[NB, B, B]`` at d_ptr, x's dtype: the block's ``Mc^T - I``, ``Mc - I`` with TRANS, whatever
+    the caller built) held as four tiles too: g is then read once for both gradients."""
     i_b = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     o_a = tl.arange(0, A)
     o_r = A + tl.arange(0, RP)
     col_a = _block_columns(i_b, o_a, B, S, H)
     col_r, m_r = _block_columns(i_b, o_r, B, S, H), o_r < B
+    if WRITE_DX:
+        d_base = d_ptr + i_b * (B * B)
+        d_aa = tl.load(d_base + o_a[:, None] * B + o_a[None, :]).to(DOT_DTYPE)
+        d_ar = tl.load(d_base + o_a[:, None] * B + o_r[None, :], mask=m_r[None, :], other=0.0).to(DOT_DTYPE)
+        d_ra = tl.load(d_base + o_r[:, None] * B + o_a[None, :], mask=m_r[:, None], other=0.0).to(DOT_DTYPE)
+        d_rr = tl.load(d_base + o_r[:, None] * B + o_r[None, :], mask=m_r[:, None] & m_r[None, :],
+                       other=0.0).to(DOT_DTYPE)
     acc_aa = tl.zeros([A, A], dtype=tl.float32)
     acc_ar = tl.zeros([A, RP], dtype=tl.float32)
     acc_ra = tl.zeros([RP, A], dtype=tl.float32)
@@ -285,6 +307,14 @@ def _wide_grad_pair_kernel(
         acc_ar = tl.dot(tl.trans(u_a), v_r, acc_ar, input_precision=PRECISION)
         acc_ra = tl.dot(tl.trans(u_r), v_a, acc_ra, input_precision=PRECISION)
         acc_rr = tl.dot(tl.trans(u_r), v_r, acc_rr, input_precision=PRECISION)
+        if WRITE_DX:
+            dx_a = tl.dot(g_a, d_aa, g_a.to(tl.float32), input_precision=PRECISION)
+            dx_a = tl.dot(g_r, d_ra, dx_a, input_precision=PRECISION)
+            dx_r = tl.dot(g_a, d_ar, g_r.to(tl.float32), input_precision=PRECISION)
+            dx_r = tl.dot(g_r, d_rr, dx_r, input_precision=PRECISION)
+            tl.store(dx_ptr + o_t[:, None] * n + col_a[None, :], dx_a.to(dx_ptr.dtype.element_ty), mask=m_t)
+            tl.store(dx_ptr + o_t[:, None] * n + col_r[None, :], dx_r.to(dx_ptr.dtype.element_ty),
+                     mask=m_t & m_r[None, :])
     if FUSED_DQ:
         base = dq_ptr + i_b * (B * B)
     else:
@@ -332,6 +362,11 @@ def takes_pair(b: int, dtype: torch.dtype) -> bool:
     return kb.MAX_BLOCK < b <= kb.MAX_BLOCK + PAIR_REST and (dtype != torch.float32 or kb.interpreting())
 
 
+def takes_pair_dx(b: int, dtype: torch.dtype) -> bool:
+    """Whether that dMc pass can also write dx (``grad_q``'s dx and delta)."""
+    return takes_pair(b, dtype) and b <= kb.MAX_BLOCK + PAIR_DX_REST
+
+
 def _pick(kind: str, key, x, tuned_as=None) -> tuple[str, dict]:
     """The config for ``key``'s kernels: forced, or tuned (the cache entry of ``tuned_as``, the
     layer shape that runs them, else ``key``), else this module's default."""
@@ -359,13 +394,19 @@ def apply_into(x, q, transpose, k0, key, y) -> None:
     )
 
 
-def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None):
+def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, dx=None, delta=None):
     """dQ of the level (``dMc``) of ``apply_into``'s product, for contiguous x, g; ``shape`` is
     the level's Q's, ``[1, D, b, b]``, dtype dQ's (accumulated in fp32 either way); tuned_as
-    the layer shape whose tuned backward config to use (``kernels/coarse.py``)."""
+    the layer shape whose tuned backward config to use (``kernels/coarse.py``). With dx (``[T,
+    n]``, written) and delta (``[D, b, b]`` in x's dtype), the same pass also writes ``dx = g + g
+    delta`` per block (``takes_pair_dx``)."""
     T, n = x.shape
     b = key[1]
     grp = level_group(*key, k0)
+    write_dx = dx is not None
+    if write_dx and not takes_pair_dx(b, x.dtype):
+        raise ValueError(f"wide.grad_q: the dMc pass writes dx up to {kb.MAX_BLOCK + PAIR_DX_REST} wide, "
+                         f"16-bit (b={b}, {x.dtype})")
     if T == 0:
         return torch.zeros(shape, dtype=dtype, device=x.device)
     layout = _layout(grp, b, "bwd", x.dtype)
@@ -378,9 +419,10 @@ def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None):
     warps, stages = cfg["num_warps"], cfg.get("num_stages", 2)
     if takes_pair(b, x.dtype):
         wrap_triton(_wide_grad_pair_kernel)[(NB, splits)](
-            x, g, partial, dq, T, n, rows, NB, B=b, S=grp["S"], H=grp["H"], A=kb.MAX_BLOCK,
-            RP=max(kb.MIN_BLOCK, next_pow2(b - kb.MAX_BLOCK)), TRANS=transpose, FUSED_DQ=splits == 1, RC=PAIR_RC,
-            **_dot_meta(x.dtype), num_warps=warps, num_stages=stages,
+            x, g, partial, dq, delta if write_dx else x, dx if write_dx else x, T, n, rows, NB, B=b, S=grp["S"],
+            H=grp["H"], A=kb.MAX_BLOCK, RP=pair_rest(b, write_dx), TRANS=transpose,
+            FUSED_DQ=splits == 1, WRITE_DX=write_dx, RC=PAIR_RC, **_dot_meta(x.dtype), num_warps=warps,
+            num_stages=stages,
         )
     else:
         wrap_triton(_wide_grad_kernel)[(NB * layout["NS"], splits)](
@@ -467,16 +509,17 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[d
                           config=fwd, num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))
     gsig = {"x_ptr": ptr, "g_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32", "T": "i32", "n": "i32",
             "ROWS": "i32", "NB": "i32"}
+    pair_sig = {**gsig, "d_ptr": ptr, "dx_ptr": ptr}
     with kb._compiling():
         pair = takes_pair(b, dtype)
     for name, fused in (("wide_grad", False), ("wide_grad_dq", True)):
         if pair:
-            fn, constexprs = _wide_grad_pair_kernel, {"B": b, "S": grp["S"], "H": grp["H"], "A": kb.MAX_BLOCK,
-                                                      "RP": max(kb.MIN_BLOCK, next_pow2(b - kb.MAX_BLOCK)),
-                                                      "RC": PAIR_RC}
+            fn, sig, constexprs = _wide_grad_pair_kernel, pair_sig, {
+                "B": b, "S": grp["S"], "H": grp["H"], "A": kb.MAX_BLOCK,
+                "RP": pair_rest(b, False), "RC": PAIR_RC, "WRITE_DX": False}
         else:
-            fn, constexprs = _wide_grad_kernel, {**_layout(grp, b, "bwd", dtype), "RC": WIDE_RC}
-        specs.append(dict(name=name + ("_pair" if pair else "") + tag, **shape, fn=fn, signature=gsig,
+            fn, sig, constexprs = _wide_grad_kernel, gsig, {**_layout(grp, b, "bwd", dtype), "RC": WIDE_RC}
+        specs.append(dict(name=name + ("_pair" if pair else "") + tag, **shape, fn=fn, signature=sig,
                           divisible=("n", "ROWS"), constexprs={**constexprs, "TRANS": False, "FUSED_DQ": fused, **dot},
                           config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
     kp = slab("bwd", b, dtype)[0]

@@ -41,19 +41,45 @@ def spy(monkeypatch):
 
 # DreamBooth's block_num=8 (40x3, L = 160: chunks of 20 padded to 32), 20x4 (four one-level
 # groups), 36x3 (L = 144, dMc's second tile mostly padding), ControlNet's 80x2 (each group's two
-# 128-wide blocks shared out between two chain programs) and 72x2; enough rows that the route
-# pays, a partial last row tile in each.
+# 128-wide blocks shared out between two chain programs) and 72x2, whose dMc pass also writes dx;
+# 48x3 (L = 192: the dMc pass holds the block, dx a pass of its own) and 64x3 (L = 256: the dMc
+# pass in row slabs).
+# Enough rows that the route pays, a partial last row tile in each.
 COARSE_CASES = [(300, 320, 40, 3, 1.0), (333, 320, 20, 4, 1.0), (301, 288, 36, 3, 10.0), (300, 320, 80, 2, 1.0),
-                (250, 288, 72, 2, 1.0)]
+                (250, 288, 72, 2, 1.0), (401, 384, 48, 3, 1.0), (600, 512, 64, 3, 1.0)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
 @pytest.mark.parametrize("T,n,b,N,scale", COARSE_CASES, ids=[case_id(c) for c in COARSE_CASES])
-def test_coarse_backward(spy, T, n, b, N, scale, transpose, dtype):
+def test_coarse_backward(monkeypatch, spy, T, n, b, N, scale, transpose, dtype):
     assert kc.takes(n, b, N, T, dtype, True)
+    dx_passes = []  # dx's own pass (the transposed forward), taken only where the dMc pass cannot write dx
+    apply = kb.fused_apply_into
+    monkeypatch.setattr(kb, "fused_apply_into", lambda x, *rest: dx_passes.append(x.shape) or apply(x, *rest))
     check_butterfly(T, n, b, N, scale, transpose, dtype=dtype)
     assert spy == [True]
+    assert len(dx_passes) == 2 - kc.fuses_dx(kc.width(b, N), dtype)  # the forward, and dx's own pass
+    assert kc.fuses_dx(kc.width(b, N), dtype) == (kc.width(b, N) <= 160)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
+@pytest.mark.parametrize("n,b,N", [(320, 40, 3), (320, 20, 4), (288, 36, 3), (320, 80, 2)], ids=lambda v: str(v))
+def test_coarse_delta_is_the_dense_block_minus_identity(n, b, N, transpose):
+    """``Delta_c`` (what the dMc pass multiplies g by for dx) against the coarse blocks of the
+    dense fp64 rotation: ``Mc - I``, or ``Mc^T - I`` with transpose, every group and padded chunk
+    lane in its place; within one rounding of x's dtype (bf16) on top of the build's own."""
+    from boft_triton import reference
+
+    Q = rand_q(N, n // b, b, 1.0).float().to(DEVICE)
+    L = kc.width(b, N)
+    delta = kc.coarse_delta(Q, transpose, (n, b, N), torch.bfloat16)
+    M = reference.dense_rotation(Q.double().cpu())
+    M = M.T if transpose else M
+    eye = torch.eye(L, dtype=torch.float64)
+    expected = torch.stack([M[c * L:(c + 1) * L, c * L:(c + 1) * L] - eye for c in range(n // L)])
+    assert delta.shape == (n // L, L, L) and delta.dtype == torch.bfloat16
+    assert rel_err(delta, expected) <= 2 ** -8
 
 
 @pytest.mark.parametrize("need", ["x", "Q"])

@@ -6,8 +6,19 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 pytestmark = pytest.mark.kernels
+
+
+@triton.jit
+def _copy_kernel(src, dst, N: tl.constexpr):
+    """N values unmasked, then the first N/2 of the next N masked."""
+    o = tl.arange(0, N)
+    tl.store(dst + o, tl.load(src + o))
+    half = o < N // 2
+    tl.store(dst + N + o, tl.load(src + N + o, mask=half), mask=half)
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +58,20 @@ def test_wide_coarse_blocks_take_one_pass(n, b, N, T, fwd_bwd):
     assert row["torch_bytes"] == 0, row
     assert row["fwd_ratio"] <= kernel_profile.TARGET_FWD, row
     assert row["fwd_bwd_ratio"] <= fwd_bwd, row
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts bytes in Triton's interpreter")
+def test_traffic_counts_each_load_and_store_once():
+    """The interpreter runs an unmasked load or store through its masked one: counted once, and a
+    masked one counts its live lanes only."""
+    from boft_triton.bench import kernel_profile
+
+    src = torch.arange(64, dtype=torch.float32)
+    dst = torch.zeros_like(src)
+    with kernel_profile.count_traffic() as counted:
+        _copy_kernel[(1,)](src, dst, N=32)
+    assert counted["load_bytes"] == counted["store_bytes"] == (32 + 16) * 4
+    assert torch.equal(dst[:48], src[:48]) and not dst[48:].any()
 
 
 def test_torch_bytes_counts_copies_not_views():
