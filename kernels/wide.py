@@ -20,9 +20,11 @@ its row tiles. So each program owns a slab of ``BN`` output columns of one block
   g and its slab of x; dQ of the level *is* dMc (one factor: no block products). Row splits and
   the split-ordered partial sums are ``butterfly._splits``'s, so dQ's bits do not depend on the
   tile config. Up to ``MAX_BLOCK + PAIR_REST`` (192) wide one program holds the block's whole
-  dMc as four tiles instead (``_wide_grad_pair_kernel``), so that pass reads g once. (One pass
-  holding both a ``Delta^T`` slab and a dMc slab spills on sm_80 at 256 wide and on both at 512,
-  or, with slabs narrow enough not to, reads g more often than the two passes do.)
+  dMc as four tiles instead (``_wide_grad_pair_kernel``), so that pass reads g once; up to
+  ``MAX_BLOCK + PAIR_DX_REST`` (160) it also holds ``Delta^T`` as four tiles, made from Q, and
+  writes dx on the same rows (``wide_grads``): one pass over (x, g) for both gradients. (Wider,
+  one pass holding both a ``Delta^T`` slab and a dMc slab spills: on sm_80 from 192 wide, on both
+  at 512; with slabs narrow enough not to, it reads g more often than the two passes do.)
 """
 
 from __future__ import annotations
@@ -128,12 +130,14 @@ WHOLE_BLOCK_WARPS = 4 if _version_tuple(TRITON_VERSION) >= (3, 7) else 8
 
 def default_config(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """The untuned config. Forward: the whole block (up to FWD_WHOLE) in 32-row tiles on
-    WHOLE_BLOCK_WARPS warps, else (and for fp32) 16-row tiles on 8. Backward: 8 warps, one stage
-    for the four-tile dMc (``takes_pair``), else two."""
+    WHOLE_BLOCK_WARPS warps, else (and for fp32) 16-row tiles on 8. Backward: 8 warps, two
+    stages, but one for the four-tile dMc past ``takes_pair_dx`` (161-192 wide: two spill 84
+    bytes at 192 on sm_80; up to 160, with or without dx, two spill nothing and one does at b =
+    144 with N = 2 on sm_80)."""
     if kind == "fwd":
         whole = next_pow2(b) <= FWD_WHOLE and dtype != torch.float32
         return {"BT": 32 if whole else 16, "PPS": 2, "num_warps": WHOLE_BLOCK_WARPS if whole else 8, "num_stages": 2}
-    return {"num_warps": 8, "num_stages": 1 if takes_pair(b, dtype) else 2}
+    return {"num_warps": 8, "num_stages": 1 if takes_pair(b, dtype) and not takes_pair_dx(b, dtype) else 2}
 
 
 def candidates(kind: str, b: int, dtype: torch.dtype | None = None) -> list[dict]:
@@ -259,20 +263,36 @@ def _store_tile(ptr, acc, o_r, o_c, B: tl.constexpr):
 
 
 @triton.jit
+def _held_delta(d_base, o_r, o_c, B: tl.constexpr, FROM_Q: tl.constexpr, TRANS: tl.constexpr,
+                DOT_DTYPE: tl.constexpr):
+    """Tile (rows o_r, columns o_c) of the ``[B, B]`` Delta that dx is ``g + g Delta`` by: stored
+    at d_base, or (FROM_Q) the level's Q block there, ``F^T - I`` (``F - I`` with TRANS)."""
+    m = (o_r < B)[:, None] & (o_c < B)[None, :]
+    if FROM_Q and not TRANS:
+        t = tl.load(d_base + o_c[None, :] * B + o_r[:, None], mask=m, other=0.0)
+    else:
+        t = tl.load(d_base + o_r[:, None] * B + o_c[None, :], mask=m, other=0.0)
+    if FROM_Q:
+        t = tl.where(o_r[:, None] == o_c[None, :], t - 1.0, t)
+    return t.to(DOT_DTYPE)
+
+
+@triton.jit
 def _wide_grad_pair_kernel(
     x_ptr, g_ptr, dd_ptr, dq_ptr, d_ptr, dx_ptr, T, n, ROWS, NB,
     B: tl.constexpr, S: tl.constexpr, H: tl.constexpr, A: tl.constexpr, RP: tl.constexpr,
-    TRANS: tl.constexpr, FUSED_DQ: tl.constexpr, WRITE_DX: tl.constexpr, RC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    TRANS: tl.constexpr, FUSED_DQ: tl.constexpr, WRITE_DX: tl.constexpr, DELTA_FROM_Q: tl.constexpr,
+    RC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Rows [i_s ROWS, (i_s+1) ROWS) of block i_b: this split's whole dMc, ``x^T g`` (``g^T x``
     with TRANS), for a block of ``A < B <= A + RP`` columns held as four tiles (columns [0, A) and
     [A, B), the second padded to RP) rather than one padded to a power of two: 160 columns are
     25K fp32 values this way, 64K padded to 256. So g and x are each read once.
 
-    With WRITE_DX (``kernels/coarse.py``) also ``dx = g + g Delta`` on the same row steps, Delta
-    (``[NB, B, B]`` at d_ptr, x's dtype: the block's ``Mc^T - I``, ``Mc - I`` with TRANS, whatever
-    the caller built) held as four tiles too: g is then read once for both gradients."""
+    With WRITE_DX also ``dx = g + g Delta`` on the same row steps, Delta held as four tiles too,
+    so g is read once for both gradients: ``[NB, B, B]`` at d_ptr, the block's ``F^T - I`` (``F -
+    I`` with TRANS), built by the caller in x's dtype (``kernels/coarse.py``: F a coarse block) or,
+    with DELTA_FROM_Q, made here from the level's Q (fp32; F a Q block)."""
     i_b = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     o_a = tl.arange(0, A)
@@ -281,11 +301,10 @@ def _wide_grad_pair_kernel(
     col_r, m_r = _block_columns(i_b, o_r, B, S, H), o_r < B
     if WRITE_DX:
         d_base = d_ptr + i_b * (B * B)
-        d_aa = tl.load(d_base + o_a[:, None] * B + o_a[None, :]).to(DOT_DTYPE)
-        d_ar = tl.load(d_base + o_a[:, None] * B + o_r[None, :], mask=m_r[None, :], other=0.0).to(DOT_DTYPE)
-        d_ra = tl.load(d_base + o_r[:, None] * B + o_a[None, :], mask=m_r[:, None], other=0.0).to(DOT_DTYPE)
-        d_rr = tl.load(d_base + o_r[:, None] * B + o_r[None, :], mask=m_r[:, None] & m_r[None, :],
-                       other=0.0).to(DOT_DTYPE)
+        d_aa = _held_delta(d_base, o_a, o_a, B, DELTA_FROM_Q, TRANS, DOT_DTYPE)
+        d_ar = _held_delta(d_base, o_a, o_r, B, DELTA_FROM_Q, TRANS, DOT_DTYPE)
+        d_ra = _held_delta(d_base, o_r, o_a, B, DELTA_FROM_Q, TRANS, DOT_DTYPE)
+        d_rr = _held_delta(d_base, o_r, o_r, B, DELTA_FROM_Q, TRANS, DOT_DTYPE)
     acc_aa = tl.zeros([A, A], dtype=tl.float32)
     acc_ar = tl.zeros([A, RP], dtype=tl.float32)
     acc_ra = tl.zeros([RP, A], dtype=tl.float32)
@@ -394,12 +413,14 @@ def apply_into(x, q, transpose, k0, key, y) -> None:
     )
 
 
-def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, dx=None, delta=None):
+def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, dx=None, delta=None,
+           delta_from_q=False):
     """dQ of the level (``dMc``) of ``apply_into``'s product, for contiguous x, g; ``shape`` is
     the level's Q's, ``[1, D, b, b]``, dtype dQ's (accumulated in fp32 either way); tuned_as
     the layer shape whose tuned backward config to use (``kernels/coarse.py``). With dx (``[T,
-    n]``, written) and delta (``[D, b, b]`` in x's dtype), the same pass also writes ``dx = g + g
-    delta`` per block (``takes_pair_dx``)."""
+    n]``, written) and delta (``[D, b, b]`` in x's dtype, or the level's Q with delta_from_q), the
+    same pass also writes ``dx = g + g Delta`` per block (``takes_pair_dx``; ``_wide_grad_pair_kernel``
+    says which Delta)."""
     T, n = x.shape
     b = key[1]
     grp = level_group(*key, k0)
@@ -421,8 +442,8 @@ def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, 
         wrap_triton(_wide_grad_pair_kernel)[(NB, splits)](
             x, g, partial, dq, delta if write_dx else x, dx if write_dx else x, T, n, rows, NB, B=b, S=grp["S"],
             H=grp["H"], A=kb.MAX_BLOCK, RP=pair_rest(b, write_dx), TRANS=transpose,
-            FUSED_DQ=splits == 1, WRITE_DX=write_dx, RC=PAIR_RC, **_dot_meta(x.dtype), num_warps=warps,
-            num_stages=stages,
+            FUSED_DQ=splits == 1, WRITE_DX=write_dx, DELTA_FROM_Q=delta_from_q, RC=PAIR_RC, **_dot_meta(x.dtype),
+            num_warps=warps, num_stages=stages,
         )
     else:
         wrap_triton(_wide_grad_kernel)[(NB * layout["NS"], splits)](
@@ -466,6 +487,21 @@ def wide_grad_q(x: torch.Tensor, g: torch.Tensor, q: torch.Tensor, transpose: bo
     return grad_q(x.contiguous(), g.contiguous(), q.shape, transpose, k0, (n, b, N))
 
 
+def _grads_fake(x, g, q, transpose, k0, n, b, N):
+    return x.new_empty(x.shape), q.new_empty(q.shape, dtype=torch.float32)
+
+
+@kernel_op("boft_triton::wide_grads", _grads_fake)
+def wide_grads(x: torch.Tensor, g: torch.Tensor, q: torch.Tensor, transpose: bool, k0: int, n: int, b: int,
+               N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dl/dx, dl/dq)`` of ``wide_apply`` in one pass over (x, g), Delta made from Q in the
+    program (``takes_pair_dx``)."""
+    x, g, q = x.contiguous(), g.contiguous(), q.contiguous()
+    dx = new_empty(*x.shape, dtype=x.dtype, device=x.device)
+    dq = grad_q(x, g, q.shape, transpose, k0, (n, b, N), dx=dx, delta=q, delta_from_q=True)
+    return dx, dq
+
+
 def _setup_context(ctx, inputs, output):
     x, q, transpose, k0, n, b, N = inputs
     ctx.save_for_backward(x, q)
@@ -474,12 +510,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g):
     """dl/dx is the transposed product (``g Mc^T``, ``g Mc`` with transpose); dl/dq a pass over
-    (x, g)."""
+    (x, g). Both: one pass where the dMc kernel holds the block and Delta (``takes_pair_dx``)."""
     x, q = ctx.saved_tensors
     transpose, k0, n, b, N = ctx.args
     none = (None,) * 5
     if g is None:
         return None, None, *none
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and takes_pair_dx(b, g.dtype):
+        return *wide_grads(x, g, q, transpose, k0, n, b, N), *none
     dx = wide_apply(g, q, not transpose, k0, n, b, N) if ctx.needs_input_grad[0] else None
     dq = wide_grad_q(x, g, q, transpose, k0, n, b, N) if ctx.needs_input_grad[1] else None
     return dx, dq, *none
@@ -516,12 +554,20 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[d
         if pair:
             fn, sig, constexprs = _wide_grad_pair_kernel, pair_sig, {
                 "B": b, "S": grp["S"], "H": grp["H"], "A": kb.MAX_BLOCK,
-                "RP": pair_rest(b, False), "RC": PAIR_RC, "WRITE_DX": False}
+                "RP": pair_rest(b, False), "RC": PAIR_RC, "WRITE_DX": False, "DELTA_FROM_Q": False}
         else:
             fn, sig, constexprs = _wide_grad_kernel, gsig, {**_layout(grp, b, "bwd", dtype), "RC": WIDE_RC}
         specs.append(dict(name=name + ("_pair" if pair else "") + tag, **shape, fn=fn, signature=sig,
                           divisible=("n", "ROWS"), constexprs={**constexprs, "TRANS": False, "FUSED_DQ": fused, **dot},
                           config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
+    with kb._compiling():
+        pair_dx = takes_pair_dx(b, dtype)
+    if pair_dx:  # both gradients in one pass (wide_grads): dx too, Delta made from Q
+        specs += [dict(spec, name=spec["name"].replace("wide_grad", "wide_dx_grad", 1),
+                       signature={**spec["signature"], "d_ptr": "*fp32"},
+                       constexprs={**spec["constexprs"], "RP": pair_rest(b, True), "WRITE_DX": True,
+                                   "DELTA_FROM_Q": True})
+                  for spec in specs if spec["name"].startswith("wide_grad")]
     kp = slab("bwd", b, dtype)[0]
     specs.append(dict(name="wide_dq" + tag, **shape, fn=_wide_dq_kernel,
                       signature={"dd_ptr": "*fp32", "dq_ptr": "*fp32", "SPLITS": "i32", "NB": "i32"}, divisible=(),

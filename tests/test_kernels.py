@@ -563,6 +563,7 @@ rows += [r for r in kernel_profile.compile_rows([1280], [(40, 3)], archs=(80,)) 
 rows += [r for r in kernel_profile.compile_rows([1024], [(8, 6)], archs=(90,)) if r["kernel"].startswith("coarse_chain")]  # 3-level accumulating chains
 rows += kernel_profile.compile_rows([2048], [(64, 2), (128, 1)], archs=(90,))  # the widest one-group blocks (L = 128)
 rows += kernel_profile.compile_rows([1280], [(160, 1)], archs=(90,))  # one level wider than 128: the slab kernels
+rows += [r for r in kernel_profile.compile_rows([1152], [(144, 2)], archs=(80,)) if r["kernel"].startswith("wide_dx")]  # both gradients in one pass
 rows += kernel_profile.compile_rows([512], [(16, 2)], archs=(90,), dtype_name="fp32")
 print("ROWS" + json.dumps([{k: r[k] for k in ("n", "b", "N", "L", "kernel", "width", "levels", "dtype", "spill_bytes", "smem_fits", "tensor_core")} for r in rows]))
 """
@@ -590,7 +591,9 @@ def test_kernels_compile_for_sm90():
     rows = json.loads(proc.stdout.split("ROWS", 1)[1])
     assert {r["kernel"] for r in rows} >= {"apply", "apply_T", "grad", "grad_dq", "dq", "grad[g0]", "grad[g1]", "fused",
                                            "fused_T", "wide", "wide_T", "wide_grad_pair", "wide_grad_dq_pair", "wide_dq",
-                                           "coarse_dmc_grad_pair", "coarse_chain_direct[0]", "coarse_chain_dq[1]"}
+                                           "coarse_dmc_grad_pair", "coarse_chain_direct[0]", "coarse_chain_dq[1]",
+                                           "coarse_dmc_dx_grad_pair", "coarse_delta", "coarse_delta_T",
+                                           "wide_dx_grad_pair", "wide_dx_grad_dq_pair[g1]"}
     for r in rows:
         assert r["smem_fits"], r  # else the launch fails on that GPU
         # zero spills, but in the dQ epilogue (once per program, after the row loop) where it holds

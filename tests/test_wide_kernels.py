@@ -26,11 +26,13 @@ kw = importlib.import_module("boft_triton.kernels.wide")
 pytestmark = pytest.mark.kernels
 
 
-# DreamBooth's block_num=8 on a 1280-wide layer (b = 160: padded lanes, dMc held whole as four
-# tiles), b = 256 with N = 2 (two interleaved wide levels), b = 512 (LLM block_num=8 on 4096: 8
-# slabs of 64 in the forward, 8 of 64 for dMc), a 192-wide block (dMc as four tiles, the rest 64
-# wide), a partial last tile everywhere.
-WIDE_CASES = [(37, 320, 160, 1, 1.0), (9, 512, 256, 2, 1.0), (13, 1024, 512, 1, 1.0), (70, 384, 192, 1, 10.0)]
+# DreamBooth's block_num=8 on a 1280-wide layer (b = 160: padded lanes, dMc and Delta held whole as
+# four tiles, both gradients in one pass), b = 144 with N = 2 (the same for a strided level), b = 256
+# with N = 2 (two interleaved wide levels), b = 512 (LLM block_num=8 on 4096: 8 slabs of 64 in the
+# forward, 8 of 64 for dMc), a 192-wide block (dMc as four tiles, the rest 64 wide; dx a pass of
+# its own), a partial last tile everywhere.
+WIDE_CASES = [(37, 320, 160, 1, 1.0), (23, 576, 144, 2, 1.0), (9, 512, 256, 2, 1.0), (13, 1024, 512, 1, 1.0),
+              (70, 384, 192, 1, 10.0)]
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
@@ -43,8 +45,16 @@ def test_wide_levels(T, n, b, N, scale, transpose):
     check_butterfly(T, n, b, N, scale, transpose, dtype=torch.float32 if fp32 else torch.bfloat16)
 
 
-def test_wide_levels_in_bf16():
-    check_butterfly(21, 320, 160, 1, 1.0, False, dtype=torch.bfloat16)
+@pytest.mark.parametrize("n,b,N", [(320, 160, 1), (576, 144, 2), (384, 192, 1)], ids=lambda v: str(v))
+def test_wide_levels_in_bf16(monkeypatch, n, b, N):
+    """Up to 160 wide dx comes out of the dMc pass (``wide_grads``); wider, it is the transposed
+    forward, a pass of its own."""
+    applies = []
+    apply = kw.wide_apply
+    monkeypatch.setattr(kw, "wide_apply", lambda *args: applies.append(args[2]) or apply(*args))
+    check_butterfly(21, n, b, N, 1.0, False, dtype=torch.bfloat16)
+    assert kw.takes_pair_dx(b, torch.bfloat16) == (b <= 160)
+    assert applies == [False] * N + ([] if b <= 160 else [True] * N)  # the forward's levels, then dx's
 
 
 def test_slabs_cover_the_block_and_fit():
@@ -103,9 +113,9 @@ def test_segmented_batch_with_wide_levels(dtype):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts bytes in Triton's interpreter")
 def test_wide_traffic():
     """b = 160 (DreamBooth's block_num=8 on 1280) and 192 (block_num=4 on 768): the forward reads x
-    once, the backward takes two passes (dx: the transposed forward; dMc: the whole block's in one
-    program as four tiles, g and x read once), both within the targets at T = 1024
-    (bench/results/interp-wide-*)."""
+    once; the backward's dMc pass holds the whole block's as four tiles (g and x read once), and at
+    160 writes dx too (Delta's four tiles held), at 192 dx is the transposed forward, a pass of its
+    own; within the targets at T = 1024 (bench/results/interp-wide-*)."""
     from boft_triton.bench import kernel_profile
 
     assert kw.takes_pair(160, torch.bfloat16) and kw.takes_pair(192, torch.bfloat16)
