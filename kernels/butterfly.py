@@ -39,9 +39,10 @@ dense ``L x L`` block products with ``tl.dot``:
      (x, g) per group (``fused_grad``: each recomputes its group's input and output gradient), or,
      where a group's dMc does not fit, recomputes the group inputs for ``plan``'s per-group passes.
      For 16-bit inputs with enough rows (L up to MAX_WIDE) the backward instead runs through the
-     dense coarse blocks (``kernels/coarse.py``): dx by the transposed one-pass forward, the
-     whole ``L x L`` dMc in one pass, then dQ by a parameter-sized chain pass per group
-     (``fused_chain_dq``), so the activations move four times rather than ``2G + 1``.
+     dense coarse blocks (``kernels/coarse.py``): the whole ``L x L`` dMc in one pass, which up
+     to 160 wide writes dx too (else dx is the transposed one-pass forward), then dQ by a
+     parameter-sized chain pass per group (``fused_chain_dq``), so the activations move three
+     times (four) rather than ``2G + 1``.
      Other shapes run one pass per group of ``plan``, the kernels gathering interleaved columns
      with a column map;
    - single levels wider than MAX_BLOCK (b > 128, a group of their own): the slab kernels of

@@ -143,14 +143,15 @@ def test_chain_is_deterministic_over_row_splits(monkeypatch, spy, b, N):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts bytes in Triton's interpreter")
 def test_coarse_traffic():
-    """40x3 on 1280 (DreamBooth's block_num=8 with N=3): four activation passes in the backward,
-    against seven for the per-group passes (bench/results/interp-wide-*)."""
+    """40x3 (DreamBooth's block_num=8 with N=3): three activation passes in the backward (dx
+    written by the dMc pass), against seven for the per-group passes: within the issue's targets
+    (bench/results/interp-wide-*: 1.42x; 1.56x with dx's own pass, 2.0x per group)."""
     from boft_triton.bench import kernel_profile
 
     row = kernel_profile.traffic(640, 40, 3, 1024, "bf16")
     assert row["torch_bytes"] == 0, row
     assert row["fwd_ratio"] <= kernel_profile.TARGET_FWD, row
-    assert row["fwd_bwd_ratio"] <= 1.6, row  # parameters included; 2.0 per group
+    assert row["fwd_bwd_ratio"] <= kernel_profile.TARGET_FWD_BWD, row  # parameters included
 
 
 def _backward(n, b, N, T):

@@ -44,12 +44,13 @@ def test_traffic_within_targets(b, N):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts bytes in Triton's interpreter")
-@pytest.mark.parametrize("n,b,N,T,fwd_bwd", [(1024, 8, 6, 1024, 1.55), (640, 40, 3, 1024, 2.1)], ids=["b8-N6", "b40-N3"])
-def test_wide_coarse_blocks_take_one_pass(n, b, N, T, fwd_bwd):
+@pytest.mark.parametrize("n,b,N,T", [(1024, 8, 6, 1024), (640, 40, 3, 1024)], ids=["b8-N6", "b40-N3"])
+def test_wide_coarse_blocks_take_one_pass(n, b, N, T):
     """Coarse blocks wider than 128 (L = 256, and 160 of padded 20-wide chunks): the forward reads
-    x once, within the target; the backward takes one pass over (x, g) per factor group (2 and 3
-    groups here), each reading Q again, so the issue's 1.5x holds at two groups only: these bounds
-    guard what is measured (bench/results/interp-wide-*)."""
+    x once; the backward takes one pass over (x, g) per factor group at 8x6 (two groups, the dQ
+    epilogue sweeping down from the top level), and through the dense coarse blocks at 40x3 (dMc
+    and dx in one pass): both within the issue's targets (bench/results/interp-wide-*: 1.50x and
+    1.42x)."""
     from boft_triton.bench import kernel_profile
     from boft_triton.kernels import butterfly as kb
 
@@ -57,7 +58,8 @@ def test_wide_coarse_blocks_take_one_pass(n, b, N, T, fwd_bwd):
     row = kernel_profile.traffic(n, b, N, T, "bf16")  # 4 coarse blocks: one program each (4 "SMs")
     assert row["torch_bytes"] == 0, row
     assert row["fwd_ratio"] <= kernel_profile.TARGET_FWD, row
-    assert row["fwd_bwd_ratio"] <= fwd_bwd, row
+    assert row["fwd_bwd_ratio"] <= kernel_profile.TARGET_FWD_BWD, row
+    assert row["path"] == ("fused32+32" if b == 8 else "fused64+64+64-bwd-coarse"), row
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts bytes in Triton's interpreter")
