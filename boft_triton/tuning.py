@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 
 CACHE_ENV = "BOFT_TRITON_TUNE_CACHE"
-CACHE_FORMAT = 1
+# Bumped when the kernels a cached config drives change under it: format 2's backward of blocks
+# 136-160 wide (one level, or a coarse block) also writes dx in its dMc pass, a heavier kernel than
+# format 1's entries were timed on (at 4 warps it spills kilobytes).
+CACHE_FORMAT = 2
 
 
 class TuneCacheWarning(UserWarning):
@@ -97,6 +100,10 @@ def _read(path: Path) -> tuple[dict, str | None]:
         data = json.loads(raw)
     except ValueError:  # JSON and UTF-8 decoding errors alike
         return {}, f"the tuning cache {path} is not valid JSON (corrupt or half-written): {_DEFAULT_TILES}"
+    old = data.get("format") if isinstance(data, dict) else None
+    if isinstance(old, int) and not isinstance(old, bool) and 1 <= old < CACHE_FORMAT:
+        return {}, (f"the tuning cache {path} was timed on older kernels (format {old}, now {CACHE_FORMAT}): "
+                    f"{_DEFAULT_TILES}; run `boft-triton tune` again")
     if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("entries"), dict):
         return {}, f"{path} is not a boft_triton tuning cache of format {CACHE_FORMAT}: {_DEFAULT_TILES}"
     return data["entries"], None

@@ -65,7 +65,9 @@ def moved_bytes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: boo
         levels = len(kb.plan(n, b, N))
         per_group = (2 * (levels - 1) + 3 * levels - (not need_dx)) * act
     dmc = n * L * 2  # bf16 (Delta_c: x's dtype, the same size)
-    if fuses_dx(L, dtype):  # one pass: x and g read once, dx written; Delta_c written and read once
+    # one pass: x and g read once, dx written; Delta_c written, and read by every row split's
+    # programs (counted once, as dMc's fp32 partials are left out: L2-sized, n L values a split)
+    if fuses_dx(L, dtype):
         coarse = (2 + need_dx) * act + (1 + groups + 2 * need_dx) * dmc
     else:
         g_reads = kw.slab("bwd", L, dtype)[2]
@@ -118,7 +120,7 @@ def _coarse_delta_kernel(
     """``Delta_c = Mc - I`` (``Mc^T - I`` with TRANS) of coarse block i_cb, ``[L, L]`` at d_ptr
     in its dtype: ``butterfly._fused_apply_kernel`` on the identity's rows, in BT-row tiles, the
     groups held once. As there, each group adds ``t Delta_g`` to the fp32 tile t with t rounded to
-    the dot's dtype, which costs Delta_c about one rounding of ``Delta_g`` (``2^-9 |Delta_g|`` in
+    the dot's dtype, which costs Delta_c about one rounding of ``Delta_g`` (``2^-8 |Delta_g|`` in
     bf16), the order of its own rounding when stored; in residual form (``R + I Delta_g + R
     Delta_g``, only R rounded) it would cost less, but its second product per group spilled
     0.9-1.1 KB a thread at 80x2 and 72x2 on sm_90 and sm_80."""
@@ -222,7 +224,7 @@ def launch_specs(n: int, b: int, N: int, dtype: torch.dtype, gsig: dict) -> list
         fused_dx = fuses_dx(L, dtype)
     if fused_dx:  # the dMc pass writing dx too, and the Delta_c build it reads
         dmc += [dict(spec, name=spec["name"].replace("_grad", "_dx_grad", 1),
-                     constexprs={**spec["constexprs"], "WRITE_DX": True, "RP": kw.pair_rest(L, True)})
+                     constexprs={**spec["constexprs"], "WRITE_DX": True})
                 for spec in dmc if spec["constexprs"].get("WRITE_DX") is False]
         ptr = gsig["x_ptr"]
         for trans in (False, True):

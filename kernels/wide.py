@@ -15,7 +15,8 @@ its row tiles. So each program owns a slab of ``BN`` output columns of one block
   the same row tiles together and share them through L2 on a GPU; the interpreter's byte count,
   which has no cache, counts every read.
 - **Backward** ``dx = g + g Delta^T`` (``g + g Delta`` with transpose) is the forward kernel on
-  g with the transpose flipped. ``dMc = x^T g`` (``g^T x``) takes a second pass: a program
+  g with the transpose flipped (up to 160 wide: the dMc pass's, below). ``dMc = x^T g`` (``g^T
+  x``) takes a second pass: a program
   accumulates a slab of dMc's rows (columns with transpose) in fp32, reading the full row tile of
   g and its slab of x; dQ of the level *is* dMc (one factor: no block products). Row splits and
   the split-ordered partial sums are ``butterfly._splits``'s, so dQ's bits do not depend on the
@@ -63,17 +64,17 @@ WIDE_RC = 32
 # sm_80; 16 warps, kilobytes). 16-bit inputs (fp32's tf32x3 operands would not fit).
 PAIR_REST = 64
 PAIR_RC = 16
-# The four-tile kernel also writes dx (``kernels/coarse.py``: Delta's four tiles held next to
-# dMc's) for blocks of MAX_BLOCK + up to PAIR_DX_REST columns, its second tile padded to exactly
-# that: L = 144 and 160 then compile without spills on sm_90 and sm_80 (8 warps, one stage), while
-# 16 columns of padding (L = 144) spill 444-500 bytes, and L = 192 (64) 24-120 bytes on sm_80 at
-# any of 1-3 stages.
+# The four-tile kernel also writes dx (Delta's four tiles held next to dMc's) for blocks of
+# MAX_BLOCK + up to PAIR_DX_REST columns, its second tile padded to at least that: 136-160 then
+# compile without spills on sm_90 and sm_80 (8 warps, two stages), while a second tile of 16
+# columns (144) spilled 444-500 bytes, and 192 wide (64) 24-120 bytes on sm_80 at 1-3 stages.
+# Without dx the tile is padded the same, so dQ's bits do not depend on whether x needs a gradient.
 PAIR_DX_REST = 32
 
 
-def pair_rest(b: int, write_dx: bool) -> int:
+def pair_rest(b: int) -> int:
     """RP, the padded width of the four-tile kernel's second tile (columns [MAX_BLOCK, b))."""
-    return PAIR_DX_REST if write_dx else max(kb.MIN_BLOCK, next_pow2(b - kb.MAX_BLOCK))
+    return max(PAIR_DX_REST, next_pow2(b - kb.MAX_BLOCK))
 
 
 def is_wide(grp: dict) -> bool:
@@ -273,7 +274,7 @@ def _held_delta(d_base, o_r, o_c, B: tl.constexpr, FROM_Q: tl.constexpr, TRANS: 
     else:
         t = tl.load(d_base + o_r[:, None] * B + o_c[None, :], mask=m, other=0.0)
     if FROM_Q:
-        t = tl.where(o_r[:, None] == o_c[None, :], t - 1.0, t)
+        t = tl.where((o_r[:, None] == o_c[None, :]) & m, t - 1.0, t)
     return t.to(DOT_DTYPE)
 
 
@@ -425,9 +426,9 @@ def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, 
     b = key[1]
     grp = level_group(*key, k0)
     write_dx = dx is not None
-    if write_dx and not takes_pair_dx(b, x.dtype):
+    if write_dx and (delta is None or not takes_pair_dx(b, x.dtype)):
         raise ValueError(f"wide.grad_q: the dMc pass writes dx up to {kb.MAX_BLOCK + PAIR_DX_REST} wide, "
-                         f"16-bit (b={b}, {x.dtype})")
+                         f"16-bit, given its Delta (b={b}, {x.dtype}, delta given: {delta is not None})")
     if T == 0:
         return torch.zeros(shape, dtype=dtype, device=x.device)
     layout = _layout(grp, b, "bwd", x.dtype)
@@ -441,7 +442,7 @@ def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, 
     if takes_pair(b, x.dtype):
         wrap_triton(_wide_grad_pair_kernel)[(NB, splits)](
             x, g, partial, dq, delta if write_dx else x, dx if write_dx else x, T, n, rows, NB, B=b, S=grp["S"],
-            H=grp["H"], A=kb.MAX_BLOCK, RP=pair_rest(b, write_dx), TRANS=transpose,
+            H=grp["H"], A=kb.MAX_BLOCK, RP=pair_rest(b), TRANS=transpose,
             FUSED_DQ=splits == 1, WRITE_DX=write_dx, DELTA_FROM_Q=delta_from_q, RC=PAIR_RC, **_dot_meta(x.dtype),
             num_warps=warps, num_stages=stages,
         )
@@ -554,7 +555,7 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[d
         if pair:
             fn, sig, constexprs = _wide_grad_pair_kernel, pair_sig, {
                 "B": b, "S": grp["S"], "H": grp["H"], "A": kb.MAX_BLOCK,
-                "RP": pair_rest(b, False), "RC": PAIR_RC, "WRITE_DX": False, "DELTA_FROM_Q": False}
+                "RP": pair_rest(b), "RC": PAIR_RC, "WRITE_DX": False, "DELTA_FROM_Q": False}
         else:
             fn, sig, constexprs = _wide_grad_kernel, gsig, {**_layout(grp, b, "bwd", dtype), "RC": WIDE_RC}
         specs.append(dict(name=name + ("_pair" if pair else "") + tag, **shape, fn=fn, signature=sig,
@@ -565,8 +566,7 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[d
     if pair_dx:  # both gradients in one pass (wide_grads): dx too, Delta made from Q
         specs += [dict(spec, name=spec["name"].replace("wide_grad", "wide_dx_grad", 1),
                        signature={**spec["signature"], "d_ptr": "*fp32"},
-                       constexprs={**spec["constexprs"], "RP": pair_rest(b, True), "WRITE_DX": True,
-                                   "DELTA_FROM_Q": True})
+                       constexprs={**spec["constexprs"], "WRITE_DX": True, "DELTA_FROM_Q": True})
                   for spec in specs if spec["name"].startswith("wide_grad")]
     kp = slab("bwd", b, dtype)[0]
     specs.append(dict(name="wide_dq" + tag, **shape, fn=_wide_dq_kernel,

@@ -45,16 +45,23 @@ def test_wide_levels(T, n, b, N, scale, transpose):
     check_butterfly(T, n, b, N, scale, transpose, dtype=torch.float32 if fp32 else torch.bfloat16)
 
 
-@pytest.mark.parametrize("n,b,N", [(320, 160, 1), (576, 144, 2), (384, 192, 1)], ids=lambda v: str(v))
-def test_wide_levels_in_bf16(monkeypatch, n, b, N):
-    """Up to 160 wide dx comes out of the dMc pass (``wide_grads``); wider, it is the transposed
-    forward, a pass of its own."""
+WIDE_16BIT_CASES = [(320, 160, 1, False, torch.bfloat16), (320, 160, 1, True, torch.bfloat16),
+                    (576, 144, 2, True, torch.bfloat16), (272, 136, 1, False, torch.float16),
+                    (384, 192, 1, True, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("n,b,N,transpose,dtype", WIDE_16BIT_CASES,
+                         ids=[f"{n}-{b}x{N}-{'xMT' if t else 'xM'}-{str(d)[6:]}" for n, b, N, t, d in WIDE_16BIT_CASES])
+def test_wide_levels_in_16_bits(monkeypatch, n, b, N, transpose, dtype):
+    """Up to 160 wide dx comes out of the dMc pass (``wide_grads``: Delta made from Q in either
+    orientation, 136 with 24 padded lanes); wider, it is the transposed forward, a pass of its own."""
     applies = []
     apply = kw.wide_apply
     monkeypatch.setattr(kw, "wide_apply", lambda *args: applies.append(args[2]) or apply(*args))
-    check_butterfly(21, n, b, N, 1.0, False, dtype=torch.bfloat16)
-    assert kw.takes_pair_dx(b, torch.bfloat16) == (b <= 160)
-    assert applies == [False] * N + ([] if b <= 160 else [True] * N)  # the forward's levels, then dx's
+    check_butterfly(21, n, b, N, 1.0, transpose, dtype=dtype)
+    assert kw.takes_pair_dx(b, dtype) == (b <= 160)
+    # the forward's levels, then dx's (the transpose flipped)
+    assert applies == [transpose] * N + ([] if b <= 160 else [not transpose] * N)
 
 
 def test_slabs_cover_the_block_and_fit():
