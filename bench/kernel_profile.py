@@ -281,7 +281,8 @@ def compile_stats(spec: dict, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, signature, constexprs = spec["fn"], spec["signature"], spec["constexprs"]
+    fn, signature = spec["fn"], spec["signature"]
+    constexprs = {**spec["constexprs"], **spec.get("arch_constexprs", {}).get(arch, {})}  # as launched there
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
     # a launch specialises pointers (16-byte aligned) and ints divisible by 16 the same way
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]

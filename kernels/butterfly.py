@@ -82,6 +82,18 @@ MIN_BLOCK = 16
 # Rows per step of the backward's dMc reduction: fixed (never tuned) so the bits of dQ do not
 # depend on the tile config.
 RC = 64
+# ... but on pre-Hopper GPUs (sm_80: mma.sync holds both operands in registers) 128-wide groups
+# step 32 rows: at 64 their row loop spilled 104-252 bytes a thread on sm_80, at 32 it spills
+# 0-72 (the compile report). Hopper keeps 64: its wgmma takes 64-row tiles, and spills nothing.
+RC_SM80_WIDE = 32
+
+
+def row_step(grp: dict, capability: tuple[int, int] | None) -> int:
+    """Rows per step of a group's backward (``_grad_kernel``) on a GPU of that compute capability
+    (None: the interpreter, which steps as Hopper does). Set by the device, never by tuning."""
+    if grp["WP"] >= MAX_BLOCK and capability is not None and capability < (9, 0):
+        return RC_SM80_WIDE
+    return RC
 # A program (forward) or row split (backward) gets at least this many rows per level-times-b of
 # its group, so the Q values it reads (levels x b per block row, fp32) cost at most about 1/16 of
 # the bytes its rows move, unless that would leave SMs idle.
@@ -1084,9 +1096,11 @@ def grad(x, g, q, transpose, k0, key, need_dx):
                                                device=x.device)
     layout, meta = _layout(grp, b), _dot_meta(x.dtype, grp["WP"])
     warps, stages = cfg["num_warps"], cfg.get("num_stages", 2)
+    capability = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
     wrap_triton(_grad_kernel)[(splits, grp["NB"])](
         x, g, q, dx if need_dx else x, partial, dq, T, n, n // b, rows, grp["NB"], **layout, H=grp["H"],
-        TRANS=transpose, WRITE_DX=need_dx, FUSED_DQ=splits == 1, RC=RC, **meta, num_warps=warps, num_stages=stages,
+        TRANS=transpose, WRITE_DX=need_dx, FUSED_DQ=splits == 1, RC=row_step(grp, capability), **meta,
+        num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         wrap_triton(_dq_kernel)[(grp["NB"],)](
@@ -1431,7 +1445,8 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
         for name, fused in (("grad", False), ("grad_dq", True)):
             specs.append(dict(name=name + tag, **shape, fn=_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
                               constexprs={**layout, "H": grp["H"], **dot, "TRANS": False, "WRITE_DX": True,
-                                          "FUSED_DQ": fused, "RC": RC},
+                                          "FUSED_DQ": fused, "RC": row_step(grp, None)},
+                              arch_constexprs={80: {"RC": row_step(grp, (8, 0))}},
                               config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
         ssig = {"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "chunk_ptr": "*i64", "n": "i32", "D": "i32",
                 "Q_STRIDE": "i32"}

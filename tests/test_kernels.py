@@ -406,6 +406,22 @@ def test_dq_reduction_does_not_depend_on_program_order(monkeypatch, request, gro
     assert torch.equal(reversed_order, first)
 
 
+@pytest.mark.parametrize("n,b,N", [(256, 128, 1), (256, 64, 2), (256, 32, 3)], ids=lambda v: str(v))
+def test_pre_hopper_row_step_of_128_wide_groups(monkeypatch, n, b, N):
+    """On sm_80 a 128-wide group's backward steps 32 rows (its row loop spilled at 64); Hopper and
+    the interpreter step 64. Forced here: values and both gradients against the dense reference,
+    rows not a multiple of either step, several row splits; narrower groups keep 64."""
+    steps = []
+    row_step = kb.row_step
+    monkeypatch.setattr(kb, "row_step", lambda grp, cap: steps.append(row_step(grp, (8, 0))) or steps[-1])
+    monkeypatch.setattr(kb, "num_sms", lambda device: 16)
+    assert row_step({"WP": 128}, (8, 0)) == 32 and row_step({"WP": 128}, (9, 0)) == kb.RC
+    assert row_step({"WP": 64}, (8, 0)) == kb.RC and row_step({"WP": 128}, None) == kb.RC
+    assert all(g["WP"] == 128 for g in kb.plan(n, b, N)) and kb.fused_groups(n, b, N) is None
+    check_butterfly(301, n, b, N, 1.0, False, dtype=torch.bfloat16)
+    assert steps and set(steps) == {32}
+
+
 @pytest.mark.parametrize(
     "cfg_fwd,cfg_bwd",
     [({"BT": 32, "PPS": 1, "num_warps": 4}, {"num_warps": 4}),
