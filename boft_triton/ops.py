@@ -85,9 +85,8 @@ def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torc
     """``x M`` (``x M^T`` with transpose) over x's last dim, ``M = B_{N-1} ... B_0``.
 
     x: ``[..., n]`` in fp32/bf16/fp16; Q: ``[N, D, b, b]`` with ``n = D*b``. Returns x's dtype,
-    accumulating in fp32. On a GPU, shapes the kernels cannot hold take the torch path
-    (``kernels.butterfly.runs_on_gpu``): fp32 x with coarse blocks wider than 32 (its fp32-exact
-    tf32x3 tiles do not fit an SM), blocks wider than 512 (b > 512), fp64.
+    accumulating in fp32. On a GPU every bf16/fp16/fp32 shape runs the kernels, however wide
+    its blocks (``kernels.butterfly.runs_on_gpu``); fp64 takes the torch path.
     """
     if x.shape[-1] != Q.shape[1] * Q.shape[2]:
         raise ValueError(

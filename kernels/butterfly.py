@@ -38,7 +38,7 @@ dense ``L x L`` block products with ``tl.dot``:
      of two), so the forward reads x once however wide L is; the backward takes one pass over
      (x, g) per group (``fused_grad``: each recomputes its group's input and output gradient), or,
      where a group's dMc does not fit, recomputes the group inputs for ``plan``'s per-group passes.
-     For 16-bit inputs with enough rows (L up to MAX_WIDE) the backward instead runs through the
+     For 16-bit inputs with enough rows (L up to ``coarse.MAX_L``) the backward instead runs through the
      dense coarse blocks (``kernels/coarse.py``): the whole ``L x L`` dMc in one pass, which up
      to 160 wide writes dx too (else dx is the transposed one-pass forward), then dQ by a
      parameter-sized chain pass per group (``fused_chain_dq``), so the activations move three
@@ -46,8 +46,9 @@ dense ``L x L`` block products with ``tl.dot``:
      Other shapes run one pass per group of ``plan``, the kernels gathering interleaved columns
      with a column map;
    - single levels wider than MAX_BLOCK (b > 128, a group of their own): the slab kernels of
-     ``wide.py``, each program owning a slab of a block's output columns; fp32 inputs whose blocks
-     are wider than MAX_FP32_BLOCK run level by level through them too (``wide.takes_levels``).
+     ``wide.py``, each program owning a slab of a block's output columns (K-split, a tiled GEMM
+     per block, where the slab does not fit: 16-bit b > 512); fp32 inputs whose blocks are wider
+     than MAX_FP32_BLOCK run level by level through them too (``wide.takes_levels``).
 
 Widths that are not a power of two are padded to one (masked lanes, zero Delta). The block layout
 (which Q value sits where) is ``reference.group_blocks``'s; the tests hold the kernels to it.
@@ -170,7 +171,8 @@ def path_name(n: int, b: int, N: int, T: int | None = None, dtype: torch.dtype |
     groups = plan(n, b, N)
     if _wide().is_wide(groups[0]):  # then every group is one wide level: slab passes
         slabs = _wide().slab("fwd", b)[2]
-        return f"wide{groups[0]['WP']}x{len(groups)}" + (f"-slabs{slabs}" if slabs > 1 else "")
+        return (f"wide{groups[0]['WP']}x{len(groups)}" + (f"-slabs{slabs}" if slabs > 1 else "")
+                + ("-ksplit" if _wide().splits_k("fwd", b) else ""))
     widths = "+".join(str(g["WP"]) for g in reversed(groups))
     return f"dot{widths}" + (f"-pack{groups[-1]['pack']}" if groups[-1]["pack"] > 1 else "")
 
@@ -272,27 +274,17 @@ def default_config(n: int, b: int, N: int, kind: str, dtype: torch.dtype | None 
 
 # fp32 inputs run their dots as tf32x3 (three operand tiles): wider than this, a block kernel needs
 # more shared memory or registers than an SM has (the compile report), so on a GPU those shapes
-# run level by level through the slab kernels (wide.takes_levels), up to wide.MAX_FP32_WIDE.
+# run level by level through the slab kernels (wide.takes_levels).
 MAX_FP32_BLOCK = 32
-# The widest single level the slab kernels (kernels/wide.py) take: at 1024 their forward row tile
-# alone spills (the compile report); wider levels would need a K-split that streams Delta per
-# row tile.
-MAX_WIDE = 512
 
 
 def runs_on_gpu(n: int, b: int, N: int, dtype: torch.dtype) -> bool:
-    """Whether the kernels take this layer shape and input dtype on a GPU: bf16/fp16 with every
-    group of levels up to MAX_BLOCK wide, or one level up to MAX_WIDE (the slab kernels); fp32 up
-    to MAX_FP32_BLOCK, or level by level with blocks up to wide.MAX_FP32_WIDE. Other shapes and
-    dtypes (fp64) take the torch path."""
-    try:
-        width = max(g["WP"] for g in plan(n, b, N))
-    except ValueError:
-        return True  # a shape no backend takes: the kernels raise plan()'s error
-    if dtype in (torch.bfloat16, torch.float16):
-        return width <= MAX_WIDE  # groups wider than MAX_BLOCK are single levels (plan)
-    # fp32: the block kernels up to MAX_FP32_BLOCK, else level by level (wide.takes_levels)
-    return dtype == torch.float32 and (width <= MAX_FP32_BLOCK or next_pow2(b) <= _wide().MAX_FP32_WIDE)
+    """Whether the kernels take this layer shape and input dtype on a GPU: every shape in
+    bf16/fp16/fp32 (groups of levels up to MAX_BLOCK wide in the block kernels, wider single
+    levels in ``wide``'s slab kernels, K-split where a slab does not fit; fp32 past
+    MAX_FP32_BLOCK level by level through them). fp64 takes the torch path. (n, b, N) stay in the
+    signature so a shape rule can come back without touching the callers."""
+    return dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
 _REQUIRED = {"fwd": ("BT", "PPS", "num_warps"), "bwd": ("num_warps",)}

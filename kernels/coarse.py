@@ -37,6 +37,10 @@ from . import butterfly as kb
 from . import wide as kw
 from ._common import LAST_LAUNCH, kernel_op, new_empty, next_pow2, tl, triton
 
+# The widest coarse block this route takes: its dMc pass holds whole row steps of the block (the
+# slab kernels' held dMc slabs, ``wide.HELD_BWD``); wider, the per-group backward is cheaper.
+MAX_L = kw.HELD_BWD
+
 
 def width(b: int, N: int) -> int:
     """L, the coarse block of an (n, b, N) butterfly."""
@@ -49,7 +53,7 @@ def supported(n: int, b: int, N: int, dtype: torch.dtype) -> bool:
     forward and chain passes (``butterfly.chain_passes``), and a coarse block past what one block
     kernel covers that the dMc pass holds."""
     L = width(b, N)
-    return (dtype in (torch.bfloat16, torch.float16) and N >= 2 and kb.MAX_BLOCK < L <= kb.MAX_WIDE
+    return (dtype in (torch.bfloat16, torch.float16) and N >= 2 and kb.MAX_BLOCK < L <= MAX_L
             and kb.chain_passes(n, b, N) is not None)
 
 

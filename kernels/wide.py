@@ -26,6 +26,10 @@ its row tiles. So each program owns a slab of ``BN`` output columns of one block
   writes dx on the same rows (``wide_grads``): one pass over (x, g) for both gradients. (Wider,
   one pass holding both a ``Delta^T`` slab and a dMc slab spills: on sm_80 from 192 wide, on both
   at 512; with slabs narrow enough not to, it reads g more often than the two passes do.)
+- **K-split** past what a slab holds (16-bit past 512 wide, fp32's forward past 256 and its dMc
+  past 512; ``splits_k``): the same kernels stream KC-wide chunks of x and of the Delta slab per
+  row tile (forward), or own a ``[BN, KC]`` tile of dMc (backward), so no width is too wide for
+  them and no shape leaves the kernels on a GPU for its width.
 """
 
 from __future__ import annotations
@@ -50,7 +54,17 @@ BWD_SLAB = 32 * 1024
 # to 256 wide (512 spills kilobytes), dMc slabs of 4K values (16 x 256, 32 x 128; 16 x 512 too).
 FP32_FWD_COLUMNS = 32
 FP32_BWD_SLAB = 4 * 1024
-MAX_FP32_WIDE = 256
+# Wider than a program holds next to its row tile (16-bit Delta slabs past 512: a 1024-wide row tile
+# alone spills; fp32 forward slabs past 256, fp32 dMc slabs past 512), a level runs K-split: a
+# program owns a ``[BT, BN]`` tile of y (a ``[BN, KC]`` tile of dMc) and streams KC-wide chunks of
+# x and Delta (RC-row steps of x and g) through it, a tiled GEMM per block, so no width is too
+# wide. (BN, KC) per (kind, fp32) and the forward's rows per tile: tiles that compile without
+# spills on sm_90 and sm_80 (the compile report; 16-bit 128 x 128 forward tiles spill 124-248
+# bytes on sm_80, 4 warps kilobytes), the lowest register counts of those measured.
+HELD_FWD, HELD_FP32_FWD, HELD_BWD = 512, 256, 512
+SPLIT_TILES = {("fwd", False): (64, 64), ("fwd", True): (64, 32), ("bwd", False): (128, 128), ("bwd", True): (64, 64)}
+# Rows of a K-split forward tile (16-bit, fp32): each Delta chunk a program loads serves that many.
+SPLIT_ROWS = {False: 128, True: 64}
 # Values of dQ the kernel adding the row splits' partials holds (fp32): 32K spill 8 bytes at
 # b = 144 on sm_90.
 DQ_SUM = 16 * 1024
@@ -111,9 +125,18 @@ def takes_levels(n: int, b: int, N: int, dtype: torch.dtype) -> bool:
     return fp32_too_wide(n, b, N, dtype) and not kb.interpreting()
 
 
+def splits_k(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether a b-wide level's ``kind`` ("fwd"/"bwd") kernel runs K-split (``SPLIT_TILES``)."""
+    held = HELD_BWD if kind != "fwd" else HELD_FP32_FWD if dtype == torch.float32 else HELD_FWD
+    return next_pow2(b) > held
+
+
 def slab(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
     """``(KP, BN, NS)``: the padded block width, the slab width and the slabs per block."""
     kp = max(kb.MIN_BLOCK, next_pow2(b))
+    if splits_k(kind, b, dtype):
+        bn = SPLIT_TILES[(kind if kind == "fwd" else "bwd", dtype == torch.float32)][0]
+        return kp, bn, triton.cdiv(b, bn)
     if dtype == torch.float32:
         bn = min(kp, FP32_FWD_COLUMNS) if kind == "fwd" else max(kb.MIN_BLOCK, min(kp, FP32_BWD_SLAB // kp))
         return kp, bn, triton.cdiv(b, bn)
@@ -121,6 +144,14 @@ def slab(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, i
         return kp, kp, 1
     bn = max(kb.MIN_BLOCK, min(kp, (FWD_SLAB if kind == "fwd" else BWD_SLAB) // kp))
     return kp, bn, triton.cdiv(b, bn)
+
+
+def k_chunk(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """KC, the columns of x (forward) or of dMc (backward) a step covers: the whole padded block
+    where the slab is held, else ``SPLIT_TILES``'."""
+    if splits_k(kind, b, dtype):
+        return SPLIT_TILES[(kind if kind == "fwd" else "bwd", dtype == torch.float32)][1]
+    return slab(kind, b, dtype)[0]
 
 
 # Warps of the whole-block forward: the two Triton versions in use compile it without spills at
@@ -136,16 +167,22 @@ def default_config(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> di
     bytes at 192 on sm_80; up to 160, with or without dx, two spill nothing and one does at b =
     144 with N = 2 on sm_80)."""
     if kind == "fwd":
+        if splits_k("fwd", b, dtype):  # a GEMM tile: rows enough that Delta's chunks are reused
+            return {"BT": SPLIT_ROWS[dtype == torch.float32], "PPS": 2, "num_warps": 8, "num_stages": 2}
         whole = next_pow2(b) <= FWD_WHOLE and dtype != torch.float32
         return {"BT": 32 if whole else 16, "PPS": 2, "num_warps": WHOLE_BLOCK_WARPS if whole else 8, "num_stages": 2}
     return {"num_warps": 8, "num_stages": 1 if takes_pair(b, dtype) and not takes_pair_dx(b, dtype) else 2}
 
 
 def candidates(kind: str, b: int, dtype: torch.dtype | None = None) -> list[dict]:
-    """Configs worth tuning: forward rows per tile (16, and 32 where the whole block is held),
-    programs per SM, warps; the dMc pass tunes warps and stages (its row steps are fixed)."""
+    """Configs worth tuning: forward rows per tile (16, and 32 where the whole block is held;
+    32-128 K-split), programs per SM, warps (stages K-split); the dMc pass tunes warps and stages
+    (its row steps are fixed)."""
     if kind != "fwd":
         return [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2)]
+    if splits_k("fwd", b, dtype):  # 8 warps: on 4, 128-row 16-bit tiles spill on sm_80
+        return [{"BT": bt, "PPS": pps, "num_warps": 8, "num_stages": s} for pps in (1, 2)
+                for bt in (32, 64, 128) for s in (2, 3)]
     tiles = (16, 32) if next_pow2(b) <= FWD_WHOLE and dtype != torch.float32 else (16,)
     return [{"BT": bt, "PPS": pps, "num_warps": w, "num_stages": 2} for w in (4, 8) for pps in (1, 2, 4) for bt in tiles]
 
@@ -164,22 +201,25 @@ def _block_columns(i_b, o_w, WB: tl.constexpr, S: tl.constexpr, H: tl.constexpr)
 
 @triton.jit
 def _slab(i_bs, B: tl.constexpr, S: tl.constexpr, H: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr,
-          NS: tl.constexpr):
-    """Block i_b and slab i_n of grid index i_bs (axis 0: the slabs of a block are neighbours, so
-    they walk the same rows together and share them in L2); the x columns of the block (KP lanes)
-    and of the slab (BN lanes), with their masks."""
-    i_b = i_bs // NS
-    i_n = i_bs % NS
-    o_k = tl.arange(0, KP)
+          NS: tl.constexpr, KC: tl.constexpr):
+    """Block i_b, slab i_n and K chunk i_k of grid index i_bs (axis 0: the slabs of a block are
+    neighbours, so they walk the same rows together and share them in L2); the x columns of the
+    chunk (KC lanes: the whole block when KC == KP) and of the slab (BN lanes), with their masks."""
+    NK: tl.constexpr = KP // KC
+    i_b = i_bs // (NS * NK)
+    i_n = (i_bs // NK) % NS
+    i_k = i_bs % NK
+    o_k = i_k * KC + tl.arange(0, KC)
     o_c = i_n * BN + tl.arange(0, BN)
-    return i_b, i_n, _block_columns(i_b, o_k, B, S, H), o_k < B, _block_columns(i_b, o_c, B, S, H), o_c < B
+    return (i_b, i_n, i_k, _block_columns(i_b, o_k, B, S, H), o_k < B, _block_columns(i_b, o_c, B, S, H),
+            o_c < B)
 
 
 @triton.jit
-def _delta_slab(q_ptr, i_b, i_n, B: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, TRANS: tl.constexpr):
-    """``[KP, BN]`` fp32: rows k of block i_b's Delta, columns of slab i_n (``Delta^T`` with
+def _delta_slab(q_ptr, i_b, i_n, k0, B: tl.constexpr, KC: tl.constexpr, BN: tl.constexpr, TRANS: tl.constexpr):
+    """``[KC, BN]`` fp32: rows k0.. of block i_b's Delta, columns of slab i_n (``Delta^T`` with
     TRANS: element (k, c) is ``Delta[c, k]``), zero on padded lanes."""
-    o_k = tl.arange(0, KP)
+    o_k = k0 + tl.arange(0, KC)
     o_c = i_n * BN + tl.arange(0, BN)
     m = (o_k < B)[:, None] & (o_c < B)[None, :]
     if TRANS:
@@ -194,30 +234,45 @@ def _delta_slab(q_ptr, i_b, i_n, B: tl.constexpr, KP: tl.constexpr, BN: tl.const
 def _wide_apply_kernel(
     x_ptr, q_ptr, y_ptr, T, n,
     B: tl.constexpr, S: tl.constexpr, H: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
-    TRANS: tl.constexpr, BT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    KC: tl.constexpr, TRANS: tl.constexpr, BT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``y = x + x Delta`` (``Delta^T`` with TRANS) on slab i_n of block i_b, for row tiles i_p,
-    i_p + P, ... (persistent: the Delta slab is built once per program)."""
-    i_b, i_n, col_k, m_k, col_c, m_c = _slab(tl.program_id(0).to(tl.int64), B, S, H, KP, BN, NS)
+    i_p + P, ... (persistent). With KC == KP the program builds its Delta slab once and holds it;
+    narrower, each row tile streams KC-wide chunks of x and of the Delta slab (K-split)."""
+    i_b, i_n, _, col_k, m_k, col_c, m_c = _slab(tl.program_id(0).to(tl.int64), B, S, H, KP, BN, NS, KP)
     i_p = tl.program_id(1).to(tl.int64)
-    b_d = _delta_slab(q_ptr, i_b, i_n, B, KP, BN, TRANS).to(DOT_DTYPE)
+    if KC == KP:
+        b_d = _delta_slab(q_ptr, i_b, i_n, 0, B, KP, BN, TRANS).to(DOT_DTYPE)
     for i_t in range(i_p, tl.cdiv(T, BT), tl.num_programs(1)):
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
-        b_x = tl.load(x_ptr + o_t[:, None] * n + col_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        if NS == 1:  # the slab is the block: its residual is the tile just read
-            b_r = b_x
+        if KC == KP:
+            b_x = tl.load(x_ptr + o_t[:, None] * n + col_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+            if NS == 1:  # the slab is the block: its residual is the tile just read
+                b_r = b_x
+            else:
+                b_r = tl.load(x_ptr + o_t[:, None] * n + col_c[None, :], mask=m_t[:, None] & m_c[None, :],
+                              other=0.0)
+            b_y = b_r.to(tl.float32) + tl.dot(b_x.to(DOT_DTYPE), b_d, input_precision=PRECISION)
         else:
-            b_r = tl.load(x_ptr + o_t[:, None] * n + col_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0)
-        b_y = b_r.to(tl.float32) + tl.dot(b_x.to(DOT_DTYPE), b_d, input_precision=PRECISION)
+            b_y = tl.load(x_ptr + o_t[:, None] * n + col_c[None, :], mask=m_t[:, None] & m_c[None, :],
+                          other=0.0).to(tl.float32)
+            for k0 in range(0, B, KC):
+                o_k = k0 + tl.arange(0, KC)
+                col = _block_columns(i_b, o_k, B, S, H)
+                b_x = tl.load(x_ptr + o_t[:, None] * n + col[None, :], mask=m_t[:, None] & (o_k < B)[None, :],
+                              other=0.0)
+                b_dk = _delta_slab(q_ptr, i_b, i_n, k0, B, KC, BN, TRANS).to(DOT_DTYPE)
+                b_y = tl.dot(b_x.to(DOT_DTYPE), b_dk, b_y, input_precision=PRECISION)
         tl.store(y_ptr + o_t[:, None] * n + col_c[None, :], b_y.to(y_ptr.dtype.element_ty),
                  mask=m_t[:, None] & m_c[None, :])
 
 
 @triton.jit
-def _store_dmc_slab(ptr, acc, i_n, B: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, TRANS: tl.constexpr):
-    """Store a dMc slab (rows i_n BN.. of the ``[B, B]`` block at ptr; columns with TRANS)."""
-    o_k = tl.arange(0, KP)
+def _store_dmc_slab(ptr, acc, i_n, i_k, B: tl.constexpr, KC: tl.constexpr, BN: tl.constexpr, TRANS: tl.constexpr):
+    """Store a dMc slab (rows i_n BN.., columns i_k KC.. of the ``[B, B]`` block at ptr; the
+    other way round with TRANS)."""
+    o_k = i_k * KC + tl.arange(0, KC)
     o_c = i_n * BN + tl.arange(0, BN)
     if TRANS:  # acc [KP, BN]: dMc[k, c]
         tl.store(ptr + o_k[:, None] * B + o_c[None, :], acc, mask=(o_k < B)[:, None] & (o_c < B)[None, :])
@@ -229,18 +284,19 @@ def _store_dmc_slab(ptr, acc, i_n, B: tl.constexpr, KP: tl.constexpr, BN: tl.con
 def _wide_grad_kernel(
     x_ptr, g_ptr, dd_ptr, dq_ptr, T, n, ROWS, NB,
     B: tl.constexpr, S: tl.constexpr, H: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
-    TRANS: tl.constexpr, FUSED_DQ: tl.constexpr, RC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    KC: tl.constexpr, TRANS: tl.constexpr, FUSED_DQ: tl.constexpr, RC: tl.constexpr, DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Rows [i_s ROWS, (i_s+1) ROWS) of slab i_n of block i_b: this split's slab of dMc, rows
-    ``x[:, slab]^T g`` (columns ``g^T x[:, slab]`` with TRANS), reduced RC rows at a time; then
-    dQ (FUSED_DQ: the only split) or the split's partial."""
-    i_b, i_n, col_k, m_k, col_c, m_c = _slab(tl.program_id(0).to(tl.int64), B, S, H, KP, BN, NS)
+    """Rows [i_s ROWS, (i_s+1) ROWS) of slab i_n, chunk i_k of block i_b: this split's ``[BN,
+    KC]`` tile of dMc, rows ``x[:, slab]^T g[:, chunk]`` (``[KC, BN]``, ``g[:, chunk]^T x[:,
+    slab]``, with TRANS), reduced RC rows at a time; then dQ (FUSED_DQ: the only split) or the
+    split's partial."""
+    i_b, i_n, i_k, col_k, m_k, col_c, m_c = _slab(tl.program_id(0).to(tl.int64), B, S, H, KP, BN, NS, KC)
     i_s = tl.program_id(1).to(tl.int64)
     if TRANS:
-        acc = tl.zeros([KP, BN], dtype=tl.float32)
+        acc = tl.zeros([KC, BN], dtype=tl.float32)
     else:
-        acc = tl.zeros([BN, KP], dtype=tl.float32)
+        acc = tl.zeros([BN, KC], dtype=tl.float32)
     row_lo = i_s * ROWS
     row_hi = tl.minimum(row_lo + ROWS, T)
     for t0 in range(row_lo, row_hi, RC):
@@ -253,9 +309,9 @@ def _wide_grad_kernel(
         else:
             acc = tl.dot(tl.trans(b_x.to(DOT_DTYPE)), b_g.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if FUSED_DQ:
-        _store_dmc_slab(dq_ptr + i_b * (B * B), acc, i_n, B, KP, BN, TRANS)
+        _store_dmc_slab(dq_ptr + i_b * (B * B), acc, i_n, i_k, B, KC, BN, TRANS)
     else:
-        _store_dmc_slab(dd_ptr + (i_s * NB + i_b) * (B * B), acc, i_n, B, KP, BN, TRANS)
+        _store_dmc_slab(dd_ptr + (i_s * NB + i_b) * (B * B), acc, i_n, i_k, B, KC, BN, TRANS)
 
 
 @triton.jit
@@ -374,7 +430,7 @@ def _dot_meta(dtype: torch.dtype) -> dict:
 
 def _layout(grp: dict, b: int, kind: str, dtype: torch.dtype) -> dict:
     kp, bn, ns = slab(kind, b, dtype)
-    return dict(B=b, S=grp["S"], H=grp["H"], KP=kp, BN=bn, NS=ns)
+    return dict(B=b, S=grp["S"], H=grp["H"], KP=kp, BN=bn, NS=ns, KC=k_chunk(kind, b, dtype))
 
 
 def takes_pair(b: int, dtype: torch.dtype) -> bool:
@@ -447,7 +503,7 @@ def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, 
             num_warps=warps, num_stages=stages,
         )
     else:
-        wrap_triton(_wide_grad_kernel)[(NB * layout["NS"], splits)](
+        wrap_triton(_wide_grad_kernel)[(NB * layout["NS"] * (layout["KP"] // layout["KC"]), splits)](
             x, g, partial, dq, T, n, rows, NB, **layout, TRANS=transpose, FUSED_DQ=splits == 1, RC=WIDE_RC,
             **_dot_meta(x.dtype), num_warps=warps, num_stages=stages,
         )

@@ -581,6 +581,10 @@ rows += kernel_profile.compile_rows([2048], [(64, 2), (128, 1)], archs=(90,))  #
 rows += kernel_profile.compile_rows([1280], [(160, 1)], archs=(90,))  # one level wider than 128: the slab kernels
 rows += [r for r in kernel_profile.compile_rows([1152], [(144, 2)], archs=(80,)) if r["kernel"].startswith("wide_dx")]  # both gradients in one pass
 rows += kernel_profile.compile_rows([512], [(16, 2)], archs=(90,), dtype_name="fp32")
+# K-split levels: 16-bit past 512 wide, fp32's forward past 256
+rows += [dict(r, kernel=r["kernel"] + "_ksplit") for r in kernel_profile.compile_rows([2048], [(1024, 1)], archs=(80,))
+         + kernel_profile.compile_rows([1024], [(512, 1)], archs=(80,), dtype_name="fp32")
+         if r["kernel"] == "wide" or (r["kernel"] == "wide_grad_dq" and r["dtype"] == "bf16")]
 print("ROWS" + json.dumps([{k: r[k] for k in ("n", "b", "N", "L", "kernel", "width", "levels", "dtype", "spill_bytes", "smem_fits", "tensor_core")} for r in rows]))
 """
 
@@ -609,7 +613,8 @@ def test_kernels_compile_for_sm90():
                                            "fused_T", "wide", "wide_T", "wide_grad_pair", "wide_grad_dq_pair", "wide_dq",
                                            "coarse_dmc_grad_pair", "coarse_chain_direct[0]", "coarse_chain_dq[1]",
                                            "coarse_dmc_dx_grad_pair", "coarse_delta", "coarse_delta_T",
-                                           "wide_dx_grad_pair", "wide_dx_grad_dq_pair[g1]"}
+                                           "wide_dx_grad_pair", "wide_dx_grad_dq_pair[g1]", "wide_ksplit",
+                                           "wide_grad_dq_ksplit"}
     for r in rows:
         assert r["smem_fits"], r  # else the launch fails on that GPU
         # zero spills, but in the dQ epilogue (once per program, after the row loop) where it holds
@@ -627,19 +632,13 @@ def test_kernels_compile_for_sm90():
             assert r["tensor_core"] > 0, r
 
 
-def test_shapes_the_kernels_cannot_hold_take_the_torch_path_on_a_gpu():
-    """On a GPU, ops.butterfly sends shapes the kernels cannot hold to the torch path: blocks wider
-    than MAX_WIDE (512; fp32: 256, its slab kernels' tf32x3 tiles), and fp64."""
-    assert kb.runs_on_gpu(4096, 32, 2, torch.bfloat16) and kb.runs_on_gpu(4096, 64, 2, torch.float16)
-    assert kb.runs_on_gpu(4096, 128, 1, torch.bfloat16) and kb.runs_on_gpu(4096, 4, 4, torch.float32)
-    assert kb.runs_on_gpu(4096, 64, 3, torch.bfloat16)  # 256 wide, but two groups of levels
-    # fp32 wider than 32: level by level through the slab kernels, blocks up to 256
-    assert kb.runs_on_gpu(4096, 32, 2, torch.float32) and kb.runs_on_gpu(4096, 256, 1, torch.float32)
-    assert not kb.runs_on_gpu(4096, 512, 1, torch.float32)
-    # single levels wider than 128: the slab kernels (kernels/wide.py), up to 512
-    assert kb.runs_on_gpu(1280, 160, 1, torch.bfloat16) and kb.runs_on_gpu(4096, 512, 1, torch.float16)
-    assert kb.runs_on_gpu(1536, 192, 3, torch.bfloat16)  # every level its own 192-wide pass
-    assert not kb.runs_on_gpu(4096, 1024, 1, torch.bfloat16)
+def test_only_fp64_takes_the_torch_path_on_a_gpu():
+    """On a GPU, ops.butterfly sends every bf16/fp16/fp32 layer shape to the kernels, however wide
+    its blocks (levels past what a slab holds run K-split), and fp64 to the torch path."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for n, b, N in ((4096, 32, 2), (4096, 4, 4), (4096, 64, 3), (1280, 160, 1), (1536, 192, 3), (4096, 512, 1),
+                        (4096, 1024, 1), (8192, 2048, 2), (16384, 4096, 1)):
+            assert kb.runs_on_gpu(n, b, N, dtype), (n, b, N, dtype)
     assert not kb.runs_on_gpu(1024, 8, 2, torch.float64)
 
 
@@ -652,21 +651,21 @@ class _SeenAsCuda(torch.Tensor):
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="routing is checked with a CPU tensor posing as CUDA")
-def test_ops_routes_what_the_kernels_cannot_hold_to_the_torch_path_on_a_gpu(monkeypatch):
+def test_ops_routes_only_fp64_to_the_torch_path_on_a_gpu(monkeypatch):
     from boft_triton import ops
 
     monkeypatch.setenv("BOFT_TRITON_BACKEND", "triton")
     launched = []
     monkeypatch.setattr(kb, "butterfly", lambda *args: launched.append(args) or args[0])
-    Q = rand_q(1, 2, 512).float()  # one 512-wide level
+    Q = rand_q(1, 1, 1024).float()  # one 1024-wide level
     x = torch.Tensor._make_subclass(_SeenAsCuda, torch.randn(3, 1024))
-    y = ops.butterfly(x, Q)  # fp32: wider than its slab kernels take
-    assert not launched and torch.allclose(y.as_subclass(torch.Tensor), torch_ops.butterfly(x.as_subclass(torch.Tensor), Q))
-    ops.butterfly(x.bfloat16(), Q)  # bf16 at 512 wide: the slab kernels
+    ops.butterfly(x, Q)  # fp32 at 1024 wide: the slab kernels, K-split
+    ops.butterfly(x.bfloat16(), Q)  # bf16 too
     ops.butterfly(x[:, :256], rand_q(2, 8, 32).float())  # fp32 at 32 x 2 (64 wide): level by level
-    assert len(launched) == 2
-    ops.butterfly(x.double(), Q.double())
-    assert len(launched) == 2
+    assert len(launched) == 3
+    y = ops.butterfly(x.double(), Q.double())
+    assert len(launched) == 3
+    assert torch.allclose(y.as_subclass(torch.Tensor), torch_ops.butterfly(x.as_subclass(torch.Tensor).double(), Q.double()))
 
 
 @pytest.mark.parametrize("width", [16, 32, 64, 128])

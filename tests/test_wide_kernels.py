@@ -30,7 +30,7 @@ pytestmark = pytest.mark.kernels
 # four tiles, both gradients in one pass), b = 144 with N = 2 (the same for a strided level), b = 256
 # with N = 2 (two interleaved wide levels), b = 512 (LLM block_num=8 on 4096: 8 slabs of 64 in the
 # forward, 8 of 64 for dMc), a 192-wide block (dMc as four tiles, the rest 64 wide; dx a pass of
-# its own), a partial last tile everywhere.
+# its own; fp32 512: the forward K-split), a partial last tile everywhere.
 WIDE_CASES = [(37, 320, 160, 1, 1.0), (23, 576, 144, 2, 1.0), (9, 512, 256, 2, 1.0), (13, 1024, 512, 1, 1.0),
               (70, 384, 192, 1, 10.0)]
 
@@ -40,21 +40,20 @@ WIDE_CASES = [(37, 320, 160, 1, 1.0), (23, 576, 144, 2, 1.0), (9, 512, 256, 2, 1
 def test_wide_levels(T, n, b, N, scale, transpose):
     groups = kb.plan(n, b, N)
     assert all(kw.is_wide(g) for g in groups) and len(groups) == N  # each level its own slab pass
-    # fp32 in the interpreter; on a GPU, bf16 where fp32 blocks are too wide for the kernels (b = 512)
-    fp32 = DEVICE.type == "cpu" or kb.runs_on_gpu(n, b, N, torch.float32)
-    check_butterfly(T, n, b, N, scale, transpose, dtype=torch.float32 if fp32 else torch.bfloat16)
+    check_butterfly(T, n, b, N, scale, transpose, dtype=torch.float32)
 
 
 WIDE_16BIT_CASES = [(320, 160, 1, False, torch.bfloat16), (320, 160, 1, True, torch.bfloat16),
                     (576, 144, 2, True, torch.bfloat16), (272, 136, 1, False, torch.float16),
-                    (384, 192, 1, True, torch.bfloat16)]
+                    (384, 192, 1, True, torch.bfloat16), (1024, 1024, 1, True, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("n,b,N,transpose,dtype", WIDE_16BIT_CASES,
                          ids=[f"{n}-{b}x{N}-{'xMT' if t else 'xM'}-{str(d)[6:]}" for n, b, N, t, d in WIDE_16BIT_CASES])
 def test_wide_levels_in_16_bits(monkeypatch, n, b, N, transpose, dtype):
     """Up to 160 wide dx comes out of the dMc pass (``wide_grads``: Delta made from Q in either
-    orientation, 136 with 24 padded lanes); wider, it is the transposed forward, a pass of its own."""
+    orientation, 136 with 24 padded lanes); wider, it is the transposed forward, a pass of its own
+    (K-split past 512 wide)."""
     applies = []
     apply = kw.wide_apply
     monkeypatch.setattr(kw, "wide_apply", lambda *args: applies.append(args[2]) or apply(*args))
@@ -64,17 +63,45 @@ def test_wide_levels_in_16_bits(monkeypatch, n, b, N, transpose, dtype):
     assert applies == [transpose] * N + ([] if b <= 160 else [not transpose] * N)
 
 
+# K-split levels (kernels wider than a slab holds: 16-bit past 512, fp32's forward past 256 and
+# its dMc past 512) at the real tiles, forced on narrower levels by lowering what a slab holds:
+# padded lanes and a partial last chunk (160, 320), strided levels (N = 2), both orientations.
+SPLIT_CASES = [(37, 320, 160, 1, False, torch.float32), (9, 512, 256, 2, True, torch.float32),
+               (11, 640, 320, 1, False, torch.bfloat16), (6, 512, 256, 2, True, torch.float16)]
+
+
+@pytest.mark.parametrize("T,n,b,N,transpose,dtype", SPLIT_CASES,
+                         ids=[f"{case_id(c[:4] + (1.0,))}-{'xMT' if c[4] else 'xM'}-{str(c[5])[6:]}" for c in SPLIT_CASES])
+def test_k_split_levels(monkeypatch, T, n, b, N, transpose, dtype):
+    for held in ("HELD_FWD", "HELD_FP32_FWD", "HELD_BWD"):
+        monkeypatch.setattr(kw, held, 128)
+    assert kw.splits_k("fwd", b, dtype) and kw.splits_k("bwd", b, dtype)
+    assert kw.k_chunk("fwd", b, dtype) < b  # several chunks per row tile
+    check_butterfly(T, n, b, N, 1.0, transpose, dtype=dtype)
+
+
 def test_slabs_cover_the_block_and_fit():
     """Up to 256 wide the forward holds the whole block; wider it takes slabs; the dMc slabs hold
-    at most BWD_SLAB values; MAX_WIDE bounds what the GPU routes here."""
+    at most BWD_SLAB values (fp32: FP32_BWD_SLAB); past what a slab holds (16-bit 512, fp32's
+    forward 256) the kernels run K-split, tiles of SPLIT_TILES' size whatever the width."""
     assert kw.slab("fwd", 160) == (256, 256, 1) and kw.slab("fwd", 512) == (512, 64, 8)
     assert kw.slab("bwd", 160) == (256, 128, 2) and kw.slab("bwd", 512) == (512, 64, 8)
-    for b in (130, 160, 192, 256, 320, 384, 512):
-        for kind in ("fwd", "bwd"):
-            kp, bn, ns = kw.slab(kind, b)
-            assert (ns - 1) * bn < b <= ns * bn and kp >= b
-            assert bn * kp <= (kp * kp if kind == "fwd" and kp <= kw.FWD_WHOLE else kw.FWD_SLAB)
-    assert kb.runs_on_gpu(4096, kb.MAX_WIDE, 1, torch.bfloat16) and not kb.runs_on_gpu(4096, 1024, 1, torch.bfloat16)
+    assert kw.slab("fwd", 1024) == (1024, 64, 16) and kw.k_chunk("fwd", 1024) == 64
+    assert kw.slab("bwd", 4096) == (4096, 128, 32) and kw.k_chunk("bwd", 4096) == 128
+    assert kw.k_chunk("fwd", 512, torch.float32) == 32 and kw.k_chunk("bwd", 512, torch.float32) == 512
+    for dtype in (torch.bfloat16, torch.float32):
+        for b in (130, 160, 192, 256, 320, 384, 512, 640, 1024, 1536, 4096):
+            for kind in ("fwd", "bwd"):
+                kp, bn, ns = kw.slab(kind, b, dtype)
+                kc = kw.k_chunk(kind, b, dtype)
+                assert (ns - 1) * bn < b <= ns * bn and kp >= b and kp % kc == 0
+                if kw.splits_k(kind, b, dtype):
+                    assert (bn, kc) == kw.SPLIT_TILES[(kind, dtype == torch.float32)] and kp > 256
+                elif dtype == torch.float32:
+                    assert bn * kc <= (max(kw.FP32_BWD_SLAB, kb.MIN_BLOCK * kp) if kind == "bwd"
+                                       else kw.FP32_FWD_COLUMNS * kw.HELD_FP32_FWD)
+                else:
+                    assert bn * kc <= (kp * kp if kind == "fwd" and kp <= kw.FWD_WHOLE else kw.FWD_SLAB)
 
 
 def test_wide_dq_is_deterministic_over_row_splits(monkeypatch):
