@@ -1,6 +1,6 @@
 """What the butterfly kernels cost, measured without a GPU.
 
-Five reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|segmented|compile|roofline|accuracy``):
+Reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|wide|segmented|compile|cayley|roofline|accuracy``):
 
 - **traffic**: runs the forward and the backward in Triton's interpreter and counts the bytes every
   kernel loads and stores (masked lanes excluded), the multiply-adds done by ``tl.dot`` and the
@@ -14,6 +14,7 @@ Five reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|seg
   the 16-byte alignment / divisible-by-16 specialisation a real launch gives, and reads registers
   and spills (``ptxas -v``), shared memory, tensor-core instructions and global-load widths
   (``cuobjdump -sass``). Both tools ship inside Triton's NVIDIA backend; no GPU is needed.
+  **cayley** does the same for the blocked Cayley solve of blocks wider than 128;
 - **accuracy**: y of 16-bit inputs against the exact product, with a GPU's rounding emulated op
   by op in float64 (the interpreter computes every dot in fp32, so it cannot show it);
 - **roofline**: per shape on an H100, the microseconds the bytes need at full bandwidth against
@@ -265,6 +266,18 @@ def compile_rows(widths, shapes, archs=(90, 80), T: int = 8192, dtype_name: str 
     return rows
 
 
+CAYLEY_BLOCKS = [160, 192, 256, 320, 512, 1024, 2048]
+
+
+def cayley_compile_rows(blocks=CAYLEY_BLOCKS, archs=(90, 80)) -> list[dict]:
+    """The blocked Cayley solve's kernels (``kernels/cayley_blocked.py``) for each block width."""
+    from boft_triton.kernels import cayley_blocked
+
+    return [{"n": b, "b": b, "N": 1, "L": b, "arch": f"sm_{arch}", "dtype": "fp32", "kernel": spec["name"], "width": b,
+             "levels": 1, "config": spec["config"], **compile_stats(spec, arch)}
+            for b in blocks for arch in archs for spec in cayley_blocked.launch_specs(b)]
+
+
 # Shared memory one block may use (opt-in maximum): H100 227 KB, A100 163 KB. A kernel asking for
 # more does not launch.
 SMEM_LIMIT = {90: 232448, 80: 166912}
@@ -460,7 +473,7 @@ def _write(out: Path, stem: str, rows: list[dict], table: str, title: str) -> No
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Interpreter traffic and sm_90/sm_80 compile reports of the butterfly kernels.")
-    parser.add_argument("report", choices=["traffic", "wide", "segmented", "compile", "roofline", "accuracy"])
+    parser.add_argument("report", choices=["traffic", "wide", "segmented", "compile", "cayley", "roofline", "accuracy"])
     parser.add_argument("--n", type=int, default=1024, help="traffic: layer width")
     parser.add_argument("--T", type=int, default=512, help="traffic: rows (batch x sequence)")
     parser.add_argument("--widths", default="2048,3072,4096,512,1024", help="compile: layer widths")
@@ -511,6 +524,11 @@ def main(argv=None) -> int:
         table = roofline_markdown(rows)
         title = "Roofline estimate, H100 SXM (3.35 TB/s, 989 bf16 TFLOP/s), bf16, T=8192, n=2048"
         stem = f"roofline-h100-{date}{tag}"
+    elif args.report == "cayley":
+        rows = cayley_compile_rows()
+        table = compile_markdown(rows)
+        title = "Compile report of the blocked Cayley solve (blocks wider than 128; ptxas/cuobjdump), fp32 maths"
+        stem = f"sm90-compile-cayley-{date}{tag}"
     else:
         widths = [int(w) for w in args.widths.split(",")]
         rows = compile_rows(widths, shapes or SHAPES, dtype_name=args.dtype)

@@ -12,7 +12,14 @@ from typing import Optional
 import torch
 from torch.library import wrap_triton
 
+from . import cayley_blocked
 from ._common import LAST_LAUNCH, interpreting, kernel_op, new_empty, next_pow2, tl, triton
+from .cayley_blocked import _gauss_jordan
+
+# The widest block the register kernels hold (Gauss-Jordan on a register tile of the whole block):
+# wider, ``cayley_blocked`` solves it as 64 x 64 tiles in global memory (the register tile spills
+# 39 KB a thread at 160, and from 256 asks for more shared memory than an SM has).
+MAX_REGISTER_BLOCK = 128
 
 
 def candidates(b: int) -> list[dict]:
@@ -52,20 +59,7 @@ def _cayley_fwd_kernel(
     # A = I + S; the padding (and out-of-range blocks) is the identity.
     b_a = b_eye + 0.5 * (b_r - b_rt)
     b_inv = b_eye + tl.zeros([BN, BP, BP], dtype=tl.float32)
-    # Gauss-Jordan on [A | I]: step k scales row k by 1/A[k,k] and removes column k from the other
-    # rows. With f = A[:, k] - e_k, one rank-1 update does both: A[k] - (A[k,k]-1) A[k]/A[k,k] =
-    # A[k]/A[k,k]. Rows/columns are extracted with masked sums (no dynamic register indexing).
-    for k in range(B):
-        m_k = o_r == k  # [BP]
-        b_row_a = tl.sum(tl.where(m_k[None, :, None], b_a, 0.0), axis=1)  # [BN, BP] row k
-        b_row_i = tl.sum(tl.where(m_k[None, :, None], b_inv, 0.0), axis=1)
-        b_col = tl.sum(tl.where(m_k[None, None, :], b_a, 0.0), axis=2)  # [BN, BP] column k
-        b_piv = tl.sum(tl.where(m_k[None, :], b_col, 0.0), axis=1)  # [BN]
-        b_row_a = b_row_a / b_piv[:, None]
-        b_row_i = b_row_i / b_piv[:, None]
-        b_f = b_col - m_k[None, :].to(tl.float32)
-        b_a = b_a - b_f[:, :, None] * b_row_a[:, None, :]
-        b_inv = b_inv - b_f[:, :, None] * b_row_i[:, None, :]
+    b_inv = _gauss_jordan(b_a, b_inv, o_r, B)
     b_q = 2.0 * b_inv - b_eye
     if HAS_MASK:
         b_drop = tl.load(mask_ptr + o_n, mask=m_n, other=0) != 0  # [BN]
@@ -142,7 +136,11 @@ def cayley_fwd(R: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Ten
     Q = new_empty(*R.shape, dtype=torch.float32, device=R.device)
     ainv = new_empty(*R.shape, dtype=torch.float32, device=R.device)
     m = _flat_mask(mask, n_blocks)
-    _launch("cayley_fwd", n_blocks, b, (R, m, Q, ainv), m)
+    if b > MAX_REGISTER_BLOCK and n_blocks:
+        LAST_LAUNCH["cayley_fwd"] = ("blocked", {"P": cayley_blocked.TILE})
+        cayley_blocked.forward_into(R, m, Q, ainv, n_blocks)
+    else:
+        _launch("cayley_fwd", n_blocks, b, (R, m, Q, ainv), m)
     return Q, ainv
 
 
@@ -153,7 +151,11 @@ def cayley_bwd(dQ: torch.Tensor, ainv: torch.Tensor, mask: Optional[torch.Tensor
     n_blocks = ainv.numel() // (b * b) if b else 0
     dR = new_empty(*ainv.shape, dtype=r_dtype, device=ainv.device)
     m = _flat_mask(mask, n_blocks)
-    _launch("cayley_bwd", n_blocks, b, (dQ.contiguous(), ainv, m, dR), m)
+    if b > MAX_REGISTER_BLOCK and n_blocks:
+        LAST_LAUNCH["cayley_bwd"] = ("blocked", {"P": cayley_blocked.TILE})
+        cayley_blocked.backward_into(dQ.contiguous(), ainv, m, dR, n_blocks)
+    else:
+        _launch("cayley_bwd", n_blocks, b, (dQ.contiguous(), ainv, m, dR), m)
     return dR
 
 

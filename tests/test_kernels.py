@@ -110,6 +110,26 @@ def test_cayley(N, D, b, scale, masked):
         assert (dR.cpu()[mask] == 0).all()
 
 
+# Blocks wider than the register kernel holds: the blocked solve (kernels/cayley_blocked.py) at its
+# tile (one 129-wide block: a 1-wide last tile row and column), and at 16-wide tiles on narrow
+# blocks (MAX_REGISTER_BLOCK lowered; the same kernels, cheaper to interpret): masked blocks,
+# several levels, a partial last tile, large rotations.
+BLOCKED_CAYLEY_CASES = [(1, 1, 129, 1.0, False, None), (1, 3, 40, 1.0, True, 16), (1, 2, 33, 3.0, False, 16)]
+
+
+@pytest.mark.parametrize("N,D,b,scale,masked,tile", BLOCKED_CAYLEY_CASES,
+                         ids=[f"N{c[0]}-D{c[1]}-b{c[2]}-R{c[3]:g}-mask{int(c[4])}-P{c[5] or 'default'}"
+                              for c in BLOCKED_CAYLEY_CASES])
+def test_blocked_cayley(monkeypatch, N, D, b, scale, masked, tile):
+    kcb = importlib.import_module("boft_triton.kernels.cayley_blocked")
+    if tile is not None:
+        monkeypatch.setattr(kc, "MAX_REGISTER_BLOCK", tile)
+        monkeypatch.setattr(kcb, "TILE", tile)
+    test_cayley(N, D, b, scale, masked)
+    assert kc.LAST_LAUNCH["cayley_fwd"][0] == "blocked" and kc.LAST_LAUNCH["cayley_bwd"][0] == "blocked"
+    assert -(-b // kcb.TILE) > 1  # several block columns: the update of every tile kind
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cayley_low_precision_params(dtype):
     """R in bf16/fp16: maths in fp32 on the rounded values, Q fp32, dl/dR in R's dtype."""
@@ -572,7 +592,10 @@ for b in (5, 64):
     cst = dict(B=b, BP=bp, BN=max(1, 2048 // (bp * bp)), HAS_MASK=True)
     compile_(kc._cayley_fwd_kernel, {"r_ptr": "*bf16", "mask_ptr": "*i8", "q_ptr": "*fp32", "ainv_ptr": "*fp32", "NBLK": "i32"}, cst)
     compile_(kc._cayley_bwd_kernel, {"dq_ptr": "*fp32", "ainv_ptr": "*fp32", "mask_ptr": "*i8", "dr_ptr": "*bf16", "NBLK": "i32"}, cst)
-rows = kernel_profile.compile_rows([4096], [(32, 2)], archs=(90,))
+kcb = importlib.import_module("boft_triton.kernels.cayley_blocked")
+rows = [dict(n=1000, b=1000, N=1, L=1000, width=1000, levels=1, dtype="fp32", kernel=spec["name"], **kernel_profile.compile_stats(spec, 80))
+        for spec in kcb.launch_specs(1000) if spec["name"].endswith(("step", "dr"))]  # the blocked Cayley's products, sm_80
+rows += kernel_profile.compile_rows([4096], [(32, 2)], archs=(90,))
 rows += kernel_profile.compile_rows([1024], [(64, 3)], archs=(90,))  # L = 256: one pass forward and per group backward
 rows += kernel_profile.compile_rows([1280], [(80, 2)], archs=(90,))  # L = 160: one-pass forward, plan()'s backward
 rows += [r for r in kernel_profile.compile_rows([1280], [(40, 3)], archs=(80,)) if r["kernel"].startswith(("fused", "coarse"))]
@@ -614,7 +637,7 @@ def test_kernels_compile_for_sm90():
                                            "coarse_dmc_grad_pair", "coarse_chain_direct[0]", "coarse_chain_dq[1]",
                                            "coarse_dmc_dx_grad_pair", "coarse_delta", "coarse_delta_T",
                                            "wide_dx_grad_pair", "wide_dx_grad_dq_pair[g1]", "wide_ksplit",
-                                           "wide_grad_dq_ksplit"}
+                                           "wide_grad_dq_ksplit", "cayley_blocked_step", "cayley_blocked_dr"}
     for r in rows:
         assert r["smem_fits"], r  # else the launch fails on that GPU
         # zero spills, but in the dQ epilogue (once per program, after the row loop) where it holds
