@@ -302,7 +302,8 @@ def compile_stats(spec: dict, arch: int) -> dict:
              for k, t in signature.items() if t.startswith("*") or k in spec.get("divisible", ())}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
-    options = {"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3)}
+    options = {"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3),
+               **spec.get("arch_options", {}).get(arch, {})}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as d:

@@ -84,17 +84,28 @@ MIN_BLOCK = 16
 # depend on the tile config.
 RC = 64
 # ... but on pre-Hopper GPUs (sm_80: mma.sync holds both operands in registers) 128-wide groups
-# step 32 rows: at 64 their row loop spilled 104-252 bytes a thread on sm_80, at 32 it spills
-# 0-72 (the compile report). Hopper keeps 64: its wgmma takes 64-row tiles, and spills nothing.
-RC_SM80_WIDE = 32
+# step 16 rows in one stage (their untuned config): at 64 rows their row loop spilled 104-252
+# bytes a thread on sm_80, at 32 rows 0-72, at 16 rows in two stages 0-48, in one none (the
+# compile report). Hopper keeps 64 rows and two stages: its wgmma takes 64-row tiles, and spills
+# nothing.
+RC_SM80_WIDE = 16
+STAGES_SM80_WIDE = 1
+
+
+def _pre_hopper_wide(grp: dict, capability: tuple[int, int] | None) -> bool:
+    return grp["WP"] >= MAX_BLOCK and capability is not None and capability < (9, 0)
 
 
 def row_step(grp: dict, capability: tuple[int, int] | None) -> int:
     """Rows per step of a group's backward (``_grad_kernel``) on a GPU of that compute capability
     (None: the interpreter, which steps as Hopper does). Set by the device, never by tuning."""
-    if grp["WP"] >= MAX_BLOCK and capability is not None and capability < (9, 0):
-        return RC_SM80_WIDE
-    return RC
+    return RC_SM80_WIDE if _pre_hopper_wide(grp, capability) else RC
+
+
+def backward_stages(grp: dict, capability: tuple[int, int] | None, source: str, stages: int) -> int:
+    """Pipeline stages of ``_grad_kernel``: the config's, but one for the untuned (default) config
+    of 128-wide groups before Hopper (``STAGES_SM80_WIDE``)."""
+    return STAGES_SM80_WIDE if source == "default" and _pre_hopper_wide(grp, capability) else stages
 # A program (forward) or row split (backward) gets at least this many rows per level-times-b of
 # its group, so the Q values it reads (levels x b per block row, fp32) cost at most about 1/16 of
 # the bytes its rows move, unless that would leave SMs idle.
@@ -340,17 +351,29 @@ def _factor(i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, B: tl.c
     column (bit k of m_c, off_c) of Q block ``d = (chunk >> (k+1)) 2^k + (chunk mod 2^k)``.
     The offsets' type is i_b's (Q has fewer than 2^31 values, so an int32 i_b is safe)."""
     o_w = tl.arange(0, WP)
-    slot = o_w // W
-    m = (o_w % W) // HC
-    off = o_w % HC
-    bit: tl.constexpr = 1 << (k - K0)
+    return _factor_at(o_w, o_w, i_b, D, k, K0, K1, B, HC, W, WB, S, PACK)
+
+
+@triton.jit
+def _factor_at(o_r, o_c, i_b, D, k, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr,
+               HC: tl.constexpr, W: tl.constexpr, WB: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr):
+    """``_factor`` on block rows o_r and columns o_c (lanes of the ``[WP, WP]`` tile); k may be a
+    runtime level."""
+    slot = o_r // W
+    m = (o_r % W) // HC
+    off = o_r % HC
+    slot_c = o_c // W
+    m_c = (o_c % W) // HC
+    off_c = o_c % HC
+    bit = 1 << (k - K0)
     half = (m // bit) % 2
+    half_c = (m_c // bit) % 2
     blk = i_b * PACK + slot
     chunk = ((blk // S) * (1 << (K1 - K0)) + m) * S + blk % S
     d = (chunk // (2 << k)) * (1 << k) + chunk % (1 << k)
-    o_q = (((k - K0) * D + d)[:, None] * B + (half * HC + off)[:, None]) * B + (half * HC + off)[None, :]
-    valid = o_w < WB
-    mask = (valid[:, None] & valid[None, :]) & (slot[:, None] == slot[None, :]) & ((m | bit)[:, None] == (m | bit)[None, :])
+    o_q = (((k - K0) * D + d)[:, None] * B + (half * HC + off)[:, None]) * B + (half_c * HC + off_c)[None, :]
+    mask = (((o_r < WB)[:, None] & (o_c < WB)[None, :]) & (slot[:, None] == slot_c[None, :])
+            & ((m | bit)[:, None] == (m_c | bit)[None, :]))
     return o_q, mask
 
 
@@ -508,6 +531,58 @@ def _dq_kernel(
     for i_s in range(0, SPLITS):
         dmc += tl.load(dd_ptr + (i_s * NB + i_b) * (WB * WB) + o_dd, mask=m_dd, other=0.0)
     _store_dq(dq_ptr, q_ptr, dmc, i_b, D, K0, K1, B, HC, W, WB, WP, S, PACK, BUILD_DTYPE, BUILD_PRECISION)
+
+
+@triton.jit
+def _residual_at(q_ptr, o_r, o_c, i_b, D, k, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, HC: tl.constexpr,
+                 W: tl.constexpr, WB: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr):
+    """Rows o_r, columns o_c of ``E_k = F_k - I`` on block i_b, fp32 (``_residual``'s lanes)."""
+    o_q, m_q = _factor_at(o_r, o_c, i_b, D, k, K0, K1, B, HC, W, WB, S, PACK)
+    f = tl.load(q_ptr + o_q, mask=m_q, other=0.0)
+    return tl.where((o_r[:, None] == o_c[None, :]) & m_q, f - 1.0, f)
+
+
+@triton.jit
+def _dq_rows_kernel(
+    dd_ptr, q_ptr, dq_ptr, D, SPLITS, NB,
+    K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, HC: tl.constexpr, W: tl.constexpr, WB: tl.constexpr,
+    WP: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr, RS: tl.constexpr, BUILD_DTYPE: tl.constexpr,
+    BUILD_PRECISION: tl.constexpr,
+):
+    """Rows [i_r RS, (i_r+1) RS) of ``dF_k`` of block i_b, k = K0 + axis 2 (``_store_dq``'s
+    maths), from its SPLITS partial dMc added in split order: ``dF_k[r] = P[r] dMc (F_{k-1} ...
+    F_{K0})^T`` with ``P[r] = I[r] + V`` the rows of ``(F_{K1-1} ... F_{k+1})^T``, built on the
+    right (``V <- V + E_j^T[r] + V E_j^T``, j = k+1 ..), so ``P[r] dMc = dMc[r] + V dMc``: only
+    the terms of first and higher order go through the dot, as in ``_store_dq``'s residual sweep.
+    A program holds RS rows of the running products rather than whole ``[WP, WP]`` ones (which
+    spilled 0.2-0.8 KB a thread at 128-wide groups of 3 and 4 levels), one level per program, the
+    levels' loops at run time (unrolled, the compiler hoisted later levels' loads and spilled)."""
+    i_b = tl.program_id(0)
+    i_r = tl.program_id(1)
+    k = K0 + tl.program_id(2)
+    o_w = tl.arange(0, WP)
+    o_r = i_r * RS + tl.arange(0, RS)
+    m_w = o_w < WB
+    g = tl.zeros([RS, WP], dtype=tl.float32)  # dMc[r]
+    for i_s in range(0, SPLITS):
+        base = dd_ptr + (i_s * NB + i_b).to(tl.int64) * (WB * WB)
+        g += tl.load(base + o_r[:, None] * WB + o_w[None, :], mask=(o_r < WB)[:, None] & m_w[None, :], other=0.0)
+    if k + 1 < K1:
+        v = tl.zeros([RS, WP], dtype=tl.float32)
+        for j in range(k + 1, K1):  # V <- V + E_j^T[r] + V E_j^T
+            e_t = tl.trans(_residual_at(q_ptr, o_w, o_w, i_b, D, j, K0, K1, B, HC, W, WB, S, PACK)).to(BUILD_DTYPE)
+            e_r = tl.trans(_residual_at(q_ptr, o_w, o_r, i_b, D, j, K0, K1, B, HC, W, WB, S, PACK))
+            v = tl.dot(v.to(BUILD_DTYPE), e_t, v + e_r, input_precision=BUILD_PRECISION)
+        dmc = tl.zeros([WP, WP], dtype=tl.float32)  # the whole dMc, added up where it is used
+        for i_s in range(0, SPLITS):
+            base = dd_ptr + (i_s * NB + i_b).to(tl.int64) * (WB * WB)
+            dmc += tl.load(base + o_w[:, None] * WB + o_w[None, :], mask=m_w[:, None] & m_w[None, :], other=0.0)
+        g = tl.dot(v.to(BUILD_DTYPE), dmc.to(BUILD_DTYPE), g, input_precision=BUILD_PRECISION)
+    for j in range(K0, k):  # dF_k[r] = G[r] F_{K0}^T ... F_{k-1}^T
+        e_t = tl.trans(_residual_at(q_ptr, o_w, o_w, i_b, D, j, K0, K1, B, HC, W, WB, S, PACK)).to(BUILD_DTYPE)
+        g = tl.dot(g.to(BUILD_DTYPE), e_t, g, input_precision=BUILD_PRECISION)
+    o_q, m_q = _factor_at(o_r, o_w, i_b, D, k, K0, K1, B, HC, W, WB, S, PACK)
+    tl.store(dq_ptr + o_q, g, mask=m_q)
 
 
 @triton.jit
@@ -1087,19 +1162,37 @@ def grad(x, g, q, transpose, k0, key, need_dx):
     partial = dq if splits == 1 else new_empty(splits, grp["NB"], grp["WB"], grp["WB"], dtype=torch.float32,
                                                device=x.device)
     layout, meta = _layout(grp, b), _dot_meta(x.dtype, grp["WP"])
-    warps, stages = cfg["num_warps"], cfg.get("num_stages", 2)
     capability = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
+    warps, stages = cfg["num_warps"], backward_stages(grp, capability, source, cfg.get("num_stages", 2))
     wrap_triton(_grad_kernel)[(splits, grp["NB"])](
         x, g, q, dx if need_dx else x, partial, dq, T, n, n // b, rows, grp["NB"], **layout, H=grp["H"],
         TRANS=transpose, WRITE_DX=need_dx, FUSED_DQ=splits == 1, RC=row_step(grp, capability), **meta,
         num_warps=warps, num_stages=stages,
     )
     if splits > 1:
-        wrap_triton(_dq_kernel)[(grp["NB"],)](
-            partial, q, dq, n // b, splits, grp["NB"], **layout, BUILD_DTYPE=meta["BUILD_DTYPE"],
-            BUILD_PRECISION=meta["BUILD_PRECISION"], num_warps=warps, num_stages=1,
-        )
+        _launch_dq(partial, q, dq, splits, grp, b, n, meta, warps)
     return dx, dq
+
+
+# The row-slab dQ kernel of groups of several levels (``_dq_rows_kernel``): rows per program and
+# warps, fixed (not the row loop's tuned config): 32 rows on 8 warps compile without spills on
+# sm_90 and sm_80 at 2x6, 64x2, 32x3 and 16x4 (16 rows or 4 warps spill at some of them).
+DQ_ROWS, DQ_ROWS_WARPS = 32, 8
+
+
+def _launch_dq(partial, q, dq, splits, grp, b, n, meta, warps) -> None:
+    """dQ from the row splits' partial dMc: per block (one level: dQ is dMc), or for groups of
+    several levels in row slabs, one level per program (``_dq_rows_kernel``)."""
+    layout, levels = _layout(grp, b), grp["k1"] - grp["k0"]
+    build = dict(BUILD_DTYPE=meta["BUILD_DTYPE"], BUILD_PRECISION=meta["BUILD_PRECISION"])
+    if levels == 1:
+        wrap_triton(_dq_kernel)[(grp["NB"],)](partial, q, dq, n // b, splits, grp["NB"], **layout, **build,
+                                              num_warps=warps, num_stages=1)
+        return
+    rs = min(DQ_ROWS, grp["WP"])
+    wrap_triton(_dq_rows_kernel)[(grp["NB"], triton.cdiv(grp["WB"], rs), levels)](
+        partial, q, dq, n // b, splits, grp["NB"], **layout, RS=rs, **build, num_warps=DQ_ROWS_WARPS, num_stages=1,
+    )
 
 
 def segment_chunks(offsets: list[int], grp: dict, b: int, BT: int, pps: int, sms: int) -> list[int]:
@@ -1439,6 +1532,8 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                               constexprs={**layout, "H": grp["H"], **dot, "TRANS": False, "WRITE_DX": True,
                                           "FUSED_DQ": fused, "RC": row_step(grp, None)},
                               arch_constexprs={80: {"RC": row_step(grp, (8, 0))}},
+                              arch_options={80: {"num_stages": backward_stages(grp, (8, 0), "default",
+                                                                               bwd["num_stages"])}},
                               config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
         ssig = {"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "chunk_ptr": "*i64", "n": "i32", "D": "i32",
                 "Q_STRIDE": "i32"}
@@ -1446,10 +1541,14 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                           constexprs={**layout, "H": grp["H"], **dot, "TRANS": False, "BT": fwd["BT"]},
                           config=fwd, num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))
         dsig = {"dd_ptr": "*fp32", "q_ptr": "*fp32", "dq_ptr": "*fp32", "D": "i32", "SPLITS": "i32", "NB": "i32"}
-        specs.append(dict(name="dq" + tag, **shape, fn=_dq_kernel, signature=dsig, divisible=(),
-                          constexprs={**layout, "BUILD_DTYPE": dot["BUILD_DTYPE"],
-                                      "BUILD_PRECISION": dot["BUILD_PRECISION"]},
-                          config=bwd, num_warps=bwd["num_warps"], num_stages=1))
+        build = {"BUILD_DTYPE": dot["BUILD_DTYPE"], "BUILD_PRECISION": dot["BUILD_PRECISION"]}
+        if shape["levels"] == 1:
+            specs.append(dict(name="dq" + tag, **shape, fn=_dq_kernel, signature=dsig, divisible=(),
+                              constexprs={**layout, **build}, config=bwd, num_warps=bwd["num_warps"], num_stages=1))
+        else:
+            specs.append(dict(name="dq" + tag, **shape, fn=_dq_rows_kernel, signature=dsig, divisible=(),
+                              constexprs={**layout, **build, "RS": min(DQ_ROWS, grp["WP"])},
+                              config={"num_warps": DQ_ROWS_WARPS}, num_warps=DQ_ROWS_WARPS, num_stages=1))
     if kept is not None:
         specs = [sp for sp in specs if sp["name"].startswith(("fused", "coarse") + kept)]
     return specs

@@ -428,18 +428,24 @@ def test_dq_reduction_does_not_depend_on_program_order(monkeypatch, request, gro
 
 @pytest.mark.parametrize("n,b,N", [(256, 128, 1), (256, 64, 2), (256, 32, 3)], ids=lambda v: str(v))
 def test_pre_hopper_row_step_of_128_wide_groups(monkeypatch, n, b, N):
-    """On sm_80 a 128-wide group's backward steps 32 rows (its row loop spilled at 64); Hopper and
-    the interpreter step 64. Forced here: values and both gradients against the dense reference,
-    rows not a multiple of either step, several row splits; narrower groups keep 64."""
+    """On sm_80 a 128-wide group's backward steps 16 rows in one stage when untuned (its row loop
+    spilled at 64 and 32 rows); Hopper and the interpreter step 64 in the config's stages. Forced
+    here: values and both gradients against the dense reference, rows not a multiple of either
+    step, several row splits; narrower groups keep 64."""
     steps = []
     row_step = kb.row_step
     monkeypatch.setattr(kb, "row_step", lambda grp, cap: steps.append(row_step(grp, (8, 0))) or steps[-1])
     monkeypatch.setattr(kb, "num_sms", lambda device: 16)
-    assert row_step({"WP": 128}, (8, 0)) == 32 and row_step({"WP": 128}, (9, 0)) == kb.RC
+    assert row_step({"WP": 128}, (8, 0)) == 16 and row_step({"WP": 128}, (9, 0)) == kb.RC
     assert row_step({"WP": 64}, (8, 0)) == kb.RC and row_step({"WP": 128}, None) == kb.RC
+    assert kb.RC % kb.RC_SM80_WIDE == 0  # row splits hold whole steps
+    assert kb.backward_stages({"WP": 128}, (8, 0), "default", 2) == 1
+    assert kb.backward_stages({"WP": 128}, (8, 0), "cache", 2) == 2  # a tuned config is kept
+    assert kb.backward_stages({"WP": 128}, (9, 0), "default", 2) == 2
+    assert kb.backward_stages({"WP": 64}, (8, 0), "default", 2) == 2
     assert all(g["WP"] == 128 for g in kb.plan(n, b, N)) and kb.fused_groups(n, b, N) is None
     check_butterfly(301, n, b, N, 1.0, False, dtype=torch.bfloat16)
-    assert steps and set(steps) == {32}
+    assert steps and set(steps) == {16}
 
 
 @pytest.mark.parametrize(
@@ -653,6 +659,24 @@ def test_kernels_compile_for_sm90():
             assert r["spill_bytes"] == 0, r
         if r["L"] >= 32 and not (r["kernel"].startswith(("dq", "wide_dq", "coarse_dmc_dq")) and r["levels"] == 1):  # dQ = dMc: no product
             assert r["tensor_core"] > 0, r
+
+
+# Groups of several levels whose dMc comes in row splits: dQ in row slabs, one level per program
+# (``_dq_rows_kernel``): two 128-wide groups (the second strided, S = 4), a strided 16-wide group of
+# two levels (S = 32), packed blocks.
+DQ_ROWS_CASES = [(300, 512, 64, 4, False, torch.float32), (260, 512, 8, 7, True, torch.bfloat16),
+                 (400, 64, 2, 3, True, torch.float32)]
+
+
+@pytest.mark.parametrize("T,n,b,N,transpose,dtype", DQ_ROWS_CASES,
+                         ids=[f"T{c[0]}-n{c[1]}-b{c[2]}-N{c[3]}-{str(c[5])[6:]}" for c in DQ_ROWS_CASES])
+def test_dq_of_several_levels_in_row_slabs(monkeypatch, T, n, b, N, transpose, dtype):
+    monkeypatch.setattr(kb, "num_sms", lambda device: 64)  # several row splits at these row counts
+    launched = []
+    monkeypatch.setattr(kb, "_launch_dq", lambda *a, _f=kb._launch_dq: (launched.append(a[4]), _f(*a))[1])
+    check_butterfly(T, n, b, N, 1.0, transpose, dtype=dtype)
+    several = [grp for grp in launched if grp["k1"] - grp["k0"] > 1]
+    assert several and (N == 3 or any(grp["S"] > 1 for grp in several)) and (N != 3 or several[0]["pack"] > 1)
 
 
 def test_only_fp64_takes_the_torch_path_on_a_gpu():
