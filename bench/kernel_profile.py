@@ -14,7 +14,7 @@ Reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|wide|seg
   the 16-byte alignment / divisible-by-16 specialisation a real launch gives, and reads registers
   and spills (``ptxas -v``), shared memory, tensor-core instructions and global-load widths
   (``cuobjdump -sass``). Both tools ship inside Triton's NVIDIA backend; no GPU is needed.
-  **cayley** does the same for the blocked Cayley solve of blocks wider than 128;
+  **cayley** does the same for the blocked Cayley solve of blocks wider than 64;
 - **accuracy**: y of 16-bit inputs against the exact product, with a GPU's rounding emulated op
   by op in float64 (the interpreter computes every dot in fp32, so it cannot show it);
 - **roofline**: per shape on an H100, the microseconds the bytes need at full bandwidth against
@@ -266,7 +266,7 @@ def compile_rows(widths, shapes, archs=(90, 80), T: int = 8192, dtype_name: str 
     return rows
 
 
-CAYLEY_BLOCKS = [160, 192, 256, 320, 512, 1024, 2048]
+CAYLEY_BLOCKS = [96, 128, 160, 192, 256, 320, 512, 1024, 2048]
 
 
 def cayley_compile_rows(blocks=CAYLEY_BLOCKS, archs=(90, 80)) -> list[dict]:
@@ -528,7 +528,7 @@ def main(argv=None) -> int:
     elif args.report == "cayley":
         rows = cayley_compile_rows()
         table = compile_markdown(rows)
-        title = "Compile report of the blocked Cayley solve (blocks wider than 128; ptxas/cuobjdump), fp32 maths"
+        title = "Compile report of the blocked Cayley solve (blocks wider than 64; ptxas/cuobjdump), fp32 maths"
         stem = f"sm90-compile-cayley-{date}{tag}"
     else:
         widths = [int(w) for w in args.widths.split(",")]

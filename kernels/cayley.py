@@ -3,7 +3,8 @@
 ``S = (R - R^T) / 2``. ``I + S`` has symmetric part I, so Gauss-Jordan without pivoting is stable;
 it runs on a ``[BN, BP, BP]`` register tile (BN blocks, b padded to the power of two BP with the
 identity, which the elimination leaves untouched). ``(I + S)^-1`` is saved for the backward.
-Maths in fp32 whatever R's dtype; Q is fp32 (as in ``torch_ops.cayley``).
+Maths in fp32 whatever R's dtype; Q is fp32 (as in ``torch_ops.cayley``). Blocks wider than
+``MAX_REGISTER_BLOCK`` go to ``cayley_blocked`` (tiles in global memory, a launch per block column).
 """
 
 import functools
@@ -16,10 +17,11 @@ from . import cayley_blocked
 from ._common import LAST_LAUNCH, interpreting, kernel_op, new_empty, next_pow2, tl, triton
 from .cayley_blocked import _gauss_jordan
 
-# The widest block the register kernels hold (Gauss-Jordan on a register tile of the whole block):
-# wider, ``cayley_blocked`` solves it as 64 x 64 tiles in global memory (the register tile spills
-# 39 KB a thread at 160, and from 256 asks for more shared memory than an SM has).
-MAX_REGISTER_BLOCK = 128
+# The widest block the register kernels hold (Gauss-Jordan on a register tile of the whole block;
+# the compile report: none spills up to 64): wider, ``cayley_blocked`` solves it as 32 x 32 tiles in
+# global memory. The register tile spills 1.1-7.4 KB a thread at 96-128 on 4 warps (0.07-0.3 KB on
+# 8), 39 KB at 160, and from 256 asks for more shared memory than an SM has.
+MAX_REGISTER_BLOCK = 64
 
 
 def candidates(b: int) -> list[dict]:
@@ -137,7 +139,7 @@ def cayley_fwd(R: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Ten
     ainv = new_empty(*R.shape, dtype=torch.float32, device=R.device)
     m = _flat_mask(mask, n_blocks)
     if b > MAX_REGISTER_BLOCK and n_blocks:
-        LAST_LAUNCH["cayley_fwd"] = ("blocked", {"P": cayley_blocked.TILE})
+        LAST_LAUNCH["cayley_fwd"] = ("blocked", {"P": cayley_blocked.tile()})
         cayley_blocked.forward_into(R, m, Q, ainv, n_blocks)
     else:
         _launch("cayley_fwd", n_blocks, b, (R, m, Q, ainv), m)
@@ -152,7 +154,7 @@ def cayley_bwd(dQ: torch.Tensor, ainv: torch.Tensor, mask: Optional[torch.Tensor
     dR = new_empty(*ainv.shape, dtype=r_dtype, device=ainv.device)
     m = _flat_mask(mask, n_blocks)
     if b > MAX_REGISTER_BLOCK and n_blocks:
-        LAST_LAUNCH["cayley_bwd"] = ("blocked", {"P": cayley_blocked.TILE})
+        LAST_LAUNCH["cayley_bwd"] = ("blocked", {"P": cayley_blocked.tile()})
         cayley_blocked.backward_into(dQ.contiguous(), ainv, m, dR, n_blocks)
     else:
         _launch("cayley_bwd", n_blocks, b, (dQ.contiguous(), ainv, m, dR), m)

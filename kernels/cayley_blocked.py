@@ -1,13 +1,13 @@
 """The Cayley transform of blocks wider than a program holds (``b > cayley.MAX_REGISTER_BLOCK``), blocked.
 
-``cayley``'s kernel runs Gauss-Jordan on a register tile of the whole block. Past 128 that tile
-does not fit an SM (the compile report: 39 KB of spills a thread at b = 160; from 256 it asks for
-256 KB of shared memory, more than an H100 has, so the launch fails), and PEFT's examples reach
-b = 160-512 (``boft_block_num=8``). Here a block lives in global memory as ``P x P`` tiles
+``cayley``'s kernel runs Gauss-Jordan on a register tile of the whole block. Past 64 that tile
+does not fit an SM (the compile report: 1.1-7.4 KB of spills a thread at b = 96-128, 39 KB at
+160; from 256 it asks for 256 KB of shared memory, more than an H100 has, so the launch fails),
+and PEFT's examples reach b = 160-512 (``boft_block_num=8``). Here a block lives in global memory as ``P x P`` tiles
 (padded to a multiple of P with the identity) and Gauss-Jordan runs a block column at a time
 (blocked in-place inversion). Step k updates every tile, reading one buffer and writing the
-other (``_step_kernel``; each program inverts the diagonal tile in registers, the register
-kernel's elimination on ``P x P``)::
+other (``_step_kernel``; on a GPU each program inverts the diagonal tile in registers, the
+register kernel's elimination on ``P x P``)::
 
     A_kk <- A_kk^-1,  A_kj <- A_kk^-1 A_kj,  A_ik <- -A_ik A_kk^-1,  A_ij <- A_ij - A_ik A_kk^-1 A_kj
 
@@ -27,8 +27,20 @@ from ._common import interpreting, new_empty, tl, triton
 
 # Tile of the blocked solve: 32 x 32 on 4 warps compiles without spills on sm_90 and sm_80 (the
 # compile report); 64 x 64 tf32x3 products spill 0.7-9.7 KB on sm_80 (16 warps: on both).
-TILE = 32
+GPU_TILE = 32
 WARPS = 4
+# The interpreter runs 64 x 64 tiles (its cost is per program, and it has no registers to run out
+# of) and the diagonal tile's inverse as a launch of its own (its eliminations are slow there); on
+# a GPU each step's programs invert the diagonal tile themselves, one launch a step. Tests set
+# TILE and INVERT_IN_STEP to run the GPU's way at small sizes.
+INTERPRETER_TILE = 64
+TILE: int | None = None
+INVERT_IN_STEP: bool | None = None
+
+
+def tile() -> int:
+    """P, the side of the tiles this run uses."""
+    return TILE or (INTERPRETER_TILE if interpreting() else GPU_TILE)
 
 
 @triton.jit
@@ -76,19 +88,40 @@ def _build_kernel(r_ptr, mask_ptr, a_ptr, B: tl.constexpr, BPAD: tl.constexpr, P
 
 
 @triton.jit
-def _step_kernel(a_in, a_out, k, BPAD: tl.constexpr, P: tl.constexpr, NT: tl.constexpr, PRECISION: tl.constexpr):
+def _diagonal_inverse(a_in, i_n, k, BPAD: tl.constexpr, P: tl.constexpr):
+    """``A_kk^-1`` of block i_n, ``[1, P, P]``, by the register kernel's elimination."""
+    o_p = tl.arange(0, P)
+    o_k = k * P + o_p
+    b_akk = tl.load(a_in + i_n * (BPAD * BPAD) + (o_k[:, None] * BPAD + o_k[None, :])[None, :, :])
+    return _gauss_jordan(b_akk, (o_p[:, None] == o_p[None, :]).to(tl.float32)[None, :, :], o_p, P)
+
+
+@triton.jit
+def _diagonal_inverse_kernel(a_in, kinv_ptr, k, BPAD: tl.constexpr, P: tl.constexpr):
+    """``A_kk^-1`` of block i_n into ``kinv_ptr`` (``_step_kernel`` without INVERT_HERE)."""
+    i_n = tl.program_id(0).to(tl.int64)
+    o_p = tl.arange(0, P)
+    tl.store(kinv_ptr + i_n * (P * P) + (o_p[:, None] * P + o_p[None, :])[None, :, :],
+             _diagonal_inverse(a_in, i_n, k, BPAD, P))
+
+
+@triton.jit
+def _step_kernel(a_in, a_out, kinv_ptr, k, BPAD: tl.constexpr, P: tl.constexpr, NT: tl.constexpr,
+                 INVERT_HERE: tl.constexpr, PRECISION: tl.constexpr):
     """Step k of the blocked inversion on tile (i, j) of block i_n (the module docstring's update).
-    Every program inverts ``A_kk`` itself, in registers: a ``P x P`` elimination costs less than
-    a launch of its own would."""
+    With INVERT_HERE (on a GPU) every program inverts ``A_kk`` itself, in registers: a ``P x P``
+    elimination costs less than a launch of its own; otherwise (the interpreter, where each
+    program's elimination is slow) ``_diagonal_inverse_kernel`` has left it at kinv_ptr."""
     i_n = tl.program_id(0).to(tl.int64)
     i_t = tl.program_id(1)
     o_i, o_j = _tile(i_t, NT, P)
     o_p = tl.arange(0, P)
     o_k = k * P + o_p
     base = a_in + i_n * (BPAD * BPAD)
-    b_akk = tl.load(base + (o_k[:, None] * BPAD + o_k[None, :])[None, :, :])  # [1, P, P]
-    b_eye = (o_p[:, None] == o_p[None, :]).to(tl.float32)[None, :, :]
-    b_kinv = tl.reshape(_gauss_jordan(b_akk, b_eye, o_p, P), (P, P))
+    if INVERT_HERE:
+        b_kinv = tl.reshape(_diagonal_inverse(a_in, i_n, k, BPAD, P), (P, P))
+    else:
+        b_kinv = tl.load(kinv_ptr + i_n * (P * P) + o_p[:, None] * P + o_p[None, :])
     b_aij = tl.load(base + o_i[:, None] * BPAD + o_j[None, :])
     b_aik = tl.load(base + o_i[:, None] * BPAD + o_k[None, :])
     b_akj = tl.load(base + o_k[:, None] * BPAD + o_j[None, :])
@@ -170,35 +203,41 @@ def _precision() -> str:
     return "ieee" if interpreting() else "tf32x3"
 
 
-def _grid(b: int) -> tuple[int, int]:
-    """(NT, BPAD): tiles per side and the padded block width."""
-    nt = triton.cdiv(b, TILE)
-    return nt, nt * TILE
+def _grid(b: int, p: int) -> tuple[int, int]:
+    """(NT, BPAD): tiles per side and the padded block width, for P = p."""
+    nt = triton.cdiv(b, p)
+    return nt, nt * p
 
 
 def forward_into(R: torch.Tensor, mask: torch.Tensor | None, Q: torch.Tensor, ainv: torch.Tensor, n_blocks: int) -> None:
     """Q and ``(I + S)^-1`` of the ``n_blocks`` contiguous ``b x b`` blocks of R."""
     b = R.shape[-1]
-    nt, bpad = _grid(b)
+    p = tile()
+    nt, bpad = _grid(b, p)
     bufs = [new_empty(n_blocks, bpad, bpad, dtype=torch.float32, device=R.device) for _ in range(2)]
+    invert_here = INVERT_IN_STEP if INVERT_IN_STEP is not None else not interpreting()
+    kinv = bufs[0] if invert_here else new_empty(n_blocks, p, p, dtype=torch.float32, device=R.device)
     tiles = (n_blocks, nt * nt)
-    wrap_triton(_build_kernel)[tiles](R, mask if mask is not None else R, bufs[0], B=b, BPAD=bpad, P=TILE, NT=nt,
+    wrap_triton(_build_kernel)[tiles](R, mask if mask is not None else R, bufs[0], B=b, BPAD=bpad, P=p, NT=nt,
                                       HAS_MASK=mask is not None, num_warps=WARPS)
     for k in range(nt):
-        wrap_triton(_step_kernel)[tiles](bufs[0], bufs[1], k, BPAD=bpad, P=TILE, NT=nt,
+        if not invert_here:
+            wrap_triton(_diagonal_inverse_kernel)[(n_blocks,)](bufs[0], kinv, k, BPAD=bpad, P=p, num_warps=WARPS)
+        wrap_triton(_step_kernel)[tiles](bufs[0], bufs[1], kinv, k, BPAD=bpad, P=p, NT=nt, INVERT_HERE=invert_here,
                                          PRECISION=_precision(), num_warps=WARPS)
         bufs.reverse()
-    wrap_triton(_finish_kernel)[tiles](bufs[0], Q, ainv, B=b, BPAD=bpad, P=TILE, NT=nt, num_warps=WARPS)
+    wrap_triton(_finish_kernel)[tiles](bufs[0], Q, ainv, B=b, BPAD=bpad, P=p, NT=nt, num_warps=WARPS)
 
 
 def backward_into(dQ: torch.Tensor, ainv: torch.Tensor, mask: torch.Tensor | None, dR: torch.Tensor, n_blocks: int) -> None:
     """dl/dR of the blocked forward (the register kernel's maths, tiled)."""
     b = ainv.shape[-1]
-    nt, _ = _grid(b)
+    p = tile()
+    nt, _ = _grid(b, p)
     w = new_empty(n_blocks, b, b, dtype=torch.float32, device=ainv.device)
     tiles = (n_blocks, nt * nt)
-    wrap_triton(_w_kernel)[tiles](dQ, ainv, w, B=b, P=TILE, NT=nt, PRECISION=_precision(), num_warps=WARPS)
-    wrap_triton(_dr_kernel)[tiles](w, ainv, mask if mask is not None else ainv, dR, B=b, P=TILE, NT=nt,
+    wrap_triton(_w_kernel)[tiles](dQ, ainv, w, B=b, P=p, NT=nt, PRECISION=_precision(), num_warps=WARPS)
+    wrap_triton(_dr_kernel)[tiles](w, ainv, mask if mask is not None else ainv, dR, B=b, P=p, NT=nt,
                                    HAS_MASK=mask is not None, PRECISION=_precision(), num_warps=WARPS)
 
 
@@ -209,18 +248,19 @@ def backward_into(dQ: torch.Tensor, ainv: torch.Tensor, mask: torch.Tensor | Non
 def launch_specs(b: int, r_type: str = "bf16") -> list[dict]:
     """Every kernel the blocked solve of a b-wide block runs, as ``butterfly.launch_specs``' dicts
     (R and dl/dR in ``r_type``)."""
-    nt, bpad = _grid(b)
+    nt, bpad = _grid(b, GPU_TILE)
     prec = "tf32x3"
     fp32, mask = "*fp32", "*i8"
     kernels = [
         ("build", _build_kernel, {"r_ptr": "*" + r_type, "mask_ptr": mask, "a_ptr": fp32},
-         dict(B=b, BPAD=bpad, P=TILE, NT=nt, HAS_MASK=True)),
-        ("step", _step_kernel, {"a_in": fp32, "a_out": fp32, "k": "i32"}, dict(BPAD=bpad, P=TILE, NT=nt, PRECISION=prec)),
-        ("finish", _finish_kernel, {"a_ptr": fp32, "q_ptr": fp32, "ainv_ptr": fp32}, dict(B=b, BPAD=bpad, P=TILE, NT=nt)),
-        ("w", _w_kernel, {"dq_ptr": fp32, "ainv_ptr": fp32, "w_ptr": fp32}, dict(B=b, P=TILE, NT=nt, PRECISION=prec)),
+         dict(B=b, BPAD=bpad, P=GPU_TILE, NT=nt, HAS_MASK=True)),
+        ("step", _step_kernel, {"a_in": fp32, "a_out": fp32, "kinv_ptr": fp32, "k": "i32"},
+         dict(BPAD=bpad, P=GPU_TILE, NT=nt, INVERT_HERE=True, PRECISION=prec)),
+        ("finish", _finish_kernel, {"a_ptr": fp32, "q_ptr": fp32, "ainv_ptr": fp32}, dict(B=b, BPAD=bpad, P=GPU_TILE, NT=nt)),
+        ("w", _w_kernel, {"dq_ptr": fp32, "ainv_ptr": fp32, "w_ptr": fp32}, dict(B=b, P=GPU_TILE, NT=nt, PRECISION=prec)),
         ("dr", _dr_kernel, {"w_ptr": fp32, "ainv_ptr": fp32, "mask_ptr": mask, "dr_ptr": "*" + r_type},
-         dict(B=b, P=TILE, NT=nt, HAS_MASK=True, PRECISION=prec)),
+         dict(B=b, P=GPU_TILE, NT=nt, HAS_MASK=True, PRECISION=prec)),
     ]
     return [dict(name=f"cayley_blocked_{name}", fn=fn, signature=sig, constexprs=cst, divisible=(),
-                 config={"P": TILE, "num_warps": WARPS}, num_warps=WARPS, num_stages=2)
+                 config={"P": GPU_TILE, "num_warps": WARPS}, num_warps=WARPS, num_stages=2)
             for name, fn, sig, cst in kernels]

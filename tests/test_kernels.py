@@ -114,6 +114,8 @@ def test_cayley(N, D, b, scale, masked):
 # tile (one 129-wide block: a 1-wide last tile row and column), and at 16-wide tiles on narrow
 # blocks (MAX_REGISTER_BLOCK lowered; the same kernels, cheaper to interpret): masked blocks,
 # several levels, a partial last tile, large rotations.
+# The diagonal tile's inverse as on a GPU (each step's programs invert it themselves) in the
+# forced cases, from a launch of its own (the interpreter's default) at the default tile.
 BLOCKED_CAYLEY_CASES = [(1, 1, 129, 1.0, False, None), (1, 3, 40, 1.0, True, 16), (1, 2, 33, 3.0, False, 16)]
 
 
@@ -125,9 +127,10 @@ def test_blocked_cayley(monkeypatch, N, D, b, scale, masked, tile):
     if tile is not None:
         monkeypatch.setattr(kc, "MAX_REGISTER_BLOCK", tile)
         monkeypatch.setattr(kcb, "TILE", tile)
+        monkeypatch.setattr(kcb, "INVERT_IN_STEP", True)
     test_cayley(N, D, b, scale, masked)
     assert kc.LAST_LAUNCH["cayley_fwd"][0] == "blocked" and kc.LAST_LAUNCH["cayley_bwd"][0] == "blocked"
-    assert -(-b // kcb.TILE) > 1  # several block columns: the update of every tile kind
+    assert -(-b // kcb.tile()) > 1  # several block columns: the update of every tile kind
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
