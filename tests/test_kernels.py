@@ -665,9 +665,9 @@ def test_kernels_compile_for_sm90():
 
 
 # Groups of several levels whose dMc comes in row splits: dQ in row slabs, one level per program
-# (``_dq_rows_kernel``): two 128-wide groups (the second strided, S = 4), a strided 16-wide group of
-# two levels (S = 32), packed blocks.
-DQ_ROWS_CASES = [(300, 512, 64, 4, False, torch.float32), (260, 512, 8, 7, True, torch.bfloat16),
+# (``_dq_rows_kernel``): two 128-wide groups (the second strided, S = 4), a strided 64-wide group of
+# two levels (S = 8), packed blocks.
+DQ_ROWS_CASES = [(300, 512, 64, 4, False, torch.float32), (400, 512, 32, 5, True, torch.bfloat16),
                  (400, 64, 2, 3, True, torch.float32)]
 
 
