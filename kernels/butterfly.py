@@ -199,6 +199,14 @@ def path_name(n: int, b: int, N: int, T: int | None = None, dtype: torch.dtype |
 FUSED_BUILD = 8 * 1024
 FUSED_HELD = 64 * 1024
 FUSED_MAX_GROUPS = 4
+_BOUND_NAMES = ("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1")
+
+
+def group_bounds(groups) -> dict:
+    """The one-pass kernels' group constexprs: NG and each group's levels ``[k0, k1)`` in acting
+    order as A0, A1, B0, ... (unused groups ``[0, 0)``)."""
+    bounds = [v for k0k1 in groups for v in k0k1] + [0, 0] * (FUSED_MAX_GROUPS - len(groups))
+    return dict(NG=len(groups), **dict(zip(_BOUND_NAMES, bounds)))
 # The one-pass backward holds one group's fp32 dMc for the coarse block besides the other groups'
 # blocks: up to this many values it compiles with at most ~100 bytes of spills a thread (64x3,
 # 40x3: 16K; 8x6: 8K, none in the row loop); above it (80x2: 2 x 128 x 128) it would spill
@@ -1023,14 +1031,12 @@ def fused_apply_into(x, q, transpose, key, y) -> None:
     groups = fused_groups(*key)
     if transpose:  # x M^T = x M_lo^T ... M_hi^T
         groups = groups[::-1]
-    bounds = [v for k0k1 in groups for v in k0k1] + [0, 0] * (FUSED_MAX_GROUPS - len(groups))
     source, cfg = pick_config("fwd", *key, x.dtype, x.device)
     LAST_LAUNCH["butterfly_fused"] = (source, dict(cfg))
     hp = next_pow2(b // 2)
     programs = _fused_programs(T, cfg["BT"], cfg["PPS"], n, b, N, num_sms(x.device))
     wrap_triton(_fused_apply_kernel)[(programs, n // (b << (N - 1)))](
-        x, q, y, T, n, n // b, NL=N, B=b, HC=b // 2, HP=hp, NG=len(groups), A0=bounds[0], A1=bounds[1],
-        B0=bounds[2], B1=bounds[3], C0=bounds[4], C1=bounds[5], D0=bounds[6], D1=bounds[7], TRANS=transpose, BT=cfg["BT"],
+        x, q, y, T, n, n // b, NL=N, B=b, HC=b // 2, HP=hp, **group_bounds(groups), TRANS=transpose, BT=cfg["BT"],
         **_dot_meta(x.dtype, max(hp << (k1 - k0) for k0, k1 in groups)), num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 2),
     )
@@ -1082,14 +1088,13 @@ def _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, write_dx, key, cfg
     hp, blocks = next_pow2(b // 2), n // (b << (N - 1))
     splits, rows = _fused_splits(T, n, b, N, num_sms(x.device))
     meta = _dot_meta(dtype, max(hp << (g1 - g0) for g0, g1 in groups))
-    bounds = [v for k0k1 in groups for v in k0k1] + [0, 0] * (FUSED_MAX_GROUPS - len(groups))
     common = dict(NL=N, B=b, HC=b // 2, HP=hp)
     width, z = hp << (k1 - k0), (1 << (N - k1)) << k0
     reduce = splits > 1 and not direct  # the direct chain stores every row's own values: nothing to add
     partial = new_empty(splits, blocks, z, width, width, dtype=torch.float32, device=x.device) if reduce else dq
     wrap_triton(_fused_grad_kernel)[(splits, blocks)](
-        x, g, q, dx if write_dx else x, partial, dq, T, n, n // b, rows, blocks, **common, NG=len(groups),
-        **dict(zip(("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1"), bounds)), SEL=sel, S0=k0, S1=k1,
+        x, g, q, dx if write_dx else x, partial, dq, T, n, n // b, rows, blocks, **common, **group_bounds(groups),
+        SEL=sel, S0=k0, S1=k1,
         TRANS=transpose, WRITE_DX=write_dx, FUSED_DQ=not reduce, RC=FUSED_RC, **meta, CHAIN=chain, DIRECT=direct,
         num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
     )
@@ -1480,23 +1485,19 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
             dot = _dot_meta(dtype, width)
         for name, trans in (("fused", False), ("fused_T", True)):
             groups = fused[::-1] if trans else fused
-            bounds = [v for k0k1 in groups for v in k0k1] + [0, 0] * (FUSED_MAX_GROUPS - len(groups))
             specs.append(dict(name=name, width=width, levels=N, fn=_fused_apply_kernel,
                               signature={"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "T": "i32", "n": "i32",
                                          "D": "i32"}, divisible=("n",),
-                              constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, "NG": len(groups),
-                                          **dict(zip(("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1"), bounds)), "TRANS": trans,
+                              constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, **group_bounds(groups), "TRANS": trans,
                                           "BT": fwd["BT"], **dot},
                               config=fwd, num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))
         gsig = {"x_ptr": ptr, "g_ptr": ptr, "q_ptr": "*fp32", "dx_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32",
                 "T": "i32", "n": "i32", "D": "i32", "ROWS": "i32", "NCB": "i32"}
-        bounds = [v for k0k1 in fused for v in k0k1] + [0, 0] * (FUSED_MAX_GROUPS - len(fused))
         for sel, (k0, k1) in enumerate(fused if fused_backward(n, b, N) else ()):  # a pass per group
             for tag, fused_dq in (("", False), ("_dq", True)):
                 specs.append(dict(name=f"fused_grad{tag}[{sel}]", width=hp << (k1 - k0), levels=k1 - k0,
                                   fn=_fused_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
-                                  constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, "NG": len(fused),
-                                              **dict(zip(("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1"), bounds)),
+                                  constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, **group_bounds(fused),
                                               "SEL": sel, "S0": k0, "S1": k1, "TRANS": False, "WRITE_DX": sel == 0,
                                               "FUSED_DQ": fused_dq, "RC": FUSED_RC, **dot, "CHAIN": False,
                                               "DIRECT": False},

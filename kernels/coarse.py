@@ -166,11 +166,9 @@ def _delta_launch(n: int, b: int, N: int, transpose: bool, dtype: torch.dtype) -
     groups = kb.fused_groups(n, b, N)
     if transpose:
         groups = groups[::-1]
-    bounds = [v for k0k1 in groups for v in k0k1] + [0, 0] * (kb.FUSED_MAX_GROUPS - len(groups))
     hp = next_pow2(b // 2)
     fwd = kb.default_config(n, b, N, "fwd", dtype)
-    return dict(NL=N, B=b, HC=b // 2, HP=hp, NG=len(groups),
-                **dict(zip(("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1"), bounds)), TRANS=transpose,
+    return dict(NL=N, B=b, HC=b // 2, HP=hp, **kb.group_bounds(groups), TRANS=transpose,
                 BT=DELTA_BT, **kb._dot_meta(dtype, max(hp << (k1 - k0) for k0, k1 in groups)),
                 num_warps=fwd["num_warps"], num_stages=fwd["num_stages"])
 
@@ -247,14 +245,12 @@ def launch_specs(n: int, b: int, N: int, dtype: torch.dtype, gsig: dict) -> list
     for sel, mode in enumerate(kb.chain_passes(n, b, N)):
         order, at = (fused[::-1], len(fused) - 1 - sel) if mode == "last" else (fused, sel)
         k0, k1 = order[at]
-        bounds = [v for k0k1 in order for v in k0k1] + [0, 0] * (kb.FUSED_MAX_GROUPS - len(order))
         for tag, fused_dq in ((("", False), ("_dq", True)) if mode == "acc" else (("_direct", True),)):
             chain.append(dict(name=f"coarse_chain{tag}[{sel}]", width=hp << (k1 - k0), levels=k1 - k0,
                               fn=kb._fused_grad_kernel, signature={**gsig, "x_ptr": "*bf16", "g_ptr": "*bf16",
                                                                    "dx_ptr": "*bf16"},
                               divisible=("n", "ROWS"),
-                              constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, "NG": len(order),
-                                          **dict(zip(("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1"), bounds)),
+                              constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, **kb.group_bounds(order),
                                           "SEL": at, "S0": k0, "S1": k1, "TRANS": mode == "last", "WRITE_DX": False,
                                           "FUSED_DQ": fused_dq, "RC": kb.FUSED_RC, **dot, "CHAIN": True,
                                           "DIRECT": mode != "acc"},
