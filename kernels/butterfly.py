@@ -1175,7 +1175,7 @@ def grad(x, g, q, transpose, k0, key, need_dx):
         num_warps=warps, num_stages=stages,
     )
     if splits > 1:
-        _launch_dq(partial, q, dq, splits, grp, b, n, meta, warps)
+        _launch_dq(partial, q, dq, splits, grp, layout, n // b, meta, warps)
     return dx, dq
 
 
@@ -1185,18 +1185,18 @@ def grad(x, g, q, transpose, k0, key, need_dx):
 DQ_ROWS, DQ_ROWS_WARPS = 32, 8
 
 
-def _launch_dq(partial, q, dq, splits, grp, b, n, meta, warps) -> None:
+def _launch_dq(partial, q, dq, splits, grp, layout, D, meta, warps) -> None:
     """dQ from the row splits' partial dMc: per block (one level: dQ is dMc), or for groups of
     several levels in row slabs, one level per program (``_dq_rows_kernel``)."""
-    layout, levels = _layout(grp, b), grp["k1"] - grp["k0"]
+    levels = grp["k1"] - grp["k0"]
     build = dict(BUILD_DTYPE=meta["BUILD_DTYPE"], BUILD_PRECISION=meta["BUILD_PRECISION"])
     if levels == 1:
-        wrap_triton(_dq_kernel)[(grp["NB"],)](partial, q, dq, n // b, splits, grp["NB"], **layout, **build,
+        wrap_triton(_dq_kernel)[(grp["NB"],)](partial, q, dq, D, splits, grp["NB"], **layout, **build,
                                               num_warps=warps, num_stages=1)
         return
     rs = min(DQ_ROWS, grp["WP"])
     wrap_triton(_dq_rows_kernel)[(grp["NB"], triton.cdiv(grp["WB"], rs), levels)](
-        partial, q, dq, n // b, splits, grp["NB"], **layout, RS=rs, **build, num_warps=DQ_ROWS_WARPS, num_stages=1,
+        partial, q, dq, D, splits, grp["NB"], **layout, RS=rs, **build, num_warps=DQ_ROWS_WARPS, num_stages=1,
     )
 
 

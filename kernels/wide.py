@@ -131,11 +131,16 @@ def splits_k(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> bool:
     return next_pow2(b) > held
 
 
+def _split_tile(kind: str, dtype: torch.dtype) -> tuple[int, int]:
+    """(BN, KC) of a K-split ``kind`` kernel."""
+    return SPLIT_TILES[("fwd" if kind == "fwd" else "bwd", dtype == torch.float32)]
+
+
 def slab(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
     """``(KP, BN, NS)``: the padded block width, the slab width and the slabs per block."""
     kp = max(kb.MIN_BLOCK, next_pow2(b))
     if splits_k(kind, b, dtype):
-        bn = SPLIT_TILES[(kind if kind == "fwd" else "bwd", dtype == torch.float32)][0]
+        bn = _split_tile(kind, dtype)[0]
         return kp, bn, triton.cdiv(b, bn)
     if dtype == torch.float32:
         bn = min(kp, FP32_FWD_COLUMNS) if kind == "fwd" else max(kb.MIN_BLOCK, min(kp, FP32_BWD_SLAB // kp))
@@ -149,9 +154,7 @@ def slab(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, i
 def k_chunk(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """KC, the columns of x (forward) or of dMc (backward) a step covers: the whole padded block
     where the slab is held, else ``SPLIT_TILES``'."""
-    if splits_k(kind, b, dtype):
-        return SPLIT_TILES[(kind if kind == "fwd" else "bwd", dtype == torch.float32)][1]
-    return slab(kind, b, dtype)[0]
+    return _split_tile(kind, dtype)[1] if splits_k(kind, b, dtype) else slab(kind, b, dtype)[0]
 
 
 # Warps of the whole-block forward: the two Triton versions in use compile it without spills at
@@ -274,9 +277,9 @@ def _store_dmc_slab(ptr, acc, i_n, i_k, B: tl.constexpr, KC: tl.constexpr, BN: t
     other way round with TRANS)."""
     o_k = i_k * KC + tl.arange(0, KC)
     o_c = i_n * BN + tl.arange(0, BN)
-    if TRANS:  # acc [KP, BN]: dMc[k, c]
+    if TRANS:  # acc [KC, BN]: dMc[k, c]
         tl.store(ptr + o_k[:, None] * B + o_c[None, :], acc, mask=(o_k < B)[:, None] & (o_c < B)[None, :])
-    else:  # acc [BN, KP]: dMc[c, k]
+    else:  # acc [BN, KC]: dMc[c, k]
         tl.store(ptr + o_c[:, None] * B + o_k[None, :], acc, mask=(o_c < B)[:, None] & (o_k < B)[None, :])
 
 
