@@ -259,10 +259,12 @@ def compile_rows(widths, shapes, archs=(90, 80), T: int = 8192, dtype_name: str 
                 continue
             for arch in archs:
                 for spec in kb.launch_specs(n, b, N, dtype_name):
+                    if arch not in spec.get("archs", (arch,)):  # a kernel the launchers run on some archs only
+                        continue
                     stats = compile_stats(spec, arch)
                     rows.append({"n": n, "b": b, "N": N, "L": b << (N - 1), "arch": f"sm_{arch}", "dtype": dtype_name,
                                  "kernel": spec["name"], "width": spec["width"], "levels": spec["levels"],
-                                 "config": spec["config"], **stats})
+                                 "config": {**spec["config"], **spec.get("arch_options", {}).get(arch, {})}, **stats})
     return rows
 
 

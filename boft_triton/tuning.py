@@ -23,8 +23,9 @@ import torch
 CACHE_ENV = "BOFT_TRITON_TUNE_CACHE"
 # Bumped when the kernels a cached config drives change under it: format 2's backward of blocks
 # 136-160 wide (one level, or a coarse block) also writes dx in its dMc pass, a heavier kernel than
-# format 1's entries were timed on (at 4 warps it spills kilobytes).
-CACHE_FORMAT = 2
+# format 1's entries were timed on (at 4 warps it spills kilobytes); format 3's does so up to 192
+# wide on Hopper.
+CACHE_FORMAT = 3
 
 
 class TuneCacheWarning(UserWarning):

@@ -88,6 +88,12 @@ def device_name(device: torch.device | str | None = None) -> str:
     return "cpu-interpreter"
 
 
+def capability(device: torch.device) -> tuple[int, int] | None:
+    """The GPU's compute capability, or None off a GPU (the interpreter): the kernels' per-arch
+    limits then take Hopper's, the arch the compile report and the traffic report describe."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

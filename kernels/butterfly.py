@@ -40,9 +40,9 @@ dense ``L x L`` block products with ``tl.dot``:
      where a group's dMc does not fit, recomputes the group inputs for ``plan``'s per-group passes.
      For 16-bit inputs with enough rows (L up to ``coarse.MAX_L``) the backward instead runs through the
      dense coarse blocks (``kernels/coarse.py``): the whole ``L x L`` dMc in one pass, which up
-     to 160 wide writes dx too (else dx is the transposed one-pass forward), then dQ by a
-     parameter-sized chain pass per group (``fused_chain_dq``), so the activations move three
-     times (four) rather than ``2G + 1``.
+     to 192 wide (160 before Hopper) writes dx too (else dx is the transposed one-pass forward),
+     then dQ by a parameter-sized chain pass per group (``fused_chain_dq``), so the activations
+     move three times (four) rather than ``2G + 1``.
      Other shapes run one pass per group of ``plan``, the kernels gathering interleaved columns
      with a column map;
    - single levels wider than MAX_BLOCK (b > 128, a group of their own): the slab kernels of
@@ -67,6 +67,7 @@ from boft_triton.tuning import valid_config, warn_once
 from ._common import (
     LAST_LAUNCH,
     cached_config,
+    capability as device_capability,
     interpreting,
     kernel_op,
     new_empty,
@@ -1167,7 +1168,7 @@ def grad(x, g, q, transpose, k0, key, need_dx):
     partial = dq if splits == 1 else new_empty(splits, grp["NB"], grp["WB"], grp["WB"], dtype=torch.float32,
                                                device=x.device)
     layout, meta = _layout(grp, b), _dot_meta(x.dtype, grp["WP"])
-    capability = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
+    capability = device_capability(x.device)
     warps, stages = cfg["num_warps"], backward_stages(grp, capability, source, cfg.get("num_stages", 2))
     wrap_triton(_grad_kernel)[(splits, grp["NB"])](
         x, g, q, dx if need_dx else x, partial, dq, T, n, n // b, rows, grp["NB"], **layout, H=grp["H"],

@@ -7,21 +7,21 @@ because each group's ``dMc`` fills a program's registers. With ``L`` just past `
 activations are cheaper than that:
 
 1. ``dl/dMc = x^T g`` (``g^T x``) per coarse block: the dMc pass of a single level ``L`` wide
-   (``wide.grad_q``), accumulated in fp32 and written once as ``[n/L, L, L]`` bf16. Up to 192
-   wide the whole block's dMc is four tiles in one program (``wide.takes_pair``), so x and g are
-   read once. Up to 160 wide that program also writes ``dx = g + g Delta_c`` on the same rows,
-   with ``Delta_c = Mc^T - I`` (``Mc - I`` with transpose) held as four tiles too: g is read once
-   for both gradients. ``Delta_c`` is built first (``_coarse_delta_kernel``, parameter-sized: the
-   one-pass forward on the identity's L rows) and stored in x's dtype. Wider (L in (160, 512];
-   past 160 the held tiles would spill), dx takes the one-pass forward with the transpose flipped,
-   a pass of its own over g.
+   (``wide.grad_q``), accumulated in fp32 and written once as ``[n/L, L, L]`` bf16. Up to 192 wide
+   the whole block's dMc is four tiles in one program (``wide.takes_pair``), so x and g are read
+   once. Up to 192 wide (160 before Hopper) that program also writes ``dx = g + g Delta_c`` on the
+   same rows, with ``Delta_c = Mc^T - I`` (``Mc - I`` with transpose) held as four tiles too: g is
+   read once for both gradients. ``Delta_c`` is built first (``_coarse_delta_kernel``,
+   parameter-sized: the one-pass forward on the identity's L rows) and stored in x's dtype. Wider
+   (L in (192, 512]; past that the held tiles would spill), dx takes the one-pass forward with the
+   transpose flipped, a pass of its own over g.
 2. dQ from dMc by the chain rule, ``dF_k = (F_{N-1}..F_{k+1})^T dMc (F_{k-1}..F_0)^T`` on F_k's
    values: the butterfly's own dQ pass on ``y = I M`` with ``dl/dy = dMc`` (``fused_chain_dq``: the
    identity rows are made in registers, dMc is read once per factor group; a one-level group
    acting first, in ``I M`` or ``I M^T``, needs no accumulator: ``butterfly.chain_passes``). This
    is parameter-sized work, ``n L`` values a pass, whatever the row count.
 
-Activations move 3 times (4 past 160 wide; the per-group backward: ``2 G + 1``), parameter-sized
+Activations move 3 times (4 past 192 wide; the per-group backward: ``2 G + 1``), parameter-sized
 tensors ``G + 1`` times (``G + 3`` with Delta_c), so the route pays from about L rows on: ``takes``
 picks whichever moves fewer bytes, unless ``boft-triton tune`` timed both routes for the shape
 (``route``). Row splits and split-ordered sums are the dMc and dQ passes' own, so dQ is
@@ -35,7 +35,7 @@ from torch.library import wrap_triton
 
 from . import butterfly as kb
 from . import wide as kw
-from ._common import LAST_LAUNCH, kernel_op, new_empty, next_pow2, tl, triton
+from ._common import LAST_LAUNCH, capability, kernel_op, new_empty, next_pow2, tl, triton
 
 # The widest coarse block this route takes: its dMc pass holds whole row steps of the block (the
 # slab kernels' held dMc slabs, ``wide.HELD_BWD``); wider, the per-group backward is cheaper.
@@ -57,9 +57,11 @@ def supported(n: int, b: int, N: int, dtype: torch.dtype) -> bool:
             and kb.chain_passes(n, b, N) is not None)
 
 
-def moved_bytes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: bool) -> tuple[int, int]:
+def moved_bytes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: bool,
+                cap: tuple[int, int] | None = None) -> tuple[int, int]:
     """(per-group backward, this route): bytes of activations, and of dMc for this route, each
-    moves; the parameters' own reads and writes (about the same in both) left out."""
+    moves on a GPU of compute capability cap (None: the interpreter, as Hopper); the parameters'
+    own reads and writes (about the same in both) left out."""
     es, L = dtype.itemsize, width(b, N)
     act = T * n * es
     groups = len(kb.fused_groups(n, b, N))
@@ -71,7 +73,7 @@ def moved_bytes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: boo
     dmc = n * L * 2  # bf16 (Delta_c: x's dtype, the same size)
     # one pass: x and g read once, dx written; Delta_c written, and read by every row split's
     # programs (counted once, as dMc's fp32 partials are left out: L2-sized, n L values a split)
-    if fuses_dx(L, dtype):
+    if fuses_dx(L, dtype, cap):
         coarse = (2 + need_dx) * act + (1 + groups + 2 * need_dx) * dmc
     else:
         g_reads = kw.slab("bwd", L, dtype)[2]
@@ -79,18 +81,20 @@ def moved_bytes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: boo
     return per_group, coarse
 
 
-def fuses_dx(L: int, dtype: torch.dtype) -> bool:
-    """Whether the dMc pass also writes dx (step 1 of the module docstring): the whole-block dMc
-    kernel, up to 160 wide (``wide.takes_pair_dx``)."""
-    return kw.takes_pair_dx(L, dtype)
+def fuses_dx(L: int, dtype: torch.dtype, cap: tuple[int, int] | None = None) -> bool:
+    """Whether the dMc pass also writes dx (step 1 of the module docstring) on a GPU of compute
+    capability cap: the whole-block dMc kernel, up to 192 wide, 160 before Hopper
+    (``wide.takes_pair_dx``)."""
+    return kw.takes_pair_dx(L, dtype, cap)
 
 
-def takes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: bool) -> bool:
-    """Whether the byte model sends the backward of ``T`` rows through the dense coarse blocks:
-    supported, and fewer bytes moved than the per-group passes."""
+def takes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: bool,
+          cap: tuple[int, int] | None = None) -> bool:
+    """Whether the byte model sends the backward of ``T`` rows through the dense coarse blocks on a
+    GPU of compute capability cap: supported, and fewer bytes moved than the per-group passes."""
     if not supported(n, b, N, dtype):
         return False
-    per_group, coarse = moved_bytes(n, b, N, T, dtype, need_dx)
+    per_group, coarse = moved_bytes(n, b, N, T, dtype, need_dx, cap)
     return coarse < per_group
 
 
@@ -107,7 +111,7 @@ def route(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: bool, dev
     if source != "default" and cfg.get("route") in ROUTES:
         LAST_LAUNCH["butterfly_bwd_route"] = (source, cfg["route"])
         return cfg["route"]
-    chosen = "coarse" if takes(n, b, N, T, dtype, need_dx) else "groups"
+    chosen = "coarse" if takes(n, b, N, T, dtype, need_dx, capability(device)) else "groups"
     LAST_LAUNCH["butterfly_bwd_route"] = ("model", chosen)
     return chosen
 
@@ -189,7 +193,7 @@ def grad(x, g, q, transpose, key, need_dx):
     _, b, N = key
     L = width(b, N)
     dx = new_empty(T, n, dtype=x.dtype, device=x.device) if need_dx else None
-    fused = need_dx and fuses_dx(L, x.dtype)
+    fused = need_dx and fuses_dx(L, x.dtype, capability(x.device))
     if need_dx and not fused:
         kb.fused_apply_into(g, q, not transpose, key, dx)
     # dMc in bf16 (fp32's range): the chain's products round it to bf16 anyway on a GPU, and at
@@ -223,10 +227,11 @@ def launch_specs(n: int, b: int, N: int, dtype: torch.dtype, gsig: dict) -> list
            for spec in kw.launch_specs(kw.level_group(n, L, 1, 0), L, dtype)
            if spec["name"].startswith(("wide_grad", "wide_dq"))]
     with kb._compiling():
-        fused_dx = fuses_dx(L, dtype)
-    if fused_dx:  # the dMc pass writing dx too, and the Delta_c build it reads
-        dmc += [dict(spec, name=spec["name"].replace("_grad", "_dx_grad", 1),
-                     constexprs={**spec["constexprs"], "WRITE_DX": True})
+        fused_dx, fused_dx_80 = fuses_dx(L, dtype), fuses_dx(L, dtype, (8, 0))
+    if fused_dx:  # the dMc pass writing dx too, and the Delta_c build it reads (Hopper only past 160)
+        archs = {} if fused_dx_80 else {"archs": (90,)}
+        dmc += [dict(spec, name=spec["name"].replace("_grad", "_dx_grad", 1), arch_options={},
+                     constexprs={**spec["constexprs"], "WRITE_DX": True}, **archs)
                 for spec in dmc if spec["constexprs"].get("WRITE_DX") is False]
         ptr = gsig["x_ptr"]
         for trans in (False, True):
@@ -236,7 +241,7 @@ def launch_specs(n: int, b: int, N: int, dtype: torch.dtype, gsig: dict) -> list
             dmc.append(dict(name="coarse_delta" + ("_T" if trans else ""), width=L, levels=N,
                             fn=_coarse_delta_kernel, signature={"q_ptr": "*fp32", "d_ptr": ptr, "D": "i32"},
                             divisible=(), constexprs=meta, config={"num_warps": warps, "num_stages": stages},
-                            num_warps=warps, num_stages=stages))
+                            num_warps=warps, num_stages=stages, **archs))
     fused, hp = kb.fused_groups(n, b, N), next_pow2(b // 2)
     with kb._compiling():
         dot = kb._dot_meta(torch.bfloat16, max(hp << (k1 - k0) for k0, k1 in fused))

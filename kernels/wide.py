@@ -14,18 +14,19 @@ its row tiles. So each program owns a slab of ``BN`` output columns of one block
   block's full row tile. The slabs of a block are neighbours in the grid (axis 0), so they walk
   the same row tiles together and share them through L2 on a GPU; the interpreter's byte count,
   which has no cache, counts every read.
-- **Backward** ``dx = g + g Delta^T`` (``g + g Delta`` with transpose) is the forward kernel on
-  g with the transpose flipped (up to 160 wide: the dMc pass's, below). ``dMc = x^T g`` (``g^T
-  x``) takes a second pass: a program
-  accumulates a slab of dMc's rows (columns with transpose) in fp32, reading the full row tile of
-  g and its slab of x; dQ of the level *is* dMc (one factor: no block products). Row splits and
-  the split-ordered partial sums are ``butterfly._splits``'s, so dQ's bits do not depend on the
-  tile config. Up to ``MAX_BLOCK + PAIR_REST`` (192) wide one program holds the block's whole
-  dMc as four tiles instead (``_wide_grad_pair_kernel``), so that pass reads g once; up to
-  ``MAX_BLOCK + PAIR_DX_REST`` (160) it also holds ``Delta^T`` as four tiles, made from Q, and
-  writes dx on the same rows (``wide_grads``): one pass over (x, g) for both gradients. (Wider,
-  one pass holding both a ``Delta^T`` slab and a dMc slab spills: on sm_80 from 192 wide, on both
-  at 512; with slabs narrow enough not to, it reads g more often than the two passes do.)
+- **Backward** ``dx = g + g Delta^T`` (``g + g Delta`` with transpose) is the forward kernel on g
+  with the transpose flipped (up to 192 wide, 160 before Hopper: the dMc pass's, below). ``dMc = x^T
+  g`` (``g^T x``) takes a second pass: a program accumulates a slab of dMc's rows (columns with
+  transpose) in fp32, reading the full row tile of g and its slab of x; dQ of the level *is* dMc
+  (one factor: no block products). Row splits and the split-ordered partial sums are
+  ``butterfly._splits``'s, so dQ's bits do not depend on the tile config. Up to ``MAX_BLOCK +
+  PAIR_REST`` (192) wide one program holds the block's whole dMc as four tiles instead
+  (``_wide_grad_pair_kernel``), so that pass reads g once; up to ``MAX_BLOCK + PAIR_DX_REST_HOPPER``
+  (192; ``PAIR_DX_REST``, 160, before Hopper, whose mma holds the tiles in registers) it also holds
+  ``Delta^T`` as four tiles, made from Q, and writes dx on the same rows (``wide_grads``): one pass
+  over (x, g) for both gradients. (Wider, one pass holding both a ``Delta^T`` slab and a dMc slab
+  spills: on sm_80 from 192 wide, on both at 512; with slabs narrow enough not to, it reads g more
+  often than the two passes do.)
 - **K-split** past what a slab holds (16-bit past 512 wide, fp32's forward past 256 and its dMc
   past 512; ``splits_k``): the same kernels stream KC-wide chunks of x and of the Delta slab per
   row tile (forward), or own a ``[BN, KC]`` tile of dMc (backward), so no width is too wide for
@@ -40,7 +41,18 @@ import torch
 from torch.library import wrap_triton
 
 from . import butterfly as kb
-from ._common import TRITON_VERSION, LAST_LAUNCH, _version_tuple, kernel_op, new_empty, next_pow2, num_sms, tl, triton
+from ._common import (
+    TRITON_VERSION,
+    LAST_LAUNCH,
+    _version_tuple,
+    capability,
+    kernel_op,
+    new_empty,
+    next_pow2,
+    num_sms,
+    tl,
+    triton,
+)
 
 # Values of the Delta slab a forward program holds next to its row tile, and of the dMc slab a
 # backward program accumulates (fp32): the widest that compile without spills on sm_90 and sm_80
@@ -81,9 +93,12 @@ PAIR_RC = 16
 # The four-tile kernel also writes dx (Delta's four tiles held next to dMc's) for blocks of
 # MAX_BLOCK + up to PAIR_DX_REST columns, its second tile padded to at least that: 136-160 then
 # compile without spills on sm_90 and sm_80 (8 warps, two stages), while a second tile of 16
-# columns (144) spilled 444-500 bytes, and 192 wide (64) 24-120 bytes on sm_80 at 1-3 stages.
+# columns (144) spilled 444-500 bytes. Up to 192 (PAIR_DX_REST_HOPPER) on Hopper: wgmma reads the
+# held tiles from shared memory, so 161-192 compile without spills there at two stages (16 bytes
+# at one), while sm_80's mma holds them in registers and spills 24-148 bytes at 1-3 stages.
 # Without dx the tile is padded the same, so dQ's bits do not depend on whether x needs a gradient.
 PAIR_DX_REST = 32
+PAIR_DX_REST_HOPPER = 64
 
 
 def pair_rest(b: int) -> int:
@@ -163,18 +178,19 @@ def k_chunk(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> int:
 WHOLE_BLOCK_WARPS = 4 if _version_tuple(TRITON_VERSION) >= (3, 7) else 8
 
 
-def default_config(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The untuned config. Forward: the whole block (up to FWD_WHOLE) in 32-row tiles on
-    WHOLE_BLOCK_WARPS warps, else (and for fp32) 16-row tiles on 8. Backward: 8 warps, two
-    stages, but one for the four-tile dMc past ``takes_pair_dx`` (161-192 wide: two spill 84
-    bytes at 192 on sm_80; up to 160, with or without dx, two spill nothing and one does at b =
-    144 with N = 2 on sm_80)."""
+def default_config(kind: str, b: int, dtype: torch.dtype = torch.bfloat16,
+                   cap: tuple[int, int] | None = None) -> dict:
+    """The untuned config on a GPU of compute capability cap (None: the interpreter, as Hopper).
+    Forward: the whole block (up to FWD_WHOLE) in 32-row tiles on WHOLE_BLOCK_WARPS warps, else
+    (and for fp32) 16-row tiles on 8. Backward: 8 warps, two stages, but one for the four-tile dMc
+    past ``takes_pair_dx`` (161-192 wide before Hopper: two spill 84 bytes at 192 on sm_80; up to
+    160, with or without dx, two spill nothing and one does at b = 144 with N = 2 on sm_80)."""
     if kind == "fwd":
         if splits_k("fwd", b, dtype):  # a GEMM tile: rows enough that Delta's chunks are reused
             return {"BT": SPLIT_ROWS[dtype == torch.float32], "PPS": 2, "num_warps": 8, "num_stages": 2}
         whole = next_pow2(b) <= FWD_WHOLE and dtype != torch.float32
         return {"BT": 32 if whole else 16, "PPS": 2, "num_warps": WHOLE_BLOCK_WARPS if whole else 8, "num_stages": 2}
-    return {"num_warps": 8, "num_stages": 1 if takes_pair(b, dtype) and not takes_pair_dx(b, dtype) else 2}
+    return {"num_warps": 8, "num_stages": 1 if takes_pair(b, dtype) and not takes_pair_dx(b, dtype, cap) else 2}
 
 
 def candidates(kind: str, b: int, dtype: torch.dtype | None = None) -> list[dict]:
@@ -441,16 +457,18 @@ def takes_pair(b: int, dtype: torch.dtype) -> bool:
     return kb.MAX_BLOCK < b <= kb.MAX_BLOCK + PAIR_REST and (dtype != torch.float32 or kb.interpreting())
 
 
-def takes_pair_dx(b: int, dtype: torch.dtype) -> bool:
-    """Whether that dMc pass can also write dx (``grad_q``'s dx and delta)."""
-    return takes_pair(b, dtype) and b <= kb.MAX_BLOCK + PAIR_DX_REST
+def takes_pair_dx(b: int, dtype: torch.dtype, cap: tuple[int, int] | None = None) -> bool:
+    """Whether that dMc pass can also write dx (``grad_q``'s dx and delta) on a GPU of compute
+    capability cap (None: the interpreter, as Hopper): up to 160 wide, 192 from Hopper on."""
+    rest = PAIR_DX_REST if cap is not None and cap < (9, 0) else PAIR_DX_REST_HOPPER
+    return takes_pair(b, dtype) and b <= kb.MAX_BLOCK + rest
 
 
 def _pick(kind: str, key, x, tuned_as=None) -> tuple[str, dict]:
     """The config for ``key``'s kernels: forced, or tuned (the cache entry of ``tuned_as``, the
     layer shape that runs them, else ``key``), else this module's default."""
     source, cfg = kb.pick_config(kind, *(tuned_as or key), x.dtype, x.device)
-    return (source, cfg) if source != "default" else ("default", default_config(kind, key[1], x.dtype))
+    return (source, cfg) if source != "default" else ("default", default_config(kind, key[1], x.dtype, capability(x.device)))
 
 
 def apply_into(x, q, transpose, k0, key, y) -> None:
@@ -485,8 +503,9 @@ def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, 
     b = key[1]
     grp = level_group(*key, k0)
     write_dx = dx is not None
-    if write_dx and (delta is None or not takes_pair_dx(b, x.dtype)):
-        raise ValueError(f"wide.grad_q: the dMc pass writes dx up to {kb.MAX_BLOCK + PAIR_DX_REST} wide, "
+    if write_dx and (delta is None or not takes_pair_dx(b, x.dtype, capability(x.device))):
+        raise ValueError(f"wide.grad_q: the dMc pass writes dx up to {kb.MAX_BLOCK + PAIR_DX_REST_HOPPER} wide "
+                         f"({kb.MAX_BLOCK + PAIR_DX_REST} before Hopper), "
                          f"16-bit, given its Delta (b={b}, {x.dtype}, delta given: {delta is not None})")
     if T == 0:
         return torch.zeros(shape, dtype=dtype, device=x.device)
@@ -576,7 +595,7 @@ def _backward(ctx, g):
     none = (None,) * 5
     if g is None:
         return None, None, *none
-    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and takes_pair_dx(b, g.dtype):
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and takes_pair_dx(b, g.dtype, capability(g.device)):
         return *wide_grads(x, g, q, transpose, k0, n, b, N), *none
     dx = wide_apply(g, q, not transpose, k0, n, b, N) if ctx.needs_input_grad[0] else None
     dq = wide_grad_q(x, g, q, transpose, k0, n, b, N) if ctx.needs_input_grad[1] else None
@@ -598,6 +617,8 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[d
     with kb._compiling():
         dot = _dot_meta(dtype)
     fwd, bwd = default_config("fwd", b, dtype), default_config("bwd", b, dtype)
+    bwd_80 = default_config("bwd", b, dtype, (8, 0))  # as launched before Hopper, where that differs
+    bwd_arch = {80: {"num_stages": bwd_80["num_stages"]}} if bwd_80 != bwd else {}
     shape = dict(width=grp["WP"], levels=1)
     specs = []
     sig = {"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "T": "i32", "n": "i32"}
@@ -619,13 +640,14 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[d
             fn, sig, constexprs = _wide_grad_kernel, gsig, {**_layout(grp, b, "bwd", dtype), "RC": WIDE_RC}
         specs.append(dict(name=name + ("_pair" if pair else "") + tag, **shape, fn=fn, signature=sig,
                           divisible=("n", "ROWS"), constexprs={**constexprs, "TRANS": False, "FUSED_DQ": fused, **dot},
-                          config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
+                          config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"], arch_options=bwd_arch))
     with kb._compiling():
-        pair_dx = takes_pair_dx(b, dtype)
-    if pair_dx:  # both gradients in one pass (wide_grads): dx too, Delta made from Q
+        pair_dx, pair_dx_80 = takes_pair_dx(b, dtype), takes_pair_dx(b, dtype, (8, 0))
+    if pair_dx:  # both gradients in one pass (wide_grads): dx too, Delta made from Q; Hopper only past 160
         specs += [dict(spec, name=spec["name"].replace("wide_grad", "wide_dx_grad", 1),
-                       signature={**spec["signature"], "d_ptr": "*fp32"},
-                       constexprs={**spec["constexprs"], "WRITE_DX": True, "DELTA_FROM_Q": True})
+                       signature={**spec["signature"], "d_ptr": "*fp32"}, arch_options={},
+                       constexprs={**spec["constexprs"], "WRITE_DX": True, "DELTA_FROM_Q": True},
+                       **({} if pair_dx_80 else {"archs": (90,)}))
                   for spec in specs if spec["name"].startswith("wide_grad")]
     kp = slab("bwd", b, dtype)[0]
     specs.append(dict(name="wide_dq" + tag, **shape, fn=_wide_dq_kernel,

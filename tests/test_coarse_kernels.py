@@ -22,6 +22,7 @@ from test_kernels import (  # noqa: F401  (_nan_outputs: NaN-filled outputs, def
 
 kb = importlib.import_module("boft_triton.kernels.butterfly")
 kc = importlib.import_module("boft_triton.kernels.coarse")
+kw = importlib.import_module("boft_triton.kernels.wide")
 
 pytestmark = pytest.mark.kernels
 
@@ -43,9 +44,8 @@ def spy(monkeypatch):
 # DreamBooth's block_num=8 (40x3, L = 160: chunks of 20 padded to 32), 20x4 (four one-level
 # groups), 36x3 (L = 144, dMc's second tile mostly padding), ControlNet's 80x2 (each group's two
 # 128-wide blocks shared out between two chain programs), 72x2 and 68x2 (L = 136: 24 of the second
-# tile's 32 lanes padding), whose dMc pass also writes dx;
-# 48x3 (L = 192: the dMc pass holds the block, dx a pass of its own) and 64x3 (L = 256: the dMc
-# pass in row slabs).
+# tile's 32 lanes padding), and 48x3 (L = 192: on Hopper, as the interpreter routes), whose dMc
+# pass also writes dx; 64x3 (L = 256: the dMc pass in row slabs, dx a pass of its own).
 # Enough rows that the route pays, a partial last row tile in each.
 COARSE_CASES = [(300, 320, 40, 3, 1.0), (333, 320, 20, 4, 1.0), (301, 288, 36, 3, 10.0), (300, 320, 80, 2, 1.0),
                 (250, 288, 72, 2, 1.0), (260, 272, 68, 2, 1.0), (401, 384, 48, 3, 1.0), (600, 512, 64, 3, 1.0)]
@@ -62,7 +62,22 @@ def test_coarse_backward(monkeypatch, spy, T, n, b, N, scale, transpose, dtype):
     check_butterfly(T, n, b, N, scale, transpose, dtype=dtype)
     assert spy == [True]
     assert len(dx_passes) == 2 - kc.fuses_dx(kc.width(b, N), dtype)  # the forward, and dx's own pass
-    assert kc.fuses_dx(kc.width(b, N), dtype) == (kc.width(b, N) <= 160)
+    assert kc.fuses_dx(kc.width(b, N), dtype) == (kc.width(b, N) <= 192)
+
+
+def test_coarse_backward_before_hopper(monkeypatch, spy):
+    """Before Hopper the dMc pass writes dx only up to L = 160 (past it, mma's register-held
+    tiles spill): at 48x3 (L = 192) dx takes a pass of its own there, with the same results."""
+    assert [kc.fuses_dx(L, torch.bfloat16, (8, 0)) for L in (160, 192)] == [True, False]
+    assert [kc.fuses_dx(L, torch.bfloat16, cap) for L in (192, 256) for cap in ((9, 0), None)] == [True] * 2 + [False] * 2
+    monkeypatch.setattr(kc, "capability", lambda device: (8, 0))
+    monkeypatch.setattr(kw, "capability", lambda device: (8, 0))
+    dx_passes = []
+    apply = kb.fused_apply_into
+    monkeypatch.setattr(kb, "fused_apply_into", lambda x, *rest: dx_passes.append(x.shape) or apply(x, *rest))
+    assert kc.takes(384, 48, 3, 401, torch.bfloat16, True, (8, 0))
+    check_butterfly(401, 384, 48, 3, 1.0, False, dtype=torch.bfloat16)
+    assert spy == [True] and len(dx_passes) == 2  # the forward, and dx's own pass
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])

@@ -51,16 +51,30 @@ WIDE_16BIT_CASES = [(320, 160, 1, False, torch.bfloat16), (320, 160, 1, True, to
 @pytest.mark.parametrize("n,b,N,transpose,dtype", WIDE_16BIT_CASES,
                          ids=[f"{n}-{b}x{N}-{'xMT' if t else 'xM'}-{str(d)[6:]}" for n, b, N, t, d in WIDE_16BIT_CASES])
 def test_wide_levels_in_16_bits(monkeypatch, n, b, N, transpose, dtype):
-    """Up to 160 wide dx comes out of the dMc pass (``wide_grads``: Delta made from Q in either
-    orientation, 136 with 24 padded lanes); wider, it is the transposed forward, a pass of its own
-    (K-split past 512 wide)."""
+    """Up to 192 wide dx comes out of the dMc pass (``wide_grads``: Delta made from Q in either
+    orientation, 136 with 24 padded lanes; the interpreter routes as Hopper); wider, it is the
+    transposed forward, a pass of its own (K-split past 512 wide)."""
     applies = []
     apply = kw.wide_apply
     monkeypatch.setattr(kw, "wide_apply", lambda *args: applies.append(args[2]) or apply(*args))
     check_butterfly(21, n, b, N, 1.0, transpose, dtype=dtype)
-    assert kw.takes_pair_dx(b, dtype) == (b <= 160)
+    assert kw.takes_pair_dx(b, dtype) == (b <= 192)
     # the forward's levels, then dx's (the transpose flipped)
-    assert applies == [transpose] * N + ([] if b <= 160 else [not transpose] * N)
+    assert applies == [transpose] * N + ([] if b <= 192 else [not transpose] * N)
+
+
+def test_wide_dx_pass_before_hopper(monkeypatch):
+    """Before Hopper the dMc pass writes dx only up to 160 wide (mma holds the tiles in registers:
+    spills past it), so at 192 dx is the transposed forward there, with the same results."""
+    assert [kw.takes_pair_dx(b, torch.bfloat16, (8, 0)) for b in (160, 192)] == [True, False]
+    assert kw.default_config("bwd", 192, torch.bfloat16, (8, 0))["num_stages"] == 1  # two spill on sm_80
+    assert kw.default_config("bwd", 192, torch.bfloat16, (9, 0))["num_stages"] == 2  # one spills with dx on sm_90
+    monkeypatch.setattr(kw, "capability", lambda device: (8, 0))
+    applies = []
+    apply = kw.wide_apply
+    monkeypatch.setattr(kw, "wide_apply", lambda *args: applies.append(args[2]) or apply(*args))
+    check_butterfly(21, 384, 192, 1, 1.0, True, dtype=torch.bfloat16)
+    assert applies == [True, False]
 
 
 # K-split levels (kernels wider than a slab holds: 16-bit past 512, fp32's forward past 256 and
