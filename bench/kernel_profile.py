@@ -170,11 +170,19 @@ def traffic(n: int, b: int, N: int, T: int, dtype_name: str = "bf16", x_grad: bo
     moved_fwd = fwd["load_bytes"] + fwd["store_bytes"]
     moved_bwd = bwd["load_bytes"] + bwd["store_bytes"]
     macs = fwd["dot_macs"] + bwd["dot_macs"]
+    # the least any kernel moves (the floor): the ideal, plus Q (fp32) read once by the forward
+    # and once by the backward (dx needs the rotation; a multi-level dQ its factors), and dQ
+    # written once. Q has N b values per column against T per activation pass, so at wide blocks
+    # and few rows it alone can put the targets out of reach (b x N = 512 at T = 1024: fwd 1.5x)
+    q_bytes = Q.numel() * 4
+    floor_fwd = ideal_fwd + q_bytes
+    floor_fwd_bwd = floor_fwd + ideal_bwd + q_bytes * ((x_grad or N > 1) + 1)
     return {
         "n": n, "b": b, "N": N, "L": b << (N - 1), "T": T, "dtype": dtype_name,
         "fwd_bytes": moved_fwd, "fwd_ideal": ideal_fwd, "fwd_ratio": moved_fwd / ideal_fwd,
         "fwd_bwd_bytes": moved_fwd + moved_bwd, "fwd_bwd_ideal": ideal_fwd + ideal_bwd,
         "fwd_bwd_ratio": (moved_fwd + moved_bwd) / (ideal_fwd + ideal_bwd),
+        "q_bytes": q_bytes, "fwd_floor": floor_fwd / ideal_fwd, "fwd_bwd_floor": floor_fwd_bwd / (ideal_fwd + ideal_bwd),
         # torch ops on the parameter side (block builder and its backward, casts, partial sums):
         # independent of T, so their share falls as 1/T
         "torch_bytes": fwd_torch["bytes"] + bwd_torch["bytes"],
@@ -229,16 +237,18 @@ def segmented_markdown(rows: list[dict]) -> str:
 
 def traffic_markdown(rows: list[dict]) -> str:
     lines = [
-        "| b x N | L | path | T | n | fwd bytes / ideal | fwd+bwd bytes / ideal | torch-op bytes (param side) | "
-        "fwd / ideal incl. torch ops | fwd+bwd / ideal incl. torch ops | tl.dot MACs | elementwise mul | dot share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| b x N | L | path | T | n | fwd bytes / ideal | fwd+bwd bytes / ideal | floor: fwd / fwd+bwd | "
+        "torch-op bytes (param side) | fwd / ideal incl. torch ops | fwd+bwd / ideal incl. torch ops | tl.dot MACs | "
+        "elementwise mul | dot share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         torch_cols = (f"{r['torch_bytes']:.3g} | {r['fwd_ratio_with_torch']:.3f} | {r['fwd_bwd_ratio_with_torch']:.3f}"
                       if "torch_bytes" in r else " | | ")
         lines.append(
             f"| {r['b']} x {r['N']} | {r['L']} | {r['path']} | {r['T']} | {r['n']} | {r['fwd_ratio']:.3f} | "
-            f"{r['fwd_bwd_ratio']:.3f} | {torch_cols} | {r['dot_macs']:.3g} | {r['elementwise_mul']:.3g} | "
+            f"{r['fwd_bwd_ratio']:.3f} | {r['fwd_floor']:.3f} / {r['fwd_bwd_floor']:.3f} | {torch_cols} | "
+            f"{r['dot_macs']:.3g} | {r['elementwise_mul']:.3g} | "
             f"{100 * r['dot_fraction']:.0f}% |"
         )
     return "\n".join(lines) + "\n"
@@ -501,7 +511,8 @@ def main(argv=None) -> int:
         rows = [traffic(n, b, N, T, args.dtype) for n, b, N in WIDE_SHAPES]
         table = traffic_markdown(rows)
         title = (f"Interpreter traffic of wide blocks (PEFT's block_num examples), {args.dtype}, T={T} "
-                 f"(targets: fwd <= {TARGET_FWD}x, fwd+bwd <= {TARGET_FWD_BWD}x)")
+                 f"(targets: fwd <= {TARGET_FWD}x, fwd+bwd <= {TARGET_FWD_BWD}x; floor: the least any kernel "
+                 f"moves, the ideal plus Q read once each way and dQ written once)")
         stem = f"interp-wide-{date}{tag}"
     elif args.report == "segmented":
         T = args.T if args.T != 512 else SEGMENTED_T

@@ -60,6 +60,9 @@ def test_wide_coarse_blocks_take_one_pass(n, b, N, T):
     assert row["fwd_ratio"] <= kernel_profile.TARGET_FWD, row
     assert row["fwd_bwd_ratio"] <= kernel_profile.TARGET_FWD_BWD, row
     assert row["path"] == ("fused32+32" if b == 8 else "fused64+64+64-bwd-coarse"), row
+    # one program per coarse block here: the forward moves its floor exactly (x, y and Q once each)
+    assert row["fwd_ratio"] == pytest.approx(row["fwd_floor"], rel=1e-9), row
+    assert row["fwd_floor"] < row["fwd_bwd_floor"] <= row["fwd_bwd_ratio"], row
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts bytes in Triton's interpreter")
