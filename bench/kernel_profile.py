@@ -1,20 +1,24 @@
 """What the butterfly kernels cost, measured without a GPU.
 
-Reports, one tool (``python -m boft_triton.bench.kernel_profile traffic|wide|segmented|compile|cayley|roofline|accuracy``):
+Reports, one tool (``python -m boft_triton.bench.kernel_profile
+traffic|wide|segmented|compile|compile-wide|cayley|roofline|accuracy``):
 
 - **traffic**: runs the forward and the backward in Triton's interpreter and counts the bytes every
   kernel loads and stores (masked lanes excluded), the multiply-adds done by ``tl.dot`` and the
   elementwise multiplies. Bytes are compared with the ideal of a bandwidth-bound rotation: the
   forward reads x and writes y (2 passes over x), the backward reads x and g and writes dx
   (3 passes). Everything the kernels read or write is counted, parameters (coarse blocks, their
-  gradient partials) included.
+  gradient partials) included, and against the *floor*, the least any kernel moves (the ideal
+  plus Q read once each way and dQ written once). **wide** does this for the wide-block shapes
+  of PEFT's ``block_num`` examples;
 - **segmented**: the same count for the mixed-adapter (serving) forward, T rows split among K
   adapters, every adapter's Q read included;
 - **compile**: compiles every kernel at the config its launcher picks, for sm_90 and sm_80, with
   the 16-byte alignment / divisible-by-16 specialisation a real launch gives, and reads registers
   and spills (``ptxas -v``), shared memory, tensor-core instructions and global-load widths
   (``cuobjdump -sass``). Both tools ship inside Triton's NVIDIA backend; no GPU is needed.
-  **cayley** does the same for the blocked Cayley solve of blocks wider than 64;
+  **compile-wide** does it for the wide report's shapes, **cayley** for the blocked Cayley solve
+  of blocks wider than 64;
 - **accuracy**: y of 16-bit inputs against the exact product, with a GPU's rounding emulated op
   by op in float64 (the interpreter computes every dot in fp32, so it cannot show it);
 - **roofline**: per shape on an H100, the microseconds the bytes need at full bandwidth against
@@ -486,7 +490,8 @@ def _write(out: Path, stem: str, rows: list[dict], table: str, title: str) -> No
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Interpreter traffic and sm_90/sm_80 compile reports of the butterfly kernels.")
-    parser.add_argument("report", choices=["traffic", "wide", "segmented", "compile", "cayley", "roofline", "accuracy"])
+    parser.add_argument("report", choices=["traffic", "wide", "segmented", "compile", "compile-wide", "cayley", "roofline",
+                                           "accuracy"])
     parser.add_argument("--n", type=int, default=1024, help="traffic: layer width")
     parser.add_argument("--T", type=int, default=512, help="traffic: rows (batch x sequence)")
     parser.add_argument("--widths", default="2048,3072,4096,512,1024", help="compile: layer widths")
@@ -538,6 +543,12 @@ def main(argv=None) -> int:
         table = roofline_markdown(rows)
         title = "Roofline estimate, H100 SXM (3.35 TB/s, 989 bf16 TFLOP/s), bf16, T=8192, n=2048"
         stem = f"roofline-h100-{date}{tag}"
+    elif args.report == "compile-wide":  # the wide report's (width, b, N) shapes
+        rows = [row for n, b, N in WIDE_SHAPES for row in compile_rows([n], [(b, N)], dtype_name=args.dtype)]
+        table = compile_markdown(rows)
+        title = (f"Compile report of the wide report's shapes (PEFT's block_num examples on Stable Diffusion's "
+                 f"widths, and the issue's; ptxas/cuobjdump, launch-time specialisation), {args.dtype}")
+        stem = f"sm90-compile-wide-shapes-{date}{tag}"
     elif args.report == "cayley":
         rows = cayley_compile_rows()
         table = compile_markdown(rows)
