@@ -24,7 +24,8 @@ CACHE_ENV = "BOFT_TRITON_TUNE_CACHE"
 # Bumped when the kernels a cached config drives change under it: format 2's backward of blocks
 # 136-160 wide (one level, or a coarse block) also writes dx in its dMc pass, a heavier kernel than
 # format 1's entries were timed on (at 4 warps it spills kilobytes); format 3's does so up to 192
-# wide on Hopper.
+# wide on Hopper, and its backward entries are timed with dx wanted (format 2's were timed with
+# dQ alone, so they picked among the lighter kernels).
 CACHE_FORMAT = 3
 
 
@@ -265,10 +266,14 @@ def tune(
         Q = cayley(0.1 * torch.randn(N, n // b, b, b, generator=gen)).to(device)
         es = x.element_size()
         q_bytes = Q.numel() * 4
-        Qg = Q.clone().requires_grad_()
-        work = {  # whole calls: block builder + kernels (the backward config is timed with dQ wanted)
+        Qg, xg = Q.clone().requires_grad_(), x.clone().requires_grad_()
+        # whole calls: block builder + kernels. The backward is timed with dx and dQ wanted, as for
+        # every layer but the first: where one pass writes both (dMc passes up to 192 wide), that
+        # kernel is heavier than dQ's alone (at 4 warps it spills kilobytes), and the config chosen
+        # drives it
+        work = {
             "fwd": (lambda: kb.butterfly(x, Q), 2 * T * n * es + q_bytes),
-            "bwd": (lambda: torch.autograd.grad(kb.butterfly(x, Qg), Qg, g), 3 * T * n * es + 2 * q_bytes),
+            "bwd": (lambda: torch.autograd.grad(kb.butterfly(xg, Qg), (xg, Qg), g), 3 * T * n * es + 2 * q_bytes),
         }
         entry = {}
         for kind, (fn, nbytes) in work.items():

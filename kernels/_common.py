@@ -94,6 +94,14 @@ def capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
+def register_operand_mma(cap: tuple[int, int] | None) -> bool:
+    """Whether ``tl.dot`` runs as mma.sync there, its operands in registers: before Hopper, and
+    on consumer Blackwell (sm_120). Hopper's wgmma and datacenter Blackwell's tcgen05 read held
+    operand tiles from shared memory, which is what lets some kernels hold more (None: the
+    interpreter, as Hopper)."""
+    return cap is not None and (cap < (9, 0) or cap[0] == 12)
+
+
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -68,6 +68,7 @@ from ._common import (
     LAST_LAUNCH,
     cached_config,
     capability as device_capability,
+    register_operand_mma,
     interpreting,
     kernel_op,
     new_empty,
@@ -94,7 +95,7 @@ STAGES_SM80_WIDE = 1
 
 
 def _pre_hopper_wide(grp: dict, capability: tuple[int, int] | None) -> bool:
-    return grp["WP"] >= MAX_BLOCK and capability is not None and capability < (9, 0)
+    return grp["WP"] >= MAX_BLOCK and register_operand_mma(capability)
 
 
 def row_step(grp: dict, capability: tuple[int, int] | None) -> int:

@@ -13,8 +13,8 @@ activations are cheaper than that:
    same rows, with ``Delta_c = Mc^T - I`` (``Mc - I`` with transpose) held as four tiles too: g is
    read once for both gradients. ``Delta_c`` is built first (``_coarse_delta_kernel``,
    parameter-sized: the one-pass forward on the identity's L rows) and stored in x's dtype. Wider
-   (L in (192, 512]; past that the held tiles would spill), dx takes the one-pass forward with the
-   transpose flipped, a pass of its own over g.
+   (up to ``MAX_L``: the held tiles would spill), dx takes the one-pass forward with the transpose
+   flipped, a pass of its own over g.
 2. dQ from dMc by the chain rule, ``dF_k = (F_{N-1}..F_{k+1})^T dMc (F_{k-1}..F_0)^T`` on F_k's
    values: the butterfly's own dQ pass on ``y = I M`` with ``dl/dy = dMc`` (``fused_chain_dq``: the
    identity rows are made in registers, dMc is read once per factor group; a one-level group

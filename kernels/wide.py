@@ -47,6 +47,7 @@ from ._common import (
     _version_tuple,
     capability,
     kernel_op,
+    register_operand_mma,
     new_empty,
     next_pow2,
     num_sms,
@@ -86,8 +87,9 @@ WIDE_RC = 32
 # Blocks of MAX_BLOCK + up to PAIR_REST columns (b = 160: DreamBooth's block_num=8 on 1280; 192:
 # block_num=4 on 768) hold their whole dMc as four tiles in one program (_wide_grad_pair_kernel),
 # so the dMc pass reads g once instead of once per slab: no spills on sm_90 and sm_80 (triton 3.6
-# and 3.7) in 16-row steps on 8 warps with one stage (two stages spill 84 bytes at b = 192 on
-# sm_80; 16 warps, kilobytes). 16-bit inputs (fp32's tf32x3 operands would not fit).
+# and 3.7) in 16-row steps on 8 warps (past 160, one stage where dx is not fused: two spill 84
+# bytes at b = 192 on sm_80; 16 warps, kilobytes). 16-bit inputs (fp32's tf32x3 operands would
+# not fit).
 PAIR_REST = 64
 PAIR_RC = 16
 # The four-tile kernel also writes dx (Delta's four tiles held next to dMc's) for blocks of
@@ -459,8 +461,9 @@ def takes_pair(b: int, dtype: torch.dtype) -> bool:
 
 def takes_pair_dx(b: int, dtype: torch.dtype, cap: tuple[int, int] | None = None) -> bool:
     """Whether that dMc pass can also write dx (``grad_q``'s dx and delta) on a GPU of compute
-    capability cap (None: the interpreter, as Hopper): up to 160 wide, 192 from Hopper on."""
-    rest = PAIR_DX_REST if cap is not None and cap < (9, 0) else PAIR_DX_REST_HOPPER
+    capability cap (None: the interpreter, as Hopper): up to 160 wide, 192 where the held tiles
+    stay in shared memory (``register_operand_mma``: Hopper, datacenter Blackwell)."""
+    rest = PAIR_DX_REST if register_operand_mma(cap) else PAIR_DX_REST_HOPPER
     return takes_pair(b, dtype) and b <= kb.MAX_BLOCK + rest
 
 

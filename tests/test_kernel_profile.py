@@ -62,7 +62,23 @@ def test_wide_coarse_blocks_take_one_pass(n, b, N, T):
     assert row["path"] == ("fused32+32" if b == 8 else "fused64+64+64-bwd-coarse"), row
     # one program per coarse block here: the forward moves its floor exactly (x, y and Q once each)
     assert row["fwd_ratio"] == pytest.approx(row["fwd_floor"], rel=1e-9), row
-    assert row["fwd_floor"] < row["fwd_bwd_floor"] <= row["fwd_bwd_ratio"], row
+    assert row["fwd_bwd_floor"] <= row["fwd_bwd_ratio"], row  # no kernel moves less
+
+
+def test_compile_rows_follow_the_launchers_per_arch(monkeypatch):
+    """The compile report lists a kernel only for the archs its launcher runs it on, at the config
+    it runs there: 192-wide blocks write dx in their dMc pass on Hopper only, and sm_80 runs their
+    dMc pass alone in one stage."""
+    from boft_triton.bench import kernel_profile
+
+    monkeypatch.setattr(kernel_profile, "compile_stats", lambda spec, arch: {"spill_bytes": 0})  # no ptxas here
+    rows = kernel_profile.compile_rows([768], [(192, 1), (96, 2)])
+    for arch, stages in (("sm_90", 2), ("sm_80", 1)):
+        mine = [r for r in rows if r["arch"] == arch]
+        fused_dx = {r["kernel"] for r in mine if "dx_grad" in r["kernel"] or r["kernel"].startswith("coarse_delta")}
+        assert bool(fused_dx) == (arch == "sm_90"), (arch, fused_dx)
+        pair = [r for r in mine if r["kernel"].endswith("grad_pair") and "dx" not in r["kernel"]]
+        assert len(pair) == 2 and all(r["config"]["num_stages"] == stages for r in pair), (arch, pair)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts bytes in Triton's interpreter")

@@ -615,11 +615,10 @@ rows += [r for r in kernel_profile.compile_rows([1152], [(144, 2)], archs=(80,))
 # 161-192 wide: both gradients in one pass on Hopper only (before it, dx takes a pass of its own)
 kb = importlib.import_module("boft_triton.kernels.butterfly")
 for n, b, N in ((768, 96, 2), (768, 192, 1)):
-    for spec in kb.launch_specs(n, b, N):
-        if "dx_grad" in spec["name"]:
-            assert spec["archs"] == (90,), spec["name"]
-            rows.append(dict(n=n, b=b, N=N, L=b << (N - 1), kernel=spec["name"], width=spec["width"], levels=spec["levels"],
-                             dtype="bf16", **kernel_profile.compile_stats(spec, 90)))
+    hopper = [spec for spec in kb.launch_specs(n, b, N) if "dx_grad" in spec["name"]]
+    assert len(hopper) == 2 and all(spec["archs"] == (90,) for spec in hopper), hopper  # with and without fused dQ
+    rows += [dict(n=n, b=b, N=N, L=b << (N - 1), kernel=spec["name"], width=spec["width"], levels=spec["levels"],
+                  dtype="bf16", **kernel_profile.compile_stats(spec, 90)) for spec in hopper]
 rows += kernel_profile.compile_rows([512], [(16, 2)], archs=(90,), dtype_name="fp32")
 # K-split levels: 16-bit past 512 wide, fp32's forward past 256
 rows += [dict(r, kernel=r["kernel"] + "_ksplit") for r in kernel_profile.compile_rows([2048], [(1024, 1)], archs=(80,))
