@@ -186,7 +186,8 @@ def traffic(n: int, b: int, N: int, T: int, dtype_name: str = "bf16", x_grad: bo
         "fwd_bytes": moved_fwd, "fwd_ideal": ideal_fwd, "fwd_ratio": moved_fwd / ideal_fwd,
         "fwd_bwd_bytes": moved_fwd + moved_bwd, "fwd_bwd_ideal": ideal_fwd + ideal_bwd,
         "fwd_bwd_ratio": (moved_fwd + moved_bwd) / (ideal_fwd + ideal_bwd),
-        "q_bytes": q_bytes, "fwd_floor": floor_fwd / ideal_fwd, "fwd_bwd_floor": floor_fwd_bwd / (ideal_fwd + ideal_bwd),
+        "q_bytes": q_bytes, "fwd_floor": floor_fwd / ideal_fwd,
+        "fwd_bwd_floor": floor_fwd_bwd / (ideal_fwd + ideal_bwd),
         # torch ops on the parameter side (block builder and its backward, casts, partial sums):
         # independent of T, so their share falls as 1/T
         "torch_bytes": fwd_torch["bytes"] + bwd_torch["bytes"],
@@ -490,8 +491,8 @@ def _write(out: Path, stem: str, rows: list[dict], table: str, title: str) -> No
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Interpreter traffic and sm_90/sm_80 compile reports of the butterfly kernels.")
-    parser.add_argument("report", choices=["traffic", "wide", "segmented", "compile", "compile-wide", "cayley", "roofline",
-                                           "accuracy"])
+    parser.add_argument("report", choices=["traffic", "wide", "segmented", "compile", "compile-wide", "cayley",
+                                           "roofline", "accuracy"])
     parser.add_argument("--n", type=int, default=1024, help="traffic: layer width")
     parser.add_argument("--T", type=int, default=512, help="traffic: rows (batch x sequence)")
     parser.add_argument("--widths", default="2048,3072,4096,512,1024", help="compile: layer widths")

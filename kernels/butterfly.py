@@ -68,12 +68,12 @@ from ._common import (
     LAST_LAUNCH,
     cached_config,
     capability as device_capability,
-    register_operand_mma,
     interpreting,
     kernel_op,
     new_empty,
     next_pow2,
     num_sms,
+    register_operand_mma,
     tl,
     triton,
 )
@@ -209,6 +209,8 @@ def group_bounds(groups) -> dict:
     order as A0, A1, B0, ... (unused groups ``[0, 0)``)."""
     bounds = [v for k0k1 in groups for v in k0k1] + [0, 0] * (FUSED_MAX_GROUPS - len(groups))
     return dict(NG=len(groups), **dict(zip(_BOUND_NAMES, bounds)))
+
+
 # The one-pass backward holds one group's fp32 dMc for the coarse block besides the other groups'
 # blocks: up to this many values it compiles with at most ~100 bytes of spills a thread (64x3,
 # 40x3: 16K; 8x6: 8K, none in the row loop); above it (80x2: 2 x 128 x 128) it would spill
@@ -1490,8 +1492,8 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
             specs.append(dict(name=name, width=width, levels=N, fn=_fused_apply_kernel,
                               signature={"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "T": "i32", "n": "i32",
                                          "D": "i32"}, divisible=("n",),
-                              constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, **group_bounds(groups), "TRANS": trans,
-                                          "BT": fwd["BT"], **dot},
+                              constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, **group_bounds(groups),
+                                          "TRANS": trans, "BT": fwd["BT"], **dot},
                               config=fwd, num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))
         gsig = {"x_ptr": ptr, "g_ptr": ptr, "q_ptr": "*fp32", "dx_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32",
                 "T": "i32", "n": "i32", "D": "i32", "ROWS": "i32", "NCB": "i32"}

@@ -227,10 +227,9 @@ def launch_specs(n: int, b: int, N: int, dtype: torch.dtype, gsig: dict) -> list
            for spec in kw.launch_specs(kw.level_group(n, L, 1, 0), L, dtype)
            if spec["name"].startswith(("wide_grad", "wide_dq"))]
     with kb._compiling():
-        fused_dx, fused_dx_80 = fuses_dx(L, dtype), fuses_dx(L, dtype, (8, 0))
+        fused_dx, archs = fuses_dx(L, dtype), kw.pair_dx_archs(L, dtype)
     if fused_dx:  # the dMc pass writing dx too, and the Delta_c build it reads (Hopper only past 160)
-        archs = {} if fused_dx_80 else {"archs": (90,)}
-        dmc += [dict(spec, name=spec["name"].replace("_grad", "_dx_grad", 1), arch_options={},
+        dmc += [dict(spec, name=spec["name"].replace("_grad", "_dx_grad", 1),
                      constexprs={**spec["constexprs"], "WRITE_DX": True}, **archs)
                 for spec in dmc if spec["constexprs"].get("WRITE_DX") is False]
         ptr = gsig["x_ptr"]

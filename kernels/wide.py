@@ -47,10 +47,10 @@ from ._common import (
     _version_tuple,
     capability,
     kernel_op,
-    register_operand_mma,
     new_empty,
     next_pow2,
     num_sms,
+    register_operand_mma,
     tl,
     triton,
 )
@@ -467,11 +467,23 @@ def takes_pair_dx(b: int, dtype: torch.dtype, cap: tuple[int, int] | None = None
     return takes_pair(b, dtype) and b <= kb.MAX_BLOCK + rest
 
 
+# The compile report's pre-Hopper arch, as a capability.
+SM80 = (8, 0)
+
+
+def pair_dx_archs(b: int, dtype: torch.dtype) -> dict:
+    """What a compile spec of the dMc pass that writes dx carries: ``archs=(90,)`` where sm_80 does
+    not launch it (161-192 wide), nothing where both do."""
+    return {} if takes_pair_dx(b, dtype, SM80) else {"archs": (90,)}
+
+
 def _pick(kind: str, key, x, tuned_as=None) -> tuple[str, dict]:
     """The config for ``key``'s kernels: forced, or tuned (the cache entry of ``tuned_as``, the
     layer shape that runs them, else ``key``), else this module's default."""
     source, cfg = kb.pick_config(kind, *(tuned_as or key), x.dtype, x.device)
-    return (source, cfg) if source != "default" else ("default", default_config(kind, key[1], x.dtype, capability(x.device)))
+    if source != "default":
+        return source, cfg
+    return "default", default_config(kind, key[1], x.dtype, capability(x.device))
 
 
 def apply_into(x, q, transpose, k0, key, y) -> None:
@@ -620,7 +632,7 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[d
     with kb._compiling():
         dot = _dot_meta(dtype)
     fwd, bwd = default_config("fwd", b, dtype), default_config("bwd", b, dtype)
-    bwd_80 = default_config("bwd", b, dtype, (8, 0))  # as launched before Hopper, where that differs
+    bwd_80 = default_config("bwd", b, dtype, SM80)  # as launched before Hopper, where that differs
     bwd_arch = {80: {"num_stages": bwd_80["num_stages"]}} if bwd_80 != bwd else {}
     shape = dict(width=grp["WP"], levels=1)
     specs = []
@@ -645,12 +657,11 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[d
                           divisible=("n", "ROWS"), constexprs={**constexprs, "TRANS": False, "FUSED_DQ": fused, **dot},
                           config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"], arch_options=bwd_arch))
     with kb._compiling():
-        pair_dx, pair_dx_80 = takes_pair_dx(b, dtype), takes_pair_dx(b, dtype, (8, 0))
+        pair_dx, archs = takes_pair_dx(b, dtype), pair_dx_archs(b, dtype)
     if pair_dx:  # both gradients in one pass (wide_grads): dx too, Delta made from Q; Hopper only past 160
         specs += [dict(spec, name=spec["name"].replace("wide_grad", "wide_dx_grad", 1),
-                       signature={**spec["signature"], "d_ptr": "*fp32"}, arch_options={},
-                       constexprs={**spec["constexprs"], "WRITE_DX": True, "DELTA_FROM_Q": True},
-                       **({} if pair_dx_80 else {"archs": (90,)}))
+                       signature={**spec["signature"], "d_ptr": "*fp32"},
+                       constexprs={**spec["constexprs"], "WRITE_DX": True, "DELTA_FROM_Q": True}, **archs)
                   for spec in specs if spec["name"].startswith("wide_grad")]
     kp = slab("bwd", b, dtype)[0]
     specs.append(dict(name="wide_dq" + tag, **shape, fn=_wide_dq_kernel,

@@ -69,7 +69,7 @@ def test_coarse_backward_before_hopper(monkeypatch, spy):
     """Before Hopper the dMc pass writes dx only up to L = 160 (past it, mma's register-held
     tiles spill): at 48x3 (L = 192) dx takes a pass of its own there, with the same results."""
     assert [kc.fuses_dx(L, torch.bfloat16, (8, 0)) for L in (160, 192)] == [True, False]
-    assert [kc.fuses_dx(L, torch.bfloat16, cap) for L in (192, 256) for cap in ((9, 0), None)] == [True] * 2 + [False] * 2
+    assert [kc.fuses_dx(L, torch.bfloat16, cap) for L in (192, 256) for cap in ((9, 0), None)] == [True, True, False, False]
     monkeypatch.setattr(kc, "capability", lambda device: (8, 0))
     monkeypatch.setattr(kw, "capability", lambda device: (8, 0))
     dx_passes = []
