@@ -212,10 +212,17 @@ def group_bounds(groups) -> dict:
 
 
 # The one-pass backward holds one group's fp32 dMc for the coarse block besides the other groups'
-# blocks: up to this many values it compiles with at most ~100 bytes of spills a thread (64x3,
-# 40x3: 16K; 8x6: 8K, none in the row loop); above it (80x2: 2 x 128 x 128) it would spill
-# kilobytes, so those shapes recompute the group inputs and take plan()'s per-group backward.
-FUSED_ACC = 16 * 1024
+# blocks: up to this many values it compiles without spills on sm_90 and sm_80 (8x6: 8K). At 16K
+# (64x3, 40x3, 36x3, 48x3: three 64-wide groups) every pass sat at 255 registers and spilled
+# 4-124 bytes a thread whatever the stages, warps or offset widths; those shapes' backward goes
+# through the dense coarse blocks (``coarse``: the byte model takes it from 1.2-1.4 L rows up,
+# 190-340 rows) or, below that, plan()'s per-group passes (8 activation passes to the spilling
+# kernel's 7, on at most a few hundred KB of activations).
+FUSED_ACC = 8 * 1024
+# The chain pass that accumulates a middle group's dMc (``chain_passes``' ``acc``) holds fewer
+# blocks (its identity rows are made, not read, and the first group's are gathered): it compiles
+# clean up to this many values.
+CHAIN_ACC = 16 * 1024
 
 
 @functools.lru_cache(maxsize=1024)
@@ -401,13 +408,56 @@ def _residual(q_ptr, i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr
 
 
 @triton.jit
+def _factor_blocks(q_ptr, i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr,
+                   S: tl.constexpr):
+    """``E_k = F_k - I`` on block i_b of a group whose chunks fill it (``blockwise``), as its
+    ``[Z, B, B]`` fp32 blocks, Z = 2^(K1-K0-1) (chunk bits above level k's, then those below):
+    F_k pairs the chunks that differ in bit k, and each pair is one Q block (``_factor``'s d)."""
+    LO: tl.constexpr = 1 << (k - K0)
+    HI: tl.constexpr = (1 << (K1 - K0)) // (2 * LO)
+    o_z = tl.arange(0, HI * LO)
+    m0 = (o_z // LO) * (2 * LO) + o_z % LO  # the pair's chunk bits, bit k clear
+    chunk = ((i_b // S) * (1 << (K1 - K0)) + m0) * S + i_b % S
+    d = (chunk // (2 << k)) * (1 << k) + chunk % (1 << k)
+    o_w = tl.arange(0, B)
+    f = tl.load(q_ptr + (((k - K0) * D + d)[:, None, None] * B + o_w[None, :, None]) * B + o_w[None, None, :])
+    return tl.where((o_w[:, None] == o_w[None, :])[None, :, :], f - 1.0, f)
+
+
+@triton.jit
+def _residual_from_blocks(q_ptr, i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr,
+                          HC: tl.constexpr, S: tl.constexpr, DT: tl.constexpr):
+    """``E_k`` on block i_b as a dense ``[WP, WP]`` tile in DT, laid out from its ``[Z, B, B]``
+    blocks (``_factor_blocks``: contiguous loads) by broadcasting and permuting, with no
+    ``[WP, WP]`` gather offsets."""
+    LO: tl.constexpr = 1 << (k - K0)
+    HI: tl.constexpr = (1 << (K1 - K0)) // (2 * LO)
+    Z: tl.constexpr = HI * LO
+    WP: tl.constexpr = (1 << (K1 - K0)) * HC
+    blocks = _factor_blocks(q_ptr, i_b, D, k, K0, K1, B, S).to(DT)
+    o_z = tl.arange(0, Z)
+    e = tl.where((o_z[:, None] == o_z[None, :])[:, None, :, None], blocks[:, :, None, :], 0.0).to(DT)
+    e = tl.reshape(e, (HI, LO, 2, HC, HI, LO, 2, HC))
+    return tl.reshape(tl.permute(e, (0, 2, 1, 3, 4, 6, 5, 7)), (WP, WP))
+
+
+@triton.jit
 def _product_minus_eye(q_ptr, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, HC: tl.constexpr,
                        W: tl.constexpr, WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr,
                        BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr):
     """``Mc - I = F_{K1-1} ... F_{K0} - I`` on block i_b, fp32 ``[WP, WP]``, in residual form:
     ``(I + E_k)(I + D) - I = E_k + D + E_k D``. The identity and first-order terms are exact fp32
     adds; only the second-order ``E_k D`` goes through the dot (in BUILD_DTYPE), so its rounding
-    is relative to that small term, not to the identity."""
+    is relative to that small term, not to the identity. Where ``blockwise``, the factor tiles
+    are laid out from their Q blocks: gathered, the 16x4 and 8x6 (128-wide, 4-5 levels) builds
+    before the row loop held ``[WP, WP]`` offsets too and spilled 4-20 bytes a thread."""
+    BLOCKWISE: tl.constexpr = K1 - K0 > 1 and WP >= 128 and WB == WP and PACK == 1  # blockwise
+    if BLOCKWISE:
+        d = _residual_from_blocks(q_ptr, i_b.to(tl.int32), D, K0, K0, K1, B, HC, S, tl.float32)
+        for k in tl.static_range(K0 + 1, K1):
+            e = _residual_from_blocks(q_ptr, i_b.to(tl.int32), D, k, K0, K1, B, HC, S, tl.float32)
+            d = tl.dot(e.to(BUILD_DTYPE), d.to(BUILD_DTYPE), d + e, input_precision=BUILD_PRECISION)
+        return d
     d = _residual(q_ptr, i_b, D, K0, K0, K1, B, HC, W, WB, WP, S, PACK)
     for k in tl.static_range(K0 + 1, K1):
         e = _residual(q_ptr, i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK)
@@ -440,10 +490,27 @@ def _store_dq(dq_ptr, q_ptr, dmc, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B:
     128 wide (int32 ones in the block builds before the row loop spill more: the compile report).
     One narrow level (no products, small tiles) keeps them as they were: int32 ones spilled 8
     bytes at 8x1, where they cut 440-536 bytes to 124-248 at one 128-wide level (80x2, 72x2, 96x2
-    on sm_80)."""
+    on sm_80).
+
+    128-wide groups of several levels (``blockwise``) lay each factor tile out from its Q
+    blocks (``_residual_from_blocks``), with no ``[WP, WP]`` gather offsets beside the two fp32
+    states: gathered, the sweep spilled 184-412 bytes a thread on sm_90 (16x4, 32x3)."""
     if K1 - K0 > 1 or WP > 64:
         i_b = i_b.to(tl.int32)
+    BLOCKWISE: tl.constexpr = K1 - K0 > 1 and WP >= 128 and WB == WP and PACK == 1  # blockwise
     upper_g = dmc  # (F_{K1-1} ... F_{k+1})^T dMc
+    if BLOCKWISE:
+        for k in tl.static_range(K1 - 1, K0 - 1, -1):
+            upper = upper_g
+            for j in tl.static_range(K0, k):
+                e = _residual_from_blocks(q_ptr, i_b, D, j, K0, K1, B, HC, S, BUILD_DTYPE)
+                upper = tl.dot(upper.to(BUILD_DTYPE), tl.trans(e), upper, input_precision=BUILD_PRECISION)
+            o_q, m_q = _factor(i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK)
+            tl.store(dq_ptr + o_q, upper, mask=m_q)
+            if k > K0:
+                e = _residual_from_blocks(q_ptr, i_b, D, k, K0, K1, B, HC, S, BUILD_DTYPE)
+                upper_g = tl.dot(tl.trans(e), upper_g.to(BUILD_DTYPE), upper_g, input_precision=BUILD_PRECISION)
+        return
     for k in tl.static_range(K1 - 1, K0 - 1, -1):
         upper = upper_g
         for j in tl.static_range(K0, k):  # dF_k = G (F_{k-1} ... F_{K0})^T = G F_{K0}^T ... F_{k-1}^T
@@ -1123,7 +1190,7 @@ def chain_passes(n: int, b: int, N: int) -> tuple[str, ...] | None:
     """How ``fused_chain_dq`` takes each group of ``fused_groups`` (in that order): ``first`` /
     ``last`` (a one-level group acting first in ``y = I M`` / ``y = I M^T``: rows stored
     straight, no accumulator), ``acc`` (a middle or multi-level group: dMc accumulated, so it
-    must fit FUSED_ACC), or None where one does not."""
+    must fit CHAIN_ACC), or None where one does not."""
     groups = fused_groups(n, b, N)
     if groups is None:
         return None
@@ -1131,7 +1198,7 @@ def chain_passes(n: int, b: int, N: int) -> tuple[str, ...] | None:
     for sel, (k0, k1) in enumerate(groups):
         if k1 - k0 == 1 and sel in (0, len(groups) - 1):
             modes.append("first" if sel == 0 else "last")
-        elif ((1 << (N - k1)) << k0) * (hp << (k1 - k0)) ** 2 <= FUSED_ACC:
+        elif ((1 << (N - k1)) << k0) * (hp << (k1 - k0)) ** 2 <= CHAIN_ACC:
             modes.append("acc")
         else:
             return None
@@ -1155,6 +1222,36 @@ def fused_chain_dq(dmc: torch.Tensor, q: torch.Tensor, key) -> torch.Tensor:
     return dq
 
 
+def blockwise(grp: dict) -> bool:
+    """Whether the block builds and ``_store_dq`` lay the group's factor tiles out from their Q
+    blocks (``_residual_from_blocks``) rather than gather them: a group of several levels at
+    MAX_BLOCK wide whose chunks fill it (power-of-two chunks, no packing), so that each factor's
+    ``[Z, b, b]`` blocks are a reshape of the tile. (Each kernel's BLOCKWISE constexpr.)"""
+    return grp["k1"] - grp["k0"] > 1 and grp["WP"] >= MAX_BLOCK and grp["WB"] == grp["WP"] and grp["pack"] == 1
+
+
+def fuses_dq(grp: dict, splits: int, capability: tuple[int, int] | None) -> bool:
+    """Whether a group's backward makes dQ in its row pass's programs (``_grad_kernel``'s
+    FUSED_DQ, one row split) on a GPU of that compute capability (None: the interpreter, as
+    Hopper). Not for a group of several levels at MAX_BLOCK wide, unless ``blockwise`` and
+    Hopper: the sweep beside the held dMc spilled there (gathered factor tiles: 1.3-2.3 KB a
+    thread at 24x3 and 12x4 on sm_90; blockwise, 92-176 bytes on sm_80, whose mma.sync holds
+    both operands in registers; the compile report). Those write their one split's dMc as a
+    partial, and ``_dq_rows_kernel`` makes dQ in row slabs, as for several splits."""
+    if splits != 1:
+        return False
+    if grp["k1"] - grp["k0"] == 1 or grp["WP"] < MAX_BLOCK:
+        return True
+    return blockwise(grp) and not register_operand_mma(capability)
+
+
+def dq_epilogue_stages(grp: dict, stages: int) -> int:
+    """Pipeline stages of ``_grad_kernel`` when it makes dQ itself: one for a group of several
+    levels at MAX_BLOCK wide (16x4's sweep spilled 12 bytes at two on sm_90; one split means a
+    few row steps, so the prefetch buys little), else the backward's."""
+    return 1 if grp["k1"] - grp["k0"] > 1 and grp["WP"] >= MAX_BLOCK else stages
+
+
 def grad(x, g, q, transpose, k0, key, need_dx):
     """``(dx or None, dQ of the group's levels)`` of ``y = x + x Delta`` (``Delta^T``) for
     contiguous x, g."""
@@ -1167,18 +1264,21 @@ def grad(x, g, q, transpose, k0, key, need_dx):
     source, cfg = pick_config("bwd", *key, x.dtype, x.device)
     LAST_LAUNCH["butterfly_bwd"] = (source, dict(cfg))
     splits, rows = _splits(T, grp, b, num_sms(x.device))
-    dq = new_empty(*q.shape, dtype=torch.float32, device=x.device)
-    partial = dq if splits == 1 else new_empty(splits, grp["NB"], grp["WB"], grp["WB"], dtype=torch.float32,
-                                               device=x.device)
-    layout, meta = _layout(grp, b), _dot_meta(x.dtype, grp["WP"])
     capability = device_capability(x.device)
+    fused_dq = fuses_dq(grp, splits, capability)
+    dq = new_empty(*q.shape, dtype=torch.float32, device=x.device)
+    partial = dq if fused_dq else new_empty(splits, grp["NB"], grp["WB"], grp["WB"], dtype=torch.float32,
+                                            device=x.device)
+    layout, meta = _layout(grp, b), _dot_meta(x.dtype, grp["WP"])
     warps, stages = cfg["num_warps"], backward_stages(grp, capability, source, cfg.get("num_stages", 2))
+    if fused_dq:
+        stages = dq_epilogue_stages(grp, stages)
     wrap_triton(_grad_kernel)[(splits, grp["NB"])](
         x, g, q, dx if need_dx else x, partial, dq, T, n, n // b, rows, grp["NB"], **layout, H=grp["H"],
-        TRANS=transpose, WRITE_DX=need_dx, FUSED_DQ=splits == 1, RC=row_step(grp, capability), **meta,
+        TRANS=transpose, WRITE_DX=need_dx, FUSED_DQ=fused_dq, RC=row_step(grp, capability), **meta,
         num_warps=warps, num_stages=stages,
     )
-    if splits > 1:
+    if not fused_dq:
         _launch_dq(partial, q, dq, splits, grp, layout, n // b, meta, warps)
     return dx, dq
 
@@ -1468,7 +1568,7 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
     """Every kernel the launchers run for this layer shape, at the default config, as
     (kernel, signature, constexprs, options): apply (forward), apply_T (``dx`` when Q is frozen,
     and merges), grad (the fused backward, several row splits), grad_dq (one split: dQ in the same
-    program), segmented (mixed-adapter batches) and dq (adds the splits' partials, then dQ); the
+    program, where ``fuses_dq``), segmented (mixed-adapter batches) and dq (adds the splits' partials, then dQ); the
     one-pass ``fused*`` kernels where ``fused_groups`` holds, with ``coarse*`` where the backward
     can run through dense coarse blocks; the slab kernels ``wide*`` for levels wider than
     MAX_BLOCK and, per level, for fp32 beyond MAX_FP32_BLOCK.
@@ -1533,13 +1633,19 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
         gsig = {"x_ptr": ptr, "g_ptr": ptr, "q_ptr": "*fp32", "dx_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32",
                 "T": "i32", "n": "i32", "D": "i32", "ROWS": "i32", "NB": "i32"}
         for name, fused in (("grad", False), ("grad_dq", True)):
+            if fused and not fuses_dq(grp, 1, None):
+                continue  # the one split writes a partial, as several do
+            archs = {} if not fused or fuses_dq(grp, 1, (8, 0)) else {"archs": (90,)}
+            stages = dq_epilogue_stages(grp, bwd["num_stages"]) if fused else bwd["num_stages"]
+            stages_80 = backward_stages(grp, (8, 0), "default", bwd["num_stages"])
             specs.append(dict(name=name + tag, **shape, fn=_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
                               constexprs={**layout, "H": grp["H"], **dot, "TRANS": False, "WRITE_DX": True,
                                           "FUSED_DQ": fused, "RC": row_step(grp, None)},
                               arch_constexprs={80: {"RC": row_step(grp, (8, 0))}},
-                              arch_options={80: {"num_stages": backward_stages(grp, (8, 0), "default",
-                                                                               bwd["num_stages"])}},
-                              config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
+                              arch_options={80: {"num_stages": dq_epilogue_stages(grp, stages_80) if fused
+                                                 else stages_80}},
+                              config={**bwd, "num_stages": stages}, num_warps=bwd["num_warps"], num_stages=stages,
+                              **archs))
         ssig = {"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "chunk_ptr": "*i64", "n": "i32", "D": "i32",
                 "Q_STRIDE": "i32"}
         specs.append(dict(name="segmented" + tag, **shape, fn=_segmented_apply_kernel, signature=ssig, divisible=("n",),

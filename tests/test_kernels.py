@@ -291,7 +291,7 @@ def test_one_pass_backward_reduces_dq_deterministically_over_row_splits(monkeypa
     """With several row splits each pass writes its partial dMc and a small kernel adds them in
     split order: dQ is the same, bit for bit, whether the programs run in grid order or reversed,
     and agrees with the torch path."""
-    n, b, N, T = 160, 40, 3, 200
+    n, b, N, T = 256, 16, 5, 200  # three groups (32, 32 and 16 wide) of one 256-wide coarse block
     monkeypatch.setattr(kb, "num_sms", lambda device: 64)
     assert kb.fused_backward(n, b, N) and kb._fused_splits(T, n, b, N, 64)[0] > 1
     check_grads_do_not_depend_on_program_order(monkeypatch, T, n, b, N)
@@ -319,9 +319,12 @@ def test_one_pass_groups_fall_back_where_blocks_do_not_fit():
     assert kb.fused_groups(4096, 8, 7) is None  # L = 512 of 4-wide chunks: no cut of 16..128-wide groups fits
     assert kb.fused_groups(1024, 64, 3) == ((2, 3), (1, 2), (0, 1))
     assert kb.fused_groups(1024, 8, 6) == ((3, 6), (0, 3))  # balanced: 32 + 32, not 128 + 16
-    # the backward holds one group's dMc: 64-wide groups do (one pass per group), 128-wide ones
-    # (80x2: 2 x 128 x 128 fp32) recompute the group inputs and take plan()'s passes
-    assert kb.fused_backward(1024, 64, 3) and not kb.fused_backward(1280, 80, 2)
+    # the backward holds one group's dMc for the coarse block: up to 8K values it does (8x6: two
+    # 32-wide groups, one pass per group); 64x3's three 64-wide groups (16K each) and 80x2's
+    # 128-wide ones (2 x 128 x 128) spilled, and take the coarse route or plan()'s passes
+    assert kb.fused_backward(1024, 8, 6) and kb.fused_backward(256, 16, 5)
+    assert not kb.fused_backward(1024, 64, 3) and not kb.fused_backward(1280, 80, 2)
+    assert kb.chain_passes(1024, 64, 3) == ("first", "acc", "last")  # its chain still accumulates 16K
 
 
 LOWP_CASES = [(7, 32, 4, 3, 1.0), (129, 64, 8, 2, 1.0), (7, 45, 45, 1, 1.0), (7, 24, 6, 2, 1.0), (7, 160, 40, 3, 1.0)]
@@ -449,6 +452,45 @@ def test_pre_hopper_row_step_of_128_wide_groups(monkeypatch, n, b, N):
     assert all(g["WP"] == 128 for g in kb.plan(n, b, N)) and kb.fused_groups(n, b, N) is None
     check_butterfly(301, n, b, N, 1.0, False, dtype=torch.bfloat16)
     assert steps and set(steps) == {16}
+
+
+# 128-wide groups of several levels whose chunks fill them (``blockwise``): factor tiles laid out
+# from Q's blocks in the builds and in the one-split dQ sweep; 12x4's 6-wide chunks (96 of 128
+# lanes) keep the gathers.
+BLOCKWISE_CASES = [(7, 128, 16, 4), (33, 256, 32, 3), (7, 128, 64, 2), (7, 256, 8, 5), (7, 96, 12, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
+@pytest.mark.parametrize("T,n,b,N", BLOCKWISE_CASES, ids=[case_id(c) for c in BLOCKWISE_CASES])
+def test_blockwise_factor_tiles_of_128_wide_groups(monkeypatch, T, n, b, N, transpose, dtype):
+    """One split, so dQ comes out of the row pass's own program where ``fuses_dq`` (Hopper and
+    the interpreter) and from the row-slab kernel elsewhere; values and both gradients against
+    the dense reference either way."""
+    grp = kb.plan(n, b, N)[-1]
+    assert grp["WP"] == 128 and grp["k1"] - grp["k0"] > 1 and kb._splits(T, grp, b, 4)[0] == 1
+    assert kb.blockwise(grp) == (b != 12)
+    assert kb.fuses_dq(grp, 1, None) == kb.fuses_dq(grp, 1, (9, 0)) == (b != 12)
+    assert not kb.fuses_dq(grp, 1, (8, 0)) and not kb.fuses_dq(grp, 1, (12, 0)) and not kb.fuses_dq(grp, 2, None)
+    launched = []
+    monkeypatch.setattr(kb, "_launch_dq", lambda *a, _f=kb._launch_dq: (launched.append(a[3]), _f(*a))[1])
+    check_butterfly(T, n, b, N, 1.0, transpose, dtype=dtype)
+    assert bool(launched) == (b == 12)  # the one split's partial goes to the row-slab kernel
+    if b != 12:  # as sm_80 runs it
+        monkeypatch.setattr(kb, "device_capability", lambda device: (8, 0))
+        check_butterfly(T, n, b, N, 1.0, transpose, dtype=dtype)
+        assert launched == [1] * len(launched) and launched
+
+
+def test_one_split_dq_specs_follow_fuses_dq():
+    """The compile report's grad_dq kernels are the ones launched: blockwise 128-wide groups on
+    sm_90 only, in one stage; gathered ones (12x4) never; narrower groups on both archs."""
+    specs = {s["name"]: s for s in kb.launch_specs(2048, 16, 4)}
+    assert specs["grad_dq"]["archs"] == (90,) and specs["grad_dq"]["num_stages"] == 1
+    assert specs["grad"].get("archs") is None and specs["grad"]["num_stages"] == 2
+    assert "grad_dq" not in {s["name"] for s in kb.launch_specs(1536, 12, 4)}
+    narrow = {s["name"]: s for s in kb.launch_specs(1024, 16, 3)}  # 64 wide, three levels
+    assert narrow["grad_dq"].get("archs") is None and narrow["grad_dq"]["num_stages"] == 2
 
 
 @pytest.mark.parametrize(
