@@ -215,9 +215,10 @@ def group_bounds(groups) -> dict:
 # blocks: up to this many values it compiles without spills on sm_90 and sm_80 (8x6: 8K). At 16K
 # (64x3, 40x3, 36x3, 48x3: three 64-wide groups) every pass sat at 255 registers and spilled
 # 4-124 bytes a thread whatever the stages, warps or offset widths; those shapes' backward goes
-# through the dense coarse blocks (``coarse``: the byte model takes it from 1.2-1.4 L rows up,
-# 190-340 rows) or, below that, plan()'s per-group passes (8 activation passes to the spilling
-# kernel's 7, on at most a few hundred KB of activations).
+# through the dense coarse blocks (``coarse``) wherever the byte model finds it moves fewer bytes
+# than plan()'s per-group passes: at every row count for 40x3 (whose 80-wide two-level group
+# takes dQ through the row-slab kernel), from about 1.3 L rows for 64x3 (interpreter, T = 128:
+# 40x3 forward + backward 3.43x -> 4.38x; 64x3 at T = 256 3.10x -> 3.20x).
 FUSED_ACC = 8 * 1024
 # The chain pass that accumulates a middle group's dMc (``chain_passes``' ``acc``) holds fewer
 # blocks (its identity rows are made, not read, and the first group's are gathered): it compiles
@@ -1243,6 +1244,17 @@ def fuses_dq(grp: dict, splits: int, capability: tuple[int, int] | None) -> bool
     if grp["k1"] - grp["k0"] == 1 or grp["WP"] < MAX_BLOCK:
         return True
     return blockwise(grp) and not register_operand_mma(capability)
+
+
+def partial_dq_bytes(grp: dict, capability: tuple[int, int] | None) -> int:
+    """Bytes a group's one-split backward moves for dQ besides its row pass where it does not
+    make dQ there (``fuses_dq``): its dMc written as a partial, then read by ``_dq_rows_kernel``,
+    whose programs (a row slab of a level each) read their rows and, below the top level, the
+    whole dMc (the byte model of ``coarse.moved_bytes``)."""
+    if fuses_dq(grp, 1, capability):
+        return 0
+    levels, slabs = grp["k1"] - grp["k0"], triton.cdiv(grp["WB"], min(DQ_ROWS, grp["WP"]))
+    return grp["NB"] * grp["WB"] ** 2 * 4 * (2 + (levels - 1) * slabs)
 
 
 def dq_epilogue_stages(grp: dict, stages: int) -> int:

@@ -70,6 +70,9 @@ def moved_bytes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: boo
     else:  # plan()'s groups: recompute their inputs, then a pass over (input, gradient) each
         levels = len(kb.plan(n, b, N))
         per_group = (2 * (levels - 1) + 3 * levels - (not need_dx)) * act
+        # and dMc through the row-slab dQ kernel where a group's row pass does not make dQ (40x3's
+        # 80-wide two-level group: 6 activation passes' worth at 128 rows, which took this route)
+        per_group += sum(kb.partial_dq_bytes(grp, cap) for grp in kb.plan(n, b, N))
     dmc = n * L * 2  # bf16 (Delta_c: x's dtype, the same size)
     # one pass: x and g read once, dx written; Delta_c written, and read by every row split's
     # programs (counted once, as dMc's fp32 partials are left out: L2-sized, n L values a split)
