@@ -443,6 +443,20 @@ def _residual_from_blocks(q_ptr, i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: 
 
 
 @triton.jit
+def _factor_tile(q_ptr, i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr,
+                 HC: tl.constexpr, W: tl.constexpr, WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr,
+                 PACK: tl.constexpr, DT: tl.constexpr):
+    """``E_k`` on block i_b, ``[WP, WP]`` in DT: laid out from its Q blocks where ``blockwise``
+    (a 128-wide group of several levels whose chunks fill it), else gathered (``_residual``)."""
+    BLOCKWISE: tl.constexpr = K1 - K0 > 1 and WP >= 128 and WB == WP and PACK == 1  # blockwise()
+    if BLOCKWISE:
+        e = _residual_from_blocks(q_ptr, i_b.to(tl.int32), D, k, K0, K1, B, HC, S, DT)
+    else:
+        e = _residual(q_ptr, i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK).to(DT)
+    return e
+
+
+@triton.jit
 def _product_minus_eye(q_ptr, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, HC: tl.constexpr,
                        W: tl.constexpr, WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr,
                        BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr):
@@ -452,16 +466,9 @@ def _product_minus_eye(q_ptr, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.
     is relative to that small term, not to the identity. Where ``blockwise``, the factor tiles
     are laid out from their Q blocks: gathered, the 16x4 and 8x6 (128-wide, 4-5 levels) builds
     before the row loop held ``[WP, WP]`` offsets too and spilled 4-20 bytes a thread."""
-    BLOCKWISE: tl.constexpr = K1 - K0 > 1 and WP >= 128 and WB == WP and PACK == 1  # blockwise
-    if BLOCKWISE:
-        d = _residual_from_blocks(q_ptr, i_b.to(tl.int32), D, K0, K0, K1, B, HC, S, tl.float32)
-        for k in tl.static_range(K0 + 1, K1):
-            e = _residual_from_blocks(q_ptr, i_b.to(tl.int32), D, k, K0, K1, B, HC, S, tl.float32)
-            d = tl.dot(e.to(BUILD_DTYPE), d.to(BUILD_DTYPE), d + e, input_precision=BUILD_PRECISION)
-        return d
-    d = _residual(q_ptr, i_b, D, K0, K0, K1, B, HC, W, WB, WP, S, PACK)
+    d = _factor_tile(q_ptr, i_b, D, K0, K0, K1, B, HC, W, WB, WP, S, PACK, tl.float32)
     for k in tl.static_range(K0 + 1, K1):
-        e = _residual(q_ptr, i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK)
+        e = _factor_tile(q_ptr, i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK, tl.float32)
         d = tl.dot(e.to(BUILD_DTYPE), d.to(BUILD_DTYPE), d + e, input_precision=BUILD_PRECISION)
     return d
 
@@ -498,29 +505,16 @@ def _store_dq(dq_ptr, q_ptr, dmc, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B:
     states: gathered, the sweep spilled 184-412 bytes a thread on sm_90 (16x4, 32x3)."""
     if K1 - K0 > 1 or WP > 64:
         i_b = i_b.to(tl.int32)
-    BLOCKWISE: tl.constexpr = K1 - K0 > 1 and WP >= 128 and WB == WP and PACK == 1  # blockwise
     upper_g = dmc  # (F_{K1-1} ... F_{k+1})^T dMc
-    if BLOCKWISE:
-        for k in tl.static_range(K1 - 1, K0 - 1, -1):
-            upper = upper_g
-            for j in tl.static_range(K0, k):
-                e = _residual_from_blocks(q_ptr, i_b, D, j, K0, K1, B, HC, S, BUILD_DTYPE)
-                upper = tl.dot(upper.to(BUILD_DTYPE), tl.trans(e), upper, input_precision=BUILD_PRECISION)
-            o_q, m_q = _factor(i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK)
-            tl.store(dq_ptr + o_q, upper, mask=m_q)
-            if k > K0:
-                e = _residual_from_blocks(q_ptr, i_b, D, k, K0, K1, B, HC, S, BUILD_DTYPE)
-                upper_g = tl.dot(tl.trans(e), upper_g.to(BUILD_DTYPE), upper_g, input_precision=BUILD_PRECISION)
-        return
     for k in tl.static_range(K1 - 1, K0 - 1, -1):
         upper = upper_g
         for j in tl.static_range(K0, k):  # dF_k = G (F_{k-1} ... F_{K0})^T = G F_{K0}^T ... F_{k-1}^T
-            e = _residual(q_ptr, i_b, D, j, K0, K1, B, HC, W, WB, WP, S, PACK).to(BUILD_DTYPE)
+            e = _factor_tile(q_ptr, i_b, D, j, K0, K1, B, HC, W, WB, WP, S, PACK, BUILD_DTYPE)
             upper = tl.dot(upper.to(BUILD_DTYPE), tl.trans(e), upper, input_precision=BUILD_PRECISION)
         o_q, m_q = _factor(i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK)
         tl.store(dq_ptr + o_q, upper, mask=m_q)
         if k > K0:  # G <- F_k^T G for the level below
-            e = _residual(q_ptr, i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK).to(BUILD_DTYPE)
+            e = _factor_tile(q_ptr, i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK, BUILD_DTYPE)
             upper_g = tl.dot(tl.trans(e), upper_g.to(BUILD_DTYPE), upper_g, input_precision=BUILD_PRECISION)
 
 
@@ -1223,12 +1217,17 @@ def fused_chain_dq(dmc: torch.Tensor, q: torch.Tensor, key) -> torch.Tensor:
     return dq
 
 
+def _several_levels_at_max(grp: dict) -> bool:
+    """A group of several levels at MAX_BLOCK wide: its dQ sweep holds two 128 x 128 fp32 states."""
+    return grp["k1"] - grp["k0"] > 1 and grp["WP"] >= MAX_BLOCK
+
+
 def blockwise(grp: dict) -> bool:
     """Whether the block builds and ``_store_dq`` lay the group's factor tiles out from their Q
     blocks (``_residual_from_blocks``) rather than gather them: a group of several levels at
     MAX_BLOCK wide whose chunks fill it (power-of-two chunks, no packing), so that each factor's
-    ``[Z, b, b]`` blocks are a reshape of the tile. (Each kernel's BLOCKWISE constexpr.)"""
-    return grp["k1"] - grp["k0"] > 1 and grp["WP"] >= MAX_BLOCK and grp["WB"] == grp["WP"] and grp["pack"] == 1
+    ``[Z, b, b]`` blocks are a reshape of the tile. (``_factor_tile``'s BLOCKWISE constexpr.)"""
+    return _several_levels_at_max(grp) and grp["WB"] == grp["WP"] and grp["pack"] == 1
 
 
 def fuses_dq(grp: dict, splits: int, capability: tuple[int, int] | None) -> bool:
@@ -1241,9 +1240,7 @@ def fuses_dq(grp: dict, splits: int, capability: tuple[int, int] | None) -> bool
     partial, and ``_dq_rows_kernel`` makes dQ in row slabs, as for several splits."""
     if splits != 1:
         return False
-    if grp["k1"] - grp["k0"] == 1 or grp["WP"] < MAX_BLOCK:
-        return True
-    return blockwise(grp) and not register_operand_mma(capability)
+    return not _several_levels_at_max(grp) or (blockwise(grp) and not register_operand_mma(capability))
 
 
 def partial_dq_bytes(grp: dict, capability: tuple[int, int] | None) -> int:
@@ -1261,7 +1258,7 @@ def dq_epilogue_stages(grp: dict, stages: int) -> int:
     """Pipeline stages of ``_grad_kernel`` when it makes dQ itself: one for a group of several
     levels at MAX_BLOCK wide (16x4's sweep spilled 12 bytes at two on sm_90; one split means a
     few row steps, so the prefetch buys little), else the backward's."""
-    return 1 if grp["k1"] - grp["k0"] > 1 and grp["WP"] >= MAX_BLOCK else stages
+    return 1 if _several_levels_at_max(grp) else stages
 
 
 def grad(x, g, q, transpose, k0, key, need_dx):
@@ -1647,15 +1644,14 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
         for name, fused in (("grad", False), ("grad_dq", True)):
             if fused and not fuses_dq(grp, 1, None):
                 continue  # the one split writes a partial, as several do
-            archs = {} if not fused or fuses_dq(grp, 1, (8, 0)) else {"archs": (90,)}
+            archs = {} if not fused or fuses_dq(grp, 1, (8, 0)) else {"archs": (90,)}  # sm_80: a partial
             stages = dq_epilogue_stages(grp, bwd["num_stages"]) if fused else bwd["num_stages"]
-            stages_80 = backward_stages(grp, (8, 0), "default", bwd["num_stages"])
             specs.append(dict(name=name + tag, **shape, fn=_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
                               constexprs={**layout, "H": grp["H"], **dot, "TRANS": False, "WRITE_DX": True,
                                           "FUSED_DQ": fused, "RC": row_step(grp, None)},
                               arch_constexprs={80: {"RC": row_step(grp, (8, 0))}},
-                              arch_options={80: {"num_stages": dq_epilogue_stages(grp, stages_80) if fused
-                                                 else stages_80}},
+                              arch_options={80: {"num_stages": backward_stages(grp, (8, 0), "default",
+                                                                               bwd["num_stages"])}},
                               config={**bwd, "num_stages": stages}, num_warps=bwd["num_warps"], num_stages=stages,
                               **archs))
         ssig = {"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "chunk_ptr": "*i64", "n": "i32", "D": "i32",
