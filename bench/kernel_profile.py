@@ -279,7 +279,8 @@ def compile_rows(widths, shapes, archs=(90, 80), T: int = 8192, dtype_name: str 
                     stats = compile_stats(spec, arch)
                     rows.append({"n": n, "b": b, "N": N, "L": b << (N - 1), "arch": f"sm_{arch}", "dtype": dtype_name,
                                  "kernel": spec["name"], "width": spec["width"], "levels": spec["levels"],
-                                 "config": {**spec["config"], **spec.get("arch_options", {}).get(arch, {})}, **stats})
+                                 "config": {**spec["config"], **spec.get("options", {}),
+                                            **spec.get("arch_options", {}).get(arch, {})}, **stats})
     return rows
 
 
@@ -319,7 +320,7 @@ def compile_stats(spec: dict, arch: int) -> dict:
              for k, t in signature.items() if t.startswith("*") or k in spec.get("divisible", ())}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
-    options = {"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3),
+    options = {"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3), **spec.get("options", {}),
                **spec.get("arch_options", {}).get(arch, {})}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -346,17 +347,33 @@ def compile_stats(spec: dict, arch: int) -> dict:
         "tensor_core": sum(count[o] for o in ("HMMA", "HGMMA", "IMMA", "WGMMA")),
         "ffma": count["FFMA"],
         "ldg": dict(widths),
+        "spill_ops_in_loops": _spill_ops_in_loops(sass),
     }
 
 
+def _spill_ops_in_loops(sass: str) -> int:
+    """Local-memory loads and stores (spill traffic) inside a loop of the SASS: between a
+    backward branch and its target. Spills outside every loop (a block build before the row loop,
+    an epilogue after it) run once per program; those inside run every row step."""
+    import re
+
+    addr = re.compile(r"/\*([0-9a-f]{4,})\*/")
+    lines = [(int(m.group(1), 16), line) for line in sass.splitlines() if (m := addr.search(line))]
+    loops = [(int(t.group(1), 16), a) for a, line in lines
+             if (t := re.search(r"\bBRA\b.*?0x([0-9a-f]+)", line)) and int(t.group(1), 16) < a]
+    return sum(1 for a, line in lines if re.search(r"\b(?:STL|LDL)\b", line) and any(lo <= a <= hi for lo, hi in loops))
+
+
 def compile_markdown(rows: list[dict]) -> str:
-    lines = ["| n | b x N | L | arch | kernel | config | regs | spill B | smem B | tensor-core instr | FFMA | global ld/st |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| n | b x N | L | arch | kernel | config | regs | spill B | spill ops in loops | smem B | tensor-core instr | "
+             "FFMA | global ld/st |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
         ldg = " ".join(f"{k}x{v}" for k, v in sorted(r["ldg"].items()))
         lines.append(f"| {r['n']} | {r['b']} x {r['N']} | {r['L']} | {r['arch']} | {r['kernel']} | {cfg} | {r['regs']} | "
-                     f"{r['spill_bytes']} | {r['smem']} | {r['tensor_core']} | {r['ffma']} | {ldg} |")
+                     f"{r['spill_bytes']} | {r.get('spill_ops_in_loops', '')} | {r['smem']} | {r['tensor_core']} | "
+                     f"{r['ffma']} | {ldg} |")
     return "\n".join(lines) + "\n"
 
 

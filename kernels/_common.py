@@ -102,6 +102,17 @@ def register_operand_mma(cap: tuple[int, int] | None) -> bool:
     return cap is not None and (cap < (9, 0) or cap[0] == 12)
 
 
+def register_cap(maxnreg: int | None) -> dict:
+    """Triton's ``maxnreg`` launch option (ptxas's register cap per thread) as launch kwargs, for
+    eager launches. torch.compile's path into user kernels (``wrap_triton`` under ``triton_op``)
+    lifts num_warps and num_stages into its launch configs but not maxnreg, and this cannot be
+    checked without a GPU, so while tracing the cap is left to ptxas: the same arithmetic, with
+    the few spilled bytes outside the row loop that ptxas's own guess gives (the compile report)."""
+    if maxnreg is None or torch.compiler.is_compiling():
+        return {}
+    return {"maxnreg": maxnreg}
+
+
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -73,6 +73,7 @@ from ._common import (
     new_empty,
     next_pow2,
     num_sms,
+    register_cap,
     register_operand_mma,
     tl,
     triton,
@@ -201,7 +202,28 @@ def path_name(n: int, b: int, N: int, T: int | None = None, dtype: torch.dtype |
 FUSED_BUILD = 8 * 1024
 FUSED_HELD = 64 * 1024
 FUSED_MAX_GROUPS = 4
+# From this many held values (96 KB of bf16 and the row tiles' stages: 118 KB and more in the
+# compile report) two one-pass programs never share an SM, so the forward lets ptxas use the
+# register file: left to guess, ptxas (which cannot see Triton's dynamic shared memory) capped
+# 48x3's transposed forward at 128 registers for a second program and spilled 4 bytes a thread.
+# Below it (8x6, 20x4: 90-98 KB) two programs fit, and an explicit cap would raise their
+# registers from 110 to 162 (20x4) and halve the programs an SM runs.
+FUSED_SOLO_HELD = 48 * 1024
+# ptxas's register cap per thread at 8 warps (.maxnreg): the whole register file for one program
+MAX_REGISTERS = 255
 _BOUND_NAMES = ("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1")
+
+
+def fused_held(n: int, b: int, N: int) -> int:
+    """Values the one-pass forward holds: every group's blocks in a coarse block."""
+    hp = next_pow2(b // 2)
+    return sum(((1 << (N - k1)) << k0) * (hp << (k1 - k0)) ** 2 for k0, k1 in fused_groups(n, b, N))
+
+
+def fused_options(n: int, b: int, N: int) -> dict:
+    """Compile options of the one-pass forward besides warps and stages: the register cap where
+    its programs run one to an SM (``FUSED_SOLO_HELD``)."""
+    return {"maxnreg": MAX_REGISTERS} if fused_held(n, b, N) >= FUSED_SOLO_HELD else {}
 
 
 def group_bounds(groups) -> dict:
@@ -410,35 +432,42 @@ def _residual(q_ptr, i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr
 
 @triton.jit
 def _factor_blocks(q_ptr, i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr,
-                   S: tl.constexpr):
-    """``E_k = F_k - I`` on block i_b of a group whose chunks fill it (``blockwise``), as its
-    ``[Z, B, B]`` fp32 blocks, Z = 2^(K1-K0-1) (chunk bits above level k's, then those below):
-    F_k pairs the chunks that differ in bit k, and each pair is one Q block (``_factor``'s d)."""
+                   HC: tl.constexpr, HP: tl.constexpr, S: tl.constexpr):
+    """``E_k = F_k - I`` on block i_b of a group of several levels (``blockwise``, or padded:
+    ``_delta``), as its ``[Z, 2 HP, 2 HP]`` fp32 blocks, Z = 2^(K1-K0-1) (chunk bits above level
+    k's, then those below): F_k pairs the chunks that differ in bit k, and each pair is one Q block
+    (``_factor``'s d), each half of its rows and columns a chunk of HC padded to HP (zeros)."""
     LO: tl.constexpr = 1 << (k - K0)
     HI: tl.constexpr = (1 << (K1 - K0)) // (2 * LO)
     o_z = tl.arange(0, HI * LO)
     m0 = (o_z // LO) * (2 * LO) + o_z % LO  # the pair's chunk bits, bit k clear
     chunk = ((i_b // S) * (1 << (K1 - K0)) + m0) * S + i_b % S
     d = (chunk // (2 << k)) * (1 << k) + chunk % (1 << k)
-    o_w = tl.arange(0, B)
-    f = tl.load(q_ptr + (((k - K0) * D + d)[:, None, None] * B + o_w[None, :, None]) * B + o_w[None, None, :])
-    return tl.where((o_w[:, None] == o_w[None, :])[None, :, :], f - 1.0, f)
+    o_w = tl.arange(0, 2 * HP)
+    if HP == HC:  # contiguous rows of B = 2 HC
+        f = tl.load(q_ptr + (((k - K0) * D + d)[:, None, None] * B + o_w[None, :, None]) * B + o_w[None, None, :])
+        return tl.where((o_w[:, None] == o_w[None, :])[None, :, :], f - 1.0, f)
+    valid = (o_w % HP) < HC
+    o_b = (o_w // HP) * HC + o_w % HP  # the lane's row (column) in the Q block
+    f = tl.load(q_ptr + (((k - K0) * D + d)[:, None, None] * B + o_b[None, :, None]) * B + o_b[None, None, :],
+                mask=(valid[:, None] & valid[None, :])[None, :, :], other=0.0)
+    return tl.where(((o_w[:, None] == o_w[None, :]) & valid[:, None])[None, :, :], f - 1.0, f)
 
 
 @triton.jit
 def _residual_from_blocks(q_ptr, i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr,
-                          HC: tl.constexpr, S: tl.constexpr, DT: tl.constexpr):
-    """``E_k`` on block i_b as a dense ``[WP, WP]`` tile in DT, laid out from its ``[Z, B, B]``
-    blocks (``_factor_blocks``: contiguous loads) by broadcasting and permuting, with no
-    ``[WP, WP]`` gather offsets."""
+                          HC: tl.constexpr, HP: tl.constexpr, S: tl.constexpr, DT: tl.constexpr):
+    """``E_k`` on block i_b as a dense ``[WP, WP]`` tile in DT, WP = 2^(K1-K0) HP (chunks padded
+    from HC to HP), laid out from its ``[Z, 2 HP, 2 HP]`` blocks (``_factor_blocks``: loads of Q's
+    blocks alone) by broadcasting and permuting, with no ``[WP, WP]`` gather offsets."""
     LO: tl.constexpr = 1 << (k - K0)
     HI: tl.constexpr = (1 << (K1 - K0)) // (2 * LO)
     Z: tl.constexpr = HI * LO
-    WP: tl.constexpr = (1 << (K1 - K0)) * HC
-    blocks = _factor_blocks(q_ptr, i_b, D, k, K0, K1, B, S).to(DT)
+    WP: tl.constexpr = (1 << (K1 - K0)) * HP
+    blocks = _factor_blocks(q_ptr, i_b, D, k, K0, K1, B, HC, HP, S).to(DT)
     o_z = tl.arange(0, Z)
     e = tl.where((o_z[:, None] == o_z[None, :])[:, None, :, None], blocks[:, :, None, :], 0.0).to(DT)
-    e = tl.reshape(e, (HI, LO, 2, HC, HI, LO, 2, HC))
+    e = tl.reshape(e, (HI, LO, 2, HP, HI, LO, 2, HP))
     return tl.reshape(tl.permute(e, (0, 2, 1, 3, 4, 6, 5, 7)), (WP, WP))
 
 
@@ -450,7 +479,7 @@ def _factor_tile(q_ptr, i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.conste
     (a 128-wide group of several levels whose chunks fill it), else gathered (``_residual``)."""
     BLOCKWISE: tl.constexpr = K1 - K0 > 1 and WP >= 128 and WB == WP and PACK == 1  # blockwise()
     if BLOCKWISE:
-        e = _residual_from_blocks(q_ptr, i_b.to(tl.int32), D, k, K0, K1, B, HC, S, DT)
+        e = _residual_from_blocks(q_ptr, i_b.to(tl.int32), D, k, K0, K1, B, HC, HC, S, DT)
     else:
         e = _residual(q_ptr, i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK).to(DT)
     return e
@@ -465,10 +494,20 @@ def _product_minus_eye(q_ptr, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.
     adds; only the second-order ``E_k D`` goes through the dot (in BUILD_DTYPE), so its rounding
     is relative to that small term, not to the identity. Where ``blockwise``, the factor tiles
     are laid out from their Q blocks: gathered, the 16x4 and 8x6 (128-wide, 4-5 levels) builds
-    before the row loop held ``[WP, WP]`` offsets too and spilled 4-20 bytes a thread."""
-    d = _factor_tile(q_ptr, i_b, D, K0, K0, K1, B, HC, W, WB, WP, S, PACK, tl.float32)
+    before the row loop held ``[WP, WP]`` offsets too and spilled 4-20 bytes a thread. Where
+    the group's chunks leave padding (``padded_build``), the product is built in the frame of
+    chunks padded to a power of two, also from Q's blocks (``_delta`` compacts it)."""
+    PADDED: tl.constexpr = K1 - K0 > 1 and WP >= 128 and WB != WP and PACK == 1  # padded_build()
+    HP: tl.constexpr = WP >> (K1 - K0)
+    if PADDED:
+        d = _residual_from_blocks(q_ptr, i_b.to(tl.int32), D, K0, K0, K1, B, HC, HP, S, tl.float32)
+    else:
+        d = _factor_tile(q_ptr, i_b, D, K0, K0, K1, B, HC, W, WB, WP, S, PACK, tl.float32)
     for k in tl.static_range(K0 + 1, K1):
-        e = _factor_tile(q_ptr, i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK, tl.float32)
+        if PADDED:
+            e = _residual_from_blocks(q_ptr, i_b.to(tl.int32), D, k, K0, K1, B, HC, HP, S, tl.float32)
+        else:
+            e = _factor_tile(q_ptr, i_b, D, k, K0, K1, B, HC, W, WB, WP, S, PACK, tl.float32)
         d = tl.dot(e.to(BUILD_DTYPE), d.to(BUILD_DTYPE), d + e, input_precision=BUILD_PRECISION)
     return d
 
@@ -477,11 +516,24 @@ def _product_minus_eye(q_ptr, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.
 def _delta(q_ptr, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, HC: tl.constexpr, W: tl.constexpr,
            WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr, TRANS: tl.constexpr,
            DOT_DTYPE: tl.constexpr, BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr):
-    """``Delta = Mc - I`` of block i_b (``Delta^T`` with TRANS) as a ``[WP, WP]`` dot operand."""
+    """``Delta = Mc - I`` of block i_b (``Delta^T`` with TRANS) as a ``[WP, WP]`` dot operand.
+    Built in padded chunks (``padded_build``), it is moved into the rows' frame (chunks of HC
+    side by side, as ``_columns`` loads them) by two products with the 0/1 map ``P`` from padded
+    lanes to packed ones, ``P^T Delta P``: each entry is one product with 1, so exact, and the
+    row loop keeps its contiguous loads."""
+    PADDED: tl.constexpr = K1 - K0 > 1 and WP >= 128 and WB != WP and PACK == 1  # padded_build()
+    HP: tl.constexpr = WP >> (K1 - K0)
     delta = _product_minus_eye(q_ptr, i_b, D, K0, K1, B, HC, W, WB, WP, S, PACK, BUILD_DTYPE, BUILD_PRECISION)
     if TRANS:
         delta = tl.trans(delta)
-    return delta.to(DOT_DTYPE)
+    delta = delta.to(DOT_DTYPE)
+    if PADDED:
+        o_w = tl.arange(0, WP)
+        packed = (o_w // HP) * HC + o_w % HP  # padded lane -> packed lane
+        p_map = ((packed[:, None] == o_w[None, :]) & ((o_w % HP) < HC)[:, None]).to(DOT_DTYPE)
+        delta = tl.dot(delta, p_map, input_precision="ieee").to(DOT_DTYPE)  # one term per entry: exact
+        delta = tl.dot(tl.trans(p_map), delta, input_precision="ieee").to(DOT_DTYPE)
+    return delta
 
 
 @triton.jit
@@ -1104,7 +1156,7 @@ def fused_apply_into(x, q, transpose, key, y) -> None:
     wrap_triton(_fused_apply_kernel)[(programs, n // (b << (N - 1)))](
         x, q, y, T, n, n // b, NL=N, B=b, HC=b // 2, HP=hp, **group_bounds(groups), TRANS=transpose, BT=cfg["BT"],
         **_dot_meta(x.dtype, max(hp << (k1 - k0) for k0, k1 in groups)), num_warps=cfg["num_warps"],
-        num_stages=cfg.get("num_stages", 2),
+        num_stages=cfg.get("num_stages", 2), **register_cap(fused_options(*key).get("maxnreg")),
     )
 
 
@@ -1163,6 +1215,7 @@ def _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, write_dx, key, cfg
         SEL=sel, S0=k0, S1=k1,
         TRANS=transpose, WRITE_DX=write_dx, FUSED_DQ=not reduce, RC=FUSED_RC, **meta, CHAIN=chain, DIRECT=direct,
         num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
+        **register_cap(cfg.get("maxnreg")),
     )
     if reduce:
         wrap_triton(_fused_dq_kernel)[(blocks,)](
@@ -1176,8 +1229,10 @@ def _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, write_dx, key, cfg
 # under triton 3.7 at 40x3, 64x3, 36x3, 20x4 and 8x6 (3.6, the GPU image's: at most 16 bytes, at
 # 36x3 and 8x6), once the first group's factor rows are gathered (``_chain_factor_rows``) and the
 # offsets are int32. 4 warps, or 1 or 2 stages, spill 8-480 bytes on one of them or another. The
-# direct passes spill nothing under any of these.
-CHAIN_CONFIG = {"num_warps": 8, "num_stages": 3}
+# direct passes spill nothing under any of these, given the register file: a chain pass runs a
+# few programs (L rows each), never two to an SM, but ptxas, left to guess, capped 48x3's first
+# direct pass at 128 registers and spilled 12 bytes (153 with the cap at MAX_REGISTERS, no spill).
+CHAIN_CONFIG = {"num_warps": 8, "num_stages": 3, "maxnreg": MAX_REGISTERS}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1230,15 +1285,27 @@ def blockwise(grp: dict) -> bool:
     return _several_levels_at_max(grp) and grp["WB"] == grp["WP"] and grp["pack"] == 1
 
 
-def fuses_dq(grp: dict, splits: int, capability: tuple[int, int] | None) -> bool:
+def padded_build(grp: dict) -> bool:
+    """Whether the Delta builds (``_product_minus_eye``) of a group of several levels at MAX_BLOCK
+    wide whose chunks leave padding (12x4, 24x3: 6- and 12-wide chunks in a 128-wide tile) lay the
+    factor tiles out from Q's blocks in chunks padded to a power of two, then compact Delta
+    (``_delta``'s PADDED constexpr). Gathered, their builds spilled 4-12 bytes a thread (the
+    forward) and 72-96 (the mixed-batch forward) at 255 registers."""
+    return _several_levels_at_max(grp) and grp["WB"] != grp["WP"] and grp["pack"] == 1
+
+
+def fuses_dq(grp: dict, splits: int, capability: tuple[int, int] | None, dtype: torch.dtype | None = None) -> bool:
     """Whether a group's backward makes dQ in its row pass's programs (``_grad_kernel``'s
     FUSED_DQ, one row split) on a GPU of that compute capability (None: the interpreter, as
-    Hopper). Not for a group of several levels at MAX_BLOCK wide, unless ``blockwise`` and
-    Hopper: the sweep beside the held dMc spilled there (gathered factor tiles: 1.3-2.3 KB a
-    thread at 24x3 and 12x4 on sm_90; blockwise, 92-176 bytes on sm_80, whose mma.sync holds
-    both operands in registers; the compile report). Those write their one split's dMc as a
-    partial, and ``_dq_rows_kernel`` makes dQ in row slabs, as for several splits."""
-    if splits != 1:
+    Hopper), for x of that dtype (None: 16-bit). Not for a group of several levels at MAX_BLOCK
+    wide, unless ``blockwise`` and Hopper: the sweep beside the held dMc spilled there (gathered
+    factor tiles: 1.3-2.3 KB a thread at 24x3 and 12x4 on sm_90; blockwise, 92-176 bytes on
+    sm_80, whose mma.sync holds both operands in registers; the compile report). Nor for fp32
+    inputs' groups of several levels (tf32x3: three operand tiles a product; at 32 wide 68-108
+    bytes on sm_80, some in the row loop, and on sm_90 4-24 bytes at one stage or two, whichever
+    of 8x3 and 4x4). Those write their one split's dMc as a partial, and ``_dq_rows_kernel``
+    makes dQ in row slabs, as for several splits."""
+    if splits != 1 or (dtype == torch.float32 and grp["k1"] - grp["k0"] > 1):
         return False
     return not _several_levels_at_max(grp) or (blockwise(grp) and not register_operand_mma(capability))
 
@@ -1274,7 +1341,7 @@ def grad(x, g, q, transpose, k0, key, need_dx):
     LAST_LAUNCH["butterfly_bwd"] = (source, dict(cfg))
     splits, rows = _splits(T, grp, b, num_sms(x.device))
     capability = device_capability(x.device)
-    fused_dq = fuses_dq(grp, splits, capability)
+    fused_dq = fuses_dq(grp, splits, capability, x.dtype)
     dq = new_empty(*q.shape, dtype=torch.float32, device=x.device)
     partial = dq if fused_dq else new_empty(splits, grp["NB"], grp["WB"], grp["WB"], dtype=torch.float32,
                                             device=x.device)
@@ -1296,6 +1363,9 @@ def grad(x, g, q, transpose, k0, key, need_dx):
 # warps, fixed (not the row loop's tuned config): 32 rows on 8 warps compile without spills on
 # sm_90 and sm_80 at 2x6, 64x2, 32x3 and 16x4 (16 rows or 4 warps spill at some of them).
 DQ_ROWS, DQ_ROWS_WARPS = 32, 8
+# ... with ptxas's register cap lifted: parameter-sized work, so a second program per SM buys
+# little, and left to guess ptxas capped fp32's 8x3 at 128 registers and spilled 4 bytes.
+DQ_ROWS_REGISTERS = MAX_REGISTERS
 
 
 def _launch_dq(partial, q, dq, splits, grp, layout, D, meta, warps) -> None:
@@ -1310,6 +1380,7 @@ def _launch_dq(partial, q, dq, splits, grp, layout, D, meta, warps) -> None:
     rs = min(DQ_ROWS, grp["WP"])
     wrap_triton(_dq_rows_kernel)[(grp["NB"], triton.cdiv(grp["WB"], rs), levels)](
         partial, q, dq, D, splits, grp["NB"], **layout, RS=rs, **build, num_warps=DQ_ROWS_WARPS, num_stages=1,
+        **register_cap(DQ_ROWS_REGISTERS),
     )
 
 
@@ -1603,7 +1674,8 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                                          "D": "i32"}, divisible=("n",),
                               constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, **group_bounds(groups),
                                           "TRANS": trans, "BT": fwd["BT"], **dot},
-                              config=fwd, num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))
+                              config=fwd, num_warps=fwd["num_warps"], num_stages=fwd["num_stages"],
+                              options=fused_options(n, b, N)))
         gsig = {"x_ptr": ptr, "g_ptr": ptr, "q_ptr": "*fp32", "dx_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32",
                 "T": "i32", "n": "i32", "D": "i32", "ROWS": "i32", "NCB": "i32"}
         for sel, (k0, k1) in enumerate(fused if fused_backward(n, b, N) else ()):  # a pass per group
@@ -1642,9 +1714,9 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
         gsig = {"x_ptr": ptr, "g_ptr": ptr, "q_ptr": "*fp32", "dx_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32",
                 "T": "i32", "n": "i32", "D": "i32", "ROWS": "i32", "NB": "i32"}
         for name, fused in (("grad", False), ("grad_dq", True)):
-            if fused and not fuses_dq(grp, 1, None):
+            if fused and not fuses_dq(grp, 1, None, dtype):
                 continue  # the one split writes a partial, as several do
-            archs = {} if not fused or fuses_dq(grp, 1, (8, 0)) else {"archs": (90,)}  # sm_80: a partial
+            archs = {} if not fused or fuses_dq(grp, 1, (8, 0), dtype) else {"archs": (90,)}  # sm_80: a partial
             stages = dq_epilogue_stages(grp, bwd["num_stages"]) if fused else bwd["num_stages"]
             specs.append(dict(name=name + tag, **shape, fn=_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
                               constexprs={**layout, "H": grp["H"], **dot, "TRANS": False, "WRITE_DX": True,
@@ -1667,7 +1739,8 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
         else:
             specs.append(dict(name="dq" + tag, **shape, fn=_dq_rows_kernel, signature=dsig, divisible=(),
                               constexprs={**layout, **build, "RS": min(DQ_ROWS, grp["WP"])},
-                              config={"num_warps": DQ_ROWS_WARPS}, num_warps=DQ_ROWS_WARPS, num_stages=1))
+                              config={"num_warps": DQ_ROWS_WARPS}, num_warps=DQ_ROWS_WARPS, num_stages=1,
+                              options={"maxnreg": DQ_ROWS_REGISTERS}))
     if kept is not None:
         specs = [sp for sp in specs if sp["name"].startswith(("fused", "coarse") + kept)]
     return specs

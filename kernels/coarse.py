@@ -11,17 +11,19 @@ activations are cheaper than that:
    the whole block's dMc is four tiles in one program (``wide.takes_pair``), so x and g are read
    once. Up to 192 wide (160 before Hopper) that program also writes ``dx = g + g Delta_c`` on the
    same rows, with ``Delta_c = Mc^T - I`` (``Mc - I`` with transpose) held as four tiles too: g is
-   read once for both gradients. ``Delta_c`` is built first (``_coarse_delta_kernel``,
-   parameter-sized: the one-pass forward on the identity's L rows) and stored in x's dtype. Wider
-   (up to ``MAX_L``: the held tiles would spill), dx takes the one-pass forward with the transpose
-   flipped, a pass of its own over g.
+   read once for both gradients. At 193-256 two programs hold half the block's dMc each
+   (``wide.takes_halves``: g read twice, x once) and write dx's half, Delta_c's two tiles of it
+   held. ``Delta_c`` is built first (``_coarse_delta_kernel``, parameter-sized: the one-pass
+   forward on the identity's L rows) and stored in x's dtype. Wider (up to ``MAX_L``: the held
+   tiles would spill), dx takes the one-pass forward with the transpose flipped, a pass of its
+   own over g.
 2. dQ from dMc by the chain rule, ``dF_k = (F_{N-1}..F_{k+1})^T dMc (F_{k-1}..F_0)^T`` on F_k's
    values: the butterfly's own dQ pass on ``y = I M`` with ``dl/dy = dMc`` (``fused_chain_dq``: the
    identity rows are made in registers, dMc is read once per factor group; a one-level group
    acting first, in ``I M`` or ``I M^T``, needs no accumulator: ``butterfly.chain_passes``). This
    is parameter-sized work, ``n L`` values a pass, whatever the row count.
 
-Activations move 3 times (4 past 192 wide; the per-group backward: ``2 G + 1``), parameter-sized
+Activations move 3 times (4 at 193-256, 5 wider; the per-group backward: ``2 G + 1``), parameter-sized
 tensors ``G + 1`` times (``G + 3`` with Delta_c), so the route pays from about L rows on: ``takes``
 picks whichever moves fewer bytes, unless ``boft-triton tune`` timed both routes for the shape
 (``route``). Row splits and split-ordered sums are the dMc and dQ passes' own, so dQ is
@@ -76,8 +78,9 @@ def moved_bytes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: boo
     dmc = n * L * 2  # bf16 (Delta_c: x's dtype, the same size)
     # one pass: x and g read once, dx written; Delta_c written, and read by every row split's
     # programs (counted once, as dMc's fp32 partials are left out: L2-sized, n L values a split)
-    if fuses_dx(L, dtype, cap):
-        coarse = (2 + need_dx) * act + (1 + groups + 2 * need_dx) * dmc
+    if fuses_dx(L, dtype, cap):  # g read once (the whole dMc held), twice past 192 (two halves)
+        g_reads = 1 if kw.takes_pair(L, dtype) else 2
+        coarse = (1 + g_reads + need_dx) * act + (1 + groups + 2 * need_dx) * dmc
     else:
         g_reads = kw.slab("bwd", L, dtype)[2]
         coarse = (2 * need_dx + 1 + g_reads) * act + (1 + groups) * dmc
@@ -86,9 +89,9 @@ def moved_bytes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: boo
 
 def fuses_dx(L: int, dtype: torch.dtype, cap: tuple[int, int] | None = None) -> bool:
     """Whether the dMc pass also writes dx (step 1 of the module docstring) on a GPU of compute
-    capability cap: the whole-block dMc kernel, up to 192 wide, 160 before Hopper
-    (``wide.takes_pair_dx``)."""
-    return kw.takes_pair_dx(L, dtype, cap)
+    capability cap: the whole-block dMc kernel up to 192 wide (160 before Hopper), the two-half
+    one at 193-256 (``wide.writes_dx``)."""
+    return kw.writes_dx(L, dtype, cap)
 
 
 def takes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: bool,
@@ -261,5 +264,6 @@ def launch_specs(n: int, b: int, N: int, dtype: torch.dtype, gsig: dict) -> list
                                           "SEL": at, "S0": k0, "S1": k1, "TRANS": mode == "last", "WRITE_DX": False,
                                           "FUSED_DQ": fused_dq, "RC": kb.FUSED_RC, **dot, "CHAIN": True,
                                           "DIRECT": mode != "acc"},
-                              config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
+                              config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
+                              options={"maxnreg": bwd["maxnreg"]}))
     return dmc + chain

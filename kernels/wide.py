@@ -15,7 +15,7 @@ its row tiles. So each program owns a slab of ``BN`` output columns of one block
   the same row tiles together and share them through L2 on a GPU; the interpreter's byte count,
   which has no cache, counts every read.
 - **Backward** ``dx = g + g Delta^T`` (``g + g Delta`` with transpose) is the forward kernel on g
-  with the transpose flipped (up to 192 wide, 160 before Hopper: the dMc pass's, below). ``dMc = x^T
+  with the transpose flipped (up to 256 wide, but 161-192 before Hopper: the dMc pass's, below). ``dMc = x^T
   g`` (``g^T x``) takes a second pass: a program accumulates a slab of dMc's rows (columns with
   transpose) in fp32, reading the full row tile of g and its slab of x; dQ of the level *is* dMc
   (one factor: no block products). Row splits and the split-ordered partial sums are
@@ -24,8 +24,11 @@ its row tiles. So each program owns a slab of ``BN`` output columns of one block
   (``_wide_grad_pair_kernel``), so that pass reads g once; up to ``MAX_BLOCK + PAIR_DX_REST_HOPPER``
   (192; ``PAIR_DX_REST``, 160, before Hopper, whose mma holds the tiles in registers) it also holds
   ``Delta^T`` as four tiles, made from Q, and writes dx on the same rows (``wide_grads``): one pass
-  over (x, g) for both gradients. (Wider, one pass holding both a ``Delta^T`` slab and a dMc slab
-  spills: on sm_80 from 192 wide, on both at 512; with slabs narrow enough not to, it reads g more
+  over (x, g) for both gradients. At 193-256 (``takes_halves``) two programs hold half the dMc
+  each as two 128 x 128 tiles (``_wide_grad_halves_kernel``: x read once, g twice, as the slabs)
+  and write dx's half from the same rows of g, Delta^T's two tiles of it held, in 16-row steps:
+  g is read twice for both gradients, not three times. (Wider, one pass holding both a
+  ``Delta^T`` slab and a dMc slab spills at 512; with slabs narrow enough not to, it reads g more
   often than the two passes do.)
 - **K-split** past what a slab holds (16-bit past 512 wide, fp32's forward past 256 and its dMc
   past 512; ``splits_k``): the same kernels stream KC-wide chunks of x and of the Delta slab per
@@ -101,6 +104,12 @@ PAIR_RC = 16
 # Without dx the tile is padded the same, so dQ's bits do not depend on whether x needs a gradient.
 PAIR_DX_REST = 32
 PAIR_DX_REST_HOPPER = 64
+# Blocks of 193-256 columns hold half their dMc per program as two [128, 128] tiles
+# (_wide_grad_halves_kernel: the slab kernel's traffic) and write dx's half from the same rows of
+# g, Delta's two tiles held: no spills on sm_90 or sm_80 (triton 3.7) with or without dx, 1 or 2
+# stages, in 16-row steps (HALVES_RC); 32-row steps spill 268-572 bytes with dx, 60-140 without
+# on sm_80.
+HALVES_RC = 16
 
 
 def pair_rest(b: int) -> int:
@@ -423,6 +432,70 @@ def _wide_grad_pair_kernel(
 
 
 @triton.jit
+def _wide_grad_halves_kernel(
+    x_ptr, g_ptr, dd_ptr, dq_ptr, d_ptr, dx_ptr, T, n, ROWS, NB,
+    B: tl.constexpr, S: tl.constexpr, H: tl.constexpr, A: tl.constexpr,
+    TRANS: tl.constexpr, FUSED_DQ: tl.constexpr, WRITE_DX: tl.constexpr, DELTA_FROM_Q: tl.constexpr,
+    RC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Rows [i_s ROWS, (i_s+1) ROWS) of block i_b, ``A + PAIR_REST < B <= 2 A`` columns (193-256):
+    program (i_b, i_h) holds half i_h of this split's dMc, ``x[:, half]^T g`` (the columns
+    ``g^T x[:, half]`` with TRANS), as two ``[A, A]`` tiles (g's columns [0, A) and [A, B)),
+    reading g's whole rows and x's half: the slab kernel's traffic (x once, g twice), its dMc
+    held in two tiles rather than one ``[A, 2A]`` one.
+
+    With WRITE_DX also dx's columns of that half from the same rows of g, ``dx[:, h] = g[:, h] +
+    g[:, :A] Dt[:A, h] + g[:, A:] Dt[A:, h]``, the two tiles of Dt (the Delta dx is ``g + g Dt``
+    by, as ``_wide_grad_pair_kernel``'s d_ptr) held: g is read twice for both gradients rather
+    than three times (dx's own pass)."""
+    i_b = tl.program_id(0).to(tl.int64) // 2
+    i_h = tl.program_id(0) % 2
+    i_s = tl.program_id(1).to(tl.int64)
+    o_a = tl.arange(0, A)
+    o_r = A + o_a
+    o_h = i_h * A + o_a
+    col_a, col_r, col_h = _block_columns(i_b, o_a, B, S, H), _block_columns(i_b, o_r, B, S, H), \
+        _block_columns(i_b, o_h, B, S, H)
+    m_r, m_h = o_r < B, o_h < B
+    if WRITE_DX:
+        d_base = d_ptr + i_b * (B * B)
+        d_ah = _held_delta(d_base, o_a, o_h, B, DELTA_FROM_Q, TRANS, DOT_DTYPE)
+        d_rh = _held_delta(d_base, o_r, o_h, B, DELTA_FROM_Q, TRANS, DOT_DTYPE)
+    acc_a = tl.zeros([A, A], dtype=tl.float32)
+    acc_r = tl.zeros([A, A], dtype=tl.float32)
+    row_lo = i_s * ROWS
+    row_hi = tl.minimum(row_lo + ROWS, T)
+    for t0 in range(row_lo, row_hi, RC):
+        o_t = t0 + tl.arange(0, RC)
+        m_t = (o_t < row_hi)[:, None]
+        x_h = tl.load(x_ptr + o_t[:, None] * n + col_h[None, :], mask=m_t & m_h[None, :], other=0.0).to(DOT_DTYPE)
+        g_a = tl.load(g_ptr + o_t[:, None] * n + col_a[None, :], mask=m_t, other=0.0).to(DOT_DTYPE)
+        g_r = tl.load(g_ptr + o_t[:, None] * n + col_r[None, :], mask=m_t & m_r[None, :], other=0.0).to(DOT_DTYPE)
+        if TRANS:  # dMc[:A, h] and dMc[A:, h]
+            acc_a = tl.dot(tl.trans(g_a), x_h, acc_a, input_precision=PRECISION)
+            acc_r = tl.dot(tl.trans(g_r), x_h, acc_r, input_precision=PRECISION)
+        else:  # dMc[h, :A] and dMc[h, A:]
+            acc_a = tl.dot(tl.trans(x_h), g_a, acc_a, input_precision=PRECISION)
+            acc_r = tl.dot(tl.trans(x_h), g_r, acc_r, input_precision=PRECISION)
+        if WRITE_DX:
+            g_h = tl.where(i_h == 0, g_a, g_r)  # g's own columns of the half, already loaded
+            dx_h = tl.dot(g_a, d_ah, g_h.to(tl.float32), input_precision=PRECISION)
+            dx_h = tl.dot(g_r, d_rh, dx_h, input_precision=PRECISION)
+            tl.store(dx_ptr + o_t[:, None] * n + col_h[None, :], dx_h.to(dx_ptr.dtype.element_ty),
+                     mask=m_t & m_h[None, :])
+    if FUSED_DQ:
+        base = dq_ptr + i_b * (B * B)
+    else:
+        base = dd_ptr + (i_s * NB + i_b) * (B * B)
+    if TRANS:
+        _store_tile(base, acc_a, o_a, o_h, B)
+        _store_tile(base, acc_r, o_r, o_h, B)
+    else:
+        _store_tile(base, acc_a, o_h, o_a, B)
+        _store_tile(base, acc_r, o_h, o_r, B)
+
+
+@triton.jit
 def _wide_dq_kernel(dd_ptr, dq_ptr, SPLITS, NB, B: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr):
     """dQ of rows ``[i_r BR, (i_r+1) BR)`` of block i_b: its SPLITS partial dMc added in split
     order (deterministic)."""
@@ -459,6 +532,20 @@ def takes_pair(b: int, dtype: torch.dtype) -> bool:
     return kb.MAX_BLOCK < b <= kb.MAX_BLOCK + PAIR_REST and (dtype != torch.float32 or kb.interpreting())
 
 
+def takes_halves(b: int, dtype: torch.dtype) -> bool:
+    """Whether the dMc pass of a b-wide level holds half the block's dMc per program as two tiles
+    (``_wide_grad_halves_kernel``): 193-256 wide, 16-bit (the interpreter: any dtype)."""
+    return (kb.MAX_BLOCK + PAIR_REST < b <= 2 * kb.MAX_BLOCK
+            and (dtype != torch.float32 or kb.interpreting()))
+
+
+def writes_dx(b: int, dtype: torch.dtype, cap: tuple[int, int] | None = None) -> bool:
+    """Whether the dMc pass of a b-wide level can also write dx (``grad_q``'s dx and delta) on a
+    GPU of compute capability cap (None: the interpreter, as Hopper): the four-tile kernel's
+    ``takes_pair_dx``, and the two-half kernel (193-256) on every arch."""
+    return takes_pair_dx(b, dtype, cap) or takes_halves(b, dtype)
+
+
 def takes_pair_dx(b: int, dtype: torch.dtype, cap: tuple[int, int] | None = None) -> bool:
     """Whether that dMc pass can also write dx (``grad_q``'s dx and delta) on a GPU of compute
     capability cap (None: the interpreter, as Hopper): up to 160 wide, 192 where the held tiles
@@ -474,7 +561,7 @@ SM80 = (8, 0)
 def pair_dx_archs(b: int, dtype: torch.dtype) -> dict:
     """What a compile spec of the dMc pass that writes dx carries: ``archs=(90,)`` where sm_80 does
     not launch it (161-192 wide), nothing where both do."""
-    return {} if takes_pair_dx(b, dtype, SM80) else {"archs": (90,)}
+    return {} if writes_dx(b, dtype, SM80) else {"archs": (90,)}
 
 
 def _pick(kind: str, key, x, tuned_as=None) -> tuple[str, dict]:
@@ -512,15 +599,15 @@ def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, 
     the level's Q's, ``[1, D, b, b]``, dtype dQ's (accumulated in fp32 either way); tuned_as
     the layer shape whose tuned backward config to use (``kernels/coarse.py``). With dx (``[T,
     n]``, written) and delta (``[D, b, b]`` in x's dtype, or the level's Q with delta_from_q), the
-    same pass also writes ``dx = g + g Delta`` per block (``takes_pair_dx``; ``_wide_grad_pair_kernel``
+    same pass also writes ``dx = g + g Delta`` per block (``writes_dx``; ``_wide_grad_pair_kernel``
     says which Delta)."""
     T, n = x.shape
     b = key[1]
     grp = level_group(*key, k0)
     write_dx = dx is not None
-    if write_dx and (delta is None or not takes_pair_dx(b, x.dtype, capability(x.device))):
-        raise ValueError(f"wide.grad_q: the dMc pass writes dx up to {kb.MAX_BLOCK + PAIR_DX_REST_HOPPER} wide "
-                         f"({kb.MAX_BLOCK + PAIR_DX_REST} before Hopper), "
+    if write_dx and (delta is None or not writes_dx(b, x.dtype, capability(x.device))):
+        raise ValueError(f"wide.grad_q: the dMc pass writes dx up to {2 * kb.MAX_BLOCK} wide "
+                         f"(but 161-{kb.MAX_BLOCK + PAIR_REST} before Hopper), "
                          f"16-bit, given its Delta (b={b}, {x.dtype}, delta given: {delta is not None})")
     if T == 0:
         return torch.zeros(shape, dtype=dtype, device=x.device)
@@ -538,6 +625,12 @@ def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, 
             H=grp["H"], A=kb.MAX_BLOCK, RP=pair_rest(b), TRANS=transpose,
             FUSED_DQ=splits == 1, WRITE_DX=write_dx, DELTA_FROM_Q=delta_from_q, RC=PAIR_RC, **_dot_meta(x.dtype),
             num_warps=warps, num_stages=stages,
+        )
+    elif takes_halves(b, x.dtype):
+        wrap_triton(_wide_grad_halves_kernel)[(NB * 2, splits)](
+            x, g, partial, dq, delta if write_dx else x, dx if write_dx else x, T, n, rows, NB, B=b, S=grp["S"],
+            H=grp["H"], A=kb.MAX_BLOCK, TRANS=transpose, FUSED_DQ=splits == 1, WRITE_DX=write_dx,
+            DELTA_FROM_Q=delta_from_q, RC=HALVES_RC, **_dot_meta(x.dtype), num_warps=warps, num_stages=stages,
         )
     else:
         wrap_triton(_wide_grad_kernel)[(NB * layout["NS"] * (layout["KP"] // layout["KC"]), splits)](
@@ -589,7 +682,7 @@ def _grads_fake(x, g, q, transpose, k0, n, b, N):
 def wide_grads(x: torch.Tensor, g: torch.Tensor, q: torch.Tensor, transpose: bool, k0: int, n: int, b: int,
                N: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dl/dx, dl/dq)`` of ``wide_apply`` in one pass over (x, g), Delta made from Q in the
-    program (``takes_pair_dx``)."""
+    program (``writes_dx``)."""
     x, g, q = x.contiguous(), g.contiguous(), q.contiguous()
     dx = new_empty(*x.shape, dtype=x.dtype, device=x.device)
     dq = grad_q(x, g, q.shape, transpose, k0, (n, b, N), dx=dx, delta=q, delta_from_q=True)
@@ -604,13 +697,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g):
     """dl/dx is the transposed product (``g Mc^T``, ``g Mc`` with transpose); dl/dq a pass over
-    (x, g). Both: one pass where the dMc kernel holds the block and Delta (``takes_pair_dx``)."""
+    (x, g). Both: one pass where the dMc kernel holds Delta's tiles too (``writes_dx``)."""
     x, q = ctx.saved_tensors
     transpose, k0, n, b, N = ctx.args
     none = (None,) * 5
     if g is None:
         return None, None, *none
-    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and takes_pair_dx(b, g.dtype, capability(g.device)):
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and writes_dx(b, g.dtype, capability(g.device)):
         return *wide_grads(x, g, q, transpose, k0, n, b, N), *none
     dx = wide_apply(g, q, not transpose, k0, n, b, N) if ctx.needs_input_grad[0] else None
     dq = wide_grad_q(x, g, q, transpose, k0, n, b, N) if ctx.needs_input_grad[1] else None
@@ -645,20 +738,25 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[d
             "ROWS": "i32", "NB": "i32"}
     pair_sig = {**gsig, "d_ptr": ptr, "dx_ptr": ptr}
     with kb._compiling():
-        pair = takes_pair(b, dtype)
+        pair, halves = takes_pair(b, dtype), takes_halves(b, dtype)
     for name, fused in (("wide_grad", False), ("wide_grad_dq", True)):
         if pair:
             fn, sig, constexprs = _wide_grad_pair_kernel, pair_sig, {
                 "B": b, "S": grp["S"], "H": grp["H"], "A": kb.MAX_BLOCK,
                 "RP": pair_rest(b), "RC": PAIR_RC, "WRITE_DX": False, "DELTA_FROM_Q": False}
+        elif halves:
+            fn, sig, constexprs = _wide_grad_halves_kernel, pair_sig, {
+                "B": b, "S": grp["S"], "H": grp["H"], "A": kb.MAX_BLOCK, "RC": HALVES_RC, "WRITE_DX": False,
+                "DELTA_FROM_Q": False}
         else:
             fn, sig, constexprs = _wide_grad_kernel, gsig, {**_layout(grp, b, "bwd", dtype), "RC": WIDE_RC}
-        specs.append(dict(name=name + ("_pair" if pair else "") + tag, **shape, fn=fn, signature=sig,
+        kind = "_pair" if pair else "_halves" if halves else ""
+        specs.append(dict(name=name + kind + tag, **shape, fn=fn, signature=sig,
                           divisible=("n", "ROWS"), constexprs={**constexprs, "TRANS": False, "FUSED_DQ": fused, **dot},
                           config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"], arch_options=bwd_arch))
     with kb._compiling():
-        pair_dx, archs = takes_pair_dx(b, dtype), pair_dx_archs(b, dtype)
-    if pair_dx:  # both gradients in one pass (wide_grads): dx too, Delta made from Q; Hopper only past 160
+        pair_dx, archs = writes_dx(b, dtype), pair_dx_archs(b, dtype)
+    if pair_dx:  # both gradients in one pass (wide_grads): dx too, Delta made from Q; Hopper only at 161-192
         specs += [dict(spec, name=spec["name"].replace("wide_grad", "wide_dx_grad", 1),
                        signature={**spec["signature"], "d_ptr": "*fp32"},
                        constexprs={**spec["constexprs"], "WRITE_DX": True, "DELTA_FROM_Q": True}, **archs)

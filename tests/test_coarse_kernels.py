@@ -1,6 +1,6 @@
 """The backward through dense coarse blocks (``kernels/coarse.py``): dMc of each ``L x L`` coarse
-block in one pass, which up to 192 wide (160 before Hopper) writes dx too (else dx is the
-transposed one-pass forward), dQ by the chain pass on identity rows.
+block in one pass, which up to 256 wide (but 161-192 before Hopper) writes dx too (else dx is
+the transposed one-pass forward), dQ by the chain pass on identity rows.
 Against the dense fp64 reference and the per-group backward, in Triton's interpreter on a CPU
 (the conftest sets it), compiled on a GPU."""
 
@@ -45,7 +45,7 @@ def spy(monkeypatch):
 # groups), 36x3 (L = 144, dMc's second tile mostly padding), ControlNet's 80x2 (each group's two
 # 128-wide blocks shared out between two chain programs), 72x2 and 68x2 (L = 136: 24 of the second
 # tile's 32 lanes padding), and 48x3 (L = 192: on Hopper, as the interpreter routes), whose dMc
-# pass also writes dx; 64x3 (L = 256: the dMc pass in row slabs, dx a pass of its own).
+# pass also writes dx; 64x3 (L = 256: two programs hold half the dMc each and write dx's half).
 # Enough rows that the route pays, a partial last row tile in each.
 COARSE_CASES = [(300, 320, 40, 3, 1.0), (333, 320, 20, 4, 1.0), (301, 288, 36, 3, 10.0), (300, 320, 80, 2, 1.0),
                 (250, 288, 72, 2, 1.0), (260, 272, 68, 2, 1.0), (401, 384, 48, 3, 1.0), (600, 512, 64, 3, 1.0)]
@@ -62,14 +62,17 @@ def test_coarse_backward(monkeypatch, spy, T, n, b, N, scale, transpose, dtype):
     check_butterfly(T, n, b, N, scale, transpose, dtype=dtype)
     assert spy == [True]
     assert len(dx_passes) == 2 - kc.fuses_dx(kc.width(b, N), dtype)  # the forward, and dx's own pass
-    assert kc.fuses_dx(kc.width(b, N), dtype) == (kc.width(b, N) <= 192)
+    assert kc.fuses_dx(kc.width(b, N), dtype)
+    if kc.width(b, N) > 192:  # the two-half dMc pass wrote dx
+        assert kw.takes_halves(kc.width(b, N), dtype) and not kw.takes_pair(kc.width(b, N), dtype)
 
 
 def test_coarse_backward_before_hopper(monkeypatch, spy):
-    """Before Hopper the dMc pass writes dx only up to L = 160 (past it, mma's register-held
-    tiles spill): at 48x3 (L = 192) dx takes a pass of its own there, with the same results."""
-    assert [kc.fuses_dx(L, torch.bfloat16, (8, 0)) for L in (160, 192)] == [True, False]
-    assert [kc.fuses_dx(L, torch.bfloat16, cap) for L in (192, 256) for cap in ((9, 0), None)] == [True, True, False, False]
+    """Before Hopper the four-tile dMc pass writes dx only up to L = 160 (past it, mma's
+    register-held tiles spill): at 48x3 (L = 192) dx takes a pass of its own there, with the same
+    results. The two-half pass (193-256) writes dx on every arch."""
+    assert [kc.fuses_dx(L, torch.bfloat16, (8, 0)) for L in (160, 192, 256)] == [True, False, True]
+    assert all(kc.fuses_dx(L, torch.bfloat16, cap) for L in (192, 256) for cap in ((9, 0), None))
     monkeypatch.setattr(kc, "capability", lambda device: (8, 0))
     monkeypatch.setattr(kw, "capability", lambda device: (8, 0))
     dx_passes = []

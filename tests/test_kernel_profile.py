@@ -67,6 +67,48 @@ def test_wide_coarse_blocks_take_one_pass(n, b, N, T):
     assert row["fwd_bwd_floor"] <= row["fwd_bwd_ratio"], row  # no kernel moves less
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts bytes in Triton's interpreter")
+def test_256_wide_dmc_halves_write_dx(monkeypatch):
+    """At 193-256 wide two programs hold half the dMc each and write dx's half from the same rows
+    of g: no pass of its own for dx. 64x3 (a 256-wide coarse block): forward + backward 1.975x ->
+    1.875x at T = 1024 (its floor 1.225x: the rest is g's second read and the parameter side),
+    256x1 1.70x -> 1.50x."""
+    from boft_triton.bench import kernel_profile
+    from boft_triton.kernels import butterfly as kb
+    from boft_triton.kernels import coarse as kc
+    from boft_triton.kernels import wide as kw
+
+    assert kw.takes_halves(256, torch.bfloat16) and kc.fuses_dx(256, torch.bfloat16)
+    passes = []  # one-pass products over the rows: the forward alone, dx none of its own
+    apply = kb.fused_apply_into
+    monkeypatch.setattr(kb, "fused_apply_into", lambda x, *rest: passes.append(rest[1]) or apply(x, *rest))
+    coarse = kernel_profile.traffic(1024, 64, 3, 1024, "bf16")
+    assert coarse["path"] == "fused64+64+64-bwd-coarse" and passes == [False], (coarse, passes)
+    assert coarse["fwd_bwd_ratio"] <= 1.875 + 1e-9, coarse
+    level = kernel_profile.traffic(1024, 256, 1, 1024, "bf16")
+    assert level["fwd_bwd_ratio"] <= kernel_profile.TARGET_FWD_BWD + 1e-9, level
+
+
+def test_spill_ops_in_loops_counts_local_memory_inside_backward_branches():
+    """The compile report's in-loop spill count: local loads and stores between a backward branch
+    and its target count; those before or after every loop (a block build, an epilogue) do not."""
+    from boft_triton.bench import kernel_profile
+
+    sass = "\n".join([
+        "        /*0000*/                   STL [R1], R2 ;",
+        "        /*0010*/                   LDG.E.128 R4, [R6.64] ;",
+        "        /*0020*/                   LDL R8, [R1] ;",
+        "        /*0030*/                   STL.64 [R1+0x8], R10 ;",
+        "        /*0040*/              @P0 BRA 0x20 ;",
+        "        /*0050*/                   LDL.LU R8, [R1+0x8] ;",
+        "        /*10000*/                  STL [R1], R3 ;",
+        "        /*10010*/                  BRA 0x10000 ;",
+        "        /*10020*/                  BRA 0x10030 ;",
+        "        /*10030*/                  EXIT ;",
+    ])
+    assert kernel_profile._spill_ops_in_loops(sass) == 3  # 0x20, 0x30 and 0x10000
+
+
 def test_compile_rows_follow_the_launchers_per_arch(monkeypatch):
     """The compile report lists a kernel only for the archs its launcher runs it on, at the config
     it runs there: 192-wide blocks write dx in their dMc pass on Hopper only, and sm_80 runs their

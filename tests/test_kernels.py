@@ -455,9 +455,11 @@ def test_pre_hopper_row_step_of_128_wide_groups(monkeypatch, n, b, N):
 
 
 # 128-wide groups of several levels whose chunks fill them (``blockwise``): factor tiles laid out
-# from Q's blocks in the builds and in the one-split dQ sweep; 12x4's 6-wide chunks (96 of 128
-# lanes) keep the gathers.
-BLOCKWISE_CASES = [(7, 128, 16, 4), (33, 256, 32, 3), (7, 128, 64, 2), (7, 256, 8, 5), (7, 96, 12, 4)]
+# from Q's blocks in the builds and in the one-split dQ sweep. 12x4's and 24x3's 6- and 12-wide
+# chunks (96 of 128 lanes) build Delta in chunks padded to 8 and 16 (``padded_build``), compacted
+# for the rows' frame; their dQ sweep keeps the gathers, in the row-slab kernel.
+BLOCKWISE_CASES = [(7, 128, 16, 4), (33, 256, 32, 3), (7, 128, 64, 2), (7, 256, 8, 5), (7, 96, 12, 4), (9, 96, 24, 3)]
+PADDED_CHUNKS = (12, 24)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -468,15 +470,18 @@ def test_blockwise_factor_tiles_of_128_wide_groups(monkeypatch, T, n, b, N, tran
     the interpreter) and from the row-slab kernel elsewhere; values and both gradients against
     the dense reference either way."""
     grp = kb.plan(n, b, N)[-1]
+    padded = b in PADDED_CHUNKS
     assert grp["WP"] == 128 and grp["k1"] - grp["k0"] > 1 and kb._splits(T, grp, b, 4)[0] == 1
-    assert kb.blockwise(grp) == (b != 12)
-    assert kb.fuses_dq(grp, 1, None) == kb.fuses_dq(grp, 1, (9, 0)) == (b != 12)
+    assert kb.blockwise(grp) != padded and kb.padded_build(grp) == padded
+    assert kb.fuses_dq(grp, 1, None) == kb.fuses_dq(grp, 1, (9, 0)) == (not padded)
     assert not kb.fuses_dq(grp, 1, (8, 0)) and not kb.fuses_dq(grp, 1, (12, 0)) and not kb.fuses_dq(grp, 2, None)
     launched = []
     monkeypatch.setattr(kb, "_launch_dq", lambda *a, _f=kb._launch_dq: (launched.append(a[3]), _f(*a))[1])
     check_butterfly(T, n, b, N, 1.0, transpose, dtype=dtype)
-    assert bool(launched) == (b == 12)  # the one split's partial goes to the row-slab kernel
-    if b != 12:  # as sm_80 runs it
+    # the one split's partial goes to the row-slab kernel (fp32's groups of several levels too)
+    assert bool(launched) == (padded or dtype == torch.float32)
+    assert kb.fuses_dq(grp, 1, None, dtype) == (not padded and dtype != torch.float32)
+    if not padded:  # as sm_80 runs it
         monkeypatch.setattr(kb, "device_capability", lambda device: (8, 0))
         check_butterfly(T, n, b, N, 1.0, transpose, dtype=dtype)
         assert launched == [1] * len(launched) and launched
@@ -662,6 +667,14 @@ for n, b, N in ((768, 96, 2), (768, 192, 1)):
     rows += [dict(n=n, b=b, N=N, L=b << (N - 1), kernel=spec["name"], width=spec["width"], levels=spec["levels"],
                   dtype="bf16", **kernel_profile.compile_stats(spec, 90)) for spec in hopper]
 rows += kernel_profile.compile_rows([512], [(16, 2)], archs=(90,), dtype_name="fp32")
+# 12x4's 6-wide chunks: the Delta build laid out in padded chunks (the gathered one spilled 4-96 bytes)
+rows += [r for r in kernel_profile.compile_rows([768], [(12, 4)], archs=(90, 80))
+         if (r["kernel"], r["arch"]) in (("apply", "sm_90"), ("segmented", "sm_80"))]
+# 48x3: the one-pass forward and the first chain pass with the register cap lifted (128: 4-12 bytes)
+rows += [r for r in kernel_profile.compile_rows([768], [(48, 3)], archs=(90,))
+         if r["kernel"] in ("fused_T", "coarse_chain_direct[0]")]
+# 193-256 wide: both gradients from the two-half dMc pass, on sm_80 too (64x3's are above, on sm_90)
+rows += [r for r in kernel_profile.compile_rows([512], [(256, 1)], archs=(80,)) if r["kernel"].startswith("wide_dx_grad")]
 # K-split levels: 16-bit past 512 wide, fp32's forward past 256
 rows += [dict(r, kernel=r["kernel"] + "_ksplit") for r in kernel_profile.compile_rows([2048], [(1024, 1)], archs=(80,))
          + kernel_profile.compile_rows([1024], [(512, 1)], archs=(80,), dtype_name="fp32")
@@ -695,7 +708,8 @@ def test_kernels_compile_for_sm90():
                                            "coarse_dmc_grad_pair", "coarse_chain_direct[0]", "coarse_chain_dq[1]",
                                            "coarse_dmc_dx_grad_pair", "coarse_delta", "coarse_delta_T",
                                            "wide_dx_grad_pair", "wide_dx_grad_dq_pair[g1]", "wide_ksplit",
-                                           "wide_grad_dq_ksplit", "cayley_blocked_step", "cayley_blocked_dr"}
+                                           "wide_grad_dq_ksplit", "cayley_blocked_step", "cayley_blocked_dr",
+                                           "coarse_dmc_dx_grad_halves", "wide_dx_grad_halves", "segmented"}
     for r in rows:
         assert r["smem_fits"], r  # else the launch fails on that GPU
         # zero spills, but in the dQ epilogue (once per program, after the row loop) where it holds

@@ -45,22 +45,27 @@ def test_wide_levels(T, n, b, N, scale, transpose):
 
 WIDE_16BIT_CASES = [(320, 160, 1, False, torch.bfloat16), (320, 160, 1, True, torch.bfloat16),
                     (576, 144, 2, True, torch.bfloat16), (272, 136, 1, False, torch.float16),
-                    (384, 192, 1, True, torch.bfloat16), (1024, 1024, 1, True, torch.bfloat16)]
+                    (384, 192, 1, True, torch.bfloat16), (512, 256, 1, True, torch.bfloat16),
+                    (448, 224, 1, False, torch.float16), (1024, 1024, 1, True, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("n,b,N,transpose,dtype", WIDE_16BIT_CASES,
                          ids=[f"{n}-{b}x{N}-{'xMT' if t else 'xM'}-{str(d)[6:]}" for n, b, N, t, d in WIDE_16BIT_CASES])
 def test_wide_levels_in_16_bits(monkeypatch, n, b, N, transpose, dtype):
-    """Up to 192 wide dx comes out of the dMc pass (``wide_grads``: Delta made from Q in either
-    orientation, 136 with 24 padded lanes; the interpreter routes as Hopper); wider, it is the
-    transposed forward, a pass of its own (K-split past 512 wide)."""
+    """Up to 256 wide dx comes out of the dMc pass (``wide_grads``: Delta made from Q in either
+    orientation, 136 with 24 padded lanes; the interpreter routes as Hopper; at 193-256 the
+    two-half kernel, 224 with 32 padded lanes); wider, it is the transposed forward, a pass of its
+    own (K-split past 512 wide)."""
     applies = []
     apply = kw.wide_apply
     monkeypatch.setattr(kw, "wide_apply", lambda *args: applies.append(args[2]) or apply(*args))
     check_butterfly(21, n, b, N, 1.0, transpose, dtype=dtype)
-    assert kw.takes_pair_dx(b, dtype) == (b <= 192)
+    assert kw.takes_pair_dx(b, dtype) == (b <= 192) and kw.takes_halves(b, dtype) == (192 < b <= 256)
+    assert kw.writes_dx(b, dtype) == (b <= 256)
+    if b > 192:  # the two-half kernel writes dx before Hopper too
+        assert kw.writes_dx(b, dtype, (8, 0)) == (b <= 256)
     # the forward's levels, then dx's (the transpose flipped)
-    assert applies == [transpose] * N + ([] if b <= 192 else [not transpose] * N)
+    assert applies == [transpose] * N + ([] if b <= 256 else [not transpose] * N)
 
 
 def test_wide_dx_pass_before_hopper(monkeypatch):
