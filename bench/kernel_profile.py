@@ -335,7 +335,7 @@ def compile_stats(spec: dict, arch: int) -> dict:
         sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
     regs = re.search(r"Used (\d+) registers", info)
     spill = re.search(r"(\d+) bytes spill stores", info)
-    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)(\.[A-Z0-9_.]+)?", sass)
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)(\.[A-Z0-9_.]+)?", sass)
     count = collections.Counter(op for op, _ in ops)
     widths = collections.Counter(op + (sfx or "") for op, sfx in ops if op in ("LDG", "STG", "LDGSTS"))
     return {
@@ -360,7 +360,7 @@ def _spill_ops_in_loops(sass: str) -> int:
     addr = re.compile(r"/\*([0-9a-f]{4,})\*/")
     lines = [(int(m.group(1), 16), line) for line in sass.splitlines() if (m := addr.search(line))]
     loops = [(int(t.group(1), 16), a) for a, line in lines
-             if (t := re.search(r"\bBRA\b.*?0x([0-9a-f]+)", line)) and int(t.group(1), 16) < a]
+             if (t := re.search(r"\bBRA\b[^;]*?\b0x([0-9a-f]+)", line)) and int(t.group(1), 16) < a]
     return sum(1 for a, line in lines if re.search(r"\b(?:STL|LDL)\b", line) and any(lo <= a <= hi for lo, hi in loops))
 
 

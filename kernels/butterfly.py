@@ -40,9 +40,9 @@ dense ``L x L`` block products with ``tl.dot``:
      where a group's dMc does not fit, recomputes the group inputs for ``plan``'s per-group passes.
      For 16-bit inputs with enough rows (L up to ``coarse.MAX_L``) the backward instead runs through the
      dense coarse blocks (``kernels/coarse.py``): the whole ``L x L`` dMc in one pass, which up
-     to 192 wide (160 before Hopper) writes dx too (else dx is the transposed one-pass forward),
-     then dQ by a parameter-sized chain pass per group (``fused_chain_dq``), so the activations
-     move three times (four) rather than ``2G + 1``.
+     to 256 wide (except 161-192 before Hopper) writes dx too (else dx is the transposed one-pass
+     forward), then dQ by a parameter-sized chain pass per group (``fused_chain_dq``), so the
+     activations move three or four times rather than ``2G + 1``.
      Other shapes run one pass per group of ``plan``, the kernels gathering interleaved columns
      with a column map;
    - single levels wider than MAX_BLOCK (b > 128, a group of their own): the slab kernels of
@@ -497,7 +497,7 @@ def _product_minus_eye(q_ptr, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.
     before the row loop held ``[WP, WP]`` offsets too and spilled 4-20 bytes a thread. Where
     the group's chunks leave padding (``padded_build``), the product is built in the frame of
     chunks padded to a power of two, also from Q's blocks (``_delta`` compacts it)."""
-    PADDED: tl.constexpr = K1 - K0 > 1 and WP >= 128 and WB != WP and PACK == 1  # padded_build()
+    PADDED: tl.constexpr = K1 - K0 >= 4 and WP >= 128 and WB != WP and PACK == 1  # padded_build()
     HP: tl.constexpr = WP >> (K1 - K0)
     if PADDED:
         d = _residual_from_blocks(q_ptr, i_b.to(tl.int32), D, K0, K0, K1, B, HC, HP, S, tl.float32)
@@ -521,7 +521,7 @@ def _delta(q_ptr, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, H
     side by side, as ``_columns`` loads them) by two products with the 0/1 map ``P`` from padded
     lanes to packed ones, ``P^T Delta P``: each entry is one product with 1, so exact, and the
     row loop keeps its contiguous loads."""
-    PADDED: tl.constexpr = K1 - K0 > 1 and WP >= 128 and WB != WP and PACK == 1  # padded_build()
+    PADDED: tl.constexpr = K1 - K0 >= 4 and WP >= 128 and WB != WP and PACK == 1  # padded_build()
     HP: tl.constexpr = WP >> (K1 - K0)
     delta = _product_minus_eye(q_ptr, i_b, D, K0, K1, B, HC, W, WB, WP, S, PACK, BUILD_DTYPE, BUILD_PRECISION)
     if TRANS:
@@ -1285,13 +1285,21 @@ def blockwise(grp: dict) -> bool:
     return _several_levels_at_max(grp) and grp["WB"] == grp["WP"] and grp["pack"] == 1
 
 
+# The fewest levels of a padded group whose builds go through padded chunks (``padded_build``;
+# the kernels' PADDED constexprs spell it out).
+PADDED_BUILD_LEVELS = 4
+
+
 def padded_build(grp: dict) -> bool:
-    """Whether the Delta builds (``_product_minus_eye``) of a group of several levels at MAX_BLOCK
-    wide whose chunks leave padding (12x4, 24x3: 6- and 12-wide chunks in a 128-wide tile) lay the
-    factor tiles out from Q's blocks in chunks padded to a power of two, then compact Delta
-    (``_delta``'s PADDED constexpr). Gathered, their builds spilled 4-12 bytes a thread (the
-    forward) and 72-96 (the mixed-batch forward) at 255 registers."""
-    return _several_levels_at_max(grp) and grp["WB"] != grp["WP"] and grp["pack"] == 1
+    """Whether the Delta builds (``_product_minus_eye``) of a group of PADDED_BUILD_LEVELS or more
+    levels at MAX_BLOCK wide whose chunks leave padding (12x4, 12x5: 6-wide chunks, 96 of 128
+    lanes) lay the factor tiles out from Q's blocks in chunks padded to a power of two, then
+    compact Delta (``_delta``'s PADDED constexpr). Gathered, 12x4's builds spilled 4-12 bytes a
+    thread (the forward) and 72-96 (the mixed-batch forward) at 255 registers. With fewer levels
+    the gather is cheaper than the compaction's two products: 2-3 levels (40x2, 36x3, 20x4) took
+    4-72 more registers padded, and 20x4's mixed-batch build spilled 12 bytes on sm_80."""
+    return (_several_levels_at_max(grp) and grp["k1"] - grp["k0"] >= PADDED_BUILD_LEVELS
+            and grp["WB"] != grp["WP"] and grp["pack"] == 1)
 
 
 def fuses_dq(grp: dict, splits: int, capability: tuple[int, int] | None, dtype: torch.dtype | None = None) -> bool:

@@ -23,7 +23,7 @@ activations are cheaper than that:
    acting first, in ``I M`` or ``I M^T``, needs no accumulator: ``butterfly.chain_passes``). This
    is parameter-sized work, ``n L`` values a pass, whatever the row count.
 
-Activations move 3 times (4 at 193-256, 5 wider; the per-group backward: ``2 G + 1``), parameter-sized
+Activations move 3 times (4 at 193-256; wider, 3 plus dMc's row slabs; the per-group backward: ``2 G + 1``), parameter-sized
 tensors ``G + 1`` times (``G + 3`` with Delta_c), so the route pays from about L rows on: ``takes``
 picks whichever moves fewer bytes, unless ``boft-triton tune`` timed both routes for the shape
 (``route``). Row splits and split-ordered sums are the dMc and dQ passes' own, so dQ is
@@ -37,7 +37,7 @@ from torch.library import wrap_triton
 
 from . import butterfly as kb
 from . import wide as kw
-from ._common import LAST_LAUNCH, capability, kernel_op, new_empty, next_pow2, tl, triton
+from ._common import LAST_LAUNCH, capability, kernel_op, new_empty, next_pow2, register_cap, tl, triton
 
 # The widest coarse block this route takes: its dMc pass holds whole row steps of the block (the
 # slab kernels' held dMc slabs, ``wide.HELD_BWD``); wider, the per-group backward is cheaper.
@@ -78,11 +78,12 @@ def moved_bytes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: boo
     dmc = n * L * 2  # bf16 (Delta_c: x's dtype, the same size)
     # one pass: x and g read once, dx written; Delta_c written, and read by every row split's
     # programs (counted once, as dMc's fp32 partials are left out: L2-sized, n L values a split)
-    if fuses_dx(L, dtype, cap):  # g read once (the whole dMc held), twice past 192 (two halves)
-        g_reads = 1 if kw.takes_pair(L, dtype) else 2
+    # g's reads by the dMc pass: once where it holds the whole dMc (four tiles, up to 192 wide),
+    # twice at 193-256 (two halves), once per row slab wider
+    g_reads = 1 if kw.takes_pair(L, dtype) else 2 if kw.takes_halves(L, dtype) else kw.slab("bwd", L, dtype)[2]
+    if fuses_dx(L, dtype, cap):
         coarse = (1 + g_reads + need_dx) * act + (1 + groups + 2 * need_dx) * dmc
     else:
-        g_reads = kw.slab("bwd", L, dtype)[2]
         coarse = (2 * need_dx + 1 + g_reads) * act + (1 + groups) * dmc
     return per_group, coarse
 
@@ -166,8 +167,11 @@ def _coarse_delta_kernel(
                  mask=m_x)
 
 
-# Rows per tile of the Delta_c build: parameter-sized work, one program per coarse block.
+# Rows per tile of the Delta_c build: parameter-sized work, one program per coarse block, so
+# ptxas's register cap is lifted (left to guess, it capped 64x3's build at 128 registers on sm_80
+# and spilled 12 bytes).
 DELTA_BT = 16
+DELTA_REGISTERS = kb.MAX_REGISTERS
 
 
 def _delta_launch(n: int, b: int, N: int, transpose: bool, dtype: torch.dtype) -> dict:
@@ -189,7 +193,8 @@ def coarse_delta(q, transpose, key, dtype) -> torch.Tensor:
     n, b, N = key
     L = width(b, N)
     delta = new_empty(n // L, L, L, dtype=dtype, device=q.device)
-    wrap_triton(_coarse_delta_kernel)[(n // L,)](q, delta, n // b, **_delta_launch(n, b, N, transpose, dtype))
+    wrap_triton(_coarse_delta_kernel)[(n // L,)](q, delta, n // b, **_delta_launch(n, b, N, transpose, dtype),
+                                              **register_cap(DELTA_REGISTERS))
     return delta
 
 
@@ -234,7 +239,7 @@ def launch_specs(n: int, b: int, N: int, dtype: torch.dtype, gsig: dict) -> list
            if spec["name"].startswith(("wide_grad", "wide_dq"))]
     with kb._compiling():
         fused_dx, archs = fuses_dx(L, dtype), kw.pair_dx_archs(L, dtype)
-    if fused_dx:  # the dMc pass writing dx too, and the Delta_c build it reads (Hopper only past 160)
+    if fused_dx:  # the dMc pass writing dx too, and the Delta_c build it reads (Hopper only at 161-192)
         dmc += [dict(spec, name=spec["name"].replace("_grad", "_dx_grad", 1),
                      constexprs={**spec["constexprs"], "WRITE_DX": True}, **archs)
                 for spec in dmc if spec["constexprs"].get("WRITE_DX") is False]
@@ -246,7 +251,7 @@ def launch_specs(n: int, b: int, N: int, dtype: torch.dtype, gsig: dict) -> list
             dmc.append(dict(name="coarse_delta" + ("_T" if trans else ""), width=L, levels=N,
                             fn=_coarse_delta_kernel, signature={"q_ptr": "*fp32", "d_ptr": ptr, "D": "i32"},
                             divisible=(), constexprs=meta, config={"num_warps": warps, "num_stages": stages},
-                            num_warps=warps, num_stages=stages, **archs))
+                            num_warps=warps, num_stages=stages, options={"maxnreg": DELTA_REGISTERS}, **archs))
     fused, hp = kb.fused_groups(n, b, N), next_pow2(b // 2)
     with kb._compiling():
         dot = kb._dot_meta(torch.bfloat16, max(hp << (k1 - k0) for k0, k1 in fused))

@@ -15,7 +15,7 @@ its row tiles. So each program owns a slab of ``BN`` output columns of one block
   the same row tiles together and share them through L2 on a GPU; the interpreter's byte count,
   which has no cache, counts every read.
 - **Backward** ``dx = g + g Delta^T`` (``g + g Delta`` with transpose) is the forward kernel on g
-  with the transpose flipped (up to 256 wide, but 161-192 before Hopper: the dMc pass's, below). ``dMc = x^T
+  with the transpose flipped (up to 256 wide, except 161-192 before Hopper: the dMc pass's, below). ``dMc = x^T
   g`` (``g^T x``) takes a second pass: a program accumulates a slab of dMc's rows (columns with
   transpose) in fp32, reading the full row tile of g and its slab of x; dQ of the level *is* dMc
   (one factor: no block products). Row splits and the split-ordered partial sums are
@@ -607,8 +607,8 @@ def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, 
     write_dx = dx is not None
     if write_dx and (delta is None or not writes_dx(b, x.dtype, capability(x.device))):
         raise ValueError(f"wide.grad_q: the dMc pass writes dx up to {2 * kb.MAX_BLOCK} wide "
-                         f"(but 161-{kb.MAX_BLOCK + PAIR_REST} before Hopper), "
-                         f"16-bit, given its Delta (b={b}, {x.dtype}, delta given: {delta is not None})")
+                         f"(except {kb.MAX_BLOCK + PAIR_DX_REST + 1}-{kb.MAX_BLOCK + PAIR_REST} before Hopper), "
+                         f"for 16-bit inputs, given its Delta (b={b}, {x.dtype}, delta given: {delta is not None})")
     if T == 0:
         return torch.zeros(shape, dtype=dtype, device=x.device)
     layout = _layout(grp, b, "bwd", x.dtype)
@@ -756,7 +756,7 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[d
                           config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"], arch_options=bwd_arch))
     with kb._compiling():
         pair_dx, archs = writes_dx(b, dtype), pair_dx_archs(b, dtype)
-    if pair_dx:  # both gradients in one pass (wide_grads): dx too, Delta made from Q; Hopper only at 161-192
+    if pair_dx:  # both gradients in one pass (wide_grads): dx too, Delta made from Q; at 161-192 Hopper only
         specs += [dict(spec, name=spec["name"].replace("wide_grad", "wide_dx_grad", 1),
                        signature={**spec["signature"], "d_ptr": "*fp32"},
                        constexprs={**spec["constexprs"], "WRITE_DX": True, "DELTA_FROM_Q": True}, **archs)

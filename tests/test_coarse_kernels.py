@@ -1,5 +1,5 @@
 """The backward through dense coarse blocks (``kernels/coarse.py``): dMc of each ``L x L`` coarse
-block in one pass, which up to 256 wide (but 161-192 before Hopper) writes dx too (else dx is
+block in one pass, which up to 256 wide (except 161-192 before Hopper) writes dx too (else dx is
 the transposed one-pass forward), dQ by the chain pass on identity rows.
 Against the dense fp64 reference and the per-group backward, in Triton's interpreter on a CPU
 (the conftest sets it), compiled on a GPU."""

@@ -455,11 +455,11 @@ def test_pre_hopper_row_step_of_128_wide_groups(monkeypatch, n, b, N):
 
 
 # 128-wide groups of several levels whose chunks fill them (``blockwise``): factor tiles laid out
-# from Q's blocks in the builds and in the one-split dQ sweep. 12x4's and 24x3's 6- and 12-wide
-# chunks (96 of 128 lanes) build Delta in chunks padded to 8 and 16 (``padded_build``), compacted
-# for the rows' frame; their dQ sweep keeps the gathers, in the row-slab kernel.
+# from Q's blocks in the builds and in the one-split dQ sweep. 12x4's 6-wide chunks (96 of 128
+# lanes, four levels) build Delta in chunks padded to 8 (``padded_build``), compacted for the
+# rows' frame; 24x3's 12-wide ones (three levels) keep the gathers; both sweep dQ in the
+# row-slab kernel.
 BLOCKWISE_CASES = [(7, 128, 16, 4), (33, 256, 32, 3), (7, 128, 64, 2), (7, 256, 8, 5), (7, 96, 12, 4), (9, 96, 24, 3)]
-PADDED_CHUNKS = (12, 24)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -470,18 +470,18 @@ def test_blockwise_factor_tiles_of_128_wide_groups(monkeypatch, T, n, b, N, tran
     the interpreter) and from the row-slab kernel elsewhere; values and both gradients against
     the dense reference either way."""
     grp = kb.plan(n, b, N)[-1]
-    padded = b in PADDED_CHUNKS
+    filled = b not in (12, 24)  # power-of-two chunks
     assert grp["WP"] == 128 and grp["k1"] - grp["k0"] > 1 and kb._splits(T, grp, b, 4)[0] == 1
-    assert kb.blockwise(grp) != padded and kb.padded_build(grp) == padded
-    assert kb.fuses_dq(grp, 1, None) == kb.fuses_dq(grp, 1, (9, 0)) == (not padded)
+    assert kb.blockwise(grp) == filled and kb.padded_build(grp) == (b == 12)
+    assert kb.fuses_dq(grp, 1, None) == kb.fuses_dq(grp, 1, (9, 0)) == filled
     assert not kb.fuses_dq(grp, 1, (8, 0)) and not kb.fuses_dq(grp, 1, (12, 0)) and not kb.fuses_dq(grp, 2, None)
     launched = []
     monkeypatch.setattr(kb, "_launch_dq", lambda *a, _f=kb._launch_dq: (launched.append(a[3]), _f(*a))[1])
     check_butterfly(T, n, b, N, 1.0, transpose, dtype=dtype)
     # the one split's partial goes to the row-slab kernel (fp32's groups of several levels too)
-    assert bool(launched) == (padded or dtype == torch.float32)
-    assert kb.fuses_dq(grp, 1, None, dtype) == (not padded and dtype != torch.float32)
-    if not padded:  # as sm_80 runs it
+    assert bool(launched) == (not filled or dtype == torch.float32)
+    assert kb.fuses_dq(grp, 1, None, dtype) == (filled and dtype != torch.float32)
+    if filled:  # as sm_80 runs it
         monkeypatch.setattr(kb, "device_capability", lambda device: (8, 0))
         check_butterfly(T, n, b, N, 1.0, transpose, dtype=dtype)
         assert launched == [1] * len(launched) and launched
