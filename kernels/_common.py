@@ -105,9 +105,11 @@ def register_operand_mma(cap: tuple[int, int] | None) -> bool:
 def register_cap(maxnreg: int | None) -> dict:
     """Triton's ``maxnreg`` launch option (ptxas's register cap per thread) as launch kwargs, for
     eager launches. torch.compile's path into user kernels (``wrap_triton`` under ``triton_op``)
-    lifts num_warps and num_stages into its launch configs but not maxnreg, and this cannot be
-    checked without a GPU, so while tracing the cap is left to ptxas: the same arithmetic, with
-    the few spilled bytes outside the row loop that ptxas's own guess gives (the compile report)."""
+    lifts num_warps and num_stages into its launch configs by name, maxnreg not among them
+    (``SPECIAL_CONFIG_NAMES`` in torch/_higher_order_ops/triton_kernel_wrap.py); whether it still
+    reaches the launch cannot be checked without a GPU, so while tracing the cap is left to
+    ptxas: the same arithmetic, with the few bytes ptxas's own guess spills outside the row loop
+    (the compile report)."""
     if maxnreg is None or torch.compiler.is_compiling():
         return {}
     return {"maxnreg": maxnreg}
