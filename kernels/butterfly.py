@@ -1308,12 +1308,14 @@ def fuses_dq(grp: dict, splits: int, capability: tuple[int, int] | None, dtype: 
     Hopper), for x of that dtype (None: 16-bit). Not for a group of several levels at MAX_BLOCK
     wide, unless ``blockwise`` and Hopper: the sweep beside the held dMc spilled there (gathered
     factor tiles: 1.3-2.3 KB a thread at 24x3 and 12x4 on sm_90; blockwise, 92-176 bytes on
-    sm_80, whose mma.sync holds both operands in registers; the compile report). Nor for fp32
-    inputs' groups of several levels (tf32x3: three operand tiles a product; at 32 wide 68-108
-    bytes on sm_80, some in the row loop, and on sm_90 4-24 bytes at one stage or two, whichever
-    of 8x3 and 4x4). Those write their one split's dMc as a partial, and ``_dq_rows_kernel``
-    makes dQ in row slabs, as for several splits."""
-    if splits != 1 or (dtype == torch.float32 and grp["k1"] - grp["k0"] > 1):
+    sm_80, whose mma.sync holds both operands in registers; the compile report). Nor, on a GPU,
+    for fp32 inputs' groups of several levels (tf32x3: three operand tiles a product; at 32 wide
+    68-108 bytes on sm_80, some in the row loop, and on sm_90 4-24 bytes at one stage or two,
+    whichever of 8x3 and 4x4); the interpreter, with no registers to spill, keeps their epilogue
+    (its row-slab kernel runs about 10x slower there). Those write their one split's dMc as a
+    partial, and ``_dq_rows_kernel`` makes dQ in row slabs, as for several splits."""
+    fp32_levels = dtype == torch.float32 and grp["k1"] - grp["k0"] > 1
+    if splits != 1 or (fp32_levels and capability is not None):
         return False
     return not _several_levels_at_max(grp) or (blockwise(grp) and not register_operand_mma(capability))
 
@@ -1722,7 +1724,7 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
         gsig = {"x_ptr": ptr, "g_ptr": ptr, "q_ptr": "*fp32", "dx_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32",
                 "T": "i32", "n": "i32", "D": "i32", "ROWS": "i32", "NB": "i32"}
         for name, fused in (("grad", False), ("grad_dq", True)):
-            if fused and not fuses_dq(grp, 1, None, dtype):
+            if fused and not fuses_dq(grp, 1, (9, 0), dtype):
                 continue  # the one split writes a partial, as several do
             archs = {} if not fused or fuses_dq(grp, 1, (8, 0), dtype) else {"archs": (90,)}  # sm_80: a partial
             stages = dq_epilogue_stages(grp, bwd["num_stages"]) if fused else bwd["num_stages"]

@@ -478,9 +478,16 @@ def test_blockwise_factor_tiles_of_128_wide_groups(monkeypatch, T, n, b, N, tran
     launched = []
     monkeypatch.setattr(kb, "_launch_dq", lambda *a, _f=kb._launch_dq: (launched.append(a[3]), _f(*a))[1])
     check_butterfly(T, n, b, N, 1.0, transpose, dtype=dtype)
-    # the one split's partial goes to the row-slab kernel (fp32's groups of several levels too)
-    assert bool(launched) == (not filled or dtype == torch.float32)
-    assert kb.fuses_dq(grp, 1, None, dtype) == (filled and dtype != torch.float32)
+    assert bool(launched) == (not filled)  # the one split's partial goes to the row-slab kernel
+    # on a GPU fp32's groups of several levels take it too (the interpreter keeps the epilogue)
+    assert kb.fuses_dq(grp, 1, None, dtype) == filled
+    assert kb.fuses_dq(grp, 1, (9, 0), dtype) == (filled and dtype != torch.float32)
+    if dtype == torch.float32 and filled:  # as a GPU runs fp32: the partial, then the row-slab kernel
+        launched.clear()
+        with monkeypatch.context() as gpu:
+            gpu.setattr(kb, "device_capability", lambda device: (9, 0))
+            check_butterfly(T, n, b, N, 1.0, transpose, dtype=dtype)
+        assert launched == [1] * len(launched) and launched
     if filled:  # as sm_80 runs it
         monkeypatch.setattr(kb, "device_capability", lambda device: (8, 0))
         check_butterfly(T, n, b, N, 1.0, transpose, dtype=dtype)
