@@ -164,8 +164,14 @@ def fused_backward(n: int, b: int, N: int) -> bool:
     (``fused_grad``): every group's dMc over the coarse block fits FUSED_ACC."""
     groups = fused_groups(n, b, N)
     hp = next_pow2(b // 2)
-    return groups is not None and all(((1 << (N - k1)) << k0) * (hp << (k1 - k0)) ** 2 <= FUSED_ACC
-                                      for k0, k1 in groups)
+    return groups is not None and all(group_values(N, hp, k0, k1) <= FUSED_ACC for k0, k1 in groups)
+
+
+def group_values(N: int, hp: int, k0: int, k1: int) -> int:
+    """Values of the dense blocks of levels ``[k0, k1)`` in one coarse block (chunks padded to
+    hp): ``2^(N - k1 + k0)`` blocks of ``(hp 2^(k1 - k0))^2``. What a program holds for that group,
+    its blocks or its fp32 dMc."""
+    return ((1 << (N - k1)) << k0) * (hp << (k1 - k0)) ** 2
 
 
 def path_name(n: int, b: int, N: int, T: int | None = None, dtype: torch.dtype | None = None,
@@ -217,7 +223,7 @@ _BOUND_NAMES = ("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1")
 def fused_held(n: int, b: int, N: int) -> int:
     """Values the one-pass forward holds: every group's blocks in a coarse block."""
     hp = next_pow2(b // 2)
-    return sum(((1 << (N - k1)) << k0) * (hp << (k1 - k0)) ** 2 for k0, k1 in fused_groups(n, b, N))
+    return sum(group_values(N, hp, k0, k1) for k0, k1 in fused_groups(n, b, N))
 
 
 def fused_options(n: int, b: int, N: int) -> dict:
@@ -488,7 +494,7 @@ def _factor_tile(q_ptr, i_b, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.conste
 @triton.jit
 def _product_minus_eye(q_ptr, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, HC: tl.constexpr,
                        W: tl.constexpr, WB: tl.constexpr, WP: tl.constexpr, S: tl.constexpr, PACK: tl.constexpr,
-                       BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr):
+                       PADDED: tl.constexpr, BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr):
     """``Mc - I = F_{K1-1} ... F_{K0} - I`` on block i_b, fp32 ``[WP, WP]``, in residual form:
     ``(I + E_k)(I + D) - I = E_k + D + E_k D``. The identity and first-order terms are exact fp32
     adds; only the second-order ``E_k D`` goes through the dot (in BUILD_DTYPE), so its rounding
@@ -496,8 +502,8 @@ def _product_minus_eye(q_ptr, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.
     are laid out from their Q blocks: gathered, the 16x4 and 8x6 (128-wide, 4-5 levels) builds
     before the row loop held ``[WP, WP]`` offsets too and spilled 4-20 bytes a thread. Where
     the group's chunks leave padding (``padded_build``), the product is built in the frame of
-    chunks padded to a power of two, also from Q's blocks (``_delta`` compacts it)."""
-    PADDED: tl.constexpr = K1 - K0 >= 4 and WP >= 128 and WB != WP and PACK == 1  # padded_build()
+    chunks padded to a power of two (PADDED: ``_delta`` decides, and compacts it), also from Q's
+    blocks."""
     HP: tl.constexpr = WP >> (K1 - K0)
     if PADDED:
         d = _residual_from_blocks(q_ptr, i_b.to(tl.int32), D, K0, K0, K1, B, HC, HP, S, tl.float32)
@@ -523,7 +529,8 @@ def _delta(q_ptr, i_b, D, K0: tl.constexpr, K1: tl.constexpr, B: tl.constexpr, H
     row loop keeps its contiguous loads."""
     PADDED: tl.constexpr = K1 - K0 >= 4 and WP >= 128 and WB != WP and PACK == 1  # padded_build()
     HP: tl.constexpr = WP >> (K1 - K0)
-    delta = _product_minus_eye(q_ptr, i_b, D, K0, K1, B, HC, W, WB, WP, S, PACK, BUILD_DTYPE, BUILD_PRECISION)
+    delta = _product_minus_eye(q_ptr, i_b, D, K0, K1, B, HC, W, WB, WP, S, PACK, PADDED, BUILD_DTYPE,
+                               BUILD_PRECISION)
     if TRANS:
         delta = tl.trans(delta)
     delta = delta.to(DOT_DTYPE)
@@ -1248,7 +1255,7 @@ def chain_passes(n: int, b: int, N: int) -> tuple[str, ...] | None:
     for sel, (k0, k1) in enumerate(groups):
         if k1 - k0 == 1 and sel in (0, len(groups) - 1):
             modes.append("first" if sel == 0 else "last")
-        elif ((1 << (N - k1)) << k0) * (hp << (k1 - k0)) ** 2 <= CHAIN_ACC:
+        elif group_values(N, hp, k0, k1) <= CHAIN_ACC:
             modes.append("acc")
         else:
             return None
@@ -1286,7 +1293,7 @@ def blockwise(grp: dict) -> bool:
 
 
 # The fewest levels of a padded group whose builds go through padded chunks (``padded_build``;
-# the kernels' PADDED constexprs spell it out).
+# ``_delta``'s PADDED constexpr spells it out).
 PADDED_BUILD_LEVELS = 4
 
 

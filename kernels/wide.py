@@ -338,15 +338,29 @@ def _wide_grad_kernel(
             acc = tl.dot(tl.trans(b_g.to(DOT_DTYPE)), b_x.to(DOT_DTYPE), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(tl.trans(b_x.to(DOT_DTYPE)), b_g.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    if FUSED_DQ:
-        _store_dmc_slab(dq_ptr + i_b * (B * B), acc, i_n, i_k, B, KC, BN, TRANS)
-    else:
-        _store_dmc_slab(dd_ptr + (i_s * NB + i_b) * (B * B), acc, i_n, i_k, B, KC, BN, TRANS)
+    _store_dmc_slab(_dmc_base(dd_ptr, dq_ptr, i_s, i_b, NB, B, FUSED_DQ), acc, i_n, i_k, B, KC, BN, TRANS)
 
 
 @triton.jit
 def _store_tile(ptr, acc, o_r, o_c, B: tl.constexpr):
     tl.store(ptr + o_r[:, None] * B + o_c[None, :], acc, mask=(o_r < B)[:, None] & (o_c < B)[None, :])
+
+
+@triton.jit
+def _row_tile(ptr, o_t, n, cols, mask, DOT_DTYPE: tl.constexpr):
+    """Rows o_t, columns cols of a row-major ``[T, n]`` activation, as a dot operand."""
+    return tl.load(ptr + o_t[:, None] * n + cols[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
+
+
+@triton.jit
+def _dmc_base(dd_ptr, dq_ptr, i_s, i_b, NB, B: tl.constexpr, FUSED_DQ: tl.constexpr):
+    """Where row split i_s stores block i_b's ``[B, B]`` dMc: dQ itself (FUSED_DQ, one split) or
+    the split's partial."""
+    if FUSED_DQ:
+        base = dq_ptr + i_b * (B * B)
+    else:
+        base = dd_ptr + (i_s * NB + i_b) * (B * B)
+    return base
 
 
 @triton.jit
@@ -401,10 +415,10 @@ def _wide_grad_pair_kernel(
     for t0 in range(row_lo, row_hi, RC):
         o_t = t0 + tl.arange(0, RC)
         m_t = (o_t < row_hi)[:, None]
-        x_a = tl.load(x_ptr + o_t[:, None] * n + col_a[None, :], mask=m_t, other=0.0).to(DOT_DTYPE)
-        x_r = tl.load(x_ptr + o_t[:, None] * n + col_r[None, :], mask=m_t & m_r[None, :], other=0.0).to(DOT_DTYPE)
-        g_a = tl.load(g_ptr + o_t[:, None] * n + col_a[None, :], mask=m_t, other=0.0).to(DOT_DTYPE)
-        g_r = tl.load(g_ptr + o_t[:, None] * n + col_r[None, :], mask=m_t & m_r[None, :], other=0.0).to(DOT_DTYPE)
+        x_a = _row_tile(x_ptr, o_t, n, col_a, m_t, DOT_DTYPE)
+        x_r = _row_tile(x_ptr, o_t, n, col_r, m_t & m_r[None, :], DOT_DTYPE)
+        g_a = _row_tile(g_ptr, o_t, n, col_a, m_t, DOT_DTYPE)
+        g_r = _row_tile(g_ptr, o_t, n, col_r, m_t & m_r[None, :], DOT_DTYPE)
         if TRANS:  # dMc rows come from g
             u_a, u_r, v_a, v_r = g_a, g_r, x_a, x_r
         else:
@@ -421,10 +435,7 @@ def _wide_grad_pair_kernel(
             tl.store(dx_ptr + o_t[:, None] * n + col_a[None, :], dx_a.to(dx_ptr.dtype.element_ty), mask=m_t)
             tl.store(dx_ptr + o_t[:, None] * n + col_r[None, :], dx_r.to(dx_ptr.dtype.element_ty),
                      mask=m_t & m_r[None, :])
-    if FUSED_DQ:
-        base = dq_ptr + i_b * (B * B)
-    else:
-        base = dd_ptr + (i_s * NB + i_b) * (B * B)
+    base = _dmc_base(dd_ptr, dq_ptr, i_s, i_b, NB, B, FUSED_DQ)
     _store_tile(base, acc_aa, o_a, o_a, B)
     _store_tile(base, acc_ar, o_a, o_r, B)
     _store_tile(base, acc_ra, o_r, o_a, B)
@@ -468,9 +479,9 @@ def _wide_grad_halves_kernel(
     for t0 in range(row_lo, row_hi, RC):
         o_t = t0 + tl.arange(0, RC)
         m_t = (o_t < row_hi)[:, None]
-        x_h = tl.load(x_ptr + o_t[:, None] * n + col_h[None, :], mask=m_t & m_h[None, :], other=0.0).to(DOT_DTYPE)
-        g_a = tl.load(g_ptr + o_t[:, None] * n + col_a[None, :], mask=m_t, other=0.0).to(DOT_DTYPE)
-        g_r = tl.load(g_ptr + o_t[:, None] * n + col_r[None, :], mask=m_t & m_r[None, :], other=0.0).to(DOT_DTYPE)
+        x_h = _row_tile(x_ptr, o_t, n, col_h, m_t & m_h[None, :], DOT_DTYPE)
+        g_a = _row_tile(g_ptr, o_t, n, col_a, m_t, DOT_DTYPE)
+        g_r = _row_tile(g_ptr, o_t, n, col_r, m_t & m_r[None, :], DOT_DTYPE)
         if TRANS:  # dMc[:A, h] and dMc[A:, h]
             acc_a = tl.dot(tl.trans(g_a), x_h, acc_a, input_precision=PRECISION)
             acc_r = tl.dot(tl.trans(g_r), x_h, acc_r, input_precision=PRECISION)
@@ -483,10 +494,7 @@ def _wide_grad_halves_kernel(
             dx_h = tl.dot(g_r, d_rh, dx_h, input_precision=PRECISION)
             tl.store(dx_ptr + o_t[:, None] * n + col_h[None, :], dx_h.to(dx_ptr.dtype.element_ty),
                      mask=m_t & m_h[None, :])
-    if FUSED_DQ:
-        base = dq_ptr + i_b * (B * B)
-    else:
-        base = dd_ptr + (i_s * NB + i_b) * (B * B)
+    base = _dmc_base(dd_ptr, dq_ptr, i_s, i_b, NB, B, FUSED_DQ)
     if TRANS:
         _store_tile(base, acc_a, o_a, o_h, B)
         _store_tile(base, acc_r, o_r, o_h, B)
