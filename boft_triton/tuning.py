@@ -218,6 +218,20 @@ def collect_shapes(model: torch.nn.Module) -> list[tuple[int, int, int, torch.dt
     return shapes
 
 
+def _tuned_shapes(shapes) -> list[tuple]:
+    """``shapes`` with each one's kernel keys (``butterfly.tuning_keys``): a shape whose low levels
+    run as a one-pass prefix tunes that prefix under its own key first."""
+    from boft_triton.kernels import butterfly as kb
+
+    out = []
+    for shape in shapes:
+        for key in kb.tuning_keys(*(int(v) for v in shape[:3])):
+            keyed = (*key, *shape[3:])
+            if keyed not in out:
+                out.append(keyed)
+    return out
+
+
 def _default_device() -> torch.device:
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return torch.device("cuda")
@@ -256,6 +270,7 @@ def tune(
     dev_name = _common.device_name(device)
     gen = torch.Generator().manual_seed(0)
     rows, new_entries = [], {}
+    shapes = _tuned_shapes(shapes)
     bar = tqdm(total=count_candidates(shapes, max_configs, dtype), desc="tuning", unit="tile", disable=not progress)
     for shape in shapes:
         n, b, N = (int(v) for v in shape[:3])
@@ -283,7 +298,7 @@ def tune(
                 configs = configs[:max_configs]
             for cfg in configs:
                 bar.set_postfix_str(f"n{n}-b{b}-N{N} {kind}")
-                with kb.forced_config(kind, cfg), warnings.catch_warnings():
+                with kb.forced_config(kind, cfg, (n, b, N)), warnings.catch_warnings():
                     # the other direction's launch reads the cache this run is about to write: no word on it
                     warnings.simplefilter("ignore", TuneCacheWarning)
                     ms = _common.do_bench(fn, device)
@@ -314,7 +329,7 @@ def count_candidates(shapes, max_configs: int | None = None, dtype: torch.dtype 
     from boft_triton.kernels import butterfly as kb
 
     total = 0
-    for shape in shapes:
+    for shape in _tuned_shapes(shapes):
         dt = dtype or (shape[3] if len(shape) > 3 else torch.bfloat16)
         for kind in ("fwd", "bwd"):
             count = len(kb.candidates(*(int(v) for v in shape[:3]), kind, dt))

@@ -43,8 +43,10 @@ dense ``L x L`` block products with ``tl.dot``:
      to 256 wide (except 161-192 before Hopper) writes dx too (else dx is the transposed one-pass
      forward), then dQ by a parameter-sized chain pass per group (``fused_chain_dq``), so the
      activations move three or four times rather than ``2G + 1``.
-     Other shapes run one pass per group of ``plan``, the kernels gathering interleaved columns
-     with a column map;
+     Where the whole coarse block's groups do not fit on chip but a butterfly of its low levels
+     does (``split_prefix``: 80x3, 96x3), those levels run as that one-pass prefix and the rest
+     a pass per group. Other shapes run one pass per group of ``plan``, the kernels gathering
+     interleaved columns with a column map;
    - single levels wider than MAX_BLOCK (b > 128, a group of their own): the slab kernels of
      ``wide.py``, each program owning a slab of a block's output columns (K-split, a tiled GEMM
      per block, where the slab does not fit: 16-bit b > 512); fp32 inputs whose blocks are wider
@@ -188,6 +190,10 @@ def path_name(n: int, b: int, N: int, T: int | None = None, dtype: torch.dtype |
         if route == "coarse":
             return f"fused{widths}-bwd-coarse"
         return f"fused{widths}" + ("" if fused_backward(n, b, N) else "-bwd-per-group")
+    prefix = split_prefix(n, b, N)
+    if prefix is not None:
+        high = "+".join(str(g["WP"]) for g in reversed(high_groups(n, b, N)))
+        return f"dot{high}+" + path_name(n, b, prefix, T, dtype, route)
     groups = plan(n, b, N)
     if _wide().is_wide(groups[0]):  # then every group is one wide level: slab passes
         slabs = _wide().slab("fwd", b)[2]
@@ -283,6 +289,31 @@ def fused_groups(n: int, b: int, N: int) -> tuple[tuple[int, int], ...] | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
+def split_prefix(n: int, b: int, N: int) -> int | None:
+    """Levels ``N'`` of a one-pass prefix where the whole butterfly has no one-pass kernel
+    (``fused_groups`` is None): ``x M = (x B_{N-1} ... B_{N'}) M'`` with ``M' = B_{N'-1} ... B_0``
+    the ``(n, b, N')`` butterfly on ``Q[:N']`` (a level's blocks depend on its index and b, not on
+    N), so ``plan``'s groups of levels ``>= N'`` take a pass each and the prefix one. Taken where it
+    saves passes over x: PEFT's multi-concept ``block_num=8, N=3`` on Stable Diffusion's 640 and 768
+    (80x3, 96x3: three 128-wide groups, the 160/192-wide prefix of two levels in one pass) runs in
+    two passes rather than three. None where no such prefix exists or it saves nothing."""
+    if N < 3 or fused_groups(n, b, N) is not None:
+        return None
+    groups = plan(n, b, N)
+    for prefix in range(N - 1, 1, -1):  # the longest prefix whose levels a plan() group boundary ends
+        high = [g for g in groups if g["k0"] >= prefix]
+        if fused_groups(n, b, prefix) is not None and sum(g["k1"] - g["k0"] for g in high) == N - prefix:
+            return prefix if len(high) + 1 < len(groups) else None
+    return None
+
+
+def high_groups(n: int, b: int, N: int) -> tuple[dict, ...]:
+    """``plan``'s groups above ``split_prefix``'s levels, in the order they act on ``x M``."""
+    prefix = split_prefix(n, b, N)
+    return tuple(g for g in plan(n, b, N) if g["k0"] >= prefix)
+
+
 def _rows_min(grp: dict, b: int) -> int:
     return ROWS_PER_Q * (grp["k1"] - grp["k0"]) * b
 
@@ -351,19 +382,29 @@ _FORCED: dict[str, dict] = {}
 
 
 @contextlib.contextmanager
-def forced_config(kind: str, cfg: dict):
-    """Launch ``kind`` ("fwd"/"bwd") kernels with ``cfg`` inside the block (used by tuning)."""
-    _FORCED[kind] = cfg
+def forced_config(kind: str, cfg: dict, key: tuple[int, int, int] | None = None):
+    """Launch ``kind`` ("fwd"/"bwd") kernels with ``cfg`` inside the block (used by tuning); with
+    ``key`` (n, b, N) only that shape's kernels: a ``split_prefix`` shape's one-pass prefix has
+    its own key (``tuning_keys``) and configs."""
+    _FORCED[kind] = (key, cfg)
     try:
         yield
     finally:
         _FORCED.pop(kind, None)
 
 
+def tuning_keys(n: int, b: int, N: int) -> tuple[tuple[int, int, int], ...]:
+    """The (n, b, N) keys whose configs a layer shape's kernels pick: its own, and a
+    ``split_prefix`` shape's one-pass prefix (first, so it is tuned before the rest)."""
+    prefix = split_prefix(n, b, N)
+    return ((n, b, prefix), (n, b, N)) if prefix is not None else ((n, b, N),)
+
+
 def pick_config(kind: str, n: int, b: int, N: int, dtype: torch.dtype, device: torch.device) -> tuple[str, dict]:
     """(source, config): forced, else the tuning cache's entry, else the default."""
-    if kind in _FORCED:
-        return "forced", _FORCED[kind]
+    forced_key, forced = _FORCED.get(kind, (None, None))
+    if forced is not None and forced_key in (None, (n, b, N)):
+        return "forced", forced
     cfg = cached_config(kind, n, b, N, dtype, device)
     if cfg is not None:
         if valid_config(cfg, _REQUIRED[kind]):
@@ -1577,22 +1618,38 @@ def butterfly(x: torch.Tensor, Q: torch.Tensor, transpose: bool = False) -> torc
     shape, n = x.shape, x.shape[-1]
     N, D, b, _ = Q.shape
     if _wide().takes_levels(n, b, N, x.dtype):  # fp32 wider than its block kernels hold: level by level
-        h, Q = x.reshape(-1, n), Q.float()
+        h, qs = x.reshape(-1, n), _levels_of(Q.float(), [(k, k + 1) for k in range(N)])
         for k in (range(N) if transpose else reversed(range(N))):
-            h = _wide().wide_apply(h, Q[k:k + 1], transpose, k, n, b, N)
+            h = _wide().wide_apply(h, qs[k], transpose, k, n, b, N)
         return h.reshape(shape)
     if fused_groups(n, b, N) is not None:
         return fused_apply(x.reshape(-1, n), Q.float(), transpose, n, b, N).reshape(shape)
-    groups = plan(n, b, N)
-    if transpose:  # x M^T = x M_lo^T ... M_hi^T
-        groups = groups[::-1]
-    Q = Q.float()
-    h = x.reshape(-1, n)
-    for grp in groups:
-        q = Q if len(groups) == 1 else Q[grp["k0"]:grp["k1"]]
-        apply = _wide().wide_apply if _wide().is_wide(grp) else block_apply
-        h = apply(h, q, transpose, grp["k0"], n, b, N)
+    Q, h = Q.float(), x.reshape(-1, n)
+    prefix = split_prefix(n, b, N)
+    # (levels, apply) in the order they act on x M: the high groups a pass each, then the low
+    # levels' one-pass prefix; x M^T = x M_lo^T ... M_hi^T runs them in reverse
+    if prefix is not None:
+        steps = [(g["k0"], g["k1"], block_apply) for g in high_groups(n, b, N)] + [(0, prefix, None)]
+    else:
+        steps = [(g["k0"], g["k1"], _wide().wide_apply if _wide().is_wide(g) else block_apply)
+                 for g in plan(n, b, N)]
+    qs = _levels_of(Q, [(k0, k1) for k0, k1, _ in steps])
+    for k0, k1, apply in (steps[::-1] if transpose else steps):
+        if apply is None:
+            h = fused_apply(h, qs[k0], transpose, n, b, k1)
+        else:
+            h = apply(h, qs[k0], transpose, k0, n, b, N)
     return h.reshape(shape)
+
+
+def _levels_of(Q: torch.Tensor, bounds: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
+    """Q's levels ``[k0, k1)`` per group, keyed by k0: Q itself for one group, else one split
+    (whose backward is one cat of the groups' dQ, where slicing would zero-fill a Q-sized
+    gradient per group and add them up)."""
+    if len(bounds) == 1:
+        return {bounds[0][0]: Q}
+    bounds = sorted(bounds)
+    return dict(zip((k0 for k0, _ in bounds), Q.split([k1 - k0 for k0, k1 in bounds])))
 
 
 def _wide():
@@ -1714,6 +1771,10 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
         kept = ("segmented",)
     else:
         kept = ("apply[", "grad", "dq", "segmented")
+    prefix = split_prefix(n, b, N)
+    if prefix is not None:  # the one-pass prefix's kernels (its mixed-batch forward is plan()'s)
+        specs += [dict(spec, name=spec["name"] + "[prefix]") for spec in launch_specs(n, b, prefix, dtype_name)
+                  if not spec["name"].startswith("segmented")]
     for k, grp in enumerate(plan(n, b, N)):
         with _compiling():
             dot = _dot_meta(dtype, grp["WP"])
@@ -1760,6 +1821,9 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                               options={"maxnreg": DQ_ROWS_REGISTERS}))
     if kept is not None:
         specs = [sp for sp in specs if sp["name"].startswith(("fused", "coarse") + kept)]
+    if prefix is not None:  # the prefix's levels run plan()'s kernels only in the mixed-batch forward
+        low = tuple(f"[g{k}]" for k, grp in enumerate(plan(n, b, N)) if grp["k0"] < prefix)
+        specs = [sp for sp in specs if sp["name"].startswith("segmented") or not sp["name"].endswith(low)]
     return specs
 
 

@@ -68,6 +68,22 @@ def test_wide_coarse_blocks_take_one_pass(n, b, N, T):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts bytes in Triton's interpreter")
+def test_coarse_blocks_past_256_take_two_passes():
+    """80x3 on a 640-wide layer (PEFT's multi-concept block_num=8, N=3; L = 320 of 40-wide chunks
+    padded to 64): the top level a pass, the two lower ones a one-pass prefix, so the forward
+    moves the activations twice and Q once (3.23x in three passes before); the backward runs the
+    prefix through its dense coarse blocks (3.28x -> 2.50x forward + backward), and the only torch
+    op on the parameter side is the one cat of the groups' dQ."""
+    from boft_triton.bench import kernel_profile
+
+    row = kernel_profile.traffic(640, 80, 3, 1024, "bf16")
+    assert row["path"] == "dot128+fused128+128-bwd-coarse", row
+    assert row["fwd_ratio"] == pytest.approx(row["fwd_floor"] + 1, rel=1e-9), row  # x, h, h, y and Q once
+    assert row["fwd_bwd_ratio"] <= 2.5, row
+    assert row["torch_bytes"] == 2 * 3 * 8 * 80 * 80 * 4, row  # dQ's cat: read and written once
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts bytes in Triton's interpreter")
 def test_256_wide_dmc_halves_write_dx(monkeypatch):
     """At 193-256 wide two programs hold half the dMc each and write dx's half from the same rows
     of g: no pass of its own for dx. 64x3 (a 256-wide coarse block): forward + backward 1.975x ->

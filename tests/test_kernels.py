@@ -327,6 +327,40 @@ def test_one_pass_groups_fall_back_where_blocks_do_not_fit():
     assert kb.chain_passes(1024, 64, 3) == ("first", "acc", "last")  # its chain still accumulates 16K
 
 
+# Coarse blocks whose groups do not fit on chip together (PEFT's multi-concept block_num=8, N=3 on
+# Stable Diffusion's 640- and 768-wide layers: 80x3, 96x3) run the low levels' one-pass prefix
+# (split_prefix) and a pass per higher group: two passes over x instead of three. One and several
+# coarse blocks, 128-wide blocks, four levels, and enough rows at 640 (200) for the prefix's
+# backward to take the dense coarse blocks.
+SPLIT_CASES = [(7, 320, 80, 3, 1.0), (200, 640, 80, 3, 1.0), (9, 512, 128, 3, 10.0), (5, 1280, 80, 4, 1.0)]
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
+@pytest.mark.parametrize("T,n,b,N,scale", SPLIT_CASES, ids=[case_id(c) for c in SPLIT_CASES])
+def test_butterfly_one_pass_prefix_where_groups_do_not_fit(T, n, b, N, scale, transpose):
+    assert kb.fused_groups(n, b, N) is None and kb.split_prefix(n, b, N) == 2
+    assert [(g["k0"], g["k1"]) for g in kb.high_groups(n, b, N)] == [(k, k + 1) for k in reversed(range(2, N))]
+    check_butterfly(T, n, b, N, scale, transpose)
+    if T == 200:  # the prefix's backward through the dense coarse blocks, in 16 bits
+        assert kb._coarse().takes(n, b, 2, T, torch.bfloat16, True)
+        check_butterfly(T, n, b, N, scale, transpose, torch.bfloat16)
+
+
+def test_one_pass_prefix_only_where_it_saves_passes():
+    assert kb.split_prefix(1024, 64, 3) is None  # one pass already
+    assert kb.split_prefix(1280, 80, 2) is None
+    # plan(): two 128-wide groups of two levels; a three-level prefix leaves one: two passes either way
+    assert kb.split_prefix(1024, 64, 4) is None
+    assert kb.split_prefix(1280, 160, 3) is None  # levels wider than 128: the slab kernels
+    assert kb.split_prefix(1280, 80, 4) == 2  # 4 passes -> 3
+    assert kb.tuning_keys(640, 80, 3) == ((640, 80, 2), (640, 80, 3))
+    assert kb.tuning_keys(1024, 64, 3) == ((1024, 64, 3),)
+    assert kb.path_name(640, 80, 3, 1024, torch.bfloat16) == "dot128+fused128+128-bwd-coarse"
+    names = [spec["name"] for spec in kb.launch_specs(640, 80, 3)]
+    assert "fused[prefix]" in names and "apply[g0]" in names and "segmented[g2]" in names
+    assert "apply[g1]" not in names and "segmented[prefix]" not in names  # the prefix's levels: plan()'s mixed batch only
+
+
 LOWP_CASES = [(7, 32, 4, 3, 1.0), (129, 64, 8, 2, 1.0), (7, 45, 45, 1, 1.0), (7, 24, 6, 2, 1.0), (7, 160, 40, 3, 1.0)]
 
 

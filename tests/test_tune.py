@@ -90,6 +90,24 @@ def test_tune_writes_cache_and_launcher_uses_it(cache_file, capsys):
     assert kb.LAST_LAUNCH["butterfly_fwd"][0] != "cache"
 
 
+def test_tune_times_a_one_pass_prefix_under_its_own_key(cache_file):
+    """80x3 runs its two low levels as a one-pass prefix (an 80x2 butterfly) and its top level as
+    a pass of its own: tuning times the prefix's tiles under its own key first, then the shape's
+    with those of its own kernels, and caches both; a forced tile reaches only its key's kernels."""
+    rows = tuning.tune([(320, 80, 3)], tokens_per_step=9, dtype=torch.bfloat16, device=DEVICE, max_configs=1)
+    assert [(r["N"], r["kind"]) for r in rows] == [(2, "fwd"), (2, "bwd"), (3, "fwd"), (3, "bwd")]
+    assert rows[0]["path"].startswith("fused128+128") and rows[2]["path"].startswith("dot128+fused128+128")
+    data = json.loads(cache_file.read_text())
+    name = kcommon.device_name(DEVICE)
+    assert set(data["entries"]) == {tuning.cache_key(name, kcommon.TRITON_VERSION, torch.bfloat16, 320, 80, N)
+                                    for N in (2, 3)}
+    assert tuning.count_candidates([(320, 80, 3)], max_configs=1) == 4
+    tile = {"BT": 32, "PPS": 2, "num_warps": 4, "num_stages": 2}
+    with kb.forced_config("fwd", tile, (320, 80, 3)):
+        assert kb.pick_config("fwd", 320, 80, 3, torch.bfloat16, DEVICE) == ("forced", tile)
+        assert kb.pick_config("fwd", 320, 80, 2, torch.bfloat16, DEVICE)[0] == "cache"
+
+
 def test_cached_config_is_what_runs(cache_file):
     """A hand-written entry with a non-default tile is the one launched, and gives the same maths;
     a later tune merges into the file instead of replacing it."""
