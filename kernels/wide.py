@@ -24,7 +24,8 @@ its row tiles. So each program owns a slab of ``BN`` output columns of one block
   (``_wide_grad_pair_kernel``), so that pass reads g once; up to ``MAX_BLOCK + PAIR_DX_REST_HOPPER``
   (192; ``PAIR_DX_REST``, 160, before Hopper, whose mma holds the tiles in registers) it also holds
   ``Delta^T`` as four tiles, made from Q, and writes dx on the same rows (``wide_grads``): one pass
-  over (x, g) for both gradients. At 193-256 (``takes_halves``) two programs hold half the dMc
+  over (x, g) for both gradients. (Not at widths of an odd number of column pairs past 160 on
+  Hopper, nor at 193-256 before it: rows not 16-byte aligned at a block spill there; ``ALIGNED``.) At 193-256 (``takes_halves``) two programs hold half the dMc
   each as two 128 x 128 tiles (``_wide_grad_halves_kernel``: x read once, g twice, as the slabs)
   and write dx's half from the same rows of g, Delta^T's two tiles of it held, in 16-row steps:
   g is read twice for both gradients, not three times. (Wider, one pass holding both a
@@ -187,6 +188,19 @@ def k_chunk(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> int:
 # opposite counts (sm_90 and sm_80, b = 160-256; the compile report): triton 3.7 on 4 warps (8
 # spill 12-40 bytes at b = 256), triton 3.6 (the GPU image's) on 8 (4 spill 200-800 bytes).
 WHOLE_BLOCK_WARPS = 4 if _version_tuple(TRITON_VERSION) >= (3, 7) else 8
+# Rows of 16-bit values are 16-byte aligned at a block's first column only where b is a multiple
+# of ALIGNED columns; elsewhere (b = 130, 164, 196, 252, ...) the row loads split into narrower
+# vectors whose addresses take registers: on triton 3.7 the whole-block forward then spills 4-44
+# bytes on 4 warps and none on 8 (sm_90 and sm_80, b = 129-256), and the dMc passes that write dx
+# spill 8-80 bytes at two stages and none at one (below; the compile sweep in
+# bench/results/sm90-compile-2026-12-01-misaligned.*).
+ALIGNED = 8
+
+
+def whole_block_warps(b: int) -> int:
+    """Warps of the whole-block forward of a b-wide level: WHOLE_BLOCK_WARPS where its rows'
+    blocks are 16-byte aligned, else 8."""
+    return WHOLE_BLOCK_WARPS if b % ALIGNED == 0 else 8
 
 
 def default_config(kind: str, b: int, dtype: torch.dtype = torch.bfloat16,
@@ -200,8 +214,22 @@ def default_config(kind: str, b: int, dtype: torch.dtype = torch.bfloat16,
         if splits_k("fwd", b, dtype):  # a GEMM tile: rows enough that Delta's chunks are reused
             return {"BT": SPLIT_ROWS[dtype == torch.float32], "PPS": 2, "num_warps": 8, "num_stages": 2}
         whole = next_pow2(b) <= FWD_WHOLE and dtype != torch.float32
-        return {"BT": 32 if whole else 16, "PPS": 2, "num_warps": WHOLE_BLOCK_WARPS if whole else 8, "num_stages": 2}
-    return {"num_warps": 8, "num_stages": 1 if takes_pair(b, dtype) and not takes_pair_dx(b, dtype, cap) else 2}
+        return {"BT": 32 if whole else 16, "PPS": 2, "num_warps": whole_block_warps(b) if whole else 8, "num_stages": 2}
+    return {"num_warps": 8, "num_stages": backward_stages(b, dtype, cap)}
+
+
+def backward_stages(b: int, dtype: torch.dtype, cap: tuple[int, int] | None = None) -> int:
+    """Stages of a b-wide level's dMc pass (the compile sweep, sm_90 and sm_80, triton 3.7): two
+    where the block's rows are 16-byte aligned and the four-tile kernel writes dx too, or the slab
+    kernels run; one for the four-tile kernel without dx, and for both dMc kernels that write dx
+    at unaligned widths (two spilled 8-80 bytes at b = 130-188); one for the two-half kernel
+    below 256 too (at two, 200-240 spilled 12-24 bytes on sm_80, 196-252 unaligned 8-16 on
+    both), two at 256 (measured clean at one and two)."""
+    if takes_halves(b, dtype):
+        return 2 if b == 2 * kb.MAX_BLOCK else 1
+    if takes_pair(b, dtype):
+        return 2 if takes_pair_dx(b, dtype, cap) and b % ALIGNED == 0 else 1
+    return 2
 
 
 def candidates(kind: str, b: int, dtype: torch.dtype | None = None) -> list[dict]:
@@ -550,16 +578,21 @@ def takes_halves(b: int, dtype: torch.dtype) -> bool:
 def writes_dx(b: int, dtype: torch.dtype, cap: tuple[int, int] | None = None) -> bool:
     """Whether the dMc pass of a b-wide level can also write dx (``grad_q``'s dx and delta) on a
     GPU of compute capability cap (None: the interpreter, as Hopper): the four-tile kernel's
-    ``takes_pair_dx``, and the two-half kernel (193-256) on every arch."""
-    return takes_pair_dx(b, dtype, cap) or takes_halves(b, dtype)
+    ``takes_pair_dx``, and the two-half kernel (193-256) on every arch but at widths of an odd
+    number of column pairs before Hopper (194, 198: 72-80 bytes of spills at one stage)."""
+    halves = takes_halves(b, dtype) and (b % 4 == 0 or not register_operand_mma(cap))
+    return takes_pair_dx(b, dtype, cap) or halves
 
 
 def takes_pair_dx(b: int, dtype: torch.dtype, cap: tuple[int, int] | None = None) -> bool:
     """Whether that dMc pass can also write dx (``grad_q``'s dx and delta) on a GPU of compute
     capability cap (None: the interpreter, as Hopper): up to 160 wide, 192 where the held tiles
-    stay in shared memory (``register_operand_mma``: Hopper, datacenter Blackwell)."""
-    rest = PAIR_DX_REST if register_operand_mma(cap) else PAIR_DX_REST_HOPPER
-    return takes_pair(b, dtype) and b <= kb.MAX_BLOCK + rest
+    stay in shared memory (``register_operand_mma``: Hopper, datacenter Blackwell), there not at
+    widths of an odd number of column pairs past 160 (162, 166, ...: 72-92 bytes of spills in the
+    row loop at one or two stages)."""
+    if register_operand_mma(cap):
+        return takes_pair(b, dtype) and b <= kb.MAX_BLOCK + PAIR_DX_REST
+    return takes_pair(b, dtype) and b <= kb.MAX_BLOCK + PAIR_DX_REST_HOPPER and (b <= 160 or b % 4 == 0)
 
 
 # The compile report's pre-Hopper arch, as a capability.
@@ -614,9 +647,9 @@ def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, 
     grp = level_group(*key, k0)
     write_dx = dx is not None
     if write_dx and (delta is None or not writes_dx(b, x.dtype, capability(x.device))):
-        raise ValueError(f"wide.grad_q: the dMc pass writes dx up to {2 * kb.MAX_BLOCK} wide "
-                         f"(except {kb.MAX_BLOCK + PAIR_DX_REST + 1}-{kb.MAX_BLOCK + PAIR_REST} before Hopper), "
-                         f"for 16-bit inputs, given its Delta (b={b}, {x.dtype}, delta given: {delta is not None})")
+        raise ValueError(f"wide.grad_q: the dMc pass writes dx only where wide.writes_dx holds (16-bit inputs, "
+                         f"{kb.MAX_BLOCK + 1}-{2 * kb.MAX_BLOCK} wide, by arch and alignment) and given its Delta "
+                         f"(b={b}, {x.dtype}, delta given: {delta is not None})")
     if T == 0:
         return torch.zeros(shape, dtype=dtype, device=x.device)
     layout = _layout(grp, b, "bwd", x.dtype)

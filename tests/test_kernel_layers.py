@@ -181,19 +181,37 @@ def test_peft_parity_on_wide_blocks(monkeypatch, tmp_path, peft_with_butterfly, 
     _check_peft_parity(monkeypatch, tmp_path, base, (torch.randn(2, 9, 160),), kwargs)
 
 
+def test_peft_parity_where_a_one_pass_prefix_splits_the_butterfly(monkeypatch, tmp_path, peft_with_butterfly):
+    """PEFT's multi-concept block_num=8, N=3 on a 640-wide layer (b = 80, L = 320: three 128-wide
+    groups that do not fit on chip together): the top level a pass, the two lower ones the
+    one-pass prefix (an 80x2 butterfly on Q's first two levels). PEFT's BOFT and ours on the
+    kernels: same outputs, same gradients of every adapter parameter, fp32."""
+    from boft_triton.kernels import butterfly as kb
+
+    assert kb.fused_groups(640, 80, 3) is None and kb.split_prefix(640, 80, 3) == 2
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(640, 24)).eval()
+    kwargs = {"target_modules": ["0"], "boft_block_size": 0, "boft_block_num": 8, "boft_n_butterfly_factor": 3,
+              "init_weights": False}
+    _check_peft_parity(monkeypatch, tmp_path, base, (torch.randn(2, 9, 640),), kwargs)
+
+
 # Gradients through a bf16 layer carry several roundings to bf16 (the rotated rows h, y, g, and on
 # the coarse route dMc and Delta_c): 0.6-1.0e-2 measured at 300 rows against PEFT's fp32 path
 # (the per-group route, with fp32 block operands in the interpreter: 0.65e-2).
 BF16_END_TO_END = 2e-2
 
 
-@pytest.mark.parametrize("block_num,n_factors,route", [(8, 3, "coarse"), (4, 2, "coarse"), (2, 1, "wide")],
-                         ids=["D8-N3", "D4-N2", "D2-N1"])
+@pytest.mark.parametrize("block_num,n_factors,route", [(8, 3, "coarse"), (4, 2, "coarse"), (2, 1, "wide"),
+                                                        (4, 3, "coarse")],
+                         ids=["D8-N3", "D4-N2", "D2-N1", "D4-N3"])
 def test_peft_parity_in_bf16_where_dx_comes_from_the_dmc_pass(monkeypatch, tmp_path, peft_with_butterfly, block_num,
                                                               n_factors, route):
     """bf16 activations on a 320-wide layer, 300 rows: DreamBooth's block_num=8, N=3 (40x3) and
     block_num=4, N=2 (80x2) run their backward through the dense coarse blocks, block_num=2, N=1
-    (one 160-wide level) through ``wide_grads``; in each, dx comes out of the dMc pass. Against
+    (one 160-wide level) through ``wide_grads``; in each, dx comes out of the dMc pass. block_num=4,
+    N=3 (80x3) runs its top level as a pass of its own and its two lower levels as the one-pass
+    prefix (``split_prefix``), whose backward takes the dense coarse blocks. Against
     PEFT's fp32 dense path on the same (bf16-rounded) inputs and base weights: outputs within one
     op's bf16 tolerance, dx and the adapter gradients within BF16_END_TO_END."""
     import warnings

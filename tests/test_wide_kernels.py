@@ -85,6 +85,38 @@ def test_wide_dx_pass_before_hopper(monkeypatch):
     assert not kw.takes_pair_dx(192, torch.bfloat16, (12, 0)) and kw.takes_pair_dx(192, torch.bfloat16, (10, 0))
 
 
+# Blocks whose rows are not 16-byte aligned (b not a multiple of 8: 130, 164, 194, ...) take what
+# the compile sweep found spill-free (bench/results/sm90-compile-2026-12-01-misaligned.*): a dx of
+# its own pass at an odd number of column pairs past 160 on Hopper (162) and at 193-256 before it
+# (194), the dMc pass writing dx elsewhere (164: one stage).
+UNALIGNED_CASES = [(324, 162, (9, 0), False), (328, 164, (9, 0), True), (388, 194, (8, 0), False),
+                   (388, 194, (9, 0), True), (520, 130, (8, 0), True)]
+
+
+@pytest.mark.parametrize("n,b,cap,one_pass", UNALIGNED_CASES,
+                         ids=[f"b{b}-sm{cap[0]}{cap[1]}" for _, b, cap, _ in UNALIGNED_CASES])
+def test_unaligned_wide_levels(monkeypatch, n, b, cap, one_pass):
+    bf16 = torch.bfloat16
+    assert kw.writes_dx(b, bf16, cap) == one_pass
+    assert kw.default_config("fwd", b, bf16)["num_warps"] == 8  # 4 spilled 4-44 bytes
+    assert kw.default_config("bwd", b, bf16, cap)["num_stages"] == 1  # two spilled 8-80 bytes with dx
+    monkeypatch.setattr(kw, "capability", lambda device: cap)
+    applies = []
+    apply = kw.wide_apply
+    monkeypatch.setattr(kw, "wide_apply", lambda *args: applies.append(args[2]) or apply(*args))
+    check_butterfly(21, n, b, 1, 1.0, False, dtype=bf16)
+    assert applies == ([False] if one_pass else [False, True])  # the forward, then dx's own pass where it has one
+
+
+def test_aligned_wide_levels_keep_their_configs():
+    bf16 = torch.bfloat16
+    assert kw.whole_block_warps(160) == kw.WHOLE_BLOCK_WARPS and kw.whole_block_warps(256) == kw.WHOLE_BLOCK_WARPS
+    assert kw.default_config("bwd", 160, bf16, (8, 0))["num_stages"] == 2  # four tiles with dx, aligned
+    assert kw.default_config("bwd", 224, bf16)["num_stages"] == 1  # two halves below 256: one stage
+    assert kw.default_config("bwd", 256, bf16)["num_stages"] == 2
+    assert kw.writes_dx(196, bf16, (8, 0)) and kw.writes_dx(188, bf16) and not kw.writes_dx(190, bf16)
+
+
 # K-split levels (kernels wider than a slab holds: 16-bit past 512, fp32's forward past 256 and
 # its dMc past 512) at the real tiles, forced on narrower levels by lowering what a slab holds:
 # padded lanes and a partial last chunk (160, 320), strided levels (N = 2), both orientations.
