@@ -86,8 +86,17 @@ SPLIT_ROWS = {False: 128, True: 64}
 # b = 144 on sm_90.
 DQ_SUM = 16 * 1024
 # Rows per step of the dMc reduction: fixed (never tuned), so the bits of dQ do not depend on the
-# tile config; a divisor of butterfly.RC, so butterfly._splits' row splits hold whole steps.
+# tile config; a divisor of butterfly.RC, so butterfly._splits' row splits hold whole steps. Half
+# that where a block's rows are not 16-byte aligned (``wide_rc``).
 WIDE_RC = 32
+
+
+def wide_rc(b: int) -> int:
+    """Rows per step of the slab dMc pass of a b-wide level: WIDE_RC, or half where the rows are
+    not 16-byte aligned at a block (330, 450, 510, and 260's strided level: 32-row steps spilled
+    36-72 bytes in the row loop on sm_80, 16-row ones none on sm_90 or sm_80). A function of the
+    shape alone, so dQ's bits still do not depend on the config or the GPU."""
+    return WIDE_RC if b % ALIGNED == 0 else WIDE_RC // 2
 # Blocks of MAX_BLOCK + up to PAIR_REST columns (b = 160: DreamBooth's block_num=8 on 1280; 192:
 # block_num=4 on 768) hold their whole dMc as four tiles in one program (_wide_grad_pair_kernel),
 # so the dMc pass reads g once instead of once per slab: no spills on sm_90 and sm_80 (triton 3.6
@@ -675,7 +684,7 @@ def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, 
         )
     else:
         wrap_triton(_wide_grad_kernel)[(NB * layout["NS"] * (layout["KP"] // layout["KC"]), splits)](
-            x, g, partial, dq, T, n, rows, NB, **layout, TRANS=transpose, FUSED_DQ=splits == 1, RC=WIDE_RC,
+            x, g, partial, dq, T, n, rows, NB, **layout, TRANS=transpose, FUSED_DQ=splits == 1, RC=wide_rc(b),
             **_dot_meta(x.dtype), num_warps=warps, num_stages=stages,
         )
     if splits > 1:
@@ -790,7 +799,7 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[d
                 "B": b, "S": grp["S"], "H": grp["H"], "A": kb.MAX_BLOCK, "RC": HALVES_RC, "WRITE_DX": False,
                 "DELTA_FROM_Q": False}
         else:
-            fn, sig, constexprs = _wide_grad_kernel, gsig, {**_layout(grp, b, "bwd", dtype), "RC": WIDE_RC}
+            fn, sig, constexprs = _wide_grad_kernel, gsig, {**_layout(grp, b, "bwd", dtype), "RC": wide_rc(b)}
         kind = "_pair" if pair else "_halves" if halves else ""
         specs.append(dict(name=name + kind + tag, **shape, fn=fn, signature=sig,
                           divisible=("n", "ROWS"), constexprs={**constexprs, "TRANS": False, "FUSED_DQ": fused, **dot},

@@ -720,6 +720,7 @@ rows += [r for r in kernel_profile.compile_rows([512], [(256, 1)], archs=(80,)) 
 # passes that write dx on one stage (164 on Hopper, 196 before it: 4-80 bytes at 4 warps, 2 stages)
 rows += [r for r in kernel_profile.compile_rows([656], [(164, 1)], archs=(90,)) if r["kernel"].startswith(("wide_dx", "wide_T"))]
 rows += [r for r in kernel_profile.compile_rows([784], [(196, 1)], archs=(80,)) if r["kernel"].startswith(("wide_dx", "wide"))]
+rows += [r for r in kernel_profile.compile_rows([1320], [(330, 1)], archs=(80,)) if r["kernel"].startswith("wide_grad")]  # 16-row steps
 # K-split levels: 16-bit past 512 wide, fp32's forward past 256
 rows += [dict(r, kernel=r["kernel"] + "_ksplit") for r in kernel_profile.compile_rows([2048], [(1024, 1)], archs=(80,))
          + kernel_profile.compile_rows([1024], [(512, 1)], archs=(80,), dtype_name="fp32")

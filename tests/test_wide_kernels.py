@@ -30,9 +30,10 @@ pytestmark = pytest.mark.kernels
 # four tiles, both gradients in one pass), b = 144 with N = 2 (the same for a strided level), b = 256
 # with N = 2 (two interleaved wide levels), b = 512 (LLM block_num=8 on 4096: 8 slabs of 64 in the
 # forward, 8 of 64 for dMc), a 192-wide block (dMc as four tiles, the rest 64 wide; fp32 512: the
-# forward K-split), a partial last tile everywhere.
+# forward K-split), 330 (rows not 16-byte aligned at a block: the dMc slabs in 16-row steps), a
+# partial last tile everywhere.
 WIDE_CASES = [(37, 320, 160, 1, 1.0), (23, 576, 144, 2, 1.0), (9, 512, 256, 2, 1.0), (13, 1024, 512, 1, 1.0),
-              (70, 384, 192, 1, 10.0)]
+              (70, 384, 192, 1, 10.0), (19, 660, 330, 1, 1.0)]
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
@@ -110,6 +111,7 @@ def test_unaligned_wide_levels(monkeypatch, n, b, cap, one_pass):
 
 def test_aligned_wide_levels_keep_their_configs():
     bf16 = torch.bfloat16
+    assert kw.wide_rc(320) == kw.WIDE_RC and kw.wide_rc(330) == kw.WIDE_RC // 2 == 16  # slab dMc row steps
     assert kw.whole_block_warps(160) == kw.WHOLE_BLOCK_WARPS and kw.whole_block_warps(256) == kw.WHOLE_BLOCK_WARPS
     assert kw.default_config("bwd", 160, bf16, (8, 0))["num_stages"] == 2  # four tiles with dx, aligned
     assert kw.default_config("bwd", 224, bf16)["num_stages"] == 1  # two halves below 256: one stage
