@@ -220,7 +220,7 @@ def collect_shapes(model: torch.nn.Module) -> list[tuple[int, int, int, torch.dt
 
 def _tuned_shapes(shapes) -> list[tuple]:
     """``shapes`` with each one's kernel keys (``butterfly.tuning_keys``): a shape whose low levels
-    run as a one-pass prefix tunes that prefix under its own key first."""
+    run as a one-pass prefix tunes that prefix under its own key too."""
     from boft_triton.kernels import butterfly as kb
 
     out = []

@@ -263,8 +263,9 @@ CHAIN_ACC = 16 * 1024
 @functools.lru_cache(maxsize=1024)
 def fused_groups(n: int, b: int, N: int) -> tuple[tuple[int, int], ...] | None:
     """The factor groups ``(k0, k1)`` of the one-pass kernel, in the order they act on ``x M``
-    (highest levels first), or None where the shape takes ``plan``'s path: one group already
-    covers the coarse block, or the blocks do not fit on chip.
+    (highest levels first), or None where the shape takes ``plan``'s path (or, where
+    ``split_prefix`` finds one, a one-pass prefix of its low levels): one group already covers the
+    coarse block, or the blocks do not fit on chip.
 
     A coarse block of ``L = 2^N h`` columns (chunks of ``h = b/2``, padded to ``hp``, a power of
     two) is cut into as few groups of consecutive levels as the width limits allow, levels shared
@@ -309,8 +310,9 @@ def split_prefix(n: int, b: int, N: int) -> int | None:
 
 
 def high_groups(n: int, b: int, N: int) -> tuple[dict, ...]:
-    """``plan``'s groups above ``split_prefix``'s levels, in the order they act on ``x M``."""
-    prefix = split_prefix(n, b, N)
+    """``plan``'s groups above ``split_prefix``'s levels, in the order they act on ``x M``
+    (every group where there is no prefix)."""
+    prefix = split_prefix(n, b, N) or 0
     return tuple(g for g in plan(n, b, N) if g["k0"] >= prefix)
 
 
@@ -378,7 +380,7 @@ def runs_on_gpu(n: int, b: int, N: int, dtype: torch.dtype) -> bool:
 
 
 _REQUIRED = {"fwd": ("BT", "PPS", "num_warps"), "bwd": ("num_warps",)}
-_FORCED: dict[str, dict] = {}
+_FORCED: dict[str, tuple[tuple[int, int, int] | None, dict]] = {}  # kind -> (key or None: all, config)
 
 
 @contextlib.contextmanager
@@ -395,7 +397,9 @@ def forced_config(kind: str, cfg: dict, key: tuple[int, int, int] | None = None)
 
 def tuning_keys(n: int, b: int, N: int) -> tuple[tuple[int, int, int], ...]:
     """The (n, b, N) keys whose configs a layer shape's kernels pick: its own, and a
-    ``split_prefix`` shape's one-pass prefix (first, so it is tuned before the rest)."""
+    ``split_prefix`` shape's one-pass prefix (each timed with its own candidates; while one key is
+    timed, the other's kernels run the tile they had when tuning began, the same in every
+    candidate's time)."""
     prefix = split_prefix(n, b, N)
     return ((n, b, prefix), (n, b, N)) if prefix is not None else ((n, b, N),)
 
@@ -1189,7 +1193,8 @@ def _fused_programs(T: int, BT: int, pps: int, n: int, b: int, N: int, sms: int)
 
 def fused_apply_into(x, q, transpose, key, y) -> None:
     """``y = x M`` (``x M^T``) in one pass for a shape with ``fused_groups``; x and y contiguous
-    ``[T, n]``, q all of Q (fp32, contiguous)."""
+    ``[T, n]``, q the key's N levels of Q (all of it, or ``split_prefix``'s first levels; fp32,
+    contiguous)."""
     T, n = x.shape
     if T == 0:
         return
@@ -1551,7 +1556,7 @@ def _fused_apply_fake(x, q, transpose, n, b, N):
 @kernel_op("boft_triton::fused_apply", _fused_apply_fake)
 def fused_apply(x: torch.Tensor, q: torch.Tensor, transpose: bool, n: int, b: int, N: int) -> torch.Tensor:
     """``x M`` (``x M^T`` with transpose) in one pass over x, for shapes with ``fused_groups``;
-    x ``[T, n]``, q all of Q (fp32)."""
+    x ``[T, n]``, q the N levels of Q the key names (all of it, or ``split_prefix``'s; fp32)."""
     x = x.contiguous()
     y = new_empty(*x.shape, dtype=x.dtype, device=x.device)
     fused_apply_into(x, q.contiguous(), transpose, (n, b, N), y)
@@ -1731,7 +1736,7 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     if _wide().fp32_too_wide(n, b, N, dtype):  # wide.takes_levels on a GPU
         return [spec for k in range(N)
-                for spec in _wide().launch_specs(_wide().level_group(n, b, N, k), b, dtype, f"[l{k}]" if N > 1 else "")]
+                for spec in _wide().launch_specs(_wide().level_group(n, b, N, k), b, dtype, f"[l{k}]" if N > 1 else "", N)]
     ptr = "*" + dtype_name
     fwd, bwd = default_config(n, b, N, "fwd", dtype), default_config(n, b, N, "bwd", dtype)
     specs = []
@@ -1780,7 +1785,7 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
             dot = _dot_meta(dtype, grp["WP"])
         tag = f"[g{k}]" if len(plan(n, b, N)) > 1 else ""
         if _wide().is_wide(grp):
-            specs += _wide().launch_specs(grp, b, dtype, tag)
+            specs += _wide().launch_specs(grp, b, dtype, tag, N)
             continue
         layout = _layout(grp, b)
         shape = dict(width=grp["WP"], levels=grp["k1"] - grp["k0"])

@@ -24,8 +24,9 @@ its row tiles. So each program owns a slab of ``BN`` output columns of one block
   (``_wide_grad_pair_kernel``), so that pass reads g once; up to ``MAX_BLOCK + PAIR_DX_REST_HOPPER``
   (192; ``PAIR_DX_REST``, 160, before Hopper, whose mma holds the tiles in registers) it also holds
   ``Delta^T`` as four tiles, made from Q, and writes dx on the same rows (``wide_grads``): one pass
-  over (x, g) for both gradients. (Not at widths of an odd number of column pairs past 160 on
-  Hopper, nor at 193-256 before it: rows not 16-byte aligned at a block spill there; ``ALIGNED``.) At 193-256 (``takes_halves``) two programs hold half the dMc
+  over (x, g) for both gradients. (Not at an odd number of column pairs, b = 2 mod 4: past 160 on
+  Hopper, at 193-256 before it; rows only 4-byte aligned at a block spill there, whatever the
+  stages. Other unaligned widths write dx on one stage: ``ALIGNED``, ``backward_stages``.) At 193-256 (``takes_halves``) two programs hold half the dMc
   each as two 128 x 128 tiles (``_wide_grad_halves_kernel``: x read once, g twice, as the slabs)
   and write dx's half from the same rows of g, Delta^T's two tiles of it held, in 16-row steps:
   g is read twice for both gradients, not three times. (Wider, one pass holding both a
@@ -91,12 +92,12 @@ DQ_SUM = 16 * 1024
 WIDE_RC = 32
 
 
-def wide_rc(b: int) -> int:
+def wide_rc(b: int, N: int = 1) -> int:
     """Rows per step of the slab dMc pass of a b-wide level: WIDE_RC, or half where the rows are
     not 16-byte aligned at a block (330, 450, 510, and 260's strided level: 32-row steps spilled
     36-72 bytes in the row loop on sm_80, 16-row ones none on sm_90 or sm_80). A function of the
     shape alone, so dQ's bits still do not depend on the config or the GPU."""
-    return WIDE_RC if b % ALIGNED == 0 else WIDE_RC // 2
+    return WIDE_RC if aligned(b, N) else WIDE_RC // 2
 # Blocks of MAX_BLOCK + up to PAIR_REST columns (b = 160: DreamBooth's block_num=8 on 1280; 192:
 # block_num=4 on 768) hold their whole dMc as four tiles in one program (_wide_grad_pair_kernel),
 # so the dMc pass reads g once instead of once per slab: no spills on sm_90 and sm_80 (triton 3.6
@@ -206,28 +207,37 @@ WHOLE_BLOCK_WARPS = 4 if _version_tuple(TRITON_VERSION) >= (3, 7) else 8
 ALIGNED = 8
 
 
-def whole_block_warps(b: int) -> int:
+def aligned(b: int, N: int = 1) -> bool:
+    """Whether every level of a b-wide, N-level layer reads 16-byte aligned rows at its blocks:
+    b a multiple of ALIGNED and, with N > 1, its chunks too (b/2 columns, the contiguous runs of
+    the strided levels: 168x2's second level spilled 44 bytes in the dMc pass that writes dx at
+    two stages on sm_90, 168x1 none)."""
+    return b % ALIGNED == 0 and (N == 1 or (b // 2) % ALIGNED == 0)
+
+
+def whole_block_warps(b: int, N: int = 1) -> int:
     """Warps of the whole-block forward of a b-wide level: WHOLE_BLOCK_WARPS where its rows'
-    blocks are 16-byte aligned, else 8."""
-    return WHOLE_BLOCK_WARPS if b % ALIGNED == 0 else 8
+    blocks are 16-byte aligned (``aligned``), else 8."""
+    return WHOLE_BLOCK_WARPS if aligned(b, N) else 8
 
 
 def default_config(kind: str, b: int, dtype: torch.dtype = torch.bfloat16,
-                   cap: tuple[int, int] | None = None) -> dict:
+                   cap: tuple[int, int] | None = None, N: int = 1) -> dict:
     """The untuned config on a GPU of compute capability cap (None: the interpreter, as Hopper).
-    Forward: the whole block (up to FWD_WHOLE) in 32-row tiles on WHOLE_BLOCK_WARPS warps, else
-    (and for fp32) 16-row tiles on 8. Backward: 8 warps, two stages, but one for the four-tile dMc
-    past ``takes_pair_dx`` (161-192 wide before Hopper: two spill 84 bytes at 192 on sm_80; up to
-    160, with or without dx, two spill nothing and one does at b = 144 with N = 2 on sm_80)."""
+    Forward: the whole block (up to FWD_WHOLE) in 32-row tiles on ``whole_block_warps`` warps,
+    else (and for fp32) 16-row tiles on 8. Backward: 8 warps, ``backward_stages`` stages (one for
+    the four-tile dMc past ``takes_pair_dx``: 161-192 wide before Hopper, two spill 84 bytes at 192
+    on sm_80; up to 160 at aligned widths, with or without dx, two spill nothing and one does at
+    b = 144 with N = 2 on sm_80). N: the layer's levels (their alignment: ``aligned``)."""
     if kind == "fwd":
         if splits_k("fwd", b, dtype):  # a GEMM tile: rows enough that Delta's chunks are reused
             return {"BT": SPLIT_ROWS[dtype == torch.float32], "PPS": 2, "num_warps": 8, "num_stages": 2}
         whole = next_pow2(b) <= FWD_WHOLE and dtype != torch.float32
-        return {"BT": 32 if whole else 16, "PPS": 2, "num_warps": whole_block_warps(b) if whole else 8, "num_stages": 2}
-    return {"num_warps": 8, "num_stages": backward_stages(b, dtype, cap)}
+        return {"BT": 32 if whole else 16, "PPS": 2, "num_warps": whole_block_warps(b, N) if whole else 8, "num_stages": 2}
+    return {"num_warps": 8, "num_stages": backward_stages(b, dtype, cap, N)}
 
 
-def backward_stages(b: int, dtype: torch.dtype, cap: tuple[int, int] | None = None) -> int:
+def backward_stages(b: int, dtype: torch.dtype, cap: tuple[int, int] | None = None, N: int = 1) -> int:
     """Stages of a b-wide level's dMc pass (the compile sweep, sm_90 and sm_80, triton 3.7): two
     where the block's rows are 16-byte aligned and the four-tile kernel writes dx too, or the slab
     kernels run; one for the four-tile kernel without dx, and for both dMc kernels that write dx
@@ -237,7 +247,7 @@ def backward_stages(b: int, dtype: torch.dtype, cap: tuple[int, int] | None = No
     if takes_halves(b, dtype):
         return 2 if b == 2 * kb.MAX_BLOCK else 1
     if takes_pair(b, dtype):
-        return 2 if takes_pair_dx(b, dtype, cap) and b % ALIGNED == 0 else 1
+        return 2 if takes_pair_dx(b, dtype, cap) and aligned(b, N) else 1
     return 2
 
 
@@ -610,7 +620,8 @@ SM80 = (8, 0)
 
 def pair_dx_archs(b: int, dtype: torch.dtype) -> dict:
     """What a compile spec of the dMc pass that writes dx carries: ``archs=(90,)`` where sm_80 does
-    not launch it (161-192 wide), nothing where both do."""
+    not launch it (161-192 wide, and 193-256 at an odd number of column pairs), nothing where both
+    do."""
     return {} if writes_dx(b, dtype, SM80) else {"archs": (90,)}
 
 
@@ -620,7 +631,7 @@ def _pick(kind: str, key, x, tuned_as=None) -> tuple[str, dict]:
     source, cfg = kb.pick_config(kind, *(tuned_as or key), x.dtype, x.device)
     if source != "default":
         return source, cfg
-    return "default", default_config(kind, key[1], x.dtype, capability(x.device))
+    return "default", default_config(kind, key[1], x.dtype, capability(x.device), key[2])
 
 
 def apply_into(x, q, transpose, k0, key, y) -> None:
@@ -656,9 +667,9 @@ def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, 
     grp = level_group(*key, k0)
     write_dx = dx is not None
     if write_dx and (delta is None or not writes_dx(b, x.dtype, capability(x.device))):
-        raise ValueError(f"wide.grad_q: the dMc pass writes dx only where wide.writes_dx holds (16-bit inputs, "
-                         f"{kb.MAX_BLOCK + 1}-{2 * kb.MAX_BLOCK} wide, by arch and alignment) and given its Delta "
-                         f"(b={b}, {x.dtype}, delta given: {delta is not None})")
+        raise ValueError(f"wide.grad_q: the dMc pass writes dx only where wide.writes_dx holds "
+                         f"({kb.MAX_BLOCK + 1}-{2 * kb.MAX_BLOCK} wide, by arch, and not at every b = 2 mod 4) "
+                         f"and given its Delta (b={b}, {x.dtype}, delta given: {delta is not None})")
     if T == 0:
         return torch.zeros(shape, dtype=dtype, device=x.device)
     layout = _layout(grp, b, "bwd", x.dtype)
@@ -684,7 +695,7 @@ def grad_q(x, g, shape, transpose, k0, key, dtype=torch.float32, tuned_as=None, 
         )
     else:
         wrap_triton(_wide_grad_kernel)[(NB * layout["NS"] * (layout["KP"] // layout["KC"]), splits)](
-            x, g, partial, dq, T, n, rows, NB, **layout, TRANS=transpose, FUSED_DQ=splits == 1, RC=wide_rc(b),
+            x, g, partial, dq, T, n, rows, NB, **layout, TRANS=transpose, FUSED_DQ=splits == 1, RC=wide_rc(b, key[2]),
             **_dot_meta(x.dtype), num_warps=warps, num_stages=stages,
         )
     if splits > 1:
@@ -767,15 +778,16 @@ wide_apply.register_autograd(_backward, setup_context=_setup_context)
 # what a launch compiles (for the compile report: bench/kernel_profile.py)
 
 
-def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[dict]:
-    """Every kernel the wide launchers run for level group ``grp``, at the default config (see
-    ``butterfly.launch_specs``): wide (forward), wide_T (dx), wide_grad (dMc, several row splits),
+def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "", N: int = 1) -> list[dict]:
+    """Every kernel the wide launchers run for level group ``grp`` of an N-level layer, at the
+    default config (see ``butterfly.launch_specs``): wide (forward), wide_T (dx), wide_grad (dMc, several row splits),
     wide_grad_dq (one split), wide_dq (adds the splits' partials)."""
     ptr = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     with kb._compiling():
         dot = _dot_meta(dtype)
-    fwd, bwd = default_config("fwd", b, dtype), default_config("bwd", b, dtype)
-    bwd_80 = default_config("bwd", b, dtype, SM80)  # as launched before Hopper, where that differs
+    with kb._compiling():  # the stages a GPU launches (the interpreter takes other dMc kernels for fp32)
+        fwd, bwd = default_config("fwd", b, dtype, N=N), default_config("bwd", b, dtype, N=N)
+        bwd_80 = default_config("bwd", b, dtype, SM80, N)  # as launched before Hopper, where that differs
     bwd_arch = {80: {"num_stages": bwd_80["num_stages"]}} if bwd_80 != bwd else {}
     shape = dict(width=grp["WP"], levels=1)
     specs = []
@@ -799,14 +811,14 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "") -> list[d
                 "B": b, "S": grp["S"], "H": grp["H"], "A": kb.MAX_BLOCK, "RC": HALVES_RC, "WRITE_DX": False,
                 "DELTA_FROM_Q": False}
         else:
-            fn, sig, constexprs = _wide_grad_kernel, gsig, {**_layout(grp, b, "bwd", dtype), "RC": wide_rc(b)}
+            fn, sig, constexprs = _wide_grad_kernel, gsig, {**_layout(grp, b, "bwd", dtype), "RC": wide_rc(b, N)}
         kind = "_pair" if pair else "_halves" if halves else ""
         specs.append(dict(name=name + kind + tag, **shape, fn=fn, signature=sig,
                           divisible=("n", "ROWS"), constexprs={**constexprs, "TRANS": False, "FUSED_DQ": fused, **dot},
                           config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"], arch_options=bwd_arch))
     with kb._compiling():
         pair_dx, archs = writes_dx(b, dtype), pair_dx_archs(b, dtype)
-    if pair_dx:  # both gradients in one pass (wide_grads): dx too, Delta made from Q; at 161-192 Hopper only
+    if pair_dx:  # both gradients in one pass (wide_grads): dx too, Delta made from Q; where sm_80 does not, Hopper only
         specs += [dict(spec, name=spec["name"].replace("wide_grad", "wide_dx_grad", 1),
                        signature={**spec["signature"], "d_ptr": "*fp32"},
                        constexprs={**spec["constexprs"], "WRITE_DX": True, "DELTA_FROM_Q": True}, **archs)

@@ -344,6 +344,22 @@ def test_butterfly_one_pass_prefix_where_groups_do_not_fit(T, n, b, N, scale, tr
     if T == 200:  # the prefix's backward through the dense coarse blocks, in 16 bits
         assert kb._coarse().takes(n, b, 2, T, torch.bfloat16, True)
         check_butterfly(T, n, b, N, scale, transpose, torch.bfloat16)
+        assert kb.LAST_LAUNCH["butterfly_bwd_route"][1] == "coarse"
+
+
+@pytest.mark.parametrize("frozen", ["Q", "x"])
+def test_one_pass_prefix_with_one_input_frozen(frozen):
+    """The split shape's backward with only dx wanted (the prefix's dx is its one-pass forward on g
+    with the transpose flipped) or only dQ (no dx pass), against the torch path."""
+    T, n, b, N = 9, 320, 80, 3
+    Q = rand_q(N, n // b, b).float().to(DEVICE).requires_grad_(frozen != "Q")
+    x = torch.randn(T, n, device=DEVICE, requires_grad=frozen != "x")
+    g = torch.randn(T, n, device=DEVICE)
+    wanted = x if frozen == "Q" else Q
+    for transpose in (False, True):
+        got = torch.autograd.grad(kb.butterfly(x, Q, transpose), wanted, g)[0]
+        expected = torch.autograd.grad(torch_ops.butterfly(x, Q, transpose), wanted, g)[0]
+        assert rel_err(got, expected) <= 1e-5
 
 
 def test_one_pass_prefix_only_where_it_saves_passes():
@@ -721,6 +737,7 @@ rows += [r for r in kernel_profile.compile_rows([512], [(256, 1)], archs=(80,)) 
 rows += [r for r in kernel_profile.compile_rows([656], [(164, 1)], archs=(90,)) if r["kernel"].startswith(("wide_dx", "wide_T"))]
 rows += [r for r in kernel_profile.compile_rows([784], [(196, 1)], archs=(80,)) if r["kernel"].startswith(("wide_dx", "wide"))]
 rows += [r for r in kernel_profile.compile_rows([1320], [(330, 1)], archs=(80,)) if r["kernel"].startswith("wide_grad")]  # 16-row steps
+rows += [r for r in kernel_profile.compile_rows([1344], [(168, 2)], archs=(90,)) if r["kernel"].startswith("wide_dx")]  # strided: b/2-column runs
 # K-split levels: 16-bit past 512 wide, fp32's forward past 256
 rows += [dict(r, kernel=r["kernel"] + "_ksplit") for r in kernel_profile.compile_rows([2048], [(1024, 1)], archs=(80,))
          + kernel_profile.compile_rows([1024], [(512, 1)], archs=(80,), dtype_name="fp32")

@@ -92,8 +92,8 @@ def test_tune_writes_cache_and_launcher_uses_it(cache_file, capsys):
 
 def test_tune_times_a_one_pass_prefix_under_its_own_key(cache_file):
     """80x3 runs its two low levels as a one-pass prefix (an 80x2 butterfly) and its top level as
-    a pass of its own: tuning times the prefix's tiles under its own key first, then the shape's
-    with those of its own kernels, and caches both; a forced tile reaches only its key's kernels."""
+    a pass of its own: tuning times the prefix's tiles under its own key and the shape's with
+    those of its own kernels, and caches both; a forced tile reaches only its key's kernels."""
     rows = tuning.tune([(320, 80, 3)], tokens_per_step=9, dtype=torch.bfloat16, device=DEVICE, max_configs=1)
     assert [(r["N"], r["kind"]) for r in rows] == [(2, "fwd"), (2, "bwd"), (3, "fwd"), (3, "bwd")]
     assert rows[0]["path"].startswith("fused128+128") and rows[2]["path"].startswith("dot128+fused128+128")

@@ -112,6 +112,9 @@ def test_unaligned_wide_levels(monkeypatch, n, b, cap, one_pass):
 def test_aligned_wide_levels_keep_their_configs():
     bf16 = torch.bfloat16
     assert kw.wide_rc(320) == kw.WIDE_RC and kw.wide_rc(330) == kw.WIDE_RC // 2 == 16  # slab dMc row steps
+    # a strided level's rows run b/2 columns: 168x2's second level is 8-byte aligned, 168x1 is not misaligned
+    assert kw.aligned(168) and not kw.aligned(168, 2) and kw.aligned(160, 2)
+    assert kw.default_config("bwd", 168, bf16, N=2)["num_stages"] == 1 and kw.default_config("bwd", 168, bf16)["num_stages"] == 2
     assert kw.whole_block_warps(160) == kw.WHOLE_BLOCK_WARPS and kw.whole_block_warps(256) == kw.WHOLE_BLOCK_WARPS
     assert kw.default_config("bwd", 160, bf16, (8, 0))["num_stages"] == 2  # four tiles with dx, aligned
     assert kw.default_config("bwd", 224, bf16)["num_stages"] == 1  # two halves below 256: one stage
