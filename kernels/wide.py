@@ -24,9 +24,10 @@ its row tiles. So each program owns a slab of ``BN`` output columns of one block
   (``_wide_grad_pair_kernel``), so that pass reads g once; up to ``MAX_BLOCK + PAIR_DX_REST_HOPPER``
   (192; ``PAIR_DX_REST``, 160, before Hopper, whose mma holds the tiles in registers) it also holds
   ``Delta^T`` as four tiles, made from Q, and writes dx on the same rows (``wide_grads``): one pass
-  over (x, g) for both gradients. (Not at an odd number of column pairs, b = 2 mod 4: past 160 on
-  Hopper, at 193-256 before it; rows only 4-byte aligned at a block spill there, whatever the
-  stages. Other unaligned widths write dx on one stage: ``ALIGNED``, ``backward_stages``.) At 193-256 (``takes_halves``) two programs hold half the dMc
+  over (x, g) for both gradients. (Not at an odd number of column pairs, b = 2 mod 4, past 160 on
+  Hopper, nor at unaligned 193-256 before it: rows not 16-byte aligned at a block spill there,
+  whatever the stages. Other unaligned widths write dx on one stage: ``ALIGNED``,
+  ``backward_stages``.) At 193-256 (``takes_halves``) two programs hold half the dMc
   each as two 128 x 128 tiles (``_wide_grad_halves_kernel``: x read once, g twice, as the slabs)
   and write dx's half from the same rows of g, Delta^T's two tiles of it held, in 16-row steps:
   g is read twice for both gradients, not three times. (Wider, one pass holding both a
@@ -597,9 +598,10 @@ def takes_halves(b: int, dtype: torch.dtype) -> bool:
 def writes_dx(b: int, dtype: torch.dtype, cap: tuple[int, int] | None = None) -> bool:
     """Whether the dMc pass of a b-wide level can also write dx (``grad_q``'s dx and delta) on a
     GPU of compute capability cap (None: the interpreter, as Hopper): the four-tile kernel's
-    ``takes_pair_dx``, and the two-half kernel (193-256) on every arch but at widths of an odd
-    number of column pairs before Hopper (194, 198: 72-80 bytes of spills at one stage)."""
-    halves = takes_halves(b, dtype) and (b % 4 == 0 or not register_operand_mma(cap))
+    ``takes_pair_dx``, and the two-half kernel (193-256) on every arch, before Hopper only where
+    the rows are 16-byte aligned at a block (194, 198: 72-80 bytes of spills at one stage on triton
+    3.7; 196, 204: 48 bytes on triton 3.6, the GPU image's)."""
+    halves = takes_halves(b, dtype) and (b % ALIGNED == 0 or not register_operand_mma(cap))
     return takes_pair_dx(b, dtype, cap) or halves
 
 
@@ -620,8 +622,8 @@ SM80 = (8, 0)
 
 def pair_dx_archs(b: int, dtype: torch.dtype) -> dict:
     """What a compile spec of the dMc pass that writes dx carries: ``archs=(90,)`` where sm_80 does
-    not launch it (161-192 wide, and 193-256 at an odd number of column pairs), nothing where both
-    do."""
+    not launch it (161-192 wide, and 193-256 where rows are not 16-byte aligned), nothing where
+    both do."""
     return {} if writes_dx(b, dtype, SM80) else {"archs": (90,)}
 
 
