@@ -91,14 +91,6 @@ DQ_SUM = 16 * 1024
 # tile config; a divisor of butterfly.RC, so butterfly._splits' row splits hold whole steps. Half
 # that where a block's rows are not 16-byte aligned (``wide_rc``).
 WIDE_RC = 32
-
-
-def wide_rc(b: int, N: int = 1) -> int:
-    """Rows per step of the slab dMc pass of a b-wide level: WIDE_RC, or half where the rows are
-    not 16-byte aligned at a block (330, 450, 510, and 260's strided level: 32-row steps spilled
-    36-72 bytes in the row loop on sm_80, 16-row ones none on sm_90 or sm_80). A function of the
-    shape alone, so dQ's bits still do not depend on the config or the GPU."""
-    return WIDE_RC if aligned(b, N) else WIDE_RC // 2
 # Blocks of MAX_BLOCK + up to PAIR_REST columns (b = 160: DreamBooth's block_num=8 on 1280; 192:
 # block_num=4 on 768) hold their whole dMc as four tiles in one program (_wide_grad_pair_kernel),
 # so the dMc pass reads g once instead of once per slab: no spills on sm_90 and sm_80 (triton 3.6
@@ -220,6 +212,14 @@ def whole_block_warps(b: int, N: int = 1) -> int:
     """Warps of the whole-block forward of a b-wide level: WHOLE_BLOCK_WARPS where its rows'
     blocks are 16-byte aligned (``aligned``), else 8."""
     return WHOLE_BLOCK_WARPS if aligned(b, N) else 8
+
+
+def wide_rc(b: int, N: int = 1) -> int:
+    """Rows per step of the slab dMc pass of a b-wide level: WIDE_RC, or half where the rows are
+    not 16-byte aligned at a block (330, 450, 510, and 260's strided level: 32-row steps spilled
+    36-72 bytes in the row loop on sm_80, 16-row ones none on sm_90 or sm_80). A function of the
+    shape alone, so dQ's bits still do not depend on the config or the GPU."""
+    return WIDE_RC if aligned(b, N) else WIDE_RC // 2
 
 
 def default_config(kind: str, b: int, dtype: torch.dtype = torch.bfloat16,
@@ -601,7 +601,7 @@ def writes_dx(b: int, dtype: torch.dtype, cap: tuple[int, int] | None = None) ->
     ``takes_pair_dx``, and the two-half kernel (193-256) on every arch, before Hopper only where
     the rows are 16-byte aligned at a block (194, 198: 72-80 bytes of spills at one stage on triton
     3.7; 196, 204: 48 bytes on triton 3.6, the GPU image's)."""
-    halves = takes_halves(b, dtype) and (b % ALIGNED == 0 or not register_operand_mma(cap))
+    halves = takes_halves(b, dtype) and (aligned(b) or not register_operand_mma(cap))
     return takes_pair_dx(b, dtype, cap) or halves
 
 
@@ -785,9 +785,8 @@ def launch_specs(grp: dict, b: int, dtype: torch.dtype, tag: str = "", N: int = 
     default config (see ``butterfly.launch_specs``): wide (forward), wide_T (dx), wide_grad (dMc, several row splits),
     wide_grad_dq (one split), wide_dq (adds the splits' partials)."""
     ptr = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    with kb._compiling():
+    with kb._compiling():  # the dots and stages a GPU launches (the interpreter takes other dMc kernels for fp32)
         dot = _dot_meta(dtype)
-    with kb._compiling():  # the stages a GPU launches (the interpreter takes other dMc kernels for fp32)
         fwd, bwd = default_config("fwd", b, dtype, N=N), default_config("bwd", b, dtype, N=N)
         bwd_80 = default_config("bwd", b, dtype, SM80, N)  # as launched before Hopper, where that differs
     bwd_arch = {80: {"num_stages": bwd_80["num_stages"]}} if bwd_80 != bwd else {}

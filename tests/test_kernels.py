@@ -733,7 +733,8 @@ rows += [r for r in kernel_profile.compile_rows([768], [(48, 3)], archs=(90,))
 # 193-256 wide: both gradients from the two-half dMc pass, on sm_80 too (64x3's are above, on sm_90)
 rows += [r for r in kernel_profile.compile_rows([512], [(256, 1)], archs=(80,)) if r["kernel"].startswith("wide_dx_grad")]
 # rows not 16-byte aligned at a block (b not a multiple of 8): the forward on 8 warps, the dMc
-# passes that write dx on one stage (164 on Hopper, 196 before it: 4-80 bytes at 4 warps, 2 stages)
+# passes on one stage (164 on Hopper with dx; 196 before it, dx its own pass: 4-80 bytes at 4
+# warps, 2 stages)
 rows += [r for r in kernel_profile.compile_rows([656], [(164, 1)], archs=(90,)) if r["kernel"].startswith(("wide_dx", "wide_T"))]
 rows += [r for r in kernel_profile.compile_rows([784], [(196, 1)], archs=(80,)) if r["kernel"].startswith(("wide_dx", "wide"))]
 rows += [r for r in kernel_profile.compile_rows([1320], [(330, 1)], archs=(80,)) if r["kernel"].startswith("wide_grad")]  # 16-row steps
