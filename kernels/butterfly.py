@@ -97,14 +97,47 @@ RC_SM80_WIDE = 16
 STAGES_SM80_WIDE = 1
 
 
+# Rows of 16-bit values are 16-byte aligned at a group's blocks only where its contiguous runs of
+# columns (the block; its chunks where the levels interleave) are a multiple of ROWS_ALIGNED
+# columns. Elsewhere (116x1, 66x2's 33-wide chunks, ...) the row loads split into narrower vectors
+# whose addresses take registers, and 128-wide groups spilled (sm_90 and sm_80, triton 3.7; the
+# compile sweep of every unaligned width 66-126): the backward 32 bytes in its row loop on Hopper
+# at 64-row steps (none at 32, RC_UNALIGNED) and 44-68 bytes before it writing dx at 16 (none
+# without dx: there dx takes the forward kernel's pass, ``writes_dx``).
+ROWS_ALIGNED = 8
+RC_UNALIGNED = 32
+
+
 def _pre_hopper_wide(grp: dict, capability: tuple[int, int] | None) -> bool:
     return grp["WP"] >= MAX_BLOCK and register_operand_mma(capability)
 
 
+def rows_aligned(grp: dict) -> bool:
+    """Whether the group's rows are 16-byte aligned at its blocks (``ROWS_ALIGNED``): its runs of
+    contiguous columns, ``_columns``' H where the levels interleave (S > 1), else the block."""
+    return (grp["H"] if grp["S"] > 1 else grp["WB"]) % ROWS_ALIGNED == 0
+
+
+def _unaligned_wide(grp: dict) -> bool:
+    return grp["WP"] >= MAX_BLOCK and not rows_aligned(grp)
+
+
 def row_step(grp: dict, capability: tuple[int, int] | None) -> int:
     """Rows per step of a group's backward (``_grad_kernel``) on a GPU of that compute capability
-    (None: the interpreter, which steps as Hopper does). Set by the device, never by tuning."""
-    return RC_SM80_WIDE if _pre_hopper_wide(grp, capability) else RC
+    (None: the interpreter, which steps as Hopper does): RC, but fewer for 128-wide groups before
+    Hopper (RC_SM80_WIDE) and for unaligned ones on it (RC_UNALIGNED). Set by the shape and the
+    device, never by tuning, so dQ's bits do not depend on the config."""
+    if _pre_hopper_wide(grp, capability):
+        return RC_SM80_WIDE
+    return RC_UNALIGNED if _unaligned_wide(grp) else RC
+
+
+def writes_dx(grp: dict, capability: tuple[int, int] | None) -> bool:
+    """Whether the group's dMc pass also writes dx: everywhere but 128-wide groups whose rows are
+    not aligned (``ROWS_ALIGNED``) before Hopper, where dx takes the forward kernel's pass over g
+    (``apply_into`` with the transpose flipped)."""
+    return not (_pre_hopper_wide(grp, capability) and not rows_aligned(grp))
+
 
 
 def backward_stages(grp: dict, capability: tuple[int, int] | None, source: str, stages: int) -> int:
@@ -1404,6 +1437,9 @@ def grad(x, g, q, transpose, k0, key, need_dx):
     LAST_LAUNCH["butterfly_bwd"] = (source, dict(cfg))
     splits, rows = _splits(T, grp, b, num_sms(x.device))
     capability = device_capability(x.device)
+    write_dx = need_dx and writes_dx(grp, capability)
+    if need_dx and not write_dx:  # dx = g + g Delta^T: the forward kernel, the transpose flipped
+        apply_into(g, q, not transpose, k0, key, dx)
     fused_dq = fuses_dq(grp, splits, capability, x.dtype)
     dq = new_empty(*q.shape, dtype=torch.float32, device=x.device)
     partial = dq if fused_dq else new_empty(splits, grp["NB"], grp["WB"], grp["WB"], dtype=torch.float32,
@@ -1413,8 +1449,8 @@ def grad(x, g, q, transpose, k0, key, need_dx):
     if fused_dq:
         stages = dq_epilogue_stages(grp, stages)
     wrap_triton(_grad_kernel)[(splits, grp["NB"])](
-        x, g, q, dx if need_dx else x, partial, dq, T, n, n // b, rows, grp["NB"], **layout, H=grp["H"],
-        TRANS=transpose, WRITE_DX=need_dx, FUSED_DQ=fused_dq, RC=row_step(grp, capability), **meta,
+        x, g, q, dx if write_dx else x, partial, dq, T, n, n // b, rows, grp["NB"], **layout, H=grp["H"],
+        TRANS=transpose, WRITE_DX=write_dx, FUSED_DQ=fused_dq, RC=row_step(grp, capability), **meta,
         num_warps=warps, num_stages=stages,
     )
     if not fused_dq:
@@ -1804,7 +1840,7 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
             specs.append(dict(name=name + tag, **shape, fn=_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
                               constexprs={**layout, "H": grp["H"], **dot, "TRANS": False, "WRITE_DX": True,
                                           "FUSED_DQ": fused, "RC": row_step(grp, None)},
-                              arch_constexprs={80: {"RC": row_step(grp, (8, 0))}},
+                              arch_constexprs={80: {"RC": row_step(grp, (8, 0)), "WRITE_DX": writes_dx(grp, (8, 0))}},
                               arch_options={80: {"num_stages": backward_stages(grp, (8, 0), "default",
                                                                                bwd["num_stages"])}},
                               config={**bwd, "num_stages": stages}, num_warps=bwd["num_warps"], num_stages=stages,

@@ -72,6 +72,8 @@ def moved_bytes(n: int, b: int, N: int, T: int, dtype: torch.dtype, need_dx: boo
     else:  # plan()'s groups: recompute their inputs, then a pass over (input, gradient) each
         levels = len(kb.plan(n, b, N))
         per_group = (2 * (levels - 1) + 3 * levels - (not need_dx)) * act
+        # and g read again for dx by groups whose dMc pass cannot write it (``butterfly.writes_dx``)
+        per_group += need_dx * sum(not kb.writes_dx(grp, cap) for grp in kb.plan(n, b, N)) * act
         # and dMc through the row-slab dQ kernel where a group's row pass does not make dQ (40x3's
         # 80-wide two-level group: 6 activation passes' worth at 128 rows, which took this route)
         per_group += sum(kb.partial_dq_bytes(grp, cap) for grp in kb.plan(n, b, N))
@@ -163,8 +165,10 @@ def _coarse_delta_kernel(
             b_t = kb._fused_group(b_t, b_dc, BT, C0, C1, NL, HP, DOT_DTYPE, PRECISION)
         if NG > 3:
             b_t = kb._fused_group(b_t, b_dd, BT, D0, D1, NL, HP, DOT_DTYPE, PRECISION)
-        tl.store(d_ptr + i_cb * (L * L) + o_t[:, None] * L + o_lc[None, :], (b_t - eye).to(d_ptr.dtype.element_ty),
-                 mask=m_x)
+        # the identity subtracted where its lanes are, not as the held eye tile: holding it through
+        # the groups spilled 8-32 bytes at 116x2-128x2 (sm_90 and sm_80)
+        b_t = tl.where(o_lc[None, :] == o_t[:, None], b_t - 1.0, b_t)
+        tl.store(d_ptr + i_cb * (L * L) + o_t[:, None] * L + o_lc[None, :], b_t.to(d_ptr.dtype.element_ty), mask=m_x)
 
 
 # Rows per tile of the Delta_c build: parameter-sized work, one program per coarse block, so

@@ -492,16 +492,39 @@ def test_pre_hopper_row_step_of_128_wide_groups(monkeypatch, n, b, N):
     row_step = kb.row_step
     monkeypatch.setattr(kb, "row_step", lambda grp, cap: steps.append(row_step(grp, (8, 0))) or steps[-1])
     monkeypatch.setattr(kb, "num_sms", lambda device: 16)
-    assert row_step({"WP": 128}, (8, 0)) == 16 and row_step({"WP": 128}, (9, 0)) == kb.RC
-    assert row_step({"WP": 64}, (8, 0)) == kb.RC and row_step({"WP": 128}, None) == kb.RC
+    wide, narrow = kb.plan(256, 128, 1)[0], kb.plan(256, 64, 1)[0]
+    assert row_step(wide, (8, 0)) == 16 and row_step(wide, (9, 0)) == kb.RC
+    assert row_step(narrow, (8, 0)) == kb.RC and row_step(wide, None) == kb.RC
     assert kb.RC % kb.RC_SM80_WIDE == 0  # row splits hold whole steps
-    assert kb.backward_stages({"WP": 128}, (8, 0), "default", 2) == 1
-    assert kb.backward_stages({"WP": 128}, (8, 0), "cache", 2) == 2  # a tuned config is kept
-    assert kb.backward_stages({"WP": 128}, (9, 0), "default", 2) == 2
-    assert kb.backward_stages({"WP": 64}, (8, 0), "default", 2) == 2
+    assert kb.backward_stages(wide, (8, 0), "default", 2) == 1
+    assert kb.backward_stages(wide, (8, 0), "cache", 2) == 2  # a tuned config is kept
+    assert kb.backward_stages(wide, (9, 0), "default", 2) == 2
+    assert kb.backward_stages(narrow, (8, 0), "default", 2) == 2
     assert all(g["WP"] == 128 for g in kb.plan(n, b, N)) and kb.fused_groups(n, b, N) is None
     check_butterfly(301, n, b, N, 1.0, False, dtype=torch.bfloat16)
     assert steps and set(steps) == {16}
+
+
+@pytest.mark.parametrize("cap", [(8, 0), (9, 0)], ids=["sm80", "sm90"])
+@pytest.mark.parametrize("n,b,N,dtype", [(232, 116, 1, torch.bfloat16), (264, 66, 2, torch.float32)],
+                         ids=["116x1-bf16", "66x2-fp32"])
+def test_unaligned_128_wide_groups(monkeypatch, n, b, N, dtype, cap):
+    """128-wide groups whose rows are not 16-byte aligned at their blocks (116; 66x2's 33-wide
+    chunks) step 32 rows on Hopper, and before it write dx with the forward kernel (their dMc
+    pass spilled 32-68 bytes with dx in it): values and both gradients against the dense
+    reference, rows not a multiple of the step, several row splits; which kernel made dx."""
+    monkeypatch.setattr(kb, "device_capability", lambda device: cap)
+    monkeypatch.setattr(kb, "num_sms", lambda device: 16)
+    groups = kb.plan(n, b, N)
+    assert all(g["WP"] == 128 and not kb.rows_aligned(g) for g in groups)
+    assert kb.rows_aligned(kb.plan(256, 128, 2)[0]) and kb.rows_aligned(kb.plan(240, 120, 1)[0])
+    assert {kb.row_step(g, cap) for g in groups} == ({16} if cap == (8, 0) else {kb.RC_UNALIGNED})
+    assert {kb.writes_dx(g, cap) for g in groups} == {cap != (8, 0)}
+    applies = []
+    apply_into = kb.apply_into
+    monkeypatch.setattr(kb, "apply_into", lambda *args: applies.append(args[2]) or apply_into(*args))
+    check_butterfly(301, n, b, N, 1.0, False, dtype=dtype)  # fp32 66x2: one-pass forward, plan()'s backward
+    assert applies.count(True) == (len(groups) if cap == (8, 0) else 0)  # dx's own passes (the transpose flipped)
 
 
 # 128-wide groups of several levels whose chunks fill them (``blockwise``): factor tiles laid out
