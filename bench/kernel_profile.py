@@ -263,8 +263,10 @@ def traffic_markdown(rows: list[dict]) -> str:
 # compile (ptxas / cuobjdump, no GPU)
 
 
-def compile_rows(widths, shapes, archs=(90, 80), T: int = 8192, dtype_name: str = "bf16") -> list[dict]:
-    """Every kernel the launcher would run for each (width, b, N), at the launcher's config."""
+def compile_rows(widths, shapes, archs=(90, 80), T: int = 8192, dtype_name: str = "bf16",
+                 kernels: tuple[str, ...] = ("",)) -> list[dict]:
+    """Every kernel the launcher would run for each (width, b, N), at the launcher's config (those
+    whose names start with one of ``kernels``)."""
     from boft_triton.kernels import butterfly as kb
 
     rows = []
@@ -275,6 +277,8 @@ def compile_rows(widths, shapes, archs=(90, 80), T: int = 8192, dtype_name: str 
             for arch in archs:
                 for spec in kb.launch_specs(n, b, N, dtype_name):
                     if arch not in spec.get("archs", (arch,)):  # a kernel the launchers run on some archs only
+                        continue
+                    if not spec["name"].startswith(kernels):
                         continue
                     stats = compile_stats(spec, arch)
                     rows.append({"n": n, "b": b, "N": N, "L": b << (N - 1), "arch": f"sm_{arch}", "dtype": dtype_name,
@@ -299,6 +303,8 @@ def cayley_compile_rows(blocks=CAYLEY_BLOCKS, archs=(90, 80)) -> list[dict]:
 # Shared memory one block may use (opt-in maximum): H100 227 KB, A100 163 KB. A kernel asking for
 # more does not launch.
 SMEM_LIMIT = {90: 232448, 80: 166912}
+# 32-bit registers of an SM (sm_80 and sm_90), shared by the programs resident on it.
+REGISTER_FILE = 64 * 1024
 
 
 def compile_stats(spec: dict, arch: int) -> dict:
@@ -343,6 +349,9 @@ def compile_stats(spec: dict, arch: int) -> dict:
         "spill_bytes": int(spill.group(1)) if spill else 0,
         "smem": compiled.metadata.shared,
         "smem_fits": compiled.metadata.shared <= SMEM_LIMIT[arch],
+        # a program needing more than the SM's 64K registers does not launch (a register cap
+        # .maxnreg past 64K / threads is not refused by ptxas)
+        "regs_fit": regs is None or int(regs.group(1)) * 32 * spec["num_warps"] <= REGISTER_FILE,
         "num_warps": spec["num_warps"],
         "tensor_core": sum(count[o] for o in ("HMMA", "HGMMA", "IMMA", "WGMMA")),
         "ffma": count["FFMA"],
