@@ -1462,8 +1462,9 @@ def grad(x, g, q, transpose, k0, key, need_dx):
 # warps, fixed (not the row loop's tuned config): 32 rows on 8 warps compile without spills on
 # sm_90 and sm_80 at 2x6, 64x2, 32x3 and 16x4 (16 rows or 4 warps spill at some of them).
 DQ_ROWS, DQ_ROWS_WARPS = 32, 8
-# ... with ptxas's register cap lifted: parameter-sized work, so a second program per SM buys
-# little, and left to guess ptxas capped fp32's 8x3 at 128 registers and spilled 4 bytes.
+# ... with ptxas's register cap lifted, as for the one-level dQ kernel (``_dq_kernel``):
+# parameter-sized work, so a second program per SM buys little, and left to guess ptxas capped
+# fp32's 8x3 at 128 registers and spilled 4 bytes, and 44x3's one-level dQ at 40 (40 bytes).
 DQ_ROWS_REGISTERS = MAX_REGISTERS
 
 
@@ -1474,7 +1475,7 @@ def _launch_dq(partial, q, dq, splits, grp, layout, D, meta, warps) -> None:
     build = dict(BUILD_DTYPE=meta["BUILD_DTYPE"], BUILD_PRECISION=meta["BUILD_PRECISION"])
     if levels == 1:
         wrap_triton(_dq_kernel)[(grp["NB"],)](partial, q, dq, D, splits, grp["NB"], **layout, **build,
-                                              num_warps=warps, num_stages=1)
+                                              num_warps=warps, num_stages=1, **register_cap(DQ_ROWS_REGISTERS))
         return
     rs = min(DQ_ROWS, grp["WP"])
     wrap_triton(_dq_rows_kernel)[(grp["NB"], triton.cdiv(grp["WB"], rs), levels)](
@@ -1854,7 +1855,8 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
         build = {"BUILD_DTYPE": dot["BUILD_DTYPE"], "BUILD_PRECISION": dot["BUILD_PRECISION"]}
         if shape["levels"] == 1:
             specs.append(dict(name="dq" + tag, **shape, fn=_dq_kernel, signature=dsig, divisible=(),
-                              constexprs={**layout, **build}, config=bwd, num_warps=bwd["num_warps"], num_stages=1))
+                              constexprs={**layout, **build}, config=bwd, num_warps=bwd["num_warps"], num_stages=1,
+                              options={"maxnreg": DQ_ROWS_REGISTERS}))
         else:
             specs.append(dict(name="dq" + tag, **shape, fn=_dq_rows_kernel, signature=dsig, divisible=(),
                               constexprs={**layout, **build, "RS": min(DQ_ROWS, grp["WP"])},

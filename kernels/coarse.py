@@ -136,7 +136,8 @@ def _coarse_delta_kernel(
 ):
     """``Delta_c = Mc - I`` (``Mc^T - I`` with TRANS) of coarse block i_cb, ``[L, L]`` at d_ptr
     in its dtype: ``butterfly._fused_apply_kernel`` on the identity's rows, in BT-row tiles, the
-    groups held once. As there, each group adds ``t Delta_g`` to the fp32 tile t with t rounded to
+    groups held once (a one-level first group's rows gathered from Q instead: they are its
+    factor's rows). As there, each group adds ``t Delta_g`` to the fp32 tile t with t rounded to
     the dot's dtype, which costs Delta_c about one rounding of ``Delta_g`` (``2^-8 |Delta_g|`` in
     bf16), the order of its own rounding when stored; in residual form (``R + I Delta_g + R
     Delta_g``, only R rounded) it would cost less, but its second product per group spilled
@@ -147,7 +148,12 @@ def _coarse_delta_kernel(
     o_c = tl.arange(0, LP)
     m_c = (o_c % HP) < HC
     o_lc = (o_c // HP) * HC + o_c % HP  # [LP] the lane's column in the coarse block
-    b_da = kb._fused_delta(q_ptr, i_cb, D, A0, A1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+    # the identity's rows through a one-level first group are rows of its factor: gathered from Q
+    # (as the chain passes' GATHER_A), so that group's blocks are not held (held, 118x2-128x2
+    # spilled 8-20 bytes on sm_90 and sm_80)
+    GATHER_A: tl.constexpr = A1 - A0 == 1
+    if not GATHER_A:
+        b_da = kb._fused_delta(q_ptr, i_cb, D, A0, A1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
     b_db = kb._fused_delta(q_ptr, i_cb, D, B0, B1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
     if NG > 2:
         b_dc = kb._fused_delta(q_ptr, i_cb, D, C0, C1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE,
@@ -158,15 +164,18 @@ def _coarse_delta_kernel(
     for t0 in range(0, L, BT):
         o_t = t0 + tl.arange(0, BT)
         m_x = (o_t < L)[:, None] & m_c[None, :]
-        eye = tl.where((o_lc[None, :] == o_t[:, None]) & m_x, 1.0, 0.0)
-        b_t = kb._fused_group(eye, b_da, BT, A0, A1, NL, HP, DOT_DTYPE, PRECISION)
+        if GATHER_A:
+            b_t = kb._chain_factor_rows(q_ptr, o_t, o_lc, m_x, i_cb.to(tl.int32), D, A0, NL, B, HC, TRANS)
+        else:
+            eye = tl.where((o_lc[None, :] == o_t[:, None]) & m_x, 1.0, 0.0)
+            b_t = kb._fused_group(eye, b_da, BT, A0, A1, NL, HP, DOT_DTYPE, PRECISION)
         b_t = kb._fused_group(b_t, b_db, BT, B0, B1, NL, HP, DOT_DTYPE, PRECISION)
         if NG > 2:
             b_t = kb._fused_group(b_t, b_dc, BT, C0, C1, NL, HP, DOT_DTYPE, PRECISION)
         if NG > 3:
             b_t = kb._fused_group(b_t, b_dd, BT, D0, D1, NL, HP, DOT_DTYPE, PRECISION)
-        # the identity subtracted where its lanes are, not as the held eye tile: holding it through
-        # the groups spilled 8-32 bytes at 116x2-128x2 (sm_90 and sm_80)
+        # the identity subtracted where its lanes are, not held as a tile through the groups (8-32
+        # bytes spilled at 116x2-128x2)
         b_t = tl.where(o_lc[None, :] == o_t[:, None], b_t - 1.0, b_t)
         tl.store(d_ptr + i_cb * (L * L) + o_t[:, None] * L + o_lc[None, :], b_t.to(d_ptr.dtype.element_ty), mask=m_x)
 

@@ -85,11 +85,13 @@ def test_coarse_backward_before_hopper(monkeypatch, spy):
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["xM", "xMT"])
-@pytest.mark.parametrize("n,b,N", [(320, 40, 3), (320, 20, 4), (288, 36, 3), (320, 80, 2)], ids=lambda v: str(v))
+@pytest.mark.parametrize("n,b,N", [(320, 40, 3), (320, 20, 4), (288, 36, 3), (320, 80, 2), (464, 116, 2), (256, 8, 6)],
+                         ids=lambda v: str(v))
 def test_coarse_delta_is_the_dense_block_minus_identity(n, b, N, transpose):
     """``Delta_c`` (what the dMc pass multiplies g by for dx) against the coarse blocks of the
     dense fp64 rotation: ``Mc - I``, or ``Mc^T - I`` with transpose, every group and padded chunk
-    lane in its place. Stored in bf16 it carries that rounding (3.3-3.6e-3 here), and on a GPU the
+    lane in its place; the first group's rows gathered from Q where it is one level (all but
+    8x6's). Stored in bf16 it carries that rounding (3.3-3.6e-3 here), and on a GPU the
     build's own (its dots take bf16 operands: up to 5e-3 emulated, at 20x4); stored in fp32 in the
     interpreter (fp32 dots), only fp32's."""
     from boft_triton import reference

@@ -764,9 +764,10 @@ rows += [r for r in kernel_profile.compile_rows([1320], [(330, 1)], archs=(80,))
 rows += [r for r in kernel_profile.compile_rows([1344], [(168, 2)], archs=(90,)) if r["kernel"].startswith("wide_dx")]  # strided: b/2-column runs
 # 128-wide groups whose rows are not 16-byte aligned at their blocks (116, and 118x2's 59-wide
 # chunks): 32-row steps on Hopper, dx its own pass before it (32-68 bytes in the loop otherwise);
-# the Delta_c build without a held identity tile (8-32 bytes)
+# the Delta_c build with its one-level first group gathered and no held identity tile (8-32 bytes)
 rows += kernel_profile.compile_rows([464], [(116, 2)], archs=(90, 80), kernels=("grad", "coarse_delta"))
 rows += kernel_profile.compile_rows([472], [(118, 2)], archs=(90,), kernels=("grad",))
+rows += kernel_profile.compile_rows([512], [(128, 2)], archs=(90, 80), kernels=("coarse_delta",))  # first group gathered
 # K-split levels: 16-bit past 512 wide, fp32's forward past 256
 rows += [dict(r, kernel=r["kernel"] + "_ksplit") for r in kernel_profile.compile_rows([2048], [(1024, 1)], archs=(80,))
          + kernel_profile.compile_rows([1024], [(512, 1)], archs=(80,), dtype_name="fp32")
