@@ -132,6 +132,14 @@ def row_step(grp: dict, capability: tuple[int, int] | None) -> int:
     return RC_UNALIGNED if _unaligned_wide(grp) else RC
 
 
+def grad_registers(grp: dict, fused_dq: bool) -> int | None:
+    """ptxas's register cap for a group's backward: lifted (MAX_REGISTERS) where it makes dQ
+    itself (one split) and the rows are unaligned, else ptxas's own guess (None). There the guess
+    spilled: 28x1 32 bytes in the row loop at 128 registers on sm_80, 86x2's second group 8 at
+    128 without dx; lifted, 138-162 registers and none (sm_90 and sm_80)."""
+    return MAX_REGISTERS if fused_dq and not rows_aligned(grp) else None
+
+
 def writes_dx(grp: dict, capability: tuple[int, int] | None) -> bool:
     """Whether the group's dMc pass also writes dx: everywhere but 128-wide groups whose rows are
     not aligned (``ROWS_ALIGNED``) before Hopper, where dx takes the forward kernel's pass over g
@@ -1451,7 +1459,7 @@ def grad(x, g, q, transpose, k0, key, need_dx):
     wrap_triton(_grad_kernel)[(splits, grp["NB"])](
         x, g, q, dx if write_dx else x, partial, dq, T, n, n // b, rows, grp["NB"], **layout, H=grp["H"],
         TRANS=transpose, WRITE_DX=write_dx, FUSED_DQ=fused_dq, RC=row_step(grp, capability), **meta,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, **register_cap(grad_registers(grp, fused_dq)),
     )
     if not fused_dq:
         _launch_dq(partial, q, dq, splits, grp, layout, n // b, meta, warps)
@@ -1838,7 +1846,9 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                 continue  # the one split writes a partial, as several do
             archs = {} if not fused or fuses_dq(grp, 1, (8, 0), dtype) else {"archs": (90,)}  # sm_80: a partial
             stages = dq_epilogue_stages(grp, bwd["num_stages"]) if fused else bwd["num_stages"]
+            cap = grad_registers(grp, fused)
             specs.append(dict(name=name + tag, **shape, fn=_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
+                              **({"options": {"maxnreg": cap}} if cap else {}),
                               constexprs={**layout, "H": grp["H"], **dot, "TRANS": False, "WRITE_DX": True,
                                           "FUSED_DQ": fused, "RC": row_step(grp, None)},
                               arch_constexprs={80: {"RC": row_step(grp, (8, 0)), "WRITE_DX": writes_dx(grp, (8, 0))}},

@@ -527,6 +527,20 @@ def test_unaligned_128_wide_groups(monkeypatch, n, b, N, dtype, cap):
     assert applies.count(True) == (len(groups) if cap == (8, 0) else 0)  # dx's own passes (the transpose flipped)
 
 
+def test_one_split_backward_at_unaligned_rows_lifts_the_register_cap(monkeypatch):
+    """Where the backward makes dQ in its one split and the rows are unaligned (28x1), ptxas's
+    register cap is lifted (its guess spilled in the row loop on sm_80): launched so, values and
+    both gradients against the dense reference."""
+    grp = kb.plan(112, 28, 1)[0]
+    assert kb.grad_registers(grp, True) == kb.MAX_REGISTERS and kb.grad_registers(grp, False) is None
+    assert kb.grad_registers(kb.plan(256, 32, 1)[0], True) is None  # aligned: ptxas's own
+    caps = []
+    real = kb.register_cap
+    monkeypatch.setattr(kb, "register_cap", lambda cap: caps.append(cap) or real(cap))
+    check_butterfly(20, 112, 28, 1, 1.0, False, dtype=torch.bfloat16)
+    assert caps[0] == kb.MAX_REGISTERS  # the backward's launch (one split: no dQ kernel after it)
+
+
 # 128-wide groups of several levels whose chunks fill them (``blockwise``): factor tiles laid out
 # from Q's blocks in the builds and in the one-split dQ sweep. 12x4's 6-wide chunks (96 of 128
 # lanes, four levels) build Delta in chunks padded to 8 (``padded_build``), compacted for the
