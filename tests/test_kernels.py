@@ -748,11 +748,11 @@ rows = [dict(n=1000, b=1000, N=1, L=1000, width=1000, levels=1, dtype="fp32", ke
 rows += kernel_profile.compile_rows([4096], [(32, 2)], archs=(90,))
 rows += kernel_profile.compile_rows([1024], [(64, 3)], archs=(90,))  # L = 256: one pass forward and per group backward
 rows += kernel_profile.compile_rows([1280], [(80, 2)], archs=(90,))  # L = 160: one-pass forward, plan()'s backward
-rows += [r for r in kernel_profile.compile_rows([1280], [(40, 3)], archs=(80,)) if r["kernel"].startswith(("fused", "coarse"))]
-rows += [r for r in kernel_profile.compile_rows([1024], [(8, 6)], archs=(90,)) if r["kernel"].startswith("coarse_chain")]  # 3-level accumulating chains
+rows += kernel_profile.compile_rows([1280], [(40, 3)], archs=(80,), kernels=("fused", "coarse"))
+rows += kernel_profile.compile_rows([1024], [(8, 6)], archs=(90,), kernels=("coarse_chain",))  # 3-level accumulating chains
 rows += kernel_profile.compile_rows([2048], [(64, 2), (128, 1)], archs=(90,))  # the widest one-group blocks (L = 128)
 rows += kernel_profile.compile_rows([1280], [(160, 1)], archs=(90,))  # one level wider than 128: the slab kernels
-rows += [r for r in kernel_profile.compile_rows([1152], [(144, 2)], archs=(80,)) if r["kernel"].startswith("wide_dx")]  # both gradients in one pass
+rows += kernel_profile.compile_rows([1152], [(144, 2)], archs=(80,), kernels=("wide_dx",))  # both gradients in one pass
 # 161-192 wide: both gradients in one pass on Hopper only (before it, dx takes a pass of its own)
 kb = importlib.import_module("boft_triton.kernels.butterfly")
 for n, b, N in ((768, 96, 2), (768, 192, 1)):
@@ -762,20 +762,20 @@ for n, b, N in ((768, 96, 2), (768, 192, 1)):
                   dtype="bf16", **kernel_profile.compile_stats(spec, 90)) for spec in hopper]
 rows += kernel_profile.compile_rows([512], [(16, 2)], archs=(90,), dtype_name="fp32")
 # 12x4's 6-wide chunks: the Delta build laid out in padded chunks (the gathered one spilled 4-96 bytes)
-rows += [r for r in kernel_profile.compile_rows([768], [(12, 4)], archs=(90, 80))
+rows += [r for r in kernel_profile.compile_rows([768], [(12, 4)], archs=(90, 80), kernels=("apply", "segmented"))
          if (r["kernel"], r["arch"]) in (("apply", "sm_90"), ("segmented", "sm_80"))]
 # 48x3: the one-pass forward and the first chain pass with the register cap lifted (128: 4-12 bytes)
-rows += [r for r in kernel_profile.compile_rows([768], [(48, 3)], archs=(90,))
+rows += [r for r in kernel_profile.compile_rows([768], [(48, 3)], archs=(90,), kernels=("fused_T", "coarse_chain_direct[0]"))
          if r["kernel"] in ("fused_T", "coarse_chain_direct[0]")]
 # 193-256 wide: both gradients from the two-half dMc pass, on sm_80 too (64x3's are above, on sm_90)
-rows += [r for r in kernel_profile.compile_rows([512], [(256, 1)], archs=(80,)) if r["kernel"].startswith("wide_dx_grad")]
+rows += kernel_profile.compile_rows([512], [(256, 1)], archs=(80,), kernels=("wide_dx_grad",))
 # rows not 16-byte aligned at a block (b not a multiple of 8): the forward on 8 warps, the dMc
 # passes on one stage (164 on Hopper with dx; 196 before it, dx its own pass: 4-80 bytes at 4
 # warps, 2 stages)
-rows += [r for r in kernel_profile.compile_rows([656], [(164, 1)], archs=(90,)) if r["kernel"].startswith(("wide_dx", "wide_T"))]
-rows += [r for r in kernel_profile.compile_rows([784], [(196, 1)], archs=(80,)) if r["kernel"].startswith(("wide_dx", "wide"))]
-rows += [r for r in kernel_profile.compile_rows([1320], [(330, 1)], archs=(80,)) if r["kernel"].startswith("wide_grad")]  # 16-row steps
-rows += [r for r in kernel_profile.compile_rows([1344], [(168, 2)], archs=(90,)) if r["kernel"].startswith("wide_dx")]  # strided: b/2-column runs
+rows += kernel_profile.compile_rows([656], [(164, 1)], archs=(90,), kernels=("wide_dx", "wide_T"))
+rows += kernel_profile.compile_rows([784], [(196, 1)], archs=(80,), kernels=("wide_dx", "wide"))
+rows += kernel_profile.compile_rows([1320], [(330, 1)], archs=(80,), kernels=("wide_grad",))  # 16-row steps
+rows += kernel_profile.compile_rows([1344], [(168, 2)], archs=(90,), kernels=("wide_dx",))  # strided: b/2-column runs
 # 128-wide groups whose rows are not 16-byte aligned at their blocks (116, and 118x2's 59-wide
 # chunks): 32-row steps on Hopper, dx its own pass before it (32-68 bytes in the loop otherwise);
 # the Delta_c build with its one-level first group gathered and no held identity tile (8-32 bytes)
