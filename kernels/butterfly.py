@@ -99,7 +99,7 @@ STAGES_SM80_WIDE = 1
 
 # Rows of 16-bit values are 16-byte aligned at a group's blocks only where its contiguous runs of
 # columns (the block; its chunks where the levels interleave) are a multiple of ROWS_ALIGNED
-# columns. Elsewhere (116x1, 66x2's 33-wide chunks, ...) the row loads split into narrower vectors
+# columns (the wide levels' rule too: ``wide.aligned``). Elsewhere (116x1, 66x2's 33-wide chunks, ...) the row loads split into narrower vectors
 # whose addresses take registers, and 128-wide groups spilled (sm_90 and sm_80, triton 3.7; the
 # compile sweep of every unaligned width 66-126): the backward 32 bytes in its row loop on Hopper
 # at 64-row steps (none at 32, RC_UNALIGNED) and 44-68 bytes before it writing dx at 16 (none
@@ -145,7 +145,6 @@ def writes_dx(grp: dict, capability: tuple[int, int] | None) -> bool:
     not aligned (``ROWS_ALIGNED``) before Hopper, where dx takes the forward kernel's pass over g
     (``apply_into`` with the transpose flipped)."""
     return not (_pre_hopper_wide(grp, capability) and not rows_aligned(grp))
-
 
 
 def backward_stages(grp: dict, capability: tuple[int, int] | None, source: str, stages: int) -> int:
@@ -1470,10 +1469,10 @@ def grad(x, g, q, transpose, k0, key, need_dx):
 # warps, fixed (not the row loop's tuned config): 32 rows on 8 warps compile without spills on
 # sm_90 and sm_80 at 2x6, 64x2, 32x3 and 16x4 (16 rows or 4 warps spill at some of them).
 DQ_ROWS, DQ_ROWS_WARPS = 32, 8
-# ... with ptxas's register cap lifted, as for the one-level dQ kernel (``_dq_kernel``):
-# parameter-sized work, so a second program per SM buys little, and left to guess ptxas capped
-# fp32's 8x3 at 128 registers and spilled 4 bytes, and 44x3's one-level dQ at 40 (40 bytes).
-DQ_ROWS_REGISTERS = MAX_REGISTERS
+# The dQ kernels (one level: ``_dq_kernel``; several: ``_dq_rows_kernel``) lift ptxas's register
+# cap: parameter-sized work, so a second program per SM buys little, and left to guess ptxas
+# capped fp32's 8x3 at 128 registers and spilled 4 bytes, and 44x3's one-level dQ at 40 (40 bytes).
+DQ_REGISTERS = MAX_REGISTERS
 
 
 def _launch_dq(partial, q, dq, splits, grp, layout, D, meta, warps) -> None:
@@ -1483,12 +1482,12 @@ def _launch_dq(partial, q, dq, splits, grp, layout, D, meta, warps) -> None:
     build = dict(BUILD_DTYPE=meta["BUILD_DTYPE"], BUILD_PRECISION=meta["BUILD_PRECISION"])
     if levels == 1:
         wrap_triton(_dq_kernel)[(grp["NB"],)](partial, q, dq, D, splits, grp["NB"], **layout, **build,
-                                              num_warps=warps, num_stages=1, **register_cap(DQ_ROWS_REGISTERS))
+                                              num_warps=warps, num_stages=1, **register_cap(DQ_REGISTERS))
         return
     rs = min(DQ_ROWS, grp["WP"])
     wrap_triton(_dq_rows_kernel)[(grp["NB"], triton.cdiv(grp["WB"], rs), levels)](
         partial, q, dq, D, splits, grp["NB"], **layout, RS=rs, **build, num_warps=DQ_ROWS_WARPS, num_stages=1,
-        **register_cap(DQ_ROWS_REGISTERS),
+        **register_cap(DQ_REGISTERS),
     )
 
 
@@ -1866,12 +1865,12 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
         if shape["levels"] == 1:
             specs.append(dict(name="dq" + tag, **shape, fn=_dq_kernel, signature=dsig, divisible=(),
                               constexprs={**layout, **build}, config=bwd, num_warps=bwd["num_warps"], num_stages=1,
-                              options={"maxnreg": DQ_ROWS_REGISTERS}))
+                              options={"maxnreg": DQ_REGISTERS}))
         else:
             specs.append(dict(name="dq" + tag, **shape, fn=_dq_rows_kernel, signature=dsig, divisible=(),
                               constexprs={**layout, **build, "RS": min(DQ_ROWS, grp["WP"])},
                               config={"num_warps": DQ_ROWS_WARPS}, num_warps=DQ_ROWS_WARPS, num_stages=1,
-                              options={"maxnreg": DQ_ROWS_REGISTERS}))
+                              options={"maxnreg": DQ_REGISTERS}))
     if kept is not None:
         specs = [sp for sp in specs if sp["name"].startswith(("fused", "coarse") + kept)]
     if prefix is not None:  # the prefix's levels run plan()'s kernels only in the mixed-batch forward

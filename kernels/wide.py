@@ -26,7 +26,7 @@ its row tiles. So each program owns a slab of ``BN`` output columns of one block
   ``Delta^T`` as four tiles, made from Q, and writes dx on the same rows (``wide_grads``): one pass
   over (x, g) for both gradients. (Not at an odd number of column pairs, b = 2 mod 4, past 160 on
   Hopper, nor at unaligned 193-256 before it: rows not 16-byte aligned at a block spill there,
-  whatever the stages. Other unaligned widths write dx on one stage: ``ALIGNED``,
+  whatever the stages. Other unaligned widths write dx on one stage: ``aligned``,
   ``backward_stages``.) At 193-256 (``takes_halves``) two programs hold half the dMc
   each as two 128 x 128 tiles (``_wide_grad_halves_kernel``: x read once, g twice, as the slabs)
   and write dx's half from the same rows of g, Delta^T's two tiles of it held, in 16-row steps:
@@ -191,21 +191,18 @@ def k_chunk(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> int:
 # opposite counts (sm_90 and sm_80, b = 160-256; the compile report): triton 3.7 on 4 warps (8
 # spill 12-40 bytes at b = 256), triton 3.6 (the GPU image's) on 8 (4 spill 200-800 bytes).
 WHOLE_BLOCK_WARPS = 4 if _version_tuple(TRITON_VERSION) >= (3, 7) else 8
-# Rows of 16-bit values are 16-byte aligned at a block's first column only where b is a multiple
-# of ALIGNED columns; elsewhere (b = 130, 164, 196, 252, ...) the row loads split into narrower
-# vectors whose addresses take registers: on triton 3.7 the whole-block forward then spills 4-44
-# bytes on 4 warps and none on 8 (sm_90 and sm_80, b = 129-256), and the dMc passes that write dx
-# spill 8-80 bytes at two stages and none at one (below; the compile sweep in
-# bench/results/sm90-compile-2026-12-01-misaligned.*).
-ALIGNED = 8
 
 
 def aligned(b: int, N: int = 1) -> bool:
-    """Whether every level of a b-wide, N-level layer reads 16-byte aligned rows at its blocks:
-    b a multiple of ALIGNED and, with N > 1, its chunks too (b/2 columns, the contiguous runs of
-    the strided levels: 168x2's second level spilled 44 bytes in the dMc pass that writes dx at
-    two stages on sm_90, 168x1 none)."""
-    return b % ALIGNED == 0 and (N == 1 or (b // 2) % ALIGNED == 0)
+    """Whether every level of a b-wide, N-level layer reads 16-byte aligned rows at its blocks
+    (``butterfly.ROWS_ALIGNED``, the rule plan()'s groups follow too): b a multiple of it and, with
+    N > 1, its chunks too (b/2 columns, the contiguous runs of the strided levels: 168x2's second
+    level spilled 44 bytes in the dMc pass that writes dx at two stages on sm_90, 168x1 none).
+    Unaligned (b = 130, 164, 196, 252, ...), on triton 3.7 the whole-block forward spilled 4-44
+    bytes on 4 warps and none on 8 (sm_90 and sm_80, b = 129-256), and the dMc passes that write
+    dx 8-80 bytes at two stages and none at one (the compile sweep in
+    bench/results/sm90-compile-2026-12-01-misaligned.*)."""
+    return b % kb.ROWS_ALIGNED == 0 and (N == 1 or (b // 2) % kb.ROWS_ALIGNED == 0)
 
 
 def whole_block_warps(b: int, N: int = 1) -> int:
