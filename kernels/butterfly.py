@@ -278,6 +278,30 @@ def fused_options(n: int, b: int, N: int) -> dict:
     return {"maxnreg": MAX_REGISTERS} if fused_held(n, b, N) >= FUSED_SOLO_HELD else {}
 
 
+def chunks_aligned(b: int) -> bool:
+    """Whether the one-pass kernels' row chunks (b/2 contiguous columns) are 16-byte aligned
+    (``ROWS_ALIGNED``)."""
+    return (b // 2) % ROWS_ALIGNED == 0
+
+
+def fused_stages(b: int, source: str, stages: int) -> int:
+    """Pipeline stages of the one-pass forward: the config's, but one for the untuned config where
+    its chunks are not aligned (``chunks_aligned``). At two, ptxas's 128-register guess for a
+    second program spilled 16 bytes at 12x5 on sm_90; at one, 18x4-28x4, 10x5-14x5, 8x6, 4x7 and
+    2x8 compile clean on sm_90 and sm_80 at 76-204 registers (20x4's 92-110 -> 76-78), the
+    shared memory a little less."""
+    return 1 if source == "default" and not chunks_aligned(b) else stages
+
+
+def fused_grad_registers(b: int) -> int | None:
+    """ptxas's register cap for the one-pass backward's passes: lifted (MAX_REGISTERS) where the
+    chunks are not aligned (``chunks_aligned``), else ptxas's own guess (None). There the guess
+    capped 24x4's last pass at 128 registers for a second program and spilled 8 bytes on sm_90;
+    lifted, 152-174, and the other unaligned shapes' passes (18x4-28x4, 10x5-14x5, 8x6, 2x8),
+    already past 128, stay within a few registers of ptxas's own picks, no spills."""
+    return None if chunks_aligned(b) else MAX_REGISTERS
+
+
 def group_bounds(groups) -> dict:
     """The one-pass kernels' group constexprs: NG and each group's levels ``[k0, k1)`` in acting
     order as A0, A1, B0, ... (unused groups ``[0, 0)``)."""
@@ -1249,7 +1273,7 @@ def fused_apply_into(x, q, transpose, key, y) -> None:
     wrap_triton(_fused_apply_kernel)[(programs, n // (b << (N - 1)))](
         x, q, y, T, n, n // b, NL=N, B=b, HC=b // 2, HP=hp, **group_bounds(groups), TRANS=transpose, BT=cfg["BT"],
         **_dot_meta(x.dtype, max(hp << (k1 - k0) for k0, k1 in groups)), num_warps=cfg["num_warps"],
-        num_stages=cfg.get("num_stages", 2), **register_cap(fused_options(*key).get("maxnreg")),
+        num_stages=fused_stages(b, source, cfg.get("num_stages", 2)), **register_cap(fused_options(*key).get("maxnreg")),
     )
 
 
@@ -1308,7 +1332,7 @@ def _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, write_dx, key, cfg
         SEL=sel, S0=k0, S1=k1,
         TRANS=transpose, WRITE_DX=write_dx, FUSED_DQ=not reduce, RC=FUSED_RC, **meta, CHAIN=chain, DIRECT=direct,
         num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
-        **register_cap(cfg.get("maxnreg")),
+        **register_cap(cfg.get("maxnreg") or fused_grad_registers(b)),
     )
     if reduce:
         wrap_triton(_fused_dq_kernel)[(blocks,)](
@@ -1797,7 +1821,8 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                                          "D": "i32"}, divisible=("n",),
                               constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, **group_bounds(groups),
                                           "TRANS": trans, "BT": fwd["BT"], **dot},
-                              config=fwd, num_warps=fwd["num_warps"], num_stages=fwd["num_stages"],
+                              config={**fwd, "num_stages": fused_stages(b, "default", fwd["num_stages"])},
+                              num_warps=fwd["num_warps"], num_stages=fused_stages(b, "default", fwd["num_stages"]),
                               options=fused_options(n, b, N)))
         gsig = {"x_ptr": ptr, "g_ptr": ptr, "q_ptr": "*fp32", "dx_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32",
                 "T": "i32", "n": "i32", "D": "i32", "ROWS": "i32", "NCB": "i32"}
@@ -1809,7 +1834,8 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                                               "SEL": sel, "S0": k0, "S1": k1, "TRANS": False, "WRITE_DX": sel == 0,
                                               "FUSED_DQ": fused_dq, "RC": FUSED_RC, **dot, "CHAIN": False,
                                               "DIRECT": False},
-                                  config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"]))
+                                  config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
+                                  options={"maxnreg": fused_grad_registers(b)} if fused_grad_registers(b) else {}))
         if _coarse().supported(n, b, N, dtype):  # the backward through dense coarse blocks
             specs += _coarse().launch_specs(n, b, N, dtype, gsig)
     # what still runs per plan() group: everything, but for one-pass shapes only the segmented

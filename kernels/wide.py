@@ -241,12 +241,15 @@ def backward_stages(b: int, dtype: torch.dtype, cap: tuple[int, int] | None = No
     kernels run; one for the four-tile kernel without dx, and for both dMc kernels that write dx
     at unaligned widths (two spilled 8-80 bytes at b = 130-188); one for the two-half kernel
     below 256 too (at two, 200-240 spilled 12-24 bytes on sm_80, 196-252 unaligned 8-16 on
-    both), two at 256 (measured clean at one and two)."""
+    both), two at 256 (measured clean at one and two). The slab kernels take two, three for fp32
+    up to 256 wide (their tf32x3 operands at 32-row steps: at two, ptxas's 128-register guess
+    spilled 4-8 bytes on sm_80 at 144-192's strided levels; at three, 127-128 registers and none,
+    on both cards, aligned or not, and two programs still share an SM)."""
     if takes_halves(b, dtype):
         return 2 if b == 2 * kb.MAX_BLOCK else 1
     if takes_pair(b, dtype):
         return 2 if takes_pair_dx(b, dtype, cap) and aligned(b, N) else 1
-    return 2
+    return 3 if dtype == torch.float32 and b <= 2 * kb.MAX_BLOCK else 2
 
 
 def candidates(kind: str, b: int, dtype: torch.dtype | None = None) -> list[dict]:
@@ -272,6 +275,16 @@ def _block_columns(i_b, o_w, WB: tl.constexpr, S: tl.constexpr, H: tl.constexpr)
     if S == 1:
         return i_b * WB + o_w
     return (i_b // S) * (S * WB) + (o_w // H) * (S * H) + (i_b % S) * H + o_w % H
+
+
+@triton.jit
+def _tile_columns(i_b, t0, o_t, TW: tl.constexpr, WB: tl.constexpr, S: tl.constexpr, H: tl.constexpr):
+    """``_block_columns`` of the TW block-local indices ``t0 + o_t`` (t0 a multiple of TW); where a
+    tile lies in one chunk (TW divides H), its chunk and offset are scalars, so the lanes' columns
+    are one vector add (per lane, 256x2's strided halves on sm_80 spilled 4 bytes)."""
+    if S == 1 or H % TW == 0:
+        return (i_b // S) * (S * WB) + (t0 // H) * (S * H) + (i_b % S) * H + t0 % H + o_t
+    return _block_columns(i_b, t0 + o_t, WB, S, H)
 
 
 @triton.jit
@@ -510,8 +523,8 @@ def _wide_grad_halves_kernel(
     o_a = tl.arange(0, A)
     o_r = A + o_a
     o_h = i_h * A + o_a
-    col_a, col_r, col_h = _block_columns(i_b, o_a, B, S, H), _block_columns(i_b, o_r, B, S, H), \
-        _block_columns(i_b, o_h, B, S, H)
+    col_a, col_r, col_h = _tile_columns(i_b, 0, o_a, A, B, S, H), _tile_columns(i_b, A, o_a, A, B, S, H), \
+        _tile_columns(i_b, i_h * A, o_a, A, B, S, H)
     m_r, m_h = o_r < B, o_h < B
     if WRITE_DX:
         d_base = d_ptr + i_b * (B * B)

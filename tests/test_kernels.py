@@ -541,6 +541,24 @@ def test_one_split_backward_at_unaligned_rows_lifts_the_register_cap(monkeypatch
     assert caps[0] == kb.MAX_REGISTERS  # the backward's launch (one split: no dQ kernel after it)
 
 
+def test_one_pass_kernels_at_unaligned_chunks(monkeypatch):
+    """Where the one-pass kernels' chunks (b/2 columns) are not 16-byte aligned, the untuned
+    forward takes one stage and the backward's passes lift ptxas's register cap (12x5 and 24x4
+    spilled at ptxas's 128-register guess): launched so, as the compile report compiles them, and
+    values and both gradients against the dense reference at 24x4."""
+    assert [kb.chunks_aligned(b) for b in (12, 20, 24, 32, 48)] == [False, False, False, True, True]
+    assert kb.fused_stages(24, "default", 2) == 1 and kb.fused_stages(24, "cache", 2) == 2  # a tuned config is kept
+    assert kb.fused_stages(32, "default", 2) == 2 and kb.fused_grad_registers(32) is None
+    specs = {spec["name"]: spec for spec in kb.launch_specs(768, 24, 4)}
+    assert specs["fused"]["num_stages"] == 1 and specs["fused_grad[3]"]["options"] == {"maxnreg": kb.MAX_REGISTERS}
+    stages, caps = [], []
+    real_cap, real_stages = kb.register_cap, kb.fused_stages
+    monkeypatch.setattr(kb, "register_cap", lambda cap: caps.append(cap) or real_cap(cap))
+    monkeypatch.setattr(kb, "fused_stages", lambda *a: stages.append(real_stages(*a)) or stages[-1])
+    check_butterfly(40, 768, 24, 4, 1.0, False, dtype=torch.bfloat16)
+    assert stages == [1] and caps[1:5] == [kb.MAX_REGISTERS] * 4  # the forward, then the four groups' passes
+
+
 # 128-wide groups of several levels whose chunks fill them (``blockwise``): factor tiles laid out
 # from Q's blocks in the builds and in the one-split dQ sweep. 12x4's 6-wide chunks (96 of 128
 # lanes, four levels) build Delta in chunks padded to 8 (``padded_build``), compacted for the
@@ -782,11 +800,21 @@ rows += kernel_profile.compile_rows([1344], [(168, 2)], archs=(90,), kernels=("w
 rows += kernel_profile.compile_rows([464], [(116, 2)], archs=(90, 80), kernels=("grad", "coarse_delta"))
 rows += kernel_profile.compile_rows([472], [(118, 2)], archs=(90,), kernels=("grad",))
 rows += kernel_profile.compile_rows([512], [(128, 2)], archs=(90, 80), kernels=("coarse_delta",))  # first group gathered
+# chunks not 16-byte aligned in the one-pass kernels: 12x5's forward on one stage, 24x4's last
+# backward pass with the register cap lifted (ptxas's 128-register guess spilled 16 and 8 bytes);
+# 256x2's strided two-half pass with dx before Hopper (a tile's columns one chunk each: 4 bytes);
+# fp32's slab dMc pass at 192x2's strided level on three stages (4-8 bytes at two)
+def exact(n, b, N, names, arch, dtype_name="bf16"):
+    return [dict(n=n, b=b, N=N, L=b << (N - 1), kernel=spec["name"], width=spec["width"], levels=spec["levels"],
+                 dtype=dtype_name, strict=True, **kernel_profile.compile_stats(spec, arch))
+            for spec in kb.launch_specs(n, b, N, dtype_name) if spec["name"] in names]
+rows += exact(384, 12, 5, ("fused",), 90) + exact(768, 24, 4, ("fused_grad[3]",), 90)
+rows += exact(1024, 256, 2, ("wide_dx_grad_halves[g0]",), 80) + exact(768, 192, 2, ("wide_grad[l1]",), 80, "fp32")
 # K-split levels: 16-bit past 512 wide, fp32's forward past 256
 rows += [dict(r, kernel=r["kernel"] + "_ksplit") for r in kernel_profile.compile_rows([2048], [(1024, 1)], archs=(80,))
          + kernel_profile.compile_rows([1024], [(512, 1)], archs=(80,), dtype_name="fp32")
          if r["kernel"] == "wide" or (r["kernel"] == "wide_grad_dq" and r["dtype"] == "bf16")]
-print("ROWS" + json.dumps([{k: r[k] for k in ("n", "b", "N", "L", "kernel", "width", "levels", "dtype", "spill_bytes", "smem_fits", "regs_fit", "tensor_core")} for r in rows]))
+print("ROWS" + json.dumps([{k: r.get(k, False) for k in ("n", "b", "N", "L", "kernel", "width", "levels", "dtype", "spill_bytes", "smem_fits", "regs_fit", "tensor_core", "strict")} for r in rows]))
 """
 
 
@@ -817,6 +845,8 @@ def test_kernels_compile_for_sm90():
                                            "wide_dx_grad_pair", "wide_dx_grad_dq_pair[g1]", "wide_ksplit",
                                            "wide_grad_dq_ksplit", "cayley_blocked_step", "cayley_blocked_dr",
                                            "coarse_dmc_dx_grad_halves", "wide_dx_grad_halves", "segmented"}
+    assert {(r["b"], r["N"], r["dtype"]) for r in rows if r["strict"]} == {(12, 5, "bf16"), (24, 4, "bf16"),
+                                                                          (256, 2, "bf16"), (192, 2, "fp32")}
     for r in rows:
         assert r["smem_fits"] and r["regs_fit"], r  # else the launch fails on that GPU
         # zero spills, but in the dQ epilogue (once per program, after the row loop) where it holds
@@ -824,7 +854,9 @@ def test_kernels_compile_for_sm90():
         # inputs (tf32x3: three operand tiles per product)
         wide_backward = r["width"] > 64 and r["levels"] > 1 and not r["kernel"].startswith("apply")
         fp32_epilogue = r["dtype"] == "fp32" and r["kernel"].startswith(("grad_dq", "dq"))
-        if r["kernel"].startswith("fused_grad"):  # one-pass backward: a group's dMc + the others' blocks
+        if r["strict"]:  # the rows picked for a spill fixed by config: none
+            assert r["spill_bytes"] == 0, r
+        elif r["kernel"].startswith("fused_grad"):  # one-pass backward: a group's dMc + the others' blocks
             assert r["spill_bytes"] <= 128, r
         elif r["kernel"].startswith("coarse_chain"):  # whatever the group's width: none
             assert r["spill_bytes"] == 0, r

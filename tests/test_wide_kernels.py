@@ -46,7 +46,7 @@ def test_wide_levels(T, n, b, N, scale, transpose):
 
 WIDE_16BIT_CASES = [(320, 160, 1, False, torch.bfloat16), (320, 160, 1, True, torch.bfloat16),
                     (576, 144, 2, True, torch.bfloat16), (272, 136, 1, False, torch.float16),
-                    (384, 192, 1, True, torch.bfloat16), (512, 256, 1, True, torch.bfloat16),
+                    (384, 192, 1, True, torch.bfloat16), (512, 256, 1, True, torch.bfloat16), (1024, 256, 2, False, torch.bfloat16),
                     (448, 224, 1, False, torch.float16), (1024, 1024, 1, True, torch.bfloat16)]
 
 
@@ -55,7 +55,8 @@ WIDE_16BIT_CASES = [(320, 160, 1, False, torch.bfloat16), (320, 160, 1, True, to
 def test_wide_levels_in_16_bits(monkeypatch, n, b, N, transpose, dtype):
     """Up to 256 wide dx comes out of the dMc pass (``wide_grads``: Delta made from Q in either
     orientation, 136 with 24 padded lanes; the interpreter routes as Hopper; at 193-256 the
-    two-half kernel, 224 with 32 padded lanes); wider, it is the transposed forward, a pass of its
+    two-half kernel, 224 with 32 padded lanes, 256x2's strided level with its tiles' columns one
+    chunk each); wider, it is the transposed forward, a pass of its
     own (K-split past 512 wide)."""
     applies = []
     apply = kw.wide_apply
