@@ -118,6 +118,12 @@ def rows_aligned(grp: dict) -> bool:
     return (grp["H"] if grp["S"] > 1 else grp["WB"]) % ROWS_ALIGNED == 0
 
 
+def chunks_aligned(b: int) -> bool:
+    """Whether a layer's chunks (b/2 contiguous columns: the strided levels' runs, the one-pass
+    kernels' row chunks) are 16-byte aligned (``ROWS_ALIGNED``)."""
+    return (b // 2) % ROWS_ALIGNED == 0
+
+
 def _unaligned_wide(grp: dict) -> bool:
     return grp["WP"] >= MAX_BLOCK and not rows_aligned(grp)
 
@@ -276,12 +282,6 @@ def fused_options(n: int, b: int, N: int) -> dict:
     """Compile options of the one-pass forward besides warps and stages: the register cap where
     its programs run one to an SM (``FUSED_SOLO_HELD``)."""
     return {"maxnreg": MAX_REGISTERS} if fused_held(n, b, N) >= FUSED_SOLO_HELD else {}
-
-
-def chunks_aligned(b: int) -> bool:
-    """Whether the one-pass kernels' row chunks (b/2 contiguous columns) are 16-byte aligned
-    (``ROWS_ALIGNED``)."""
-    return (b // 2) % ROWS_ALIGNED == 0
 
 
 def fused_stages(b: int, source: str, stages: int) -> int:
@@ -1814,6 +1814,7 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
         width = max(hp << (k1 - k0) for k0, k1 in fused)
         with _compiling():
             dot = _dot_meta(dtype, width)
+        fused_fwd_stages, grad_cap = fused_stages(b, "default", fwd["num_stages"]), fused_grad_registers(b)
         for name, trans in (("fused", False), ("fused_T", True)):
             groups = fused[::-1] if trans else fused
             specs.append(dict(name=name, width=width, levels=N, fn=_fused_apply_kernel,
@@ -1821,8 +1822,8 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                                          "D": "i32"}, divisible=("n",),
                               constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, **group_bounds(groups),
                                           "TRANS": trans, "BT": fwd["BT"], **dot},
-                              config={**fwd, "num_stages": fused_stages(b, "default", fwd["num_stages"])},
-                              num_warps=fwd["num_warps"], num_stages=fused_stages(b, "default", fwd["num_stages"]),
+                              config={**fwd, "num_stages": fused_fwd_stages}, num_warps=fwd["num_warps"],
+                              num_stages=fused_fwd_stages,
                               options=fused_options(n, b, N)))
         gsig = {"x_ptr": ptr, "g_ptr": ptr, "q_ptr": "*fp32", "dx_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32",
                 "T": "i32", "n": "i32", "D": "i32", "ROWS": "i32", "NCB": "i32"}
@@ -1835,7 +1836,7 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                                               "FUSED_DQ": fused_dq, "RC": FUSED_RC, **dot, "CHAIN": False,
                                               "DIRECT": False},
                                   config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
-                                  options={"maxnreg": fused_grad_registers(b)} if fused_grad_registers(b) else {}))
+                                  options={"maxnreg": grad_cap} if grad_cap else {}))
         if _coarse().supported(n, b, N, dtype):  # the backward through dense coarse blocks
             specs += _coarse().launch_specs(n, b, N, dtype, gsig)
     # what still runs per plan() group: everything, but for one-pass shapes only the segmented

@@ -202,7 +202,7 @@ def aligned(b: int, N: int = 1) -> bool:
     bytes on 4 warps and none on 8 (sm_90 and sm_80, b = 129-256), and the dMc passes that write
     dx 8-80 bytes at two stages and none at one (the compile sweep in
     bench/results/sm90-compile-2026-12-01-misaligned.*)."""
-    return b % kb.ROWS_ALIGNED == 0 and (N == 1 or (b // 2) % kb.ROWS_ALIGNED == 0)
+    return b % kb.ROWS_ALIGNED == 0 and (N == 1 or kb.chunks_aligned(b))
 
 
 def whole_block_warps(b: int, N: int = 1) -> int:
