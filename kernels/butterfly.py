@@ -272,6 +272,41 @@ MAX_REGISTERS = 255
 _BOUND_NAMES = ("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1")
 
 
+def q_block(b: int) -> int:
+    """The width of the Q blocks the one-pass kernels read (their constexpr B): b, or where the
+    chunks (b/2 columns) are narrower than ``ROWS_ALIGNED`` and not a power of two (b = 6, 10,
+    12, 14), ``2 next_pow2(b/2)`` (``padded_q``). Wider chunks are gathered in place: padded,
+    40x3's Q would be read 2.6 times over."""
+    hp = next_pow2(b // 2)
+    return 2 * hp if hp != b // 2 and b // 2 < ROWS_ALIGNED else b
+
+
+def padded_q(q: torch.Tensor, b: int) -> torch.Tensor:
+    """Q ``[N, D, b, b]`` as the one-pass kernels read it: as is, or, where ``q_block`` pads, each
+    block's two halves of rows and of columns padded from b/2 to the kernels' power-of-two chunk
+    with zeros, so a chunk's values are contiguous and unmasked like the lanes that hold them.
+    Gathered in place (b/2 = 3: 6x6), the masked loads spilled 12-208 bytes a thread in the block
+    builds and dQ sweeps on sm_90 and sm_80; padded, 6x6 compiles like 8x6, clean. The padding is
+    parameter-sized (at 6x6, 64 values a block for 36: Q's reads 0.07 -> 0.12 of an activation
+    pass at T = 1024)."""
+    B = q_block(b)
+    if B == b:
+        return q
+    h, hp = b // 2, B // 2
+    N, D = q.shape[:2]
+    return torch.nn.functional.pad(q.reshape(N, D, 2, h, 2, h), (0, hp - h, 0, 0, 0, hp - h)).reshape(N, D, B, B)
+
+
+def unpadded_dq(dq: torch.Tensor, b: int) -> torch.Tensor:
+    """dQ in Q's own layout from the one-pass kernels' (``padded_q``'s)."""
+    B = dq.shape[-1]
+    if B == b:
+        return dq
+    h, hp = b // 2, B // 2
+    N, D = dq.shape[:2]
+    return dq.reshape(N, D, 2, hp, 2, hp)[:, :, :, :h, :, :h].reshape(N, D, b, b)
+
+
 def fused_held(n: int, b: int, N: int) -> int:
     """Values the one-pass forward holds: every group's blocks in a coarse block."""
     hp = next_pow2(b // 2)
@@ -865,7 +900,8 @@ def _fused_factor(q_ptr, i_cb, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.cons
     """Where factor k's values sit for every block of group [K0, K1) in coarse block i_cb, as a
     ``[Z, WP, WP]`` tile: Z = the group's blocks in the coarse block (outer bits x low bits), WP =
     ``2^(K1-K0) HP`` (row = the block's chunk bits m and offset, chunks padded from HC to HP).
-    The same layout as ``_factor`` (and ``reference.group_blocks``), with padded chunks."""
+    The same layout as ``_factor`` (and ``reference.group_blocks``), with padded chunks. Q's
+    blocks are B wide as laid out (``padded_q``): a block's second half of rows starts at B/2."""
     LO: tl.constexpr = 1 << K0
     MID: tl.constexpr = 1 << (K1 - K0)
     HI: tl.constexpr = 1 << (NL - K1)
@@ -878,9 +914,9 @@ def _fused_factor(q_ptr, i_cb, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.cons
     i_b = (i_cb * HI + o_z // LO) * LO + o_z % LO  # [Z] the block's index in the layer
     chunk = ((i_b // LO)[:, None] * MID + m[None, :]) * LO + (i_b % LO)[:, None]  # [Z, WP]
     d = (chunk // (2 << k)) * (1 << k) + chunk % (1 << k)
-    row = half * HC + off
+    row = half * (B // 2) + off
     o_q = ((k * D + d)[:, :, None] * B + row[None, :, None]) * B + row[None, None, :]
-    valid = off < HC
+    valid = off < B // 2
     m_q = (valid[:, None] & valid[None, :]) & ((m | bit)[:, None] == (m | bit)[None, :])
     return o_q, m_q[None, :, :] & (o_z >= 0)[:, None, None]
 
@@ -941,12 +977,21 @@ def _fused_apply_kernel(
     o_c = tl.arange(0, LP)
     m_c = (o_c % HP) < HC
     o_col = i_cb * ((1 << NL) * HC) + (o_c // HP) * HC + o_c % HP  # [LP] padded chunk lanes masked
-    b_da = _fused_delta(q_ptr, i_cb, D, A0, A1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
-    b_db = _fused_delta(q_ptr, i_cb, D, B0, B1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+    # Where chunks are not aligned (``chunks_aligned``: a masked gather per Q value), Q's offsets
+    # in int32, as the backward's (``_fused_store_dq``; Q has N n b values, and a one-pass shape
+    # has b <= MAX_BLOCK, so they hold up to n = 2^24 / N columns): with int64 ones 6x6's build
+    # spilled 100-116 bytes on sm_90 and sm_80, with these none. Aligned, int64: int32 ones cost
+    # 128x2 8 bytes on sm_80.
+    if HC % 8 == 0:
+        i_cq = i_cb
+    else:
+        i_cq = i_cb.to(tl.int32)
+    b_da = _fused_delta(q_ptr, i_cq, D, A0, A1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+    b_db = _fused_delta(q_ptr, i_cq, D, B0, B1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
     if NG > 2:
-        b_dc = _fused_delta(q_ptr, i_cb, D, C0, C1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+        b_dc = _fused_delta(q_ptr, i_cq, D, C0, C1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
     if NG > 3:
-        b_dd = _fused_delta(q_ptr, i_cb, D, D0, D1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+        b_dd = _fused_delta(q_ptr, i_cq, D, D0, D1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
     for i_t in range(i_p, tl.cdiv(T, BT), n_p):
         o_t = i_t * BT + tl.arange(0, BT)
         o_x = o_t[:, None] * n + o_col[None, :]  # [BT, LP]
@@ -985,8 +1030,8 @@ def _chain_store_rows(dq_ptr, b_fv, o_t, row_hi, i_cb, D, K0: tl.constexpr, NL: 
     o_w = tl.arange(0, 2 * HP)
     chunk = o_t // HC  # row r's chunk: bits (outer, the level's bit, low)
     z_r = (chunk // (2 * LO)) * LO + chunk % LO
-    p_r = ((chunk // LO) % 2) * HC + o_t % HC  # its row in the block
-    c_w = (o_w // HP) * HC + o_w % HP  # lane w's column in the block
+    p_r = ((chunk // LO) % 2) * (B // 2) + o_t % HC  # its row in the block
+    c_w = (o_w // HP) * (B // 2) + o_w % HP  # lane w's column in the block
     i_b = (i_cb * HI + o_z // LO) * LO + o_z % LO  # [Z] Q block of the level
     if TRANS:
         o_q = ((K0 * D + i_b)[:, None, None] * B + c_w[None, None, :]) * B + p_r[None, :, None]
@@ -1008,8 +1053,8 @@ def _chain_factor_rows(q_ptr, o_t, o_lc, m_x, i_cb, D, k: tl.constexpr, NL: tl.c
     chunk_r = i_cb * (1 << NL) + o_t // HC  # [RC] global chunks
     chunk_c = i_cb * (1 << NL) + o_lc // HC  # [LP]
     d = (chunk_r // (2 * bit)) * bit + chunk_r % bit  # [RC] the level's block of row r
-    row_r = ((chunk_r // bit) % 2) * HC + o_t % HC
-    row_c = ((chunk_c // bit) % 2) * HC + o_lc % HC
+    row_r = ((chunk_r // bit) % 2) * (B // 2) + o_t % HC
+    row_c = ((chunk_c // bit) % 2) * (B // 2) + o_lc % HC
     if TRANS:
         o_q = ((k * D + d)[:, None] * B + row_c[None, :]) * B + row_r[:, None]
     else:
@@ -1271,7 +1316,7 @@ def fused_apply_into(x, q, transpose, key, y) -> None:
     hp = next_pow2(b // 2)
     programs = _fused_programs(T, cfg["BT"], cfg["PPS"], n, b, N, num_sms(x.device))
     wrap_triton(_fused_apply_kernel)[(programs, n // (b << (N - 1)))](
-        x, q, y, T, n, n // b, NL=N, B=b, HC=b // 2, HP=hp, **group_bounds(groups), TRANS=transpose, BT=cfg["BT"],
+        x, padded_q(q, b), y, T, n, n // b, NL=N, B=q_block(b), HC=b // 2, HP=hp, **group_bounds(groups), TRANS=transpose, BT=cfg["BT"],
         **_dot_meta(x.dtype, max(hp << (k1 - k0) for k0, k1 in groups)), num_warps=cfg["num_warps"],
         num_stages=fused_stages(b, source, cfg.get("num_stages", 2)), **register_cap(fused_options(*key).get("maxnreg")),
     )
@@ -1307,11 +1352,12 @@ def fused_grad(x, g, q, transpose, key, need_dx):
         groups = groups[::-1]
     source, cfg = pick_config("bwd", *key, x.dtype, x.device)
     LAST_LAUNCH["butterfly_fused_bwd"] = (source, dict(cfg))
+    q = padded_q(q, b)
     dq = new_empty(*q.shape, dtype=torch.float32, device=x.device)
     for sel in range(len(groups)):
         _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, need_dx and sel == 0, key, cfg, x.dtype,
                          chain=False, direct=False)
-    return dx, dq
+    return dx, unpadded_dq(dq, b)
 
 
 def _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, write_dx, key, cfg, dtype, chain, direct) -> None:
@@ -1323,7 +1369,7 @@ def _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, write_dx, key, cfg
     hp, blocks = next_pow2(b // 2), n // (b << (N - 1))
     splits, rows = _fused_splits(T, n, b, N, num_sms(x.device))
     meta = _dot_meta(dtype, max(hp << (g1 - g0) for g0, g1 in groups))
-    common = dict(NL=N, B=b, HC=b // 2, HP=hp)
+    common = dict(NL=N, B=q_block(b), HC=b // 2, HP=hp)  # q, dq: ``padded_q``'s layout
     width, z = hp << (k1 - k0), (1 << (N - k1)) << k0
     reduce = splits > 1 and not direct  # the direct chain stores every row's own values: nothing to add
     partial = new_empty(splits, blocks, z, width, width, dtype=torch.float32, device=x.device) if reduce else dq
@@ -1337,8 +1383,17 @@ def _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, write_dx, key, cfg
     if reduce:
         wrap_triton(_fused_dq_kernel)[(blocks,)](
             partial, q, dq, n // b, splits, blocks, **common, S0=k0, S1=k1, BUILD_DTYPE=meta["BUILD_DTYPE"],
-            BUILD_PRECISION=meta["BUILD_PRECISION"], num_warps=cfg["num_warps"], num_stages=1,
+            BUILD_PRECISION=meta["BUILD_PRECISION"], num_warps=FUSED_DQ_CONFIG["num_warps"],
+            num_stages=FUSED_DQ_CONFIG["num_stages"], **register_cap(FUSED_DQ_CONFIG["maxnreg"]),
         )
+
+
+# The kernel adding the one-pass backward's row-split partials and sweeping dQ out of them
+# (``_fused_dq_kernel``): parameter-sized work, a program per coarse block, so its own config, not
+# the row passes' tuned one. It holds a group's ``[Z, WP, WP]`` fp32 dMc and the factors of its
+# sweep: at 4 warps 8x6 spilled 356-460 bytes on sm_90 and sm_80 (8 warps: 233-245 registers,
+# none); 16 warps cap ptxas at 128 registers and spill more.
+FUSED_DQ_CONFIG = {"num_warps": 8, "num_stages": 1, "maxnreg": MAX_REGISTERS}
 
 
 # The chain passes of ``kernels/coarse.py`` (parameter-sized work, L rows): the config under which
@@ -1381,12 +1436,13 @@ def fused_chain_dq(dmc: torch.Tensor, q: torch.Tensor, key) -> torch.Tensor:
     L = b << (N - 1)
     x = torch.empty(1, 1, dtype=torch.bfloat16, device=dmc.device).expand(L, n)  # never read
     groups = fused_groups(*key)
+    q = padded_q(q, b)
     dq = new_empty(*q.shape, dtype=torch.float32, device=dmc.device)
     for sel, mode in enumerate(chain_passes(*key)):
         order, at = (groups[::-1], len(groups) - 1 - sel) if mode == "last" else (groups, sel)
         _fused_grad_pass(x, dmc, q, None, dq, order, at, mode == "last", False, key, CHAIN_CONFIG, torch.bfloat16,
                          chain=True, direct=mode != "acc")
-    return dq
+    return unpadded_dq(dq, b)
 
 
 def _several_levels_at_max(grp: dict) -> bool:
@@ -1796,8 +1852,9 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
     (kernel, signature, constexprs, options): apply (forward), apply_T (``dx`` when Q is frozen,
     and merges), grad (the fused backward, several row splits), grad_dq (one split: dQ in the same
     program, where ``fuses_dq``), segmented (mixed-adapter batches) and dq (adds the splits' partials, then dQ); the
-    one-pass ``fused*`` kernels where ``fused_groups`` holds, with ``coarse*`` where the backward
-    can run through dense coarse blocks; the slab kernels ``wide*`` for levels wider than
+    one-pass ``fused*`` kernels where ``fused_groups`` holds (``fused_dq[k]``: adding group k's
+    row-split partials, then its dQ), with ``coarse*`` where the backward can run through dense
+    coarse blocks; the slab kernels ``wide*`` for levels wider than
     MAX_BLOCK and, per level, for fp32 beyond MAX_FP32_BLOCK.
     Pointers are 16-byte aligned and n, ROWS divisible by 16 at launch, as the compile report
     assumes."""
@@ -1820,7 +1877,7 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
             specs.append(dict(name=name, width=width, levels=N, fn=_fused_apply_kernel,
                               signature={"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "T": "i32", "n": "i32",
                                          "D": "i32"}, divisible=("n",),
-                              constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, **group_bounds(groups),
+                              constexprs={"NL": N, "B": q_block(b), "HC": b // 2, "HP": hp, **group_bounds(groups),
                                           "TRANS": trans, "BT": fwd["BT"], **dot},
                               config={**fwd, "num_stages": fused_fwd_stages}, num_warps=fwd["num_warps"],
                               num_stages=fused_fwd_stages,
@@ -1831,12 +1888,24 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
             for tag, fused_dq in (("", False), ("_dq", True)):
                 specs.append(dict(name=f"fused_grad{tag}[{sel}]", width=hp << (k1 - k0), levels=k1 - k0,
                                   fn=_fused_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
-                                  constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, **group_bounds(fused),
+                                  constexprs={"NL": N, "B": q_block(b), "HC": b // 2, "HP": hp,
+                                              **group_bounds(fused),
                                               "SEL": sel, "S0": k0, "S1": k1, "TRANS": False, "WRITE_DX": sel == 0,
                                               "FUSED_DQ": fused_dq, "RC": FUSED_RC, **dot, "CHAIN": False,
                                               "DIRECT": False},
                                   config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
                                   options={"maxnreg": grad_cap} if grad_cap else {}))
+        if fused_backward(n, b, N) or _coarse().supported(n, b, N, dtype):  # the row splits' sums, dQ
+            dsig = {"dd_ptr": "*fp32", "q_ptr": "*fp32", "dq_ptr": "*fp32", "D": "i32", "SPLITS": "i32", "NCB": "i32"}
+            for sel, (k0, k1) in enumerate(fused):
+                specs.append(dict(name=f"fused_dq[{sel}]", width=hp << (k1 - k0), levels=k1 - k0, fn=_fused_dq_kernel,
+                                  signature=dsig, divisible=(),
+                                  constexprs={"NL": N, "B": q_block(b), "HC": b // 2, "HP": hp, "S0": k0, "S1": k1,
+                                              "BUILD_DTYPE": dot["BUILD_DTYPE"],
+                                              "BUILD_PRECISION": dot["BUILD_PRECISION"]},
+                                  config=FUSED_DQ_CONFIG, num_warps=FUSED_DQ_CONFIG["num_warps"],
+                                  num_stages=FUSED_DQ_CONFIG["num_stages"],
+                                  options={"maxnreg": FUSED_DQ_CONFIG["maxnreg"]}))
         if _coarse().supported(n, b, N, dtype):  # the backward through dense coarse blocks
             specs += _coarse().launch_specs(n, b, N, dtype, gsig)
     # what still runs per plan() group: everything, but for one-pass shapes only the segmented

@@ -195,7 +195,7 @@ def _delta_launch(n: int, b: int, N: int, transpose: bool, dtype: torch.dtype) -
         groups = groups[::-1]
     hp = next_pow2(b // 2)
     fwd = kb.default_config(n, b, N, "fwd", dtype)
-    return dict(NL=N, B=b, HC=b // 2, HP=hp, **kb.group_bounds(groups), TRANS=transpose,
+    return dict(NL=N, B=kb.q_block(b), HC=b // 2, HP=hp, **kb.group_bounds(groups), TRANS=transpose,
                 BT=DELTA_BT, **kb._dot_meta(dtype, max(hp << (k1 - k0) for k0, k1 in groups)),
                 num_warps=fwd["num_warps"], num_stages=fwd["num_stages"])
 
@@ -206,8 +206,9 @@ def coarse_delta(q, transpose, key, dtype) -> torch.Tensor:
     n, b, N = key
     L = width(b, N)
     delta = new_empty(n // L, L, L, dtype=dtype, device=q.device)
-    wrap_triton(_coarse_delta_kernel)[(n // L,)](q, delta, n // b, **_delta_launch(n, b, N, transpose, dtype),
-                                              **register_cap(DELTA_REGISTERS))
+    wrap_triton(_coarse_delta_kernel)[(n // L,)](kb.padded_q(q, b), delta, n // b,
+                                                 **_delta_launch(n, b, N, transpose, dtype),
+                                                 **register_cap(DELTA_REGISTERS))
     return delta
 
 
@@ -278,7 +279,8 @@ def launch_specs(n: int, b: int, N: int, dtype: torch.dtype, gsig: dict) -> list
                               fn=kb._fused_grad_kernel, signature={**gsig, "x_ptr": "*bf16", "g_ptr": "*bf16",
                                                                    "dx_ptr": "*bf16"},
                               divisible=("n", "ROWS"),
-                              constexprs={"NL": N, "B": b, "HC": b // 2, "HP": hp, **kb.group_bounds(order),
+                              constexprs={"NL": N, "B": kb.q_block(b), "HC": b // 2, "HP": hp,
+                                          **kb.group_bounds(order),
                                           "SEL": at, "S0": k0, "S1": k1, "TRANS": mode == "last", "WRITE_DX": False,
                                           "FUSED_DQ": fused_dq, "RC": kb.FUSED_RC, **dot, "CHAIN": True,
                                           "DIRECT": mode != "acc"},

@@ -541,6 +541,35 @@ def test_one_split_backward_at_unaligned_rows_lifts_the_register_cap(monkeypatch
     assert caps[0] == kb.MAX_REGISTERS  # the backward's launch (one split: no dQ kernel after it)
 
 
+@pytest.mark.parametrize("T, n, b, N, transpose, dtype, route", [
+    (40, 192, 6, 6, False, torch.float32, None),  # one-pass backward
+    (40, 192, 6, 6, True, torch.bfloat16, "groups"),
+    (400, 160, 10, 5, False, torch.bfloat16, "coarse"),  # Delta_c build, chain passes
+    (400, 160, 10, 5, True, torch.bfloat16, "coarse"),
+])
+def test_one_pass_kernels_read_narrow_chunks_padded(monkeypatch, T, n, b, N, transpose, dtype, route):
+    """Chunks of 3-7 columns (b = 6, 10, 12, 14) that are not a power of two: the one-pass
+    kernels read Q with each block's halves padded to the lanes' power-of-two chunk (gathered in
+    place, 6x6's builds and dQ sweeps spilled), and dQ comes back in Q's layout. Values and both
+    gradients against the dense reference, with every launch's Q padded."""
+    assert [b_ for b_ in range(2, 130, 2) if kb.q_block(b_) != b_] == [6, 10, 12, 14]
+    assert kb.q_block(6) == 8 and kb.q_block(10) == kb.q_block(14) == 16
+    q = torch.randn(2, 3, 6, 6)
+    padded = kb.padded_q(q, 6)
+    assert padded.shape == (2, 3, 8, 8) and torch.equal(kb.unpadded_dq(padded, 6), q)
+    assert torch.equal(padded[:, :, 0:3, 0:3], q[:, :, 0:3, 0:3]) and torch.equal(padded[:, :, 4:7, 4:7], q[:, :, 3:, 3:])
+    assert padded[:, :, 3].abs().sum() == 0 and padded[:, :, :, 7].abs().sum() == 0  # the pad lanes: zero
+    assert kb.padded_q(q[:, :, :4, :4].contiguous(), 4).shape == (2, 3, 4, 4)  # power-of-two chunks: as is
+    seen = []
+    real = kb.padded_q
+    monkeypatch.setattr(kb, "padded_q", lambda q_, b_: seen.append(real(q_, b_).shape[-1]) or real(q_, b_))
+    check_butterfly(T, n, b, N, 1.0, transpose, dtype=dtype)
+    if route is not None:
+        assert kb.LAST_LAUNCH["butterfly_bwd_route"] == ("model", route)
+    assert set(seen) == {kb.q_block(b)}
+    assert len(seen) == (3 if route == "coarse" else 2)  # the forward; the backward (coarse: Delta_c, the chain)
+
+
 def test_one_pass_kernels_at_unaligned_chunks(monkeypatch):
     """Where the one-pass kernels' chunks (b/2 columns) are not 16-byte aligned, the untuned
     forward takes one stage and the backward's passes lift ptxas's register cap (12x5 and 24x4
@@ -810,6 +839,10 @@ def exact(n, b, N, names, arch, dtype_name="bf16"):
             for spec in kb.launch_specs(n, b, N, dtype_name) if spec["name"] in names]
 rows += exact(384, 12, 5, ("fused",), 90) + exact(768, 24, 4, ("fused_grad[3]",), 90)
 rows += exact(1024, 256, 2, ("wide_dx_grad_halves[g0]",), 80) + exact(768, 192, 2, ("wide_grad[l1]",), 80, "fp32")
+# 6x6's forward (3-column chunks) with Q's offsets in int32 (int64: 100-116 bytes); the kernel
+# adding 8x6's row-split partials at its own 8 warps (at the row passes' 4: 356-460 bytes)
+rows += exact(768, 6, 6, ("fused",), 90) + exact(768, 6, 6, ("fused",), 80)
+rows += exact(1024, 8, 6, ("fused_dq[0]", "fused_dq[1]"), 80)
 # K-split levels: 16-bit past 512 wide, fp32's forward past 256
 rows += [dict(r, kernel=r["kernel"] + "_ksplit") for r in kernel_profile.compile_rows([2048], [(1024, 1)], archs=(80,))
          + kernel_profile.compile_rows([1024], [(512, 1)], archs=(80,), dtype_name="fp32")
@@ -863,7 +896,9 @@ def test_kernels_compile_for_sm90():
                                            "wide_grad_dq_ksplit", "cayley_blocked_step", "cayley_blocked_dr",
                                            "coarse_dmc_dx_grad_halves", "wide_dx_grad_halves", "segmented"}
     assert {(r["b"], r["N"], r["dtype"]) for r in rows if r["strict"]} == {(12, 5, "bf16"), (24, 4, "bf16"),
-                                                                          (256, 2, "bf16"), (192, 2, "fp32")}
+                                                                          (256, 2, "bf16"), (192, 2, "fp32"),
+                                                                          (6, 6, "bf16"), (8, 6, "bf16")}
+    assert {r["kernel"] for r in rows if r["strict"] and r["b"] == 8} == {"fused_dq[0]", "fused_dq[1]"}
     for r in rows:
         assert r["smem_fits"] and r["regs_fit"], r  # else the launch fails on that GPU
         # zero spills, but in the dQ epilogue (once per program, after the row loop) where it holds
@@ -879,7 +914,7 @@ def test_kernels_compile_for_sm90():
             assert r["spill_bytes"] == 0, r
         elif not (wide_backward or fp32_epilogue):
             assert r["spill_bytes"] == 0, r
-        if r["L"] >= 32 and not (r["kernel"].startswith(("dq", "wide_dq", "coarse_dmc_dq")) and r["levels"] == 1):  # dQ = dMc: no product
+        if r["L"] >= 32 and not (r["kernel"].startswith(("dq", "wide_dq", "coarse_dmc_dq", "fused_dq")) and r["levels"] == 1):  # dQ = dMc: no product
             assert r["tensor_core"] > 0, r
 
 
