@@ -353,6 +353,28 @@ def group_bounds(groups) -> dict:
 # takes dQ through the row-slab kernel), from about 1.3 L rows for 64x3 (interpreter, T = 128:
 # 40x3 forward + backward 3.43x -> 4.38x; 64x3 at T = 256 3.10x -> 3.20x).
 FUSED_ACC = 8 * 1024
+# A group's dQ sweep (``_fused_store_dq``: its fp32 dMc and the products of its levels) in one
+# program, levels x values: 3 levels of 8K (8x6, 6x6) compile clean on sm_90 and sm_80, 4 of 8K
+# (4x7's first group) spilled 28-80 bytes, in the row pass's epilogue, the chain's and the dq
+# kernel's. Past it the row pass writes its partial however many row splits there are, and the dq
+# kernel sweeps the group's blocks in chunks that fit (``sweep_blocks``).
+FUSED_SWEEP = 3 * FUSED_ACC
+
+
+def sweep_blocks(N: int, hp: int, k0: int, k1: int) -> int:
+    """Blocks of group ``[k0, k1)`` whose dQ one program sweeps: all of the coarse block's, or, past
+    FUSED_SWEEP, the most (a power of two) that keep it within (``_fused_dq_kernel``'s ZC)."""
+    blocks, values = (1 << (N - k1)) << k0, (hp << (k1 - k0)) ** 2
+    while blocks > 1 and (k1 - k0) * values * blocks > FUSED_SWEEP:
+        blocks //= 2
+    return blocks
+
+
+def sweeps_in_pass(N: int, hp: int, k0: int, k1: int) -> bool:
+    """Whether a row pass with one row split may sweep the group's dQ itself (``FUSED_DQ``)."""
+    return sweep_blocks(N, hp, k0, k1) == (1 << (N - k1)) << k0
+
+
 # The chain pass that accumulates a middle group's dMc (``chain_passes``' ``acc``) holds fewer
 # blocks (its identity rows are made, not read, and the first group's are gathered): it compiles
 # clean up to this many values.
@@ -896,16 +918,18 @@ def _segmented_apply_kernel(
 
 @triton.jit
 def _fused_factor(q_ptr, i_cb, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, NL: tl.constexpr,
-                  B: tl.constexpr, HC: tl.constexpr, HP: tl.constexpr):
+                  B: tl.constexpr, HC: tl.constexpr, HP: tl.constexpr, z0=0, ZC: tl.constexpr = 0):
     """Where factor k's values sit for every block of group [K0, K1) in coarse block i_cb, as a
     ``[Z, WP, WP]`` tile: Z = the group's blocks in the coarse block (outer bits x low bits), WP =
     ``2^(K1-K0) HP`` (row = the block's chunk bits m and offset, chunks padded from HC to HP).
     The same layout as ``_factor`` (and ``reference.group_blocks``), with padded chunks. Q's
-    blocks are B wide as laid out (``padded_q``): a block's second half of rows starts at B/2."""
+    blocks are B wide as laid out (``padded_q``): a block's second half of rows starts at B/2.
+    With ZC, only the group's blocks ``[z0, z0 + ZC)`` (``sweep_blocks``)."""
     LO: tl.constexpr = 1 << K0
     MID: tl.constexpr = 1 << (K1 - K0)
     HI: tl.constexpr = 1 << (NL - K1)
-    o_z = tl.arange(0, HI * LO)
+    ZN: tl.constexpr = ZC if ZC > 0 else HI * LO
+    o_z = z0 + tl.arange(0, ZN)
     o_w = tl.arange(0, MID * HP)
     m = o_w // HP
     off = o_w % HP
@@ -1066,7 +1090,7 @@ def _chain_factor_rows(q_ptr, o_t, o_lc, m_x, i_cb, D, k: tl.constexpr, NL: tl.c
 @triton.jit
 def _fused_store_dq(dq_ptr, q_ptr, dmc, i_cb, D, K0: tl.constexpr, K1: tl.constexpr, NL: tl.constexpr,
                     B: tl.constexpr, HC: tl.constexpr, HP: tl.constexpr, BUILD_DTYPE: tl.constexpr,
-                    BUILD_PRECISION: tl.constexpr):
+                    BUILD_PRECISION: tl.constexpr, z0=0, ZC: tl.constexpr = 0):
     """dQ of the group's factors from ``dMc`` ``[Z, WP, WP]``, every block of the coarse block at
     once: ``_store_dq`` with a batch of blocks (``dF_k = (F_{K1-1} ... F_{k+1})^T dMc (F_{k-1} ...
     F_{K0})^T`` on F_k's values, swept down from the top level in residual form; int32
@@ -1078,11 +1102,11 @@ def _fused_store_dq(dq_ptr, q_ptr, dmc, i_cb, D, K0: tl.constexpr, K1: tl.conste
     for k in tl.static_range(K1 - 1, K0 - 1, -1):
         upper = upper_g
         for j in tl.static_range(K0, k):
-            o_q, m_q = _fused_factor(q_ptr, i_cb, D, j, K0, K1, NL, B, HC, HP)
+            o_q, m_q = _fused_factor(q_ptr, i_cb, D, j, K0, K1, NL, B, HC, HP, z0, ZC)
             f = tl.load(q_ptr + o_q, mask=m_q, other=0.0).to(tl.float32)
             e = tl.permute(tl.where(eye, f - 1.0, f), (0, 2, 1))
             upper = tl.dot(upper.to(BUILD_DTYPE), e.to(BUILD_DTYPE), upper, input_precision=BUILD_PRECISION)
-        o_q, m_q = _fused_factor(q_ptr, i_cb, D, k, K0, K1, NL, B, HC, HP)
+        o_q, m_q = _fused_factor(q_ptr, i_cb, D, k, K0, K1, NL, B, HC, HP, z0, ZC)
         tl.store(dq_ptr + o_q, upper, mask=m_q)
         if k > K0:  # G <- F_k^T G for the level below
             f = tl.load(q_ptr + o_q, mask=m_q, other=0.0).to(tl.float32)
@@ -1206,22 +1230,23 @@ def _fused_grad_kernel(
 def _fused_dq_kernel(
     dd_ptr, q_ptr, dq_ptr, D, SPLITS, NCB,
     NL: tl.constexpr, B: tl.constexpr, HC: tl.constexpr, HP: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr,
-    BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr,
+    BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr, ZC: tl.constexpr,
 ):
-    """dQ of group ``[S0, S1)`` in coarse block i_cb from its SPLITS partials, added in split
-    order (deterministic)."""
+    """dQ of group ``[S0, S1)``'s blocks ``[z0, z0 + ZC)`` in coarse block i_cb from its SPLITS
+    partials, added in split order (deterministic)."""
     i_cb = tl.program_id(0).to(tl.int64)
+    z0 = tl.program_id(1) * ZC
     WP: tl.constexpr = (1 << (S1 - S0)) * HP
     Z: tl.constexpr = (1 << (NL - S1)) * (1 << S0)
-    o_z = tl.arange(0, Z)
+    o_z = z0 + tl.arange(0, ZC)
     o_w = tl.arange(0, WP)
     m_w = (o_w % HP) < HC
     m_dd = (m_w[:, None] & m_w[None, :])[None, :, :] & (o_z >= 0)[:, None, None]
-    dmc = tl.zeros([Z, WP, WP], dtype=tl.float32)
+    dmc = tl.zeros([ZC, WP, WP], dtype=tl.float32)
     for i_s in range(0, SPLITS):
         o_dd = ((i_s * NCB + i_cb) * Z + o_z[:, None, None]) * (WP * WP) + o_w[None, :, None] * WP + o_w[None, None, :]
         dmc += tl.load(dd_ptr + o_dd, mask=m_dd, other=0.0)
-    _fused_store_dq(dq_ptr, q_ptr, dmc, i_cb, D, S0, S1, NL, B, HC, HP, BUILD_DTYPE, BUILD_PRECISION)
+    _fused_store_dq(dq_ptr, q_ptr, dmc, i_cb, D, S0, S1, NL, B, HC, HP, BUILD_DTYPE, BUILD_PRECISION, z0, ZC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1371,7 +1396,9 @@ def _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, write_dx, key, cfg
     meta = _dot_meta(dtype, max(hp << (g1 - g0) for g0, g1 in groups))
     common = dict(NL=N, B=q_block(b), HC=b // 2, HP=hp)  # q, dq: ``padded_q``'s layout
     width, z = hp << (k1 - k0), (1 << (N - k1)) << k0
-    reduce = splits > 1 and not direct  # the direct chain stores every row's own values: nothing to add
+    # the direct chain stores every row's own values: nothing to add; a group whose dQ sweep does
+    # not fit next to the row pass's tiles (``sweeps_in_pass``) leaves it to the dq kernel
+    reduce = (splits > 1 or not sweeps_in_pass(N, hp, k0, k1)) and not direct
     partial = new_empty(splits, blocks, z, width, width, dtype=torch.float32, device=x.device) if reduce else dq
     wrap_triton(_fused_grad_kernel)[(splits, blocks)](
         x, g, q, dx if write_dx else x, partial, dq, T, n, n // b, rows, blocks, **common, **group_bounds(groups),
@@ -1381,9 +1408,10 @@ def _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, write_dx, key, cfg
         **register_cap(cfg.get("maxnreg") or fused_grad_registers(b)),
     )
     if reduce:
-        wrap_triton(_fused_dq_kernel)[(blocks,)](
+        zc = sweep_blocks(N, hp, k0, k1)
+        wrap_triton(_fused_dq_kernel)[(blocks, z // zc)](
             partial, q, dq, n // b, splits, blocks, **common, S0=k0, S1=k1, BUILD_DTYPE=meta["BUILD_DTYPE"],
-            BUILD_PRECISION=meta["BUILD_PRECISION"], num_warps=FUSED_DQ_CONFIG["num_warps"],
+            BUILD_PRECISION=meta["BUILD_PRECISION"], ZC=zc, num_warps=FUSED_DQ_CONFIG["num_warps"],
             num_stages=FUSED_DQ_CONFIG["num_stages"], **register_cap(FUSED_DQ_CONFIG["maxnreg"]),
         )
 
@@ -1885,7 +1913,7 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
         gsig = {"x_ptr": ptr, "g_ptr": ptr, "q_ptr": "*fp32", "dx_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32",
                 "T": "i32", "n": "i32", "D": "i32", "ROWS": "i32", "NCB": "i32"}
         for sel, (k0, k1) in enumerate(fused if fused_backward(n, b, N) else ()):  # a pass per group
-            for tag, fused_dq in (("", False), ("_dq", True)):
+            for tag, fused_dq in (("", False), ("_dq", True))[:1 + sweeps_in_pass(N, hp, k0, k1)]:
                 specs.append(dict(name=f"fused_grad{tag}[{sel}]", width=hp << (k1 - k0), levels=k1 - k0,
                                   fn=_fused_grad_kernel, signature=gsig, divisible=("n", "ROWS"),
                                   constexprs={"NL": N, "B": q_block(b), "HC": b // 2, "HP": hp,
@@ -1902,7 +1930,8 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                                   signature=dsig, divisible=(),
                                   constexprs={"NL": N, "B": q_block(b), "HC": b // 2, "HP": hp, "S0": k0, "S1": k1,
                                               "BUILD_DTYPE": dot["BUILD_DTYPE"],
-                                              "BUILD_PRECISION": dot["BUILD_PRECISION"]},
+                                              "BUILD_PRECISION": dot["BUILD_PRECISION"],
+                                              "ZC": sweep_blocks(N, hp, k0, k1)},
                                   config=FUSED_DQ_CONFIG, num_warps=FUSED_DQ_CONFIG["num_warps"],
                                   num_stages=FUSED_DQ_CONFIG["num_stages"],
                                   options={"maxnreg": FUSED_DQ_CONFIG["maxnreg"]}))

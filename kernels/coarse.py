@@ -274,7 +274,8 @@ def launch_specs(n: int, b: int, N: int, dtype: torch.dtype, gsig: dict) -> list
     for sel, mode in enumerate(kb.chain_passes(n, b, N)):
         order, at = (fused[::-1], len(fused) - 1 - sel) if mode == "last" else (fused, sel)
         k0, k1 = order[at]
-        for tag, fused_dq in ((("", False), ("_dq", True)) if mode == "acc" else (("_direct", True),)):
+        in_pass = kb.sweeps_in_pass(N, hp, k0, k1)
+        for tag, fused_dq in ((("", False), ("_dq", True))[:1 + in_pass] if mode == "acc" else (("_direct", True),)):
             chain.append(dict(name=f"coarse_chain{tag}[{sel}]", width=hp << (k1 - k0), levels=k1 - k0,
                               fn=kb._fused_grad_kernel, signature={**gsig, "x_ptr": "*bf16", "g_ptr": "*bf16",
                                                                    "dx_ptr": "*bf16"},

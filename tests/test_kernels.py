@@ -570,6 +570,26 @@ def test_one_pass_kernels_read_narrow_chunks_padded(monkeypatch, T, n, b, N, tra
     assert len(seen) == (3 if route == "coarse" else 2)  # the forward; the backward (coarse: Delta_c, the chain)
 
 
+@pytest.mark.parametrize("T, transpose, dtype", [(40, False, torch.float32), (40, True, torch.bfloat16),
+                                                 (2000, False, torch.bfloat16)])
+def test_dq_sweep_of_four_8k_levels_in_block_chunks(T, transpose, dtype):
+    """4x7's first group, four levels of 8K values: its dQ sweep spilled 28-80 bytes in one
+    program, so the row pass leaves it to the dq kernel even with one row split, and that sweeps
+    half the group's blocks per program; 8x6's three levels of 8K stay whole. Launch specs as
+    launched, and values and both gradients against the dense reference (T = 2000 in bf16: the
+    chain passes of the coarse route)."""
+    assert kb.fused_groups(256, 4, 7) == ((4, 7), (0, 4))
+    assert (kb.sweep_blocks(7, 2, 0, 4), kb.sweeps_in_pass(7, 2, 0, 4)) == (4, False)  # of 8 blocks
+    assert (kb.sweep_blocks(7, 2, 4, 7), kb.sweeps_in_pass(7, 2, 4, 7)) == (16, True)
+    assert all(kb.sweeps_in_pass(6, 4, k0, k1) for k0, k1 in kb.fused_groups(256, 8, 6))
+    specs = {spec["name"]: spec for spec in kb.launch_specs(1024, 4, 7)}
+    assert "fused_grad_dq[1]" not in specs and "coarse_chain_dq[1]" not in specs and "fused_grad_dq[0]" in specs
+    assert specs["fused_dq[1]"]["constexprs"]["ZC"] == 4 and specs["fused_dq[0]"]["constexprs"]["ZC"] == 16
+    check_butterfly(T, 256, 4, 7, 1.0, transpose, dtype=dtype)
+    if T == 2000:
+        assert kb.LAST_LAUNCH["butterfly_bwd_route"] == ("model", "coarse")
+
+
 def test_one_pass_kernels_at_unaligned_chunks(monkeypatch):
     """Where the one-pass kernels' chunks (b/2 columns) are not 16-byte aligned, the untuned
     forward takes one stage and the backward's passes lift ptxas's register cap (12x5 and 24x4
@@ -843,6 +863,7 @@ rows += exact(1024, 256, 2, ("wide_dx_grad_halves[g0]",), 80) + exact(768, 192, 
 # adding 8x6's row-split partials at its own 8 warps (at the row passes' 4: 356-460 bytes)
 rows += exact(768, 6, 6, ("fused",), 90) + exact(768, 6, 6, ("fused",), 80)
 rows += exact(1024, 8, 6, ("fused_dq[0]", "fused_dq[1]"), 80)
+rows += exact(1024, 4, 7, ("fused_dq[1]",), 90)  # 4x7's four 8K levels swept in half-group chunks (28 bytes whole)
 # K-split levels: 16-bit past 512 wide, fp32's forward past 256
 rows += [dict(r, kernel=r["kernel"] + "_ksplit") for r in kernel_profile.compile_rows([2048], [(1024, 1)], archs=(80,))
          + kernel_profile.compile_rows([1024], [(512, 1)], archs=(80,), dtype_name="fp32")
@@ -897,7 +918,8 @@ def test_kernels_compile_for_sm90():
                                            "coarse_dmc_dx_grad_halves", "wide_dx_grad_halves", "segmented"}
     assert {(r["b"], r["N"], r["dtype"]) for r in rows if r["strict"]} == {(12, 5, "bf16"), (24, 4, "bf16"),
                                                                           (256, 2, "bf16"), (192, 2, "fp32"),
-                                                                          (6, 6, "bf16"), (8, 6, "bf16")}
+                                                                          (6, 6, "bf16"), (8, 6, "bf16"),
+                                                                          (4, 7, "bf16")}
     assert {r["kernel"] for r in rows if r["strict"] and r["b"] == 8} == {"fused_dq[0]", "fused_dq[1]"}
     for r in rows:
         assert r["smem_fits"] and r["regs_fit"], r  # else the launch fails on that GPU
