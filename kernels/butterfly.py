@@ -272,13 +272,16 @@ MAX_REGISTERS = 255
 _BOUND_NAMES = ("A0", "A1", "B0", "B1", "C0", "C1", "D0", "D1")
 
 
+# Chunk widths (b/2) at which the one-pass kernels read Q padded (``padded_q``): 3 and 5 columns
+# (6x6, 10x5) spilled gathered in place; 6 and 7 (12x5, 14x5) compile clean gathered, and padded
+# would read Q 1.8x and 1.3x over (wider ones more: 40x3's 2.6x).
+PADDED_CHUNKS = (3, 5)
+
+
 def q_block(b: int) -> int:
-    """The width of the Q blocks the one-pass kernels read (their constexpr B): b, or where the
-    chunks (b/2 columns) are narrower than ``ROWS_ALIGNED`` and not a power of two (b = 6, 10,
-    12, 14), ``2 next_pow2(b/2)`` (``padded_q``). Wider chunks are gathered in place: padded,
-    40x3's Q would be read 2.6 times over."""
-    hp = next_pow2(b // 2)
-    return 2 * hp if hp != b // 2 and b // 2 < ROWS_ALIGNED else b
+    """The width of the Q blocks the one-pass kernels read (their constexpr B): b, or, where the
+    chunks are ``PADDED_CHUNKS`` columns, ``2 next_pow2(b/2)``."""
+    return 2 * next_pow2(b // 2) if b // 2 in PADDED_CHUNKS else b
 
 
 def padded_q(q: torch.Tensor, b: int) -> torch.Tensor:
@@ -288,7 +291,8 @@ def padded_q(q: torch.Tensor, b: int) -> torch.Tensor:
     Gathered in place (b/2 = 3: 6x6), the masked loads spilled 12-208 bytes a thread in the block
     builds and dQ sweeps on sm_90 and sm_80; padded, 6x6 compiles like 8x6, clean. The padding is
     parameter-sized (at 6x6, 64 values a block for 36: Q's reads 0.07 -> 0.12 of an activation
-    pass at T = 1024)."""
+    pass at T = 1024; forward + backward 1.27x -> 1.33x there in the interpreter's count, whose
+    masked gather counts 12 of the 32 bytes a GPU's sector fetches)."""
     B = q_block(b)
     if B == b:
         return q
@@ -481,8 +485,27 @@ def default_config(n: int, b: int, N: int, kind: str, dtype: torch.dtype | None 
     if kind == "fwd" and fused_groups(n, b, N) is not None:
         return {"BT": 16, "PPS": 4, "num_warps": 8, "num_stages": 2}  # the whole coarse block's tile
     if kind == "fwd":
-        return {"BT": 128 if WP <= 32 else 64, "PPS": 4, "num_warps": 8 if WP >= 128 else 4, "num_stages": 3}
+        return group_default_config(n, b, N)
     return {"num_warps": 8 if WP >= (32 if dtype == torch.float32 else 64) else 4, "num_stages": 2}
+
+
+def group_default_config(n: int, b: int, N: int) -> dict:
+    """The untuned forward tiles of plan()'s group kernels (``_apply_kernel``,
+    ``_segmented_apply_kernel``)."""
+    WP = max(g["WP"] for g in plan(n, b, N))
+    return {"BT": 128 if WP <= 32 else 64, "PPS": 4, "num_warps": 8 if WP >= 128 else 4, "num_stages": 3}
+
+
+def group_config(n: int, b: int, N: int, dtype: torch.dtype, device: torch.device) -> tuple[str, dict]:
+    """(source, config) of plan()'s group kernels' forward tiles: the layer's forward pick, but
+    where the layer has a one-pass forward, whose config (tuned or not) tiles its whole coarse
+    block, plan()'s own default. Those kernels run there in the per-group backward's recompute and
+    the mixed-batch forward; on the one-pass forward's 16-row tiles and two stages ptxas picked 64-80
+    registers and spilled 12-44 bytes in 106x2-122x2's recompute on sm_80, 8-24 in 110x2's and
+    26x4-28x4's mixed-batch kernel (none on plan()'s)."""
+    if fused_groups(n, b, N) is not None:
+        return "default", group_default_config(n, b, N)
+    return pick_config("fwd", n, b, N, dtype, device)
 
 
 # fp32 inputs run their dots as tf32x3 (three operand tiles): wider than this, a block kernel needs
@@ -1001,21 +1024,12 @@ def _fused_apply_kernel(
     o_c = tl.arange(0, LP)
     m_c = (o_c % HP) < HC
     o_col = i_cb * ((1 << NL) * HC) + (o_c // HP) * HC + o_c % HP  # [LP] padded chunk lanes masked
-    # Where chunks are not aligned (``chunks_aligned``: a masked gather per Q value), Q's offsets
-    # in int32, as the backward's (``_fused_store_dq``; Q has N n b values, and a one-pass shape
-    # has b <= MAX_BLOCK, so they hold up to n = 2^24 / N columns): with int64 ones 6x6's build
-    # spilled 100-116 bytes on sm_90 and sm_80, with these none. Aligned, int64: int32 ones cost
-    # 128x2 8 bytes on sm_80.
-    if HC % 8 == 0:
-        i_cq = i_cb
-    else:
-        i_cq = i_cb.to(tl.int32)
-    b_da = _fused_delta(q_ptr, i_cq, D, A0, A1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
-    b_db = _fused_delta(q_ptr, i_cq, D, B0, B1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+    b_da = _fused_delta(q_ptr, i_cb, D, A0, A1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+    b_db = _fused_delta(q_ptr, i_cb, D, B0, B1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
     if NG > 2:
-        b_dc = _fused_delta(q_ptr, i_cq, D, C0, C1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+        b_dc = _fused_delta(q_ptr, i_cb, D, C0, C1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
     if NG > 3:
-        b_dd = _fused_delta(q_ptr, i_cq, D, D0, D1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+        b_dd = _fused_delta(q_ptr, i_cb, D, D0, D1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
     for i_t in range(i_p, tl.cdiv(T, BT), n_p):
         o_t = i_t * BT + tl.arange(0, BT)
         o_x = o_t[:, None] * n + o_col[None, :]  # [BT, LP]
@@ -1307,7 +1321,7 @@ def apply_into(x, q, transpose, k0, key, y) -> None:
         return
     b = key[1]
     grp = group(*key, k0)
-    source, cfg = pick_config("fwd", *key, x.dtype, x.device)
+    source, cfg = group_config(*key, x.dtype, x.device)
     LAST_LAUNCH["butterfly_fwd"] = (source, dict(cfg))
     BT = cfg["BT"]
     programs = _programs(T, BT, cfg["PPS"], grp, b, num_sms(x.device))
@@ -1633,7 +1647,7 @@ def segmented_apply_into(x, q, offsets: list[int], k0: int, key, y) -> None:
     T, n = x.shape
     b = key[1]
     grp = group(*key, k0)
-    source, cfg = pick_config("fwd", *key, x.dtype, x.device)
+    source, cfg = group_config(*key, x.dtype, x.device)
     LAST_LAUNCH["butterfly_segmented"] = (source, dict(cfg))
     BT = cfg["BT"]
     flat = segment_chunks(offsets, grp, b, BT, cfg["PPS"], num_sms(x.device))
@@ -1949,6 +1963,7 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
     if prefix is not None:  # the one-pass prefix's kernels (its mixed-batch forward is plan()'s)
         specs += [dict(spec, name=spec["name"] + "[prefix]") for spec in launch_specs(n, b, prefix, dtype_name)
                   if not spec["name"].startswith("segmented")]
+    gfwd = group_default_config(n, b, N)  # plan()'s group kernels' tiles (``group_config``)
     for k, grp in enumerate(plan(n, b, N)):
         with _compiling():
             dot = _dot_meta(dtype, grp["WP"])
@@ -1961,8 +1976,8 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
         sig = {"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "T": "i32", "n": "i32", "D": "i32"}
         for name, trans in (("apply", False), ("apply_T", True)):
             specs.append(dict(name=name + tag, **shape, fn=_apply_kernel, signature=sig, divisible=("n",),
-                              constexprs={**layout, "H": grp["H"], **dot, "TRANS": trans, "BT": fwd["BT"]},
-                              config=fwd, num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))
+                              constexprs={**layout, "H": grp["H"], **dot, "TRANS": trans, "BT": gfwd["BT"]},
+                              config=gfwd, num_warps=gfwd["num_warps"], num_stages=gfwd["num_stages"]))
         gsig = {"x_ptr": ptr, "g_ptr": ptr, "q_ptr": "*fp32", "dx_ptr": ptr, "dd_ptr": "*fp32", "dq_ptr": "*fp32",
                 "T": "i32", "n": "i32", "D": "i32", "ROWS": "i32", "NB": "i32"}
         for name, fused in (("grad", False), ("grad_dq", True)):
@@ -1983,8 +1998,8 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
         ssig = {"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "chunk_ptr": "*i64", "n": "i32", "D": "i32",
                 "Q_STRIDE": "i32"}
         specs.append(dict(name="segmented" + tag, **shape, fn=_segmented_apply_kernel, signature=ssig, divisible=("n",),
-                          constexprs={**layout, "H": grp["H"], **dot, "TRANS": False, "BT": fwd["BT"]},
-                          config=fwd, num_warps=fwd["num_warps"], num_stages=fwd["num_stages"]))
+                          constexprs={**layout, "H": grp["H"], **dot, "TRANS": False, "BT": gfwd["BT"]},
+                          config=gfwd, num_warps=gfwd["num_warps"], num_stages=gfwd["num_stages"]))
         dsig = {"dd_ptr": "*fp32", "q_ptr": "*fp32", "dq_ptr": "*fp32", "D": "i32", "SPLITS": "i32", "NB": "i32"}
         build = {"BUILD_DTYPE": dot["BUILD_DTYPE"], "BUILD_PRECISION": dot["BUILD_PRECISION"]}
         if shape["levels"] == 1:

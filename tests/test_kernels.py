@@ -548,12 +548,12 @@ def test_one_split_backward_at_unaligned_rows_lifts_the_register_cap(monkeypatch
     (400, 160, 10, 5, True, torch.bfloat16, "coarse"),
 ])
 def test_one_pass_kernels_read_narrow_chunks_padded(monkeypatch, T, n, b, N, transpose, dtype, route):
-    """Chunks of 3-7 columns (b = 6, 10, 12, 14) that are not a power of two: the one-pass
-    kernels read Q with each block's halves padded to the lanes' power-of-two chunk (gathered in
-    place, 6x6's builds and dQ sweeps spilled), and dQ comes back in Q's layout. Values and both
-    gradients against the dense reference, with every launch's Q padded."""
-    assert [b_ for b_ in range(2, 130, 2) if kb.q_block(b_) != b_] == [6, 10, 12, 14]
-    assert kb.q_block(6) == 8 and kb.q_block(10) == kb.q_block(14) == 16
+    """Chunks of 3 and 5 columns (b = 6, 10): the one-pass kernels read Q with each block's
+    halves padded to the lanes' power-of-two chunk (gathered in place, 6x6's builds and dQ sweeps
+    spilled), and dQ comes back in Q's layout. Values and both gradients against the dense
+    reference, with every launch's Q padded."""
+    assert [b_ for b_ in range(2, 130, 2) if kb.q_block(b_) != b_] == [6, 10]
+    assert kb.q_block(6) == 8 and kb.q_block(10) == 16
     q = torch.randn(2, 3, 6, 6)
     padded = kb.padded_q(q, 6)
     assert padded.shape == (2, 3, 8, 8) and torch.equal(kb.unpadded_dq(padded, 6), q)
@@ -588,6 +588,39 @@ def test_dq_sweep_of_four_8k_levels_in_block_chunks(T, transpose, dtype):
     check_butterfly(T, 256, 4, 7, 1.0, transpose, dtype=dtype)
     if T == 2000:
         assert kb.LAST_LAUNCH["butterfly_bwd_route"] == ("model", "coarse")
+
+
+def test_group_kernels_of_one_pass_shapes_take_their_own_tiles():
+    """plan()'s group kernels of a one-pass shape (the per-group backward's recompute forward, the
+    mixed-batch forward) launch plan()'s default tiles, not the one-pass forward's (16 rows, two
+    stages: 106x2-122x2's recompute spilled 12-44 bytes on sm_80, 110x2's and 26x4-28x4's
+    mixed-batch kernel 8-24), forced or tuned one-pass configs included; as the launch specs say.
+    Values against the dense reference."""
+    n, b, N = 424, 106, 2
+    assert kb.fused_groups(n, b, N) is not None and not kb.fused_backward(n, b, N)
+    plan_tiles = kb.group_default_config(n, b, N)
+    assert plan_tiles == {"BT": 64, "PPS": 4, "num_warps": 8, "num_stages": 3}
+    specs = {spec["name"]: spec for spec in kb.launch_specs(n, b, N)}
+    assert specs["apply[g1]"]["config"] == specs["segmented[g0]"]["config"] == plan_tiles
+    assert specs["fused"]["config"]["BT"] == 16
+    one_pass = {"BT": 32, "PPS": 2, "num_warps": 4, "num_stages": 2}
+    with kb.forced_config("fwd", one_pass):
+        assert kb.pick_config("fwd", n, b, N, torch.bfloat16, torch.device("cpu")) == ("forced", one_pass)
+        assert kb.group_config(n, b, N, torch.bfloat16, torch.device("cpu")) == ("default", plan_tiles)
+        for name in ("butterfly_fwd", "butterfly_fused", "butterfly_segmented"):
+            kb.LAST_LAUNCH.pop(name, None)
+        check_butterfly(40, n, b, N, 1.0, False, dtype=torch.bfloat16)  # per-group backward: its recompute
+        assert kb.LAST_LAUNCH["butterfly_fused"] == ("forced", one_pass)
+        assert kb.LAST_LAUNCH["butterfly_fwd"] == ("default", plan_tiles)
+        Q64 = torch.stack([rand_q(N, n // b, b) for _ in range(2)])
+        x = torch.randn(50, n).to(torch.bfloat16)
+        y = kb.segmented_butterfly(x.to(DEVICE), Q64.float().to(DEVICE), [0, 20, 50])
+        assert kb.LAST_LAUNCH["butterfly_segmented"] == ("default", plan_tiles)
+    x64 = x.double()
+    expected = torch.cat([x64[:20] @ reference.dense_rotation(Q64[0]), x64[20:] @ reference.dense_rotation(Q64[1])])
+    assert rel_err(y, expected) <= TOL[torch.bfloat16]
+    # a shape without a one-pass forward: its forward pick, as before
+    assert kb.group_config(512, 16, 1, torch.bfloat16, torch.device("cpu"))[1] == kb.default_config(512, 16, 1, "fwd")
 
 
 def test_one_pass_kernels_at_unaligned_chunks(monkeypatch):
@@ -859,11 +892,13 @@ def exact(n, b, N, names, arch, dtype_name="bf16"):
             for spec in kb.launch_specs(n, b, N, dtype_name) if spec["name"] in names]
 rows += exact(384, 12, 5, ("fused",), 90) + exact(768, 24, 4, ("fused_grad[3]",), 90)
 rows += exact(1024, 256, 2, ("wide_dx_grad_halves[g0]",), 80) + exact(768, 192, 2, ("wide_grad[l1]",), 80, "fp32")
-# 6x6's forward (3-column chunks) with Q's offsets in int32 (int64: 100-116 bytes); the kernel
-# adding 8x6's row-split partials at its own 8 warps (at the row passes' 4: 356-460 bytes)
+# 6x6's forward (3-column chunks) reading Q padded (gathered: 100-116 bytes); the kernel adding
+# 8x6's row-split partials at its own 8 warps (at the row passes' 4: 356-460 bytes)
 rows += exact(768, 6, 6, ("fused",), 90) + exact(768, 6, 6, ("fused",), 80)
 rows += exact(1024, 8, 6, ("fused_dq[0]", "fused_dq[1]"), 80)
 rows += exact(1024, 4, 7, ("fused_dq[1]",), 90)  # 4x7's four 8K levels swept in half-group chunks (28 bytes whole)
+# plan()'s group kernels of one-pass shapes on plan()'s tiles (on the one-pass forward's: 44 and 8 bytes)
+rows += exact(488, 122, 2, ("apply[g1]",), 80) + exact(440, 110, 2, ("segmented[g0]",), 90)
 # K-split levels: 16-bit past 512 wide, fp32's forward past 256
 rows += [dict(r, kernel=r["kernel"] + "_ksplit") for r in kernel_profile.compile_rows([2048], [(1024, 1)], archs=(80,))
          + kernel_profile.compile_rows([1024], [(512, 1)], archs=(80,), dtype_name="fp32")
@@ -919,7 +954,8 @@ def test_kernels_compile_for_sm90():
     assert {(r["b"], r["N"], r["dtype"]) for r in rows if r["strict"]} == {(12, 5, "bf16"), (24, 4, "bf16"),
                                                                           (256, 2, "bf16"), (192, 2, "fp32"),
                                                                           (6, 6, "bf16"), (8, 6, "bf16"),
-                                                                          (4, 7, "bf16")}
+                                                                          (4, 7, "bf16"), (122, 2, "bf16"),
+                                                                          (110, 2, "bf16")}
     assert {r["kernel"] for r in rows if r["strict"] and r["b"] == 8} == {"fused_dq[0]", "fused_dq[1]"}
     for r in rows:
         assert r["smem_fits"] and r["regs_fit"], r  # else the launch fails on that GPU
