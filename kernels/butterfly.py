@@ -358,25 +358,33 @@ def group_bounds(groups) -> dict:
 # 40x3 forward + backward 3.43x -> 4.38x; 64x3 at T = 256 3.10x -> 3.20x).
 FUSED_ACC = 8 * 1024
 # A group's dQ sweep (``_fused_store_dq``: its fp32 dMc and the products of its levels) in one
-# program, levels x values: 3 levels of 8K (8x6, 6x6) compile clean on sm_90 and sm_80, 4 of 8K
-# (4x7's first group) spilled 28-80 bytes, in the row pass's epilogue, the chain's and the dq
-# kernel's. Past it the row pass writes its partial however many row splits there are, and the dq
-# kernel sweeps the group's blocks in chunks that fit (``sweep_blocks``).
+# program, levels x values. In a row pass's epilogue (one row split) up to FUSED_SWEEP: 3 levels
+# of 8K (8x6, 6x6) compile clean on sm_90 and sm_80, 4 of 8K (4x7's first group) spilled 28-80
+# bytes there and in the chain's; past it the row pass writes its partial however many row splits
+# there are. The dq kernel that adds the partials sweeps up to DQ_SWEEP a program, the group's
+# blocks in chunks (``sweep_blocks``): under triton 3.6, the GPU image's, 3 levels of 8K spilled
+# 36-56 bytes there; 16K compile clean under 3.6 and 3.7 (4x7, 8x6, 6x6, 2x8).
 FUSED_SWEEP = 3 * FUSED_ACC
+DQ_SWEEP = 2 * FUSED_ACC
+
+
+def sweep_values(N: int, hp: int, k0: int, k1: int, blocks: int) -> int:
+    """Levels x values of the dQ sweep of ``blocks`` of group ``[k0, k1)``'s blocks."""
+    return (k1 - k0) * (hp << (k1 - k0)) ** 2 * blocks
 
 
 def sweep_blocks(N: int, hp: int, k0: int, k1: int) -> int:
-    """Blocks of group ``[k0, k1)`` whose dQ one program sweeps: all of the coarse block's, or, past
-    FUSED_SWEEP, the most (a power of two) that keep it within (``_fused_dq_kernel``'s ZC)."""
-    blocks, values = (1 << (N - k1)) << k0, (hp << (k1 - k0)) ** 2
-    while blocks > 1 and (k1 - k0) * values * blocks > FUSED_SWEEP:
+    """Blocks of group ``[k0, k1)`` whose dQ a program of the dq kernel sweeps: all of the coarse
+    block's, or the most (a power of two) within DQ_SWEEP (``_fused_dq_kernel``'s ZC)."""
+    blocks = (1 << (N - k1)) << k0
+    while blocks > 1 and sweep_values(N, hp, k0, k1, blocks) > DQ_SWEEP:
         blocks //= 2
     return blocks
 
 
 def sweeps_in_pass(N: int, hp: int, k0: int, k1: int) -> bool:
     """Whether a row pass with one row split may sweep the group's dQ itself (``FUSED_DQ``)."""
-    return sweep_blocks(N, hp, k0, k1) == (1 << (N - k1)) << k0
+    return sweep_values(N, hp, k0, k1, (1 << (N - k1)) << k0) <= FUSED_SWEEP
 
 
 # The chain pass that accumulates a middle group's dMc (``chain_passes``' ``acc``) holds fewer

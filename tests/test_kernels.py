@@ -575,13 +575,15 @@ def test_one_pass_kernels_read_narrow_chunks_padded(monkeypatch, T, n, b, N, tra
 def test_dq_sweep_of_four_8k_levels_in_block_chunks(T, transpose, dtype):
     """4x7's first group, four levels of 8K values: its dQ sweep spilled 28-80 bytes in one
     program, so the row pass leaves it to the dq kernel even with one row split, and that sweeps
-    half the group's blocks per program; 8x6's three levels of 8K stay whole. Launch specs as
+    half the group's blocks per program; 8x6's three levels of 8K are swept in its row pass, half
+    a group a program in the dq kernel. Launch specs as
     launched, and values and both gradients against the dense reference (T = 2000 in bf16: the
     chain passes of the coarse route)."""
     assert kb.fused_groups(256, 4, 7) == ((4, 7), (0, 4))
     assert (kb.sweep_blocks(7, 2, 0, 4), kb.sweeps_in_pass(7, 2, 0, 4)) == (4, False)  # of 8 blocks
     assert (kb.sweep_blocks(7, 2, 4, 7), kb.sweeps_in_pass(7, 2, 4, 7)) == (16, True)
     assert all(kb.sweeps_in_pass(6, 4, k0, k1) for k0, k1 in kb.fused_groups(256, 8, 6))
+    assert kb.sweep_blocks(6, 4, 0, 3) == 4  # 8x6's dq kernel: half a group a program (triton 3.6: 36-56 bytes whole)
     specs = {spec["name"]: spec for spec in kb.launch_specs(1024, 4, 7)}
     assert "fused_grad_dq[1]" not in specs and "coarse_chain_dq[1]" not in specs and "fused_grad_dq[0]" in specs
     assert specs["fused_dq[1]"]["constexprs"]["ZC"] == 4 and specs["fused_dq[0]"]["constexprs"]["ZC"] == 16
