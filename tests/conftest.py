@@ -14,6 +14,12 @@ if os.environ.get("PYTHONPATH"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The README runs the suite on pytest-xdist workers, one per core: one thread each, so that two
+# workers do not fight over the cores (and two-process launches beside them get theirs).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER is not None:
+    torch.set_num_threads(1)
+
 # Without a GPU the Triton kernels run in Triton's interpreter. The variable must be set before
 # any @triton.jit decorator runs, i.e. before boft_triton.kernels.* is first imported. It only
 # takes effect where a test asks for the triton backend (BOFT_TRITON_BACKEND=triton or a direct
@@ -48,7 +54,9 @@ def _sm90_compile_in_background(request, _private_tune_cache):
 
     wanted = [item for item in request.session.items if item.name == "test_kernels_compile_for_sm90"]
     proc = None
-    if wanted and importlib.util.find_spec("triton.backends.nvidia") is not None:
+    # Under pytest-xdist every worker collects every test but runs only some, and both cores are
+    # busy anyway: there the test compiles in its own time, on whichever worker draws it.
+    if XDIST_WORKER is None and wanted and importlib.util.find_spec("triton.backends.nvidia") is not None:
         module = wanted[0].module
         proc = module.SM90_COMPILE["proc"] = module.start_sm90_compile()
     yield
@@ -99,3 +107,14 @@ def cache_file(tmp_path, monkeypatch):
     tuning.clear_memo()
     yield path
     tuning.clear_memo()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist's default distribution (``-n N``): multi-process modules on one worker,
+    first (``xdist_groups``); another ``--dist`` is left as asked."""
+    if config.getoption("dist") != "load":
+        return None
+    from xdist_groups import ModuleGroups
+
+    return ModuleGroups(config, log)
