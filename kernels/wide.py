@@ -11,9 +11,11 @@ its row tiles. So each program owns a slab of ``BN`` output columns of one block
 - **Forward** ``y[:, slab] = x[:, slab] + x Delta[:, slab]``: the program builds its ``[KP, BN]``
   slice of Delta once and streams row tiles (persistent, as ``butterfly._apply_kernel``). Up to
   256 wide one slab covers the block (x read once); wider, each of the ``NS`` slabs reads the
-  block's full row tile. The slabs of a block are neighbours in the grid (axis 0), so they walk
-  the same row tiles together and share them through L2 on a GPU; the interpreter's byte count,
-  which has no cache, counts every read.
+  block's full row tile. At 257-384 the slab is held as two tiles, 256 rows and the rest padded
+  (``held_tail``: 320 is 256 + 64 rows, not 512), so its 128 columns fit: 3 slabs, not 5-6. The
+  slabs of a block are neighbours in the grid (axis 0), so they walk the same row tiles together
+  and share them through L2 on a GPU; the interpreter's byte count, which has no cache, counts
+  every read.
 - **Backward** ``dx = g + g Delta^T`` (``g + g Delta`` with transpose) is the forward kernel on g
   with the transpose flipped (up to 256 wide, except 161-192 before Hopper: the dMc pass's, below). ``dMc = x^T
   g`` (``g^T x``) takes a second pass: a program accumulates a slab of dMc's rows (columns with
@@ -69,6 +71,17 @@ from ._common import (
 FWD_WHOLE = 256
 FWD_SLAB = 32 * 1024
 BWD_SLAB = 32 * 1024
+# Levels of 257-384 columns (Stable Diffusion's block_num=4 on its 1280-wide layers is b = 320)
+# hold their forward Delta slab as two tiles, the block's first 256 rows and the rest padded to a
+# power of two (320: 256 + 64), rather than all b rows padded to 512 (``held_tail``). Slabs of 128
+# columns then hold 36-48K values and compile without spills on sm_90 and sm_80 (288, 320, 384:
+# 169-234 registers, 87-131 KB of shared memory at 16- and 32-row tiles; 256-column slabs spill
+# 40-184 bytes), so each row tile of x is read by 3 slabs, not 5-6.
+TAIL_SLAB = 48 * 1024
+# Up to this many held values the forward pipelines two stages; past it (tails of 128 rows: 330-384
+# wide), one: at two, 376's dx (the forward with the transpose flipped) spilled 4 bytes on sm_80
+# at ptxas's 128-register pick; at one, 330-384 compile clean on both cards (64-225 registers).
+TAIL_SLAB_TWO_STAGES = 40 * 1024
 # fp32 inputs (tf32x3: three operand tiles per product): 32-column forward slabs in 16-row tiles up
 # to 256 wide (512 spills kilobytes), dMc slabs of 4K values (16 x 256, 32 x 128; 16 x 512 too).
 FP32_FWD_COLUMNS = 32
@@ -166,6 +179,24 @@ def _split_tile(kind: str, dtype: torch.dtype) -> tuple[int, int]:
     return SPLIT_TILES[("fwd" if kind == "fwd" else "bwd", dtype == torch.float32)]
 
 
+def held_tail(b: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """KT: where a b-wide 16-bit level's forward holds a Delta slab (wider than ``FWD_WHOLE``, not
+    K-split) and ``b`` exceeds half its padded width by less than a half, the padded width of the
+    slab's second tile (rows ``[KP/2, b)``; ``TAIL_SLAB``), else 0 (one tile of KP rows)."""
+    kp = next_pow2(b)
+    if dtype == torch.float32 or kp <= FWD_WHOLE or splits_k("fwd", b, dtype):
+        return 0
+    tail = max(kb.MIN_BLOCK, next_pow2(b - kp // 2))
+    return tail if kp // 2 + tail < kp else 0
+
+
+def held_values(b: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Values of the Delta slab a b-wide level's forward holds where it holds two tiles
+    (``held_tail``), else 0."""
+    tail = held_tail(b, dtype)
+    return (next_pow2(b) // 2 + tail) * slab("fwd", b, dtype)[1] if tail else 0
+
+
 def slab(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
     """``(KP, BN, NS)``: the padded block width, the slab width and the slabs per block."""
     kp = max(kb.MIN_BLOCK, next_pow2(b))
@@ -177,6 +208,10 @@ def slab(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, i
         return kp, bn, triton.cdiv(b, bn)
     if kind == "fwd" and kp <= FWD_WHOLE:
         return kp, kp, 1
+    tail = held_tail(b, dtype) if kind == "fwd" else 0
+    if tail:  # two held tiles, kp/2 + tail rows
+        bn = min(kp // 2, 1 << ((TAIL_SLAB // (kp // 2 + tail)).bit_length() - 1))
+        return kp, bn, triton.cdiv(b, bn)
     bn = max(kb.MIN_BLOCK, min(kp, (FWD_SLAB if kind == "fwd" else BWD_SLAB) // kp))
     return kp, bn, triton.cdiv(b, bn)
 
@@ -231,7 +266,9 @@ def default_config(kind: str, b: int, dtype: torch.dtype = torch.bfloat16,
         if splits_k("fwd", b, dtype):  # a GEMM tile: rows enough that Delta's chunks are reused
             return {"BT": SPLIT_ROWS[dtype == torch.float32], "PPS": 2, "num_warps": 8, "num_stages": 2}
         whole = next_pow2(b) <= FWD_WHOLE and dtype != torch.float32
-        return {"BT": 32 if whole else 16, "PPS": 2, "num_warps": whole_block_warps(b, N) if whole else 8, "num_stages": 2}
+        stages = 1 if held_values(b, dtype) > TAIL_SLAB_TWO_STAGES else 2
+        return {"BT": 32 if whole else 16, "PPS": 2, "num_warps": whole_block_warps(b, N) if whole else 8,
+                "num_stages": stages}
     return {"num_warps": 8, "num_stages": backward_stages(b, dtype, cap, N)}
 
 
@@ -323,25 +360,36 @@ def _wide_apply_kernel(
     x_ptr, q_ptr, y_ptr, T, n,
     B: tl.constexpr, S: tl.constexpr, H: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
     KC: tl.constexpr, TRANS: tl.constexpr, BT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    KT: tl.constexpr,
 ):
     """``y = x + x Delta`` (``Delta^T`` with TRANS) on slab i_n of block i_b, for row tiles i_p,
-    i_p + P, ... (persistent). With KC == KP the program builds its Delta slab once and holds it;
-    narrower, each row tile streams KC-wide chunks of x and of the Delta slab (K-split)."""
+    i_p + P, ... (persistent). With KC == KP the program builds its Delta slab once and holds it
+    (KT > 0: the block's first KP rows, and its last ``B - KP`` padded to KT as a second held
+    tile, rather than all B padded to a power of two: ``held_tail``); narrower, each row tile
+    streams KC-wide chunks of x and of the Delta slab (K-split)."""
     i_b, i_n, _, col_k, m_k, col_c, m_c = _slab(tl.program_id(0).to(tl.int64), B, S, H, KP, BN, NS, KP)
     i_p = tl.program_id(1).to(tl.int64)
     if KC == KP:
         b_d = _delta_slab(q_ptr, i_b, i_n, 0, B, KP, BN, TRANS).to(DOT_DTYPE)
+        if KT > 0:
+            o_kt = KP + tl.arange(0, KT)
+            col_kt, m_kt = _block_columns(i_b, o_kt, B, S, H), o_kt < B
+            b_dt = _delta_slab(q_ptr, i_b, i_n, KP, B, KT, BN, TRANS).to(DOT_DTYPE)
     for i_t in range(i_p, tl.cdiv(T, BT), tl.num_programs(1)):
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         if KC == KP:
             b_x = tl.load(x_ptr + o_t[:, None] * n + col_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-            if NS == 1:  # the slab is the block: its residual is the tile just read
+            if NS == 1 and KT == 0:  # the slab is the block: its residual is the tile just read
                 b_r = b_x
             else:
                 b_r = tl.load(x_ptr + o_t[:, None] * n + col_c[None, :], mask=m_t[:, None] & m_c[None, :],
                               other=0.0)
             b_y = b_r.to(tl.float32) + tl.dot(b_x.to(DOT_DTYPE), b_d, input_precision=PRECISION)
+            if KT > 0:
+                b_xt = tl.load(x_ptr + o_t[:, None] * n + col_kt[None, :], mask=m_t[:, None] & m_kt[None, :],
+                               other=0.0)
+                b_y = tl.dot(b_xt.to(DOT_DTYPE), b_dt, b_y, input_precision=PRECISION)
         else:
             b_y = tl.load(x_ptr + o_t[:, None] * n + col_c[None, :], mask=m_t[:, None] & m_c[None, :],
                           other=0.0).to(tl.float32)
@@ -590,7 +638,11 @@ def _dot_meta(dtype: torch.dtype) -> dict:
 
 def _layout(grp: dict, b: int, kind: str, dtype: torch.dtype) -> dict:
     kp, bn, ns = slab(kind, b, dtype)
-    return dict(B=b, S=grp["S"], H=grp["H"], KP=kp, BN=bn, NS=ns, KC=k_chunk(kind, b, dtype))
+    layout = dict(B=b, S=grp["S"], H=grp["H"], KP=kp, BN=bn, NS=ns, KC=k_chunk(kind, b, dtype))
+    if kind == "fwd":  # the held slab's rows as one tile of KP, or KP/2 and a tail of KT (``held_tail``)
+        tail = held_tail(b, dtype)
+        layout.update(KT=tail, **({"KP": kp // 2, "KC": kp // 2} if tail else {}))
+    return layout
 
 
 def takes_pair(b: int, dtype: torch.dtype) -> bool:

@@ -254,6 +254,52 @@ def test_peft_parity_in_bf16_where_dx_comes_from_the_dmc_pass(monkeypatch, tmp_p
         assert rel_err(grads[1][key].float().cpu(), grads[0][key]) < BF16_END_TO_END, key
 
 
+@pytest.mark.parametrize("width,block_num,n_factors", [(640, 2, 1), (1280, 4, 2)], ids=["b320-N1", "b320-N2"])
+def test_peft_parity_in_bf16_on_levels_past_256(monkeypatch, tmp_path, peft_with_butterfly, width, block_num,
+                                                n_factors):
+    """Levels of 257-384 columns (Stable Diffusion's block_num=4 on 1280-wide layers: b = 320) hold
+    their forward's Delta slab as two tiles (``wide.held_tail``: 256 + 64 rows, 128-column
+    slabs), in the forward and in dx (the forward on g, transpose flipped). bf16 against PEFT's
+    fp32 dense path on the same bf16-rounded inputs and base weights: outputs within one op's bf16
+    tolerance, dx and the adapter gradients within BF16_END_TO_END."""
+    import warnings
+
+    import peft
+
+    from boft_triton.kernels import wide
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(width, 64)).eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(p.bfloat16().float())
+    kwargs = {"target_modules": ["0"], "boft_block_size": 0, "boft_block_num": block_num,
+              "boft_n_butterfly_factor": n_factors, "init_weights": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.BOFTConfig(**kwargs)).eval()
+    theirs.save_pretrained(tmp_path)
+    monkeypatch.setenv("BOFT_TRITON_BACKEND", "triton")
+    ours = BOFTModel.from_pretrained(copy.deepcopy(base).to(torch.bfloat16), tmp_path, is_trainable=True)
+    ours = ours.to(DEVICE).eval()
+    tails = []
+    apply = wide.apply_into
+    monkeypatch.setattr(wide, "apply_into", lambda *a: tails.append(wide.held_tail(a[4][1], a[0].dtype)) or apply(*a))
+    x = torch.randn(2, 20, width, dtype=torch.bfloat16)
+    x_theirs, x_ours = x.float().requires_grad_(), x.to(DEVICE).requires_grad_()
+    y_theirs, y_ours = theirs(x_theirs), ours(x_ours)
+    assert rel_err(y_ours.float().cpu(), y_theirs) < 1e-2
+    y_theirs.pow(2).sum().backward()
+    y_ours.float().pow(2).sum().backward()
+    assert tails == [64] * 2 * n_factors  # every level's forward, then its dx
+    assert rel_err(x_ours.grad.float().cpu(), x_theirs.grad) < BF16_END_TO_END
+    grads = [{n.removeprefix("base_model.").replace(".default", ""): p.grad for n, p in model.named_parameters()
+              if "boft_" in n} for model in (theirs, ours)]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for key in grads[0]:
+        assert rel_err(grads[1][key].float().cpu(), grads[0][key]) < BF16_END_TO_END, key
+
+
 @pytest.mark.parametrize("width,block_num,n_factors", [(320, 2, 1), (512, 2, 2)], ids=["b160-N1", "b256-N2"])
 def test_peft_parity_on_levels_wider_than_128(monkeypatch, tmp_path, peft_with_butterfly, width, block_num, n_factors):
     """Single levels wider than a program holds (b = 160, DreamBooth's block_num=8 on 1280-wide

@@ -901,6 +901,9 @@ rows += exact(1024, 8, 6, ("fused_dq[0]", "fused_dq[1]"), 80)
 rows += exact(1024, 4, 7, ("fused_dq[1]",), 90)  # 4x7's four 8K levels swept in half-group chunks (28 bytes whole)
 # plan()'s group kernels of one-pass shapes on plan()'s tiles (on the one-pass forward's: 44 and 8 bytes)
 rows += exact(488, 122, 2, ("apply[g1]",), 80) + exact(440, 110, 2, ("segmented[g0]",), 90)
+# 257-384-wide forwards holding their Delta slab as two tiles, 128 columns a slab (wide.held_tail);
+# 376's dx on one stage (at two, 4 bytes on sm_80)
+rows += exact(640, 320, 1, ("wide", "wide_T"), 80) + exact(752, 376, 1, ("wide_T",), 80)
 # K-split levels: 16-bit past 512 wide, fp32's forward past 256
 rows += [dict(r, kernel=r["kernel"] + "_ksplit") for r in kernel_profile.compile_rows([2048], [(1024, 1)], archs=(80,))
          + kernel_profile.compile_rows([1024], [(512, 1)], archs=(80,), dtype_name="fp32")
@@ -957,7 +960,8 @@ def test_kernels_compile_for_sm90():
                                                                           (256, 2, "bf16"), (192, 2, "fp32"),
                                                                           (6, 6, "bf16"), (8, 6, "bf16"),
                                                                           (4, 7, "bf16"), (122, 2, "bf16"),
-                                                                          (110, 2, "bf16")}
+                                                                          (110, 2, "bf16"), (320, 1, "bf16"),
+                                                                          (376, 1, "bf16")}
     assert {r["kernel"] for r in rows if r["strict"] and r["b"] == 8} == {"fused_dq[0]", "fused_dq[1]"}
     for r in rows:
         assert r["smem_fits"] and r["regs_fit"], r  # else the launch fails on that GPU

@@ -70,6 +70,42 @@ def test_wide_levels_in_16_bits(monkeypatch, n, b, N, transpose, dtype):
     assert applies == [transpose] * N + ([] if b <= 256 else [not transpose] * N)
 
 
+# Levels of 257-384 columns hold their forward Delta slab as two tiles (``wide.held_tail``): SD's
+# block_num=4 on 1280-wide layers (320; 256 + 64 rows), a strided level with a 32-row tail (288x2),
+# 384 (two 256 + 128-row tiles) in fp16 and transposed; dx is that forward on g, transpose flipped.
+TAIL_CASES = [(640, 320, 1, False, torch.bfloat16), (1152, 288, 2, True, torch.bfloat16),
+              (768, 384, 1, True, torch.float16)]
+
+
+@pytest.mark.parametrize("n,b,N,transpose,dtype", TAIL_CASES,
+                         ids=[f"{n}-{b}x{N}-{'xMT' if t else 'xM'}-{str(d)[6:]}" for n, b, N, t, d in TAIL_CASES])
+def test_wide_forward_holds_a_tail_tile(monkeypatch, n, b, N, transpose, dtype):
+    layouts = []
+    launch = kw.wrap_triton
+
+    def spy(fn):
+        kernel = launch(fn)
+        if fn is not kw._wide_apply_kernel:
+            return kernel
+
+        class Grid:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    layouts.append({k: kwargs[k] for k in ("KP", "KC", "KT", "BN", "NS")})
+                    return kernel[grid](*args, **kwargs)
+                return run
+        return Grid()
+
+    monkeypatch.setattr(kw, "wrap_triton", spy)
+    check_butterfly(21, n, b, N, 1.0, transpose, dtype=dtype)
+    tail = kw.held_tail(b, dtype)
+    assert tail == kw.next_pow2(b - 256) and (256 + tail) * 128 <= kw.TAIL_SLAB
+    # every forward and dx launch held 256 + tail rows in 128-wide slabs: 3 slabs, not 5-6 of 64
+    assert layouts and all(layout == {"KP": 256, "KC": 256, "KT": tail, "BN": 128, "NS": 3} for layout in layouts)
+    assert len(layouts) == 2 * N
+    assert kw.held_tail(b, torch.float32) == 0 and kw.held_tail(512) == 0 and kw.held_tail(400) == 0
+
+
 def test_wide_dx_pass_before_hopper(monkeypatch):
     """Before Hopper the dMc pass writes dx only up to 160 wide (mma holds the tiles in registers:
     spills past it), so at 192 dx is the transposed forward there, with the same results."""
@@ -161,6 +197,8 @@ def test_slabs_cover_the_block_and_fit():
                 elif dtype == torch.float32:
                     assert bn * kc <= (max(kw.FP32_BWD_SLAB, kb.MIN_BLOCK * kp) if kind == "bwd"
                                        else kw.FP32_FWD_COLUMNS * kw.HELD_FP32_FWD)
+                elif kind == "fwd" and kw.held_tail(b, dtype):  # two held tiles: kp/2 + tail rows
+                    assert (kp // 2 + kw.held_tail(b, dtype)) * bn <= kw.TAIL_SLAB
                 else:
                     assert bn * kc <= (kp * kp if kind == "fwd" and kp <= kw.FWD_WHOLE else kw.FWD_SLAB)
 
