@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-xdist_groups = pytest.importorskip("xdist_groups", exc_type=ImportError)
+pytest.importorskip("xdist")
+import xdist_groups  # noqa: E402
 
 TESTS = Path(__file__).parent
 # How a test module starts several processes at once (tests/launching.py's launchers)
