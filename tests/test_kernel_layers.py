@@ -202,27 +202,17 @@ def test_peft_parity_where_a_one_pass_prefix_splits_the_butterfly(monkeypatch, t
 BF16_END_TO_END = 2e-2
 
 
-@pytest.mark.parametrize("block_num,n_factors,route", [(8, 3, "coarse"), (4, 2, "coarse"), (2, 1, "wide"),
-                                                        (4, 3, "coarse")],
-                         ids=["D8-N3", "D4-N2", "D2-N1", "D4-N3"])
-def test_peft_parity_in_bf16_where_dx_comes_from_the_dmc_pass(monkeypatch, tmp_path, peft_with_butterfly, block_num,
-                                                              n_factors, route):
-    """bf16 activations on a 320-wide layer, 300 rows: DreamBooth's block_num=8, N=3 (40x3) and
-    block_num=4, N=2 (80x2) run their backward through the dense coarse blocks, block_num=2, N=1
-    (one 160-wide level) through ``wide_grads``; in each, dx comes out of the dMc pass. block_num=4,
-    N=3 (80x3) runs its top level as a pass of its own and its two lower levels as the one-pass
-    prefix (``split_prefix``), whose backward takes the dense coarse blocks. Against
-    PEFT's fp32 dense path on the same (bf16-rounded) inputs and base weights: outputs within one
-    op's bf16 tolerance, dx and the adapter gradients within BF16_END_TO_END."""
+def _check_bf16_against_peft(monkeypatch, tmp_path, width, out, rows, block_num, n_factors):
+    """A ``width -> out`` linear layer under BOFT (``block_num``, ``n_factors``), bf16 activations
+    on ``rows`` rows: ours against PEFT's fp32 dense path on the same (bf16-rounded) inputs and base
+    weights; outputs within one op's bf16 tolerance, dx and the adapter gradients within
+    BF16_END_TO_END."""
     import warnings
 
     import peft
 
-    from boft_triton.kernels import coarse, wide
-
     torch.manual_seed(0)
-    width, rows = 320, 300
-    base = torch.nn.Sequential(torch.nn.Linear(width, 1024)).eval()  # wider out: x is rotated, not W
+    base = torch.nn.Sequential(torch.nn.Linear(width, out)).eval()
     with torch.no_grad():  # the same base weights on both sides: bf16's values
         for p in base.parameters():
             p.copy_(p.bfloat16().float())
@@ -235,23 +225,41 @@ def test_peft_parity_in_bf16_where_dx_comes_from_the_dmc_pass(monkeypatch, tmp_p
     monkeypatch.setenv("BOFT_TRITON_BACKEND", "triton")
     ours = BOFTModel.from_pretrained(copy.deepcopy(base).to(torch.bfloat16), tmp_path, is_trainable=True)
     ours = ours.to(DEVICE).eval()
-    passes = []  # the backward's one-pass kernels, by route
-    for module, name in ((coarse, "grad"), (wide, "wide_grads")):
-        original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _o=original, _m=module: passes.append(_m) or _o(*a))
     x = torch.randn(2, rows // 2, width, dtype=torch.bfloat16)
     x_theirs, x_ours = x.float().requires_grad_(), x.to(DEVICE).requires_grad_()
     y_theirs, y_ours = theirs(x_theirs), ours(x_ours)
     assert y_ours.dtype == torch.bfloat16 and rel_err(y_ours.float().cpu(), y_theirs) < 1e-2
     y_theirs.pow(2).sum().backward()
     y_ours.float().pow(2).sum().backward()
-    assert passes == [coarse if route == "coarse" else wide]
     assert rel_err(x_ours.grad.float().cpu(), x_theirs.grad) < BF16_END_TO_END
     grads = [{n.removeprefix("base_model.").replace(".default", ""): p.grad for n, p in model.named_parameters()
               if "boft_" in n} for model in (theirs, ours)]
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for key in grads[0]:
         assert rel_err(grads[1][key].float().cpu(), grads[0][key]) < BF16_END_TO_END, key
+
+
+@pytest.mark.parametrize("block_num,n_factors,route", [(8, 3, "coarse"), (4, 2, "coarse"), (2, 1, "wide"),
+                                                        (4, 3, "coarse")],
+                         ids=["D8-N3", "D4-N2", "D2-N1", "D4-N3"])
+def test_peft_parity_in_bf16_where_dx_comes_from_the_dmc_pass(monkeypatch, tmp_path, peft_with_butterfly, block_num,
+                                                              n_factors, route):
+    """bf16 activations on a 320-wide layer, 300 rows: DreamBooth's block_num=8, N=3 (40x3) and
+    block_num=4, N=2 (80x2) run their backward through the dense coarse blocks, block_num=2, N=1
+    (one 160-wide level) through ``wide_grads``; in each, dx comes out of the dMc pass. block_num=4,
+    N=3 (80x3) runs its top level as a pass of its own and its two lower levels as the one-pass
+    prefix (``split_prefix``), whose backward takes the dense coarse blocks. Against
+    PEFT's fp32 dense path on the same (bf16-rounded) inputs and base weights: outputs within one
+    op's bf16 tolerance, dx and the adapter gradients within BF16_END_TO_END."""
+    from boft_triton.kernels import coarse, wide
+
+    passes = []  # the backward's one-pass kernels, by route
+    for module, name in ((coarse, "grad"), (wide, "wide_grads")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _o=original, _m=module: passes.append(_m) or _o(*a))
+    # wider out than in: x is rotated, not W
+    _check_bf16_against_peft(monkeypatch, tmp_path, 320, 1024, 300, block_num, n_factors)
+    assert passes == [coarse if route == "coarse" else wide]
 
 
 @pytest.mark.parametrize("width,block_num,n_factors", [(640, 2, 1), (1280, 4, 2)], ids=["b320-N1", "b320-N2"])
@@ -262,42 +270,13 @@ def test_peft_parity_in_bf16_on_levels_past_256(monkeypatch, tmp_path, peft_with
     slabs), in the forward and in dx (the forward on g, transpose flipped). bf16 against PEFT's
     fp32 dense path on the same bf16-rounded inputs and base weights: outputs within one op's bf16
     tolerance, dx and the adapter gradients within BF16_END_TO_END."""
-    import warnings
-
-    import peft
-
     from boft_triton.kernels import wide
 
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(width, 64)).eval()
-    with torch.no_grad():
-        for p in base.parameters():
-            p.copy_(p.bfloat16().float())
-    kwargs = {"target_modules": ["0"], "boft_block_size": 0, "boft_block_num": block_num,
-              "boft_n_butterfly_factor": n_factors, "init_weights": False}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.BOFTConfig(**kwargs)).eval()
-    theirs.save_pretrained(tmp_path)
-    monkeypatch.setenv("BOFT_TRITON_BACKEND", "triton")
-    ours = BOFTModel.from_pretrained(copy.deepcopy(base).to(torch.bfloat16), tmp_path, is_trainable=True)
-    ours = ours.to(DEVICE).eval()
-    tails = []
+    tails = []  # each forward launch's tail tile (dx: the forward, transpose flipped)
     apply = wide.apply_into
     monkeypatch.setattr(wide, "apply_into", lambda *a: tails.append(wide.held_tail(a[4][1], a[0].dtype)) or apply(*a))
-    x = torch.randn(2, 20, width, dtype=torch.bfloat16)
-    x_theirs, x_ours = x.float().requires_grad_(), x.to(DEVICE).requires_grad_()
-    y_theirs, y_ours = theirs(x_theirs), ours(x_ours)
-    assert rel_err(y_ours.float().cpu(), y_theirs) < 1e-2
-    y_theirs.pow(2).sum().backward()
-    y_ours.float().pow(2).sum().backward()
+    _check_bf16_against_peft(monkeypatch, tmp_path, width, 64, 40, block_num, n_factors)
     assert tails == [64] * 2 * n_factors  # every level's forward, then its dx
-    assert rel_err(x_ours.grad.float().cpu(), x_theirs.grad) < BF16_END_TO_END
-    grads = [{n.removeprefix("base_model.").replace(".default", ""): p.grad for n, p in model.named_parameters()
-              if "boft_" in n} for model in (theirs, ours)]
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for key in grads[0]:
-        assert rel_err(grads[1][key].float().cpu(), grads[0][key]) < BF16_END_TO_END, key
 
 
 @pytest.mark.parametrize("width,block_num,n_factors", [(320, 2, 1), (512, 2, 2)], ids=["b160-N1", "b256-N2"])
