@@ -5,7 +5,7 @@ Each test is its own unit of work, except:
 - the modules that start several processes at once (2-rank DDP, FSDP2, DeepSpeed, two "machines")
   form one unit, so one worker runs them one after another while the other worker runs the
   single-process tests: two launches never share the two cores. xdist hands out the biggest
-  units first, so this one (about half the suite's time) starts at once rather than last;
+  units first, so this one (about a third of the suite's time) starts at once rather than last;
 - modules whose module-scoped fixtures train or benchmark stay whole on one worker, so each fixture
   runs once.
 
