@@ -62,6 +62,11 @@ def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
 
+def prev_pow2(x: int) -> int:
+    """The largest power of two at most x (x >= 1)."""
+    return 1 << (x.bit_length() - 1)
+
+
 # Outputs every kernel fully overwrites are allocated here, so tests can switch to NaN-filled
 # buffers (fla's trick) and catch an element a kernel forgot to write.
 NAN_FILL_OUTPUTS = False

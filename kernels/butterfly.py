@@ -215,11 +215,16 @@ def fused_backward(n: int, b: int, N: int) -> bool:
     return groups is not None and all(group_values(N, hp, k0, k1) <= FUSED_ACC for k0, k1 in groups)
 
 
+def group_blocks(N: int, k0: int, k1: int) -> int:
+    """Dense blocks of levels ``[k0, k1)`` in one coarse block: ``2^(N - k1 + k0)``."""
+    return (1 << (N - k1)) << k0
+
+
 def group_values(N: int, hp: int, k0: int, k1: int) -> int:
     """Values of the dense blocks of levels ``[k0, k1)`` in one coarse block (chunks padded to
-    hp): ``2^(N - k1 + k0)`` blocks of ``(hp 2^(k1 - k0))^2``. What a program holds for that group,
+    hp): ``group_blocks`` blocks of ``(hp 2^(k1 - k0))^2``. What a program holds for that group,
     its blocks or its fp32 dMc."""
-    return ((1 << (N - k1)) << k0) * (hp << (k1 - k0)) ** 2
+    return group_blocks(N, k0, k1) * (hp << (k1 - k0)) ** 2
 
 
 def path_name(n: int, b: int, N: int, T: int | None = None, dtype: torch.dtype | None = None,
@@ -368,23 +373,21 @@ FUSED_SWEEP = 3 * FUSED_ACC
 DQ_SWEEP = 2 * FUSED_ACC
 
 
-def sweep_values(N: int, hp: int, k0: int, k1: int, blocks: int) -> int:
-    """Levels x values of the dQ sweep of ``blocks`` of group ``[k0, k1)``'s blocks."""
-    return (k1 - k0) * (hp << (k1 - k0)) ** 2 * blocks
-
-
 def sweep_blocks(N: int, hp: int, k0: int, k1: int) -> int:
     """Blocks of group ``[k0, k1)`` whose dQ a program of the dq kernel sweeps: all of the coarse
-    block's, or the most (a power of two) within DQ_SWEEP (``_fused_dq_kernel``'s ZC)."""
-    blocks = (1 << (N - k1)) << k0
-    while blocks > 1 and sweep_values(N, hp, k0, k1, blocks) > DQ_SWEEP:
+    block's, or the most (a power of two) within DQ_SWEEP levels x values (``_fused_dq_kernel``'s
+    ZC)."""
+    blocks = group_blocks(N, k0, k1)
+    per_block = (k1 - k0) * group_values(N, hp, k0, k1) // blocks
+    while blocks > 1 and per_block * blocks > DQ_SWEEP:
         blocks //= 2
     return blocks
 
 
 def sweeps_in_pass(N: int, hp: int, k0: int, k1: int) -> bool:
-    """Whether a row pass with one row split may sweep the group's dQ itself (``FUSED_DQ``)."""
-    return sweep_values(N, hp, k0, k1, (1 << (N - k1)) << k0) <= FUSED_SWEEP
+    """Whether a row pass with one row split may sweep the group's dQ itself (``FUSED_DQ``): its
+    levels x values within FUSED_SWEEP."""
+    return (k1 - k0) * group_values(N, hp, k0, k1) <= FUSED_SWEEP
 
 
 # The chain pass that accumulates a middle group's dMc (``chain_passes``' ``acc``) holds fewer

@@ -58,6 +58,7 @@ from ._common import (
     new_empty,
     next_pow2,
     num_sms,
+    prev_pow2,
     register_operand_mma,
     tl,
     triton,
@@ -210,7 +211,7 @@ def slab(kind: str, b: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, i
         return kp, kp, 1
     tail = held_tail(b, dtype) if kind == "fwd" else 0
     if tail:  # two held tiles, kp/2 + tail rows
-        bn = min(kp // 2, 1 << ((TAIL_SLAB // (kp // 2 + tail)).bit_length() - 1))
+        bn = min(kp // 2, prev_pow2(TAIL_SLAB // (kp // 2 + tail)))
         return kp, bn, triton.cdiv(b, bn)
     bn = max(kb.MIN_BLOCK, min(kp, (FWD_SLAB if kind == "fwd" else BWD_SLAB) // kp))
     return kp, bn, triton.cdiv(b, bn)
