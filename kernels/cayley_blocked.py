@@ -29,11 +29,14 @@ from ._common import interpreting, new_empty, tl, triton
 # compile report); 64 x 64 tf32x3 products spill 0.7-9.7 KB on sm_80 (16 warps: on both).
 GPU_TILE = 32
 WARPS = 4
-# The interpreter runs 64 x 64 tiles (its cost is per program, and it has no registers to run out
-# of) and the diagonal tile's inverse as a launch of its own (its eliminations are slow there); on
-# a GPU each step's programs invert the diagonal tile themselves, one launch a step. Tests set
-# TILE and INVERT_IN_STEP to run the GPU's way at small sizes.
-INTERPRETER_TILE = 64
+# The interpreter runs 128 x 128 tiles (its cost is per program and per operation, and it has no
+# registers to run out of: at b = 320 the solve and its backward took 23 s at 64 x 64, 7 s here)
+# and the diagonal tile's inverse as a launch of its own, INVERSE_BLOCKS blocks a program (its
+# eliminations are a loop of P small operations); on a GPU each step's programs invert the
+# diagonal tile themselves, one launch a step. Tests set TILE and INVERT_IN_STEP to run the GPU's
+# way at small sizes.
+INTERPRETER_TILE = 128
+INVERSE_BLOCKS = 16
 TILE: int | None = None
 INVERT_IN_STEP: bool | None = None
 
@@ -88,21 +91,25 @@ def _build_kernel(r_ptr, mask_ptr, a_ptr, B: tl.constexpr, BPAD: tl.constexpr, P
 
 
 @triton.jit
-def _diagonal_inverse(a_in, i_n, k, BPAD: tl.constexpr, P: tl.constexpr):
-    """``A_kk^-1`` of block i_n, ``[1, P, P]``, by the register kernel's elimination."""
+def _diagonal_inverse(a_in, o_n, k, BPAD: tl.constexpr, P: tl.constexpr):
+    """``A_kk^-1`` of the blocks o_n ``[BN]``, ``[BN, P, P]``, by the register kernel's elimination."""
     o_p = tl.arange(0, P)
     o_k = k * P + o_p
-    b_akk = tl.load(a_in + i_n * (BPAD * BPAD) + (o_k[:, None] * BPAD + o_k[None, :])[None, :, :])
+    b_akk = tl.load(a_in + o_n[:, None, None] * (BPAD * BPAD) + (o_k[:, None] * BPAD + o_k[None, :])[None, :, :])
     return _gauss_jordan(b_akk, (o_p[:, None] == o_p[None, :]).to(tl.float32)[None, :, :], o_p, P)
 
 
 @triton.jit
-def _diagonal_inverse_kernel(a_in, kinv_ptr, k, BPAD: tl.constexpr, P: tl.constexpr):
-    """``A_kk^-1`` of block i_n into ``kinv_ptr`` (``_step_kernel`` without INVERT_HERE)."""
-    i_n = tl.program_id(0).to(tl.int64)
+def _diagonal_inverse_kernel(a_in, kinv_ptr, k, n_blocks, BPAD: tl.constexpr, P: tl.constexpr, BN: tl.constexpr):
+    """``A_kk^-1`` of BN blocks into ``kinv_ptr`` (``_step_kernel`` without INVERT_HERE). The
+    interpreter's cost is per operation, so one program eliminates every block at once (blocks
+    past n_blocks repeat the last one and are not stored)."""
+    o_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    m_n = o_n < n_blocks
+    o_n = tl.minimum(o_n, n_blocks - 1)
     o_p = tl.arange(0, P)
-    tl.store(kinv_ptr + i_n * (P * P) + (o_p[:, None] * P + o_p[None, :])[None, :, :],
-             _diagonal_inverse(a_in, i_n, k, BPAD, P))
+    tl.store(kinv_ptr + o_n[:, None, None] * (P * P) + (o_p[:, None] * P + o_p[None, :])[None, :, :],
+             _diagonal_inverse(a_in, o_n, k, BPAD, P), mask=m_n[:, None, None])
 
 
 @triton.jit
@@ -119,7 +126,7 @@ def _step_kernel(a_in, a_out, kinv_ptr, k, BPAD: tl.constexpr, P: tl.constexpr, 
     o_k = k * P + o_p
     base = a_in + i_n * (BPAD * BPAD)
     if INVERT_HERE:
-        b_kinv = tl.reshape(_diagonal_inverse(a_in, i_n, k, BPAD, P), (P, P))
+        b_kinv = tl.reshape(_diagonal_inverse(a_in, i_n + tl.zeros([1], tl.int64), k, BPAD, P), (P, P))
     else:
         b_kinv = tl.load(kinv_ptr + i_n * (P * P) + o_p[:, None] * P + o_p[None, :])
     b_aij = tl.load(base + o_i[:, None] * BPAD + o_j[None, :])
@@ -217,12 +224,14 @@ def forward_into(R: torch.Tensor, mask: torch.Tensor | None, Q: torch.Tensor, ai
     bufs = [new_empty(n_blocks, bpad, bpad, dtype=torch.float32, device=R.device) for _ in range(2)]
     invert_here = INVERT_IN_STEP if INVERT_IN_STEP is not None else not interpreting()
     kinv = bufs[0] if invert_here else new_empty(n_blocks, p, p, dtype=torch.float32, device=R.device)
+    bn = min(triton.next_power_of_2(n_blocks), INVERSE_BLOCKS)
     tiles = (n_blocks, nt * nt)
     wrap_triton(_build_kernel)[tiles](R, mask if mask is not None else R, bufs[0], B=b, BPAD=bpad, P=p, NT=nt,
                                       HAS_MASK=mask is not None, num_warps=WARPS)
     for k in range(nt):
         if not invert_here:
-            wrap_triton(_diagonal_inverse_kernel)[(n_blocks,)](bufs[0], kinv, k, BPAD=bpad, P=p, num_warps=WARPS)
+            wrap_triton(_diagonal_inverse_kernel)[(triton.cdiv(n_blocks, bn),)](bufs[0], kinv, k, n_blocks, BPAD=bpad, P=p,
+                                                                                BN=bn, num_warps=WARPS)
         wrap_triton(_step_kernel)[tiles](bufs[0], bufs[1], kinv, k, BPAD=bpad, P=p, NT=nt, INVERT_HERE=invert_here,
                                          PRECISION=_precision(), num_warps=WARPS)
         bufs.reverse()
