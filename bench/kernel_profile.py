@@ -307,6 +307,15 @@ SMEM_LIMIT = {90: 232448, 80: 166912}
 REGISTER_FILE = 64 * 1024
 
 
+def _spill_store_bytes(sass: str) -> int:
+    """ptxas -v's "bytes spill stores": the bytes of the SASS's local-memory stores (STL: 4 bytes,
+    .64 8, .128 16, .U16/.S16 2, .U8/.S8 1)."""
+    import re
+
+    widths = {"128": 16, "64": 8, "16": 2, "8": 1}
+    return sum(widths.get(m.group(1) or "", 4) for m in re.finditer(r"\bSTL(?:\.[US]?(\d+))?\b", sass))
+
+
 def compile_stats(spec: dict, arch: int) -> dict:
     """Compile one kernel spec for ``sm_<arch>`` and read what the GPU would run."""
     import collections
@@ -329,24 +338,21 @@ def compile_stats(spec: dict, arch: int) -> dict:
     options = {"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3), **spec.get("options", {}),
                **spec.get("arch_options", {}).get(arch, {})}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    # Read the cubin Triton built (its ptxas flags, not a second ptxas run's): registers from its
+    # resource usage, spill bytes as ptxas -v counts them, the bytes of its local-memory stores.
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as d:
-        ptx = Path(d) / "k.ptx"
-        ptx.write_text(compiled.asm["ptx"])
-        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        info = subprocess.run([str(bin_dir / "ptxas"), "-v", "--gpu-name", gpu, str(ptx), "-o", str(Path(d) / "p.cubin")],
-                              capture_output=True, text=True).stderr
         cubin = Path(d) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
-    regs = re.search(r"Used (\d+) registers", info)
-    spill = re.search(r"(\d+) bytes spill stores", info)
+        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-res-usage", "-sass", str(cubin)], capture_output=True,
+                              text=True).stdout
+    regs = re.search(r"REG:(\d+)", sass)
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)(\.[A-Z0-9_.]+)?", sass)
     count = collections.Counter(op for op, _ in ops)
     widths = collections.Counter(op + (sfx or "") for op, sfx in ops if op in ("LDG", "STG", "LDGSTS"))
     return {
         "regs": int(regs.group(1)) if regs else None,
-        "spill_bytes": int(spill.group(1)) if spill else 0,
+        "spill_bytes": _spill_store_bytes(sass),
         "smem": compiled.metadata.shared,
         "smem_fits": compiled.metadata.shared <= SMEM_LIMIT[arch],
         # a program needing more than the SM's 64K registers does not launch (a register cap

@@ -125,6 +125,23 @@ def test_spill_ops_in_loops_counts_local_memory_inside_backward_branches():
     assert kernel_profile._spill_ops_in_loops(sass) == 3  # 0x20, 0x30 and 0x10000
 
 
+def test_spill_bytes_are_the_local_stores_of_the_sass():
+    """The compile report reads spills from the cubin Triton built, as ptxas -v counts them: the
+    bytes of its STL instructions by width (the count matched ptxas -v on 34x3's spilling chain
+    passes: 76, 48, 24 and 44 bytes)."""
+    from boft_triton.bench import kernel_profile
+
+    sass = "\n".join(["        /*0000*/                   STL [R1+0x4], R2 ;",
+                      "        /*0010*/                   STL.64 [R1+0x8], R2 ;",
+                      "        /*0020*/                   STL.128 [R1+0x10], R4 ;",
+                      "        /*0030*/                   STL.U16 [R1+0x20], R6 ;",
+                      "        /*0040*/                   @!P0 STL.S8 [R1+0x22], R7 ;",
+                      "        /*0050*/                   LDL.64 R2, [R1+0x8] ;",
+                      "        /*0060*/                   STG.E.128 desc[UR4][R8.64], R12 ;"])
+    assert kernel_profile._spill_store_bytes(sass) == 4 + 8 + 16 + 2 + 1
+    assert kernel_profile._spill_store_bytes("        /*0000*/                   EXIT ;") == 0
+
+
 def test_compile_rows_follow_the_launchers_per_arch(monkeypatch):
     """The compile report lists a kernel only for the archs its launcher runs it on, at the config
     it runs there: 192-wide blocks write dx in their dMc pass on Hopper only, and sm_80 runs their
