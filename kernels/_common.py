@@ -56,6 +56,11 @@ def _interpreter_numpy_check() -> None:
 
 if interpreting():
     _interpreter_numpy_check()
+    # the language patched once per launch, not on every helper call (absolute: the import-guard
+    # test loads this file on its own)
+    from boft_triton.kernels._interpreter import install as _patch_the_language_once_per_launch
+
+    _patch_the_language_once_per_launch()
 
 
 def next_pow2(x: int) -> int:
