@@ -133,6 +133,21 @@ def test_blocked_cayley(monkeypatch, N, D, b, scale, masked, tile):
     assert -(-b // kcb.tile()) > 1  # several block columns: the update of every tile kind
 
 
+def test_blocked_cayley_inverts_the_diagonal_tiles_of_several_blocks_per_program(monkeypatch):
+    """The interpreter's diagonal-inverse launch takes INVERSE_BLOCKS blocks a program: 5 masked
+    and unmasked blocks at 2 a program (the last program half empty), 32-wide tiles; values and
+    dl/dR against the dense reference."""
+    kcb = importlib.import_module("boft_triton.kernels.cayley_blocked")
+    monkeypatch.setattr(kc, "MAX_REGISTER_BLOCK", 32)
+    monkeypatch.setattr(kcb, "TILE", 32)
+    monkeypatch.setattr(kcb, "INVERT_IN_STEP", False)
+    monkeypatch.setattr(kcb, "INVERSE_BLOCKS", 2)
+    launches, wrap = [], kcb.wrap_triton
+    monkeypatch.setattr(kcb, "wrap_triton", lambda fn: launches.append(fn.__name__) or wrap(fn))
+    test_cayley(1, 5, 70, 1.0, True)
+    assert launches.count("_diagonal_inverse_kernel") == 3  # a launch per tile column (3), 3 programs each
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cayley_low_precision_params(dtype):
     """R in bf16/fp16: maths in fp32 on the rounded values, Q fp32, dl/dR in R's dtype."""
