@@ -14,9 +14,10 @@ traffic|wide|segmented|compile|compile-wide|cayley|roofline|accuracy``):
 - **segmented**: the same count for the mixed-adapter (serving) forward, T rows split among K
   adapters, every adapter's Q read included;
 - **compile**: compiles every kernel at the config its launcher picks, for sm_90 and sm_80, with
-  the 16-byte alignment / divisible-by-16 specialisation a real launch gives, and reads registers
-  and spills (``ptxas -v``), shared memory, tensor-core instructions and global-load widths
-  (``cuobjdump -sass``). Both tools ship inside Triton's NVIDIA backend; no GPU is needed.
+  the 16-byte alignment / divisible-by-16 specialisation a real launch gives, and reads the cubin
+  Triton built: registers (``cuobjdump -res-usage``), spill bytes (its local stores, as ``ptxas
+  -v`` counts them), shared memory, tensor-core instructions and global-load widths (``cuobjdump
+  -sass``). The tools ship inside Triton's NVIDIA backend; no GPU is needed.
   **compile-wide** does it for the wide report's shapes, **cayley** for the blocked Cayley solve
   of blocks wider than 64;
 - **accuracy**: y of 16-bit inputs against the exact product, with a GPU's rounding emulated op
