@@ -950,6 +950,22 @@ def _segmented_apply_kernel(
 # kernels: one pass over several factor groups (fused_groups)
 
 
+@triton.constexpr_function
+def _batch_parts(Z, WP, BW):
+    """Parts to cut each ``[WP, WP]`` block of a batched product into (its output columns, or an
+    accumulator's rows) so that the batch, Z blocks x parts, covers the program's BW warps.
+    Triton lays a batched dot's warps along the batch axis only (mma v2, ``warpsPerCTA = [BW, 1,
+    1]``): a batch of Z < BW blocks is held and multiplied whole in each of BW / Z warp groups,
+    BW / Z times the registers and the tensor-core work. Parts stay at least 16 wide (a dot's
+    least). The one-pass kernels pass their warps (64x3's forward: 4 blocks of 64 at 8 warps,
+    half the HMMA instructions cut in 2, registers unchanged; 34x3's accumulating chain pass 255
+    registers and 24-76 bytes spilled -> 178 and none); BW = 1 never cuts."""
+    parts = 1
+    while Z * parts < BW and WP // (2 * parts) >= 16:
+        parts *= 2
+    return parts
+
+
 @triton.jit
 def _fused_factor(q_ptr, i_cb, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, NL: tl.constexpr,
                   B: tl.constexpr, HC: tl.constexpr, HP: tl.constexpr, z0=0, ZC: tl.constexpr = 0):
@@ -982,9 +998,11 @@ def _fused_factor(q_ptr, i_cb, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.cons
 @triton.jit
 def _fused_delta(q_ptr, i_cb, D, K0: tl.constexpr, K1: tl.constexpr, NL: tl.constexpr, B: tl.constexpr,
                  HC: tl.constexpr, HP: tl.constexpr, TRANS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr):
+                 BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr, BW: tl.constexpr = 1):
     """``Delta = Mc - I`` (``Delta^T`` with TRANS) of every block of the group in coarse block
-    i_cb, ``[Z, WP, WP]``, in residual form as ``_product_minus_eye`` builds one block."""
+    i_cb, ``[Z, WP, WP]``, in residual form as ``_product_minus_eye`` builds one block. With BW,
+    as ``_fused_group`` holds it: each block's columns cut into ``_batch_parts`` parts,
+    ``[Z parts, WP, WP / parts]``."""
     o_w = tl.arange(0, (1 << (K1 - K0)) * HP)
     eye = ((o_w[:, None] == o_w[None, :]) & ((o_w % HP) < HC)[:, None])[None, :, :]
     o_q, m_q = _fused_factor(q_ptr, i_cb, D, K0, K0, K1, NL, B, HC, HP)
@@ -997,21 +1015,36 @@ def _fused_delta(q_ptr, i_cb, D, K0: tl.constexpr, K1: tl.constexpr, NL: tl.cons
         d = tl.dot(e.to(BUILD_DTYPE), d.to(BUILD_DTYPE), d + e, input_precision=BUILD_PRECISION)
     if TRANS:
         d = tl.permute(d, (0, 2, 1))
-    return d.to(DOT_DTYPE)
+    d = d.to(DOT_DTYPE)
+    Z: tl.constexpr = (1 << (NL - K1)) * (1 << K0)
+    WP: tl.constexpr = (1 << (K1 - K0)) * HP
+    GP: tl.constexpr = _batch_parts(Z, WP, BW)
+    if GP > 1:
+        d = tl.reshape(tl.permute(tl.reshape(d, (Z, WP, GP, WP // GP)), (0, 2, 1, 3)), (Z * GP, WP, WP // GP))
+    return d
 
 
 @triton.jit
 def _fused_group(b_t, b_d, BT: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, NL: tl.constexpr,
-                 HP: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                 HP: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BW: tl.constexpr = 1):
     """``t + t Delta`` on the group's blocks: the row tile ``[BT, 2^NL HP]`` (chunk index bits
     high to low, then the offset) is permuted so each block's columns are contiguous, multiplied
-    by its block (one batched dot), and permuted back. Everything stays in registers."""
+    by its block (one batched dot), and permuted back. Everything stays in registers. With BW,
+    b_d is ``_fused_delta``'s cut one: each block's rows meet every part of its columns."""
     LO: tl.constexpr = 1 << K0
     MID: tl.constexpr = 1 << (K1 - K0)
     HI: tl.constexpr = 1 << (NL - K1)
     b_u = tl.permute(tl.reshape(b_t, (BT, HI, MID, LO, HP)), (1, 3, 0, 2, 4))
     b_u = tl.reshape(b_u, (HI * LO, BT, MID * HP))  # [Z, BT, WP]
-    b_u = b_u + tl.dot(b_u.to(DOT_DTYPE), b_d, input_precision=PRECISION)
+    Z: tl.constexpr = HI * LO
+    WP: tl.constexpr = MID * HP
+    GP: tl.constexpr = _batch_parts(Z, WP, BW)
+    if GP > 1:
+        b_w = tl.reshape(tl.broadcast_to(tl.expand_dims(b_u.to(DOT_DTYPE), 1), (Z, GP, BT, WP)), (Z * GP, BT, WP))
+        b_w = tl.dot(b_w, b_d, input_precision=PRECISION)
+        b_u = b_u + tl.reshape(tl.permute(tl.reshape(b_w, (Z, GP, BT, WP // GP)), (0, 2, 1, 3)), (Z, BT, WP))
+    else:
+        b_u = b_u + tl.dot(b_u.to(DOT_DTYPE), b_d, input_precision=PRECISION)
     b_u = tl.permute(tl.reshape(b_u, (HI, LO, BT, MID, HP)), (2, 0, 3, 1, 4))
     return tl.reshape(b_u, (BT, HI * MID * LO * HP))
 
@@ -1023,7 +1056,7 @@ def _fused_apply_kernel(
     A0: tl.constexpr, A1: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, TRANS: tl.constexpr,
     BT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BUILD_DTYPE: tl.constexpr,
-    BUILD_PRECISION: tl.constexpr,
+    BUILD_PRECISION: tl.constexpr, BW: tl.constexpr,
 ):
     """``y = x M`` (``x M^T`` with TRANS) on coarse block i_cb for row tiles i_p, i_p + P, ...:
     the NG groups, levels ``[A0, A1)``, ``[B0, B1)``, ``[C0, C1)``, ``[D0, D1)``, in the order they act, each
@@ -1035,23 +1068,23 @@ def _fused_apply_kernel(
     o_c = tl.arange(0, LP)
     m_c = (o_c % HP) < HC
     o_col = i_cb * ((1 << NL) * HC) + (o_c // HP) * HC + o_c % HP  # [LP] padded chunk lanes masked
-    b_da = _fused_delta(q_ptr, i_cb, D, A0, A1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
-    b_db = _fused_delta(q_ptr, i_cb, D, B0, B1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+    b_da = _fused_delta(q_ptr, i_cb, D, A0, A1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION, BW)
+    b_db = _fused_delta(q_ptr, i_cb, D, B0, B1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION, BW)
     if NG > 2:
-        b_dc = _fused_delta(q_ptr, i_cb, D, C0, C1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+        b_dc = _fused_delta(q_ptr, i_cb, D, C0, C1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION, BW)
     if NG > 3:
-        b_dd = _fused_delta(q_ptr, i_cb, D, D0, D1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION)
+        b_dd = _fused_delta(q_ptr, i_cb, D, D0, D1, NL, B, HC, HP, TRANS, DOT_DTYPE, BUILD_DTYPE, BUILD_PRECISION, BW)
     for i_t in range(i_p, tl.cdiv(T, BT), n_p):
         o_t = i_t * BT + tl.arange(0, BT)
         o_x = o_t[:, None] * n + o_col[None, :]  # [BT, LP]
         m_x = (o_t < T)[:, None] & m_c[None, :]
         b_t = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
-        b_t = _fused_group(b_t, b_da, BT, A0, A1, NL, HP, DOT_DTYPE, PRECISION)
-        b_t = _fused_group(b_t, b_db, BT, B0, B1, NL, HP, DOT_DTYPE, PRECISION)
+        b_t = _fused_group(b_t, b_da, BT, A0, A1, NL, HP, DOT_DTYPE, PRECISION, BW)
+        b_t = _fused_group(b_t, b_db, BT, B0, B1, NL, HP, DOT_DTYPE, PRECISION, BW)
         if NG > 2:
-            b_t = _fused_group(b_t, b_dc, BT, C0, C1, NL, HP, DOT_DTYPE, PRECISION)
+            b_t = _fused_group(b_t, b_dc, BT, C0, C1, NL, HP, DOT_DTYPE, PRECISION, BW)
         if NG > 3:
-            b_t = _fused_group(b_t, b_dd, BT, D0, D1, NL, HP, DOT_DTYPE, PRECISION)
+            b_t = _fused_group(b_t, b_dd, BT, D0, D1, NL, HP, DOT_DTYPE, PRECISION, BW)
         tl.store(y_ptr + o_x, b_t.to(y_ptr.dtype.element_ty), mask=m_x)
 
 
@@ -1147,7 +1180,7 @@ def _fused_grad_kernel(
     D0: tl.constexpr, D1: tl.constexpr, SEL: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr,
     TRANS: tl.constexpr, WRITE_DX: tl.constexpr, FUSED_DQ: tl.constexpr, RC: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BUILD_DTYPE: tl.constexpr, BUILD_PRECISION: tl.constexpr,
-    CHAIN: tl.constexpr, DIRECT: tl.constexpr,
+    CHAIN: tl.constexpr, DIRECT: tl.constexpr, HALF: tl.constexpr, BW: tl.constexpr,
 ):
     """One pass over (x, g) for group SEL (levels ``[S0, S1)``; groups in acting order A, B, C,
     D) on rows ``[i_s ROWS, (i_s+1) ROWS)`` of coarse block i_cb: the group's input u is x carried
@@ -1166,34 +1199,47 @@ def _fused_grad_kernel(
     accumulating chain pass whose first group A is one level): the identity's rows carried
     through A are rows of A's factor, gathered from Q (``_chain_factor_rows``) rather than made
     here and multiplied by a held Delta_A, which frees that block's registers. (``fused_chain_dq``
-    runs accumulating passes in ``y = I M`` only; the TRANS gather is tested directly.)"""
+    runs accumulating passes in ``y = I M`` only; the TRANS gather is tested directly.)
+
+    HALF (``chain_halves``: a gathered A of the top level, in ``y = I M``): a program takes one
+    half of the coarse block's columns, those whose chunk has the top level's bit h (program axis
+    1 runs over 2 NCB halves, ``2 i_cb + h``). Only A mixes the halves, and its rows are gathered
+    at the half's columns; every group after it acts within a half, which is a coarse block of
+    NL - 1 levels at index ``2 i_cb + h`` (a level's blocks depend on its index and b, not on N).
+    So each program holds half the later groups' blocks, half the tiles and half of S's dMc,
+    for the same total work: the whole pass spilled 24-76 bytes in its loop at 34x3-62x3."""
     i_s = tl.program_id(0).to(tl.int64)
-    i_cb = tl.program_id(1).to(tl.int64)
-    LP: tl.constexpr = (1 << NL) * HP
+    i_fb = tl.program_id(1).to(tl.int64)  # the frame's coarse block: a half with HALF
+    FB: tl.constexpr = 2 if HALF else 1
+    NF: tl.constexpr = NL - 1 if HALF else NL  # the frame's levels
+    i_cb = i_fb // FB  # the coarse block (x's, g's and A's gather)
+    LP: tl.constexpr = (1 << NF) * HP
     o_c = tl.arange(0, LP)
     m_c = (o_c % HP) < HC
     LC: tl.constexpr = (1 << NL) * HC
-    o_lc = (o_c // HP) * HC + o_c % HP  # [LP] the lane's column inside the coarse block
+    # [LP] the lane's column inside the coarse block (in half i_fb % 2 with HALF)
+    o_lc = (i_fb % FB) * ((1 << NF) * HC) + (o_c // HP) * HC + o_c % HP
     o_col = i_cb * LC + o_lc
     # the chain's identity rows through a one-level first group are rows of its factor: gathered
     # from Q, so that group's blocks are not held (the accumulating passes' registers)
     GATHER_A: tl.constexpr = CHAIN and SEL > 0 and A1 - A0 == 1
     # before SEL: forward operands (x M's blocks); after SEL: their transposes (the gradient's)
     if (SEL > 0 and not GATHER_A) or WRITE_DX:
-        b_da = _fused_delta(q_ptr, i_cb, D, A0, A1, NL, B, HC, HP, TRANS != (SEL <= 0), DOT_DTYPE, BUILD_DTYPE,
-                            BUILD_PRECISION)
+        b_da = _fused_delta(q_ptr, i_fb, D, A0, A1, NF, B, HC, HP, TRANS != (SEL <= 0), DOT_DTYPE, BUILD_DTYPE,
+                            BUILD_PRECISION, BW)
     if SEL != 1:
-        b_db = _fused_delta(q_ptr, i_cb, D, B0, B1, NL, B, HC, HP, TRANS != (SEL < 1), DOT_DTYPE, BUILD_DTYPE,
-                            BUILD_PRECISION)
+        b_db = _fused_delta(q_ptr, i_fb, D, B0, B1, NF, B, HC, HP, TRANS != (SEL < 1), DOT_DTYPE, BUILD_DTYPE,
+                            BUILD_PRECISION, BW)
     if NG > 2 and SEL != 2:
-        b_dc = _fused_delta(q_ptr, i_cb, D, C0, C1, NL, B, HC, HP, TRANS != (SEL < 2), DOT_DTYPE, BUILD_DTYPE,
-                            BUILD_PRECISION)
+        b_dc = _fused_delta(q_ptr, i_fb, D, C0, C1, NF, B, HC, HP, TRANS != (SEL < 2), DOT_DTYPE, BUILD_DTYPE,
+                            BUILD_PRECISION, BW)
     if NG > 3 and SEL != 3:
-        b_dd = _fused_delta(q_ptr, i_cb, D, D0, D1, NL, B, HC, HP, TRANS != (SEL < 3), DOT_DTYPE, BUILD_DTYPE,
-                            BUILD_PRECISION)
+        b_dd = _fused_delta(q_ptr, i_fb, D, D0, D1, NF, B, HC, HP, TRANS != (SEL < 3), DOT_DTYPE, BUILD_DTYPE,
+                            BUILD_PRECISION, BW)
     WP: tl.constexpr = (1 << (S1 - S0)) * HP
-    Z: tl.constexpr = (1 << (NL - S1)) * (1 << S0)
-    b_acc = tl.zeros([Z, WP, WP], dtype=tl.float32)  # (unused, so never allocated, with DIRECT)
+    Z: tl.constexpr = (1 << (NF - S1)) * (1 << S0)
+    AP: tl.constexpr = _batch_parts(Z, WP, BW)  # dMc's rows cut into parts (the batch's warps)
+    b_acc = tl.zeros([Z * AP, WP // AP, WP], dtype=tl.float32)  # (unused, so never allocated, with DIRECT)
     row_lo = i_s * ROWS
     row_hi = tl.minimum(row_lo + ROWS, T)
     for t0 in range(row_lo, row_hi, RC):
@@ -1217,37 +1263,43 @@ def _fused_grad_kernel(
             b_u = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
             b_v = tl.load(g_ptr + o_x, mask=m_x, other=0.0).to(tl.float32)
         if SEL > 0 and not GATHER_A:
-            b_u = _fused_group(b_u, b_da, RC, A0, A1, NL, HP, DOT_DTYPE, PRECISION)
+            b_u = _fused_group(b_u, b_da, RC, A0, A1, NF, HP, DOT_DTYPE, PRECISION, BW)
         if SEL > 1:
-            b_u = _fused_group(b_u, b_db, RC, B0, B1, NL, HP, DOT_DTYPE, PRECISION)
+            b_u = _fused_group(b_u, b_db, RC, B0, B1, NF, HP, DOT_DTYPE, PRECISION, BW)
         if SEL > 2:
-            b_u = _fused_group(b_u, b_dc, RC, C0, C1, NL, HP, DOT_DTYPE, PRECISION)
+            b_u = _fused_group(b_u, b_dc, RC, C0, C1, NF, HP, DOT_DTYPE, PRECISION, BW)
         if NG > 3 and SEL < 3:
-            b_v = _fused_group(b_v, b_dd, RC, D0, D1, NL, HP, DOT_DTYPE, PRECISION)
+            b_v = _fused_group(b_v, b_dd, RC, D0, D1, NF, HP, DOT_DTYPE, PRECISION, BW)
         if NG > 2 and SEL < 2:
-            b_v = _fused_group(b_v, b_dc, RC, C0, C1, NL, HP, DOT_DTYPE, PRECISION)
+            b_v = _fused_group(b_v, b_dc, RC, C0, C1, NF, HP, DOT_DTYPE, PRECISION, BW)
         if SEL < 1:
-            b_v = _fused_group(b_v, b_db, RC, B0, B1, NL, HP, DOT_DTYPE, PRECISION)
+            b_v = _fused_group(b_v, b_db, RC, B0, B1, NF, HP, DOT_DTYPE, PRECISION, BW)
         if DIRECT:
-            _chain_store_rows(dq_ptr, _fused_frame(b_v, RC, S0, S1, NL, HP), o_t, row_hi, i_cb, D, S0, NL, B, HC, HP,
+            _chain_store_rows(dq_ptr, _fused_frame(b_v, RC, S0, S1, NF, HP), o_t, row_hi, i_cb, D, S0, NL, B, HC, HP,
                               RC, TRANS)
         else:
-            b_fu = _fused_frame(b_u, RC, S0, S1, NL, HP).to(DOT_DTYPE)
-            b_fv = _fused_frame(b_v, RC, S0, S1, NL, HP).to(DOT_DTYPE)
+            b_fu = _fused_frame(b_u, RC, S0, S1, NF, HP).to(DOT_DTYPE)
+            b_fv = _fused_frame(b_v, RC, S0, S1, NF, HP).to(DOT_DTYPE)
+            if AP > 1:
+                b_fu = tl.reshape(tl.permute(tl.reshape(b_fu, (Z, RC, AP, WP // AP)), (0, 2, 1, 3)),
+                                  (Z * AP, RC, WP // AP))
+                b_fv = tl.reshape(tl.broadcast_to(tl.expand_dims(b_fv, 1), (Z, AP, RC, WP)), (Z * AP, RC, WP))
             b_acc = tl.dot(tl.permute(b_fu, (0, 2, 1)), b_fv, b_acc, input_precision=PRECISION)
         if WRITE_DX:
-            b_dx = _fused_group(b_v, b_da, RC, A0, A1, NL, HP, DOT_DTYPE, PRECISION)
+            b_dx = _fused_group(b_v, b_da, RC, A0, A1, NF, HP, DOT_DTYPE, PRECISION, BW)
             tl.store(dx_ptr + o_x, b_dx.to(dx_ptr.dtype.element_ty), mask=m_x)
     if not DIRECT:  # (DIRECT stored its rows in the loop)
+        b_acc = tl.reshape(b_acc, (Z, WP, WP))
         if TRANS:  # the held operand was Delta^T: its gradient is the transpose
             b_acc = tl.permute(b_acc, (0, 2, 1))
         if FUSED_DQ:
-            _fused_store_dq(dq_ptr, q_ptr, b_acc, i_cb, D, S0, S1, NL, B, HC, HP, BUILD_DTYPE, BUILD_PRECISION)
+            _fused_store_dq(dq_ptr, q_ptr, b_acc, i_fb, D, S0, S1, NF, B, HC, HP, BUILD_DTYPE, BUILD_PRECISION)
         else:
             o_z = tl.arange(0, Z)
             o_w = tl.arange(0, WP)
             m_w = (o_w % HP) < HC
-            o_dd = ((i_s * NCB + i_cb) * Z + o_z[:, None, None]) * (WP * WP) + o_w[None, :, None] * WP + o_w[None, None, :]
+            o_dd = (((i_s * NCB * FB + i_fb) * Z + o_z[:, None, None]) * (WP * WP) + o_w[None, :, None] * WP
+                    + o_w[None, None, :])
             tl.store(dd_ptr + o_dd, b_acc, mask=(m_w[:, None] & m_w[None, :])[None, :, :] & (o_z >= 0)[:, None, None])
 
 
@@ -1367,7 +1419,7 @@ def fused_apply_into(x, q, transpose, key, y) -> None:
     programs = _fused_programs(T, cfg["BT"], cfg["PPS"], n, b, N, num_sms(x.device))
     wrap_triton(_fused_apply_kernel)[(programs, n // (b << (N - 1)))](
         x, padded_q(q, b), y, T, n, n // b, NL=N, B=q_block(b), HC=b // 2, HP=hp, **group_bounds(groups), TRANS=transpose, BT=cfg["BT"],
-        **_dot_meta(x.dtype, max(hp << (k1 - k0) for k0, k1 in groups)), num_warps=cfg["num_warps"],
+        **_dot_meta(x.dtype, max(hp << (k1 - k0) for k0, k1 in groups)), BW=cfg["num_warps"], num_warps=cfg["num_warps"],
         num_stages=fused_stages(b, source, cfg.get("num_stages", 2)), **register_cap(fused_options(*key).get("maxnreg")),
     )
 
@@ -1410,6 +1462,15 @@ def fused_grad(x, g, q, transpose, key, need_dx):
     return dx, unpadded_dq(dq, b)
 
 
+def chain_halves(groups, sel: int, transpose: bool) -> bool:
+    """Whether the accumulating chain pass of ``groups[sel]`` (groups in acting order) runs a
+    program per half coarse block (``_fused_grad_kernel``'s HALF): its first group is the top
+    level alone, gathered, and only that group mixes the halves (``y = I M``; in ``y = I M^T`` the
+    first group is the lowest level)."""
+    k0, k1 = groups[0]
+    return sel > 0 and not transpose and k1 - k0 == 1
+
+
 def _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, write_dx, key, cfg, dtype, chain, direct) -> None:
     """One ``_fused_grad_kernel`` pass for group ``groups[sel]`` (groups in acting order), then,
     with several row splits, the kernel adding their partials into dQ."""
@@ -1425,10 +1486,12 @@ def _fused_grad_pass(x, g, q, dx, dq, groups, sel, transpose, write_dx, key, cfg
     # not fit next to the row pass's tiles (``sweeps_in_pass``) leaves it to the dq kernel
     reduce = (splits > 1 or not sweeps_in_pass(N, hp, k0, k1)) and not direct
     partial = new_empty(splits, blocks, z, width, width, dtype=torch.float32, device=x.device) if reduce else dq
-    wrap_triton(_fused_grad_kernel)[(splits, blocks)](
+    half = chain and not direct and chain_halves(groups, sel, transpose)
+    wrap_triton(_fused_grad_kernel)[(splits, blocks * (2 if half else 1))](
         x, g, q, dx if write_dx else x, partial, dq, T, n, n // b, rows, blocks, **common, **group_bounds(groups),
         SEL=sel, S0=k0, S1=k1,
         TRANS=transpose, WRITE_DX=write_dx, FUSED_DQ=not reduce, RC=FUSED_RC, **meta, CHAIN=chain, DIRECT=direct,
+        HALF=half, BW=cfg["num_warps"],
         num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
         **register_cap(cfg.get("maxnreg") or fused_grad_registers(b)),
     )
@@ -1931,7 +1994,7 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                               signature={"x_ptr": ptr, "q_ptr": "*fp32", "y_ptr": ptr, "T": "i32", "n": "i32",
                                          "D": "i32"}, divisible=("n",),
                               constexprs={"NL": N, "B": q_block(b), "HC": b // 2, "HP": hp, **group_bounds(groups),
-                                          "TRANS": trans, "BT": fwd["BT"], **dot},
+                                          "TRANS": trans, "BT": fwd["BT"], **dot, "BW": fwd["num_warps"]},
                               config={**fwd, "num_stages": fused_fwd_stages}, num_warps=fwd["num_warps"],
                               num_stages=fused_fwd_stages,
                               options=fused_options(n, b, N)))
@@ -1945,7 +2008,7 @@ def launch_specs(n: int, b: int, N: int, dtype_name: str = "bf16") -> list[dict]
                                               **group_bounds(fused),
                                               "SEL": sel, "S0": k0, "S1": k1, "TRANS": False, "WRITE_DX": sel == 0,
                                               "FUSED_DQ": fused_dq, "RC": FUSED_RC, **dot, "CHAIN": False,
-                                              "DIRECT": False},
+                                              "DIRECT": False, "HALF": False, "BW": bwd["num_warps"]},
                                   config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
                                   options={"maxnreg": grad_cap} if grad_cap else {}))
         if fused_backward(n, b, N) or _coarse().supported(n, b, N, dtype):  # the row splits' sums, dQ

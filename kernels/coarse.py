@@ -284,7 +284,9 @@ def launch_specs(n: int, b: int, N: int, dtype: torch.dtype, gsig: dict) -> list
                                           **kb.group_bounds(order),
                                           "SEL": at, "S0": k0, "S1": k1, "TRANS": mode == "last", "WRITE_DX": False,
                                           "FUSED_DQ": fused_dq, "RC": kb.FUSED_RC, **dot, "CHAIN": True,
-                                          "DIRECT": mode != "acc"},
+                                          "DIRECT": mode != "acc",
+                                          "HALF": mode == "acc" and kb.chain_halves(order, at, False),
+                                          "BW": bwd["num_warps"]},
                               config=bwd, num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
                               options={"maxnreg": bwd["maxnreg"]}))
     return dmc + chain

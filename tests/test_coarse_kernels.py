@@ -253,6 +253,38 @@ def test_chain_rule_from_dmc_to_every_factor(n, b, N):
     assert rel_err(kb.fused_chain_dq(dmc, Q, (n, b, N)), _chain_reference(Q, dmc)) <= CHAIN_TOL
 
 
+def test_accumulating_chain_passes_take_half_a_coarse_block_a_program(monkeypatch):
+    """Where the first-acting group is the top level alone (gathered), an accumulating chain pass
+    runs a program per half coarse block (HALF: only that level mixes the halves); not in ``y =
+    I M^T`` nor under a multi-level first group. The batched products it holds are cut so their
+    batch covers the program's warps (Triton puts a batched dot's warps on the batch axis only):
+    40x3's half holds 2 blocks of 64, cut in 4 at 8 warps. CHAIN_CASES check the values."""
+    g40, g10, g8 = kb.fused_groups(320, 40, 3), kb.fused_groups(320, 10, 5), kb.fused_groups(256, 8, 6)
+    assert kb.chain_halves(g40, 1, False) and not kb.chain_halves(g40[::-1], 1, True)
+    assert kb.chain_halves(g10, 1, False) and kb.chain_halves(g10, 2, False)  # 10x5: B before S within the half
+    assert not kb.chain_halves(g8, 1, False)  # 8x6: a 3-level first group, held
+    assert [kb._batch_parts(z, wp, 8) for z, wp in ((2, 64), (4, 64), (8, 32), (1, 32), (2, 16))] == [4, 2, 1, 2, 1]
+    assert kb._batch_parts(2, 64, 1) == 1  # the row passes: uncut
+    grids, wrap = [], kb.wrap_triton
+
+    class Recorded:  # wrap_triton(kernel)[grid](...), with each chain pass's grid and HALF kept
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launch = wrap(self.kernel)[grid]
+            return lambda *args, **kw: (grids.append((grid, kw.get("HALF"))), launch(*args, **kw))[1]
+
+    n, b, N = 320, 40, 3
+    Q, dmc = _chain_inputs(n, b, N)
+    monkeypatch.setattr(kb, "wrap_triton", Recorded)
+    dq = kb.fused_chain_dq(dmc, Q, (n, b, N))
+    blocks = n // kc.width(b, N)
+    assert [(grid[1], half) for grid, half in grids if half is not None] == [(blocks, False), (2 * blocks, True),
+                                                                             (blocks, False)]
+    assert rel_err(dq, _chain_reference(Q, dmc)) <= CHAIN_TOL
+
+
 def test_chain_pass_in_the_transposed_orientation():
     """The accumulating pass of 40x3's middle level run in ``y = I M^T`` with dMc^T (the groups
     reversed; ``fused_chain_dq`` takes that orientation only for a last one-level group) gives the

@@ -914,6 +914,10 @@ rows += exact(1024, 256, 2, ("wide_dx_grad_halves[g0]",), 80) + exact(768, 192, 
 rows += exact(768, 6, 6, ("fused",), 90) + exact(768, 6, 6, ("fused",), 80)
 rows += exact(1024, 8, 6, ("fused_dq[0]", "fused_dq[1]"), 80)
 rows += exact(1024, 4, 7, ("fused_dq[1]",), 90)  # 4x7's four 8K levels swept in half-group chunks (28 bytes whole)
+# 34x3's accumulating chain pass, a half coarse block a program and its batched products cut to
+# cover the warps (whole and uncut: 24-76 bytes in the loop)
+rows += exact(1088, 34, 3, ("coarse_chain[1]", "coarse_chain_dq[1]"), 90)
+rows += exact(1088, 34, 3, ("coarse_chain[1]", "coarse_chain_dq[1]"), 80)
 # plan()'s group kernels of one-pass shapes on plan()'s tiles (on the one-pass forward's: 44 and 8 bytes)
 rows += exact(488, 122, 2, ("apply[g1]",), 80) + exact(440, 110, 2, ("segmented[g0]",), 90)
 # 257-384-wide forwards holding their Delta slab as two tiles, 128 columns a slab (wide.held_tail);
@@ -976,7 +980,7 @@ def test_kernels_compile_for_sm90():
                                                                           (6, 6, "bf16"), (8, 6, "bf16"),
                                                                           (4, 7, "bf16"), (122, 2, "bf16"),
                                                                           (110, 2, "bf16"), (320, 1, "bf16"),
-                                                                          (376, 1, "bf16")}
+                                                                          (376, 1, "bf16"), (34, 3, "bf16")}
     assert {r["kernel"] for r in rows if r["strict"] and r["b"] == 8} == {"fused_dq[0]", "fused_dq[1]"}
     for r in rows:
         assert r["smem_fits"] and r["regs_fit"], r  # else the launch fails on that GPU
