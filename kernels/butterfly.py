@@ -209,10 +209,12 @@ def group(n: int, b: int, N: int, k0: int) -> dict:
 
 def fused_backward(n: int, b: int, N: int) -> bool:
     """Whether the backward of a ``fused_groups`` shape runs in one pass per group
-    (``fused_grad``): every group's dMc over the coarse block fits FUSED_ACC."""
+    (``fused_grad``): every group's dMc over the coarse block fits FUSED_ACC, or FUSED_GRAD_ACC
+    where the chunks (b/2) are whole multiples of 4 columns."""
     groups = fused_groups(n, b, N)
     hp = next_pow2(b // 2)
-    return groups is not None and all(group_values(N, hp, k0, k1) <= FUSED_ACC for k0, k1 in groups)
+    limit = FUSED_GRAD_ACC if (b // 2) % 4 == 0 else FUSED_ACC
+    return groups is not None and all(group_values(N, hp, k0, k1) <= limit for k0, k1 in groups)
 
 
 def group_blocks(N: int, k0: int, k1: int) -> int:
@@ -353,15 +355,17 @@ def group_bounds(groups) -> dict:
     return dict(NG=len(groups), **dict(zip(_BOUND_NAMES, bounds)))
 
 
-# The one-pass backward holds one group's fp32 dMc for the coarse block besides the other groups'
-# blocks: up to this many values it compiles without spills on sm_90 and sm_80 (8x6: 8K). At 16K
-# (64x3, 40x3, 36x3, 48x3: three 64-wide groups) every pass sat at 255 registers and spilled
-# 4-124 bytes a thread whatever the stages, warps or offset widths; those shapes' backward goes
-# through the dense coarse blocks (``coarse``) wherever the byte model finds it moves fewer bytes
-# than plan()'s per-group passes: at every row count for 40x3 (whose 80-wide two-level group
-# takes dQ through the row-slab kernel), from about 1.3 L rows for 64x3 (interpreter, T = 128:
-# 40x3 forward + backward 3.43x -> 4.38x; 64x3 at T = 256 3.10x -> 3.20x).
+# A unit of the one-pass kernels' fp32 working sets (a group's dMc, a dQ sweep), in values.
 FUSED_ACC = 8 * 1024
+# The one-pass backward holds one group's fp32 dMc for the coarse block besides the other groups'
+# blocks: up to FUSED_ACC values (8x6), or this many where b/2 is a multiple of 4. 16K is three
+# 64-wide groups of 4 blocks (34x3-64x3): with the blocks' batched products whole in each warp
+# group they sat at 255 registers and spilled 4-124 bytes a thread, so those shapes took plan()'s
+# per-group passes below the coarse route's row counts. Cut to cover the warps (``_batch_parts``)
+# 40x3, 48x3, 56x3 and 64x3 compile clean on sm_90 and sm_80 under triton 3.7 and 3.6; odd
+# chunks (34x3, 38x3, ... 62x3) still spill 4-104 bytes, 36x3, 44x3 and 52x3 8 under 3.6. The
+# byte model picks between this backward and the coarse route (``coarse.takes``).
+FUSED_GRAD_ACC = 2 * FUSED_ACC
 # A group's dQ sweep (``_fused_store_dq``: its fp32 dMc and the products of its levels) in one
 # program, levels x values. In a row pass's epilogue (one row split) up to FUSED_SWEEP: 3 levels
 # of 8K (8x6, 6x6) compile clean on sm_90 and sm_80, 4 of 8K (4x7's first group) spilled 28-80

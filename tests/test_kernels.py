@@ -312,6 +312,20 @@ def test_one_pass_backward_reduces_dq_deterministically_over_row_splits(monkeypa
     check_grads_do_not_depend_on_program_order(monkeypatch, T, n, b, N)
 
 
+@pytest.mark.parametrize("T,n,b,N,transpose", [(40, 320, 40, 3, False), (70, 512, 64, 3, True)],
+                         ids=["b40-N3", "b64-N3-T"])
+def test_one_pass_backward_of_three_64_wide_groups(monkeypatch, T, n, b, N, transpose):
+    """40x3 and 64x3 (16K dMc values a group) take one pass over (x, g) per group below the
+    coarse route's row counts (they took plan()'s passes): bf16 values and both gradients against
+    the dense reference, each pass a program per coarse block and row split."""
+    coarse = importlib.import_module("boft_triton.kernels.coarse")
+    assert kb.fused_backward(n, b, N) and not coarse.takes(n, b, N, T, torch.bfloat16, True)
+    passes, run_pass = [], kb._fused_grad_pass
+    monkeypatch.setattr(kb, "_fused_grad_pass", lambda *a, **k: (passes.append(a[6]), run_pass(*a, **k))[1])
+    check_butterfly(T, n, b, N, 1.0, transpose, dtype=torch.bfloat16)
+    assert passes == [0, 1, 2] and kb.LAST_LAUNCH["butterfly_bwd_route"] == ("model", "groups")
+
+
 def check_grads_do_not_depend_on_program_order(monkeypatch, T, n, b, N):
     """dx and dQ against the torch path, then bit for bit the same with the programs run in
     reverse (interpreter) or again (GPU)."""
@@ -335,10 +349,13 @@ def test_one_pass_groups_fall_back_where_blocks_do_not_fit():
     assert kb.fused_groups(1024, 64, 3) == ((2, 3), (1, 2), (0, 1))
     assert kb.fused_groups(1024, 8, 6) == ((3, 6), (0, 3))  # balanced: 32 + 32, not 128 + 16
     # the backward holds one group's dMc for the coarse block: up to 8K values it does (8x6: two
-    # 32-wide groups, one pass per group); 64x3's three 64-wide groups (16K each) and 80x2's
-    # 128-wide ones (2 x 128 x 128) spilled, and take the coarse route or plan()'s passes
+    # 32-wide groups, one pass per group), 16K where the chunks are multiples of 4 columns (64x3,
+    # 40x3: three 64-wide groups, their batched products cut to cover the warps); odd chunks at
+    # 16K (34x3) and 80x2's 128-wide groups (2 x 128 x 128) spilled, and take the coarse route or
+    # plan()'s passes
     assert kb.fused_backward(1024, 8, 6) and kb.fused_backward(256, 16, 5)
-    assert not kb.fused_backward(1024, 64, 3) and not kb.fused_backward(1280, 80, 2)
+    assert kb.fused_backward(1024, 64, 3) and kb.fused_backward(1280, 40, 3)
+    assert not kb.fused_backward(1088, 34, 3) and not kb.fused_backward(1280, 80, 2)
     assert kb.chain_passes(1024, 64, 3) == ("first", "acc", "last")  # its chain still accumulates 16K
 
 
