@@ -1211,7 +1211,8 @@ def _fused_grad_kernel(
     at the half's columns; every group after it acts within a half, which is a coarse block of
     NL - 1 levels at index ``2 i_cb + h`` (a level's blocks depend on its index and b, not on N).
     So each program holds half the later groups' blocks, half the tiles and half of S's dMc,
-    for the same total work: the whole pass spilled 24-76 bytes in its loop at 34x3-62x3."""
+    for the same total work: the whole pass spilled 24-76 bytes in its loop at 34x3-62x3.
+    BW: the program's warps, which the batched products are cut to cover (``_batch_parts``)."""
     i_s = tl.program_id(0).to(tl.int64)
     i_fb = tl.program_id(1).to(tl.int64)  # the frame's coarse block: a half with HALF
     FB: tl.constexpr = 2 if HALF else 1
