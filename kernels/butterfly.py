@@ -362,8 +362,9 @@ FUSED_ACC = 8 * 1024
 # 64-wide groups of 4 blocks (34x3-64x3): with the blocks' batched products whole in each warp
 # group they sat at 255 registers and spilled 4-124 bytes a thread, so those shapes took plan()'s
 # per-group passes below the coarse route's row counts. Cut to cover the warps (``_batch_parts``)
-# 40x3, 48x3, 56x3 and 64x3 compile clean on sm_90 and sm_80 under triton 3.7 and 3.6; odd
-# chunks (34x3, 38x3, ... 62x3) still spill 4-104 bytes, 36x3, 44x3 and 52x3 8 under 3.6. The
+# 40x3, 48x3, 56x3 and 64x3 compile clean on sm_90 and sm_80 under triton 3.7 and 3.6 (8 warps,
+# the default). Chunks that are not a multiple of 4 still spill: odd ones (34x3, 38x3, ... 62x3)
+# 4-104 bytes, 36x3, 44x3 and 52x3 8 under 3.6 (60x3 compiled clean, left out by the rule). The
 # byte model picks between this backward and the coarse route (``coarse.takes``).
 FUSED_GRAD_ACC = 2 * FUSED_ACC
 # A group's dQ sweep (``_fused_store_dq``: its fp32 dMc and the products of its levels) in one
@@ -962,8 +963,9 @@ def _batch_parts(Z, WP, BW):
     1]``): a batch of Z < BW blocks is held and multiplied whole in each of BW / Z warp groups,
     BW / Z times the registers and the tensor-core work. Parts stay at least 16 wide (a dot's
     least). The one-pass kernels pass their warps (64x3's forward: 4 blocks of 64 at 8 warps,
-    half the HMMA instructions cut in 2, registers unchanged; 34x3's accumulating chain pass 255
-    registers and 24-76 bytes spilled -> 178 and none); BW = 1 never cuts."""
+    half the HMMA instructions cut in 2, registers unchanged; 34x3's accumulating chain pass, with
+    its halves (HALF), 255 registers and 24-76 bytes spilled -> 178 and none; the halves alone
+    left it at 255); BW = 1 never cuts."""
     parts = 1
     while Z * parts < BW and WP // (2 * parts) >= 16:
         parts *= 2
@@ -1228,6 +1230,8 @@ def _fused_grad_kernel(
     # the chain's identity rows through a one-level first group are rows of its factor: gathered
     # from Q, so that group's blocks are not held (the accumulating passes' registers)
     GATHER_A: tl.constexpr = CHAIN and SEL > 0 and A1 - A0 == 1
+    # the halves are split by the top level's bit, which only a gathered A of that level mixes
+    tl.static_assert(not HALF or (GATHER_A and A1 == NL and not TRANS and not DIRECT))
     # before SEL: forward operands (x M's blocks); after SEL: their transposes (the gradient's)
     if (SEL > 0 and not GATHER_A) or WRITE_DX:
         b_da = _fused_delta(q_ptr, i_fb, D, A0, A1, NF, B, HC, HP, TRANS != (SEL <= 0), DOT_DTYPE, BUILD_DTYPE,

@@ -264,7 +264,7 @@ def test_accumulating_chain_passes_take_half_a_coarse_block_a_program(monkeypatc
     assert kb.chain_halves(g10, 1, False) and kb.chain_halves(g10, 2, False)  # 10x5: B before S within the half
     assert not kb.chain_halves(g8, 1, False)  # 8x6: a 3-level first group, held
     assert [kb._batch_parts(z, wp, 8) for z, wp in ((2, 64), (4, 64), (8, 32), (1, 32), (2, 16))] == [4, 2, 1, 2, 1]
-    assert kb._batch_parts(2, 64, 1) == 1  # the row passes: uncut
+    assert kb._batch_parts(2, 64, 1) == 1  # BW = 1 (the Delta_c build): uncut
     grids, wrap = [], kb.wrap_triton
 
     class Recorded:  # wrap_triton(kernel)[grid](...), with each chain pass's grid and HALF kept
@@ -283,6 +283,11 @@ def test_accumulating_chain_passes_take_half_a_coarse_block_a_program(monkeypatc
     assert [(grid[1], half) for grid, half in grids if half is not None] == [(blocks, False), (2 * blocks, True),
                                                                              (blocks, False)]
     assert rel_err(dq, _chain_reference(Q, dmc)) <= CHAIN_TOL
+    # one row split: the halves sweep dQ in the pass (FUSED_DQ) rather than writing partials
+    monkeypatch.setattr(kb, "num_sms", lambda device: 1)
+    grids.clear()
+    assert rel_err(kb.fused_chain_dq(dmc, Q, (n, b, N)), _chain_reference(Q, dmc)) <= CHAIN_TOL
+    assert [grid for grid, half in grids if half] == [(1, 2 * blocks)]
 
 
 def test_chain_pass_in_the_transposed_orientation():

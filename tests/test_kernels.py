@@ -317,7 +317,7 @@ def test_one_pass_backward_reduces_dq_deterministically_over_row_splits(monkeypa
 def test_one_pass_backward_of_three_64_wide_groups(monkeypatch, T, n, b, N, transpose):
     """40x3 and 64x3 (16K dMc values a group) take one pass over (x, g) per group below the
     coarse route's row counts (they took plan()'s passes): bf16 values and both gradients against
-    the dense reference, each pass a program per coarse block and row split."""
+    the dense reference, a pass per group."""
     coarse = importlib.import_module("boft_triton.kernels.coarse")
     assert kb.fused_backward(n, b, N) and not coarse.takes(n, b, N, T, torch.bfloat16, True)
     passes, run_pass = [], kb._fused_grad_pass
