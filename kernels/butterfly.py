@@ -973,6 +973,34 @@ def _batch_parts(Z, WP, BW):
 
 
 @triton.jit
+def _cut_columns(t, P: tl.constexpr):
+    """``[Z, R, C]`` -> ``[Z P, R, C / P]``: each matrix's columns cut into P parts, part p of
+    matrix z at batch ``z P + p`` (``_batch_parts``' cut; ``_join_columns`` undoes it)."""
+    Z: tl.constexpr = t.shape[0]
+    R: tl.constexpr = t.shape[1]
+    C: tl.constexpr = t.shape[2]
+    return tl.reshape(tl.permute(tl.reshape(t, (Z, R, P, C // P)), (0, 2, 1, 3)), (Z * P, R, C // P))
+
+
+@triton.jit
+def _join_columns(t, P: tl.constexpr):
+    """``_cut_columns``' inverse: ``[Z P, R, C / P]`` -> ``[Z, R, C]``."""
+    Z: tl.constexpr = t.shape[0] // P
+    R: tl.constexpr = t.shape[1]
+    C: tl.constexpr = t.shape[2] * P
+    return tl.reshape(tl.permute(tl.reshape(t, (Z, P, R, C // P)), (0, 2, 1, 3)), (Z, R, C))
+
+
+@triton.jit
+def _repeat_parts(t, P: tl.constexpr):
+    """``[Z, R, C]`` -> ``[Z P, R, C]``: each matrix repeated for the P parts it meets."""
+    Z: tl.constexpr = t.shape[0]
+    R: tl.constexpr = t.shape[1]
+    C: tl.constexpr = t.shape[2]
+    return tl.reshape(tl.broadcast_to(tl.expand_dims(t, 1), (Z, P, R, C)), (Z * P, R, C))
+
+
+@triton.jit
 def _fused_factor(q_ptr, i_cb, D, k: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, NL: tl.constexpr,
                   B: tl.constexpr, HC: tl.constexpr, HP: tl.constexpr, z0=0, ZC: tl.constexpr = 0):
     """Where factor k's values sit for every block of group [K0, K1) in coarse block i_cb, as a
@@ -1026,7 +1054,7 @@ def _fused_delta(q_ptr, i_cb, D, K0: tl.constexpr, K1: tl.constexpr, NL: tl.cons
     WP: tl.constexpr = (1 << (K1 - K0)) * HP
     GP: tl.constexpr = _batch_parts(Z, WP, BW)
     if GP > 1:
-        d = tl.reshape(tl.permute(tl.reshape(d, (Z, WP, GP, WP // GP)), (0, 2, 1, 3)), (Z * GP, WP, WP // GP))
+        d = _cut_columns(d, GP)
     return d
 
 
@@ -1046,9 +1074,8 @@ def _fused_group(b_t, b_d, BT: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
     WP: tl.constexpr = MID * HP
     GP: tl.constexpr = _batch_parts(Z, WP, BW)
     if GP > 1:
-        b_w = tl.reshape(tl.broadcast_to(tl.expand_dims(b_u.to(DOT_DTYPE), 1), (Z, GP, BT, WP)), (Z * GP, BT, WP))
-        b_w = tl.dot(b_w, b_d, input_precision=PRECISION)
-        b_u = b_u + tl.reshape(tl.permute(tl.reshape(b_w, (Z, GP, BT, WP // GP)), (0, 2, 1, 3)), (Z, BT, WP))
+        b_w = tl.dot(_repeat_parts(b_u.to(DOT_DTYPE), GP), b_d, input_precision=PRECISION)
+        b_u = b_u + _join_columns(b_w, GP)
     else:
         b_u = b_u + tl.dot(b_u.to(DOT_DTYPE), b_d, input_precision=PRECISION)
     b_u = tl.permute(tl.reshape(b_u, (HI, LO, BT, MID, HP)), (2, 0, 3, 1, 4))
@@ -1289,10 +1316,9 @@ def _fused_grad_kernel(
         else:
             b_fu = _fused_frame(b_u, RC, S0, S1, NF, HP).to(DOT_DTYPE)
             b_fv = _fused_frame(b_v, RC, S0, S1, NF, HP).to(DOT_DTYPE)
-            if AP > 1:
-                b_fu = tl.reshape(tl.permute(tl.reshape(b_fu, (Z, RC, AP, WP // AP)), (0, 2, 1, 3)),
-                                  (Z * AP, RC, WP // AP))
-                b_fv = tl.reshape(tl.broadcast_to(tl.expand_dims(b_fv, 1), (Z, AP, RC, WP)), (Z * AP, RC, WP))
+            if AP > 1:  # dMc's rows are u's columns
+                b_fu = _cut_columns(b_fu, AP)
+                b_fv = _repeat_parts(b_fv, AP)
             b_acc = tl.dot(tl.permute(b_fu, (0, 2, 1)), b_fv, b_acc, input_precision=PRECISION)
         if WRITE_DX:
             b_dx = _fused_group(b_v, b_da, RC, A0, A1, NF, HP, DOT_DTYPE, PRECISION, BW)
