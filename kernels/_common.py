@@ -59,8 +59,12 @@ if interpreting():
     # the language patched once per launch, not on every helper call (absolute: the import-guard
     # test loads this file on its own)
     from boft_triton.kernels._interpreter import install as _patch_the_language_once_per_launch
+    from boft_triton.kernels._interpreter import install_dtype_table as _map_each_dtype_once
+    from boft_triton.kernels._interpreter import install_shape_caches as _build_each_shape_once
 
     _patch_the_language_once_per_launch()
+    _build_each_shape_once()
+    _map_each_dtype_once()
 
 
 def next_pow2(x: int) -> int:

@@ -11,6 +11,11 @@ scope is never restored); only a module not seen yet in this launch
 (``triton.language.standard``'s, say) needs one. ``install`` wraps ``_patch_lang`` to patch each
 function's globals once per launch.
 
+Two more costs of Triton's Python frontend are paid once instead of on every op
+(``install_shape_caches``: a result's ``block_type`` and ``tl.tensor`` shape; ``install_dtype_table``:
+the interpreter's Triton-to-numpy dtype map). With the three, the interpreted kernel tests take
+about 30-45% less CPU time than with the first alone.
+
 Only the interpreter is affected; where Triton's internals differ (another version), nothing is
 installed and the interpreter runs as shipped.
 """
@@ -52,4 +57,134 @@ def install() -> bool:
 
     patch_lang._boft_triton_once_per_launch = True
     interpreter._patch_lang = patch_lang
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Block types and tensor shapes built once per shape
+
+
+def _int_shape(shape, tl_tuple, constexpr):
+    """``shape`` (a list or a ``tl.tuple`` of ints or int constexprs: what ``block_type`` takes) as
+    a tuple of ints; None for anything else (left to Triton)."""
+    values = shape.values if type(shape) is tl_tuple else shape
+    if type(values) is not list:
+        return None
+    out = []
+    for s in values:
+        if type(s) is constexpr:
+            s = s.value
+        if type(s) is not int:
+            return None
+        out.append(s)
+    return tuple(out)
+
+
+def install_shape_caches() -> bool:
+    """Build each block type's shape, and each tensor's, once per shape rather than on every op.
+
+    An interpreted op makes a ``block_type`` and a ``tl.tensor`` for its result; their
+    constructors turn the shape into a ``tl.tuple`` of constexprs, check it (powers of two) and
+    name it: about 60 us an op, 35-45% of an interpreted launch (Triton's frontend, run once per
+    op per program per loop step). Here a shape seen before takes the same (immutable) tuple,
+    numel and name; a new one goes through Triton's own code, so its checks and errors are
+    Triton's. Installed only where the constructors do what this copies (checked on a sample),
+    else Triton runs as shipped."""
+    try:
+        from triton.language import core
+    except ImportError:  # pragma: no cover - depends on the Triton build
+        return False
+    block_init, tensor_init = core.block_type.__init__, core.tensor.__init__
+    if getattr(block_init, "_boft_triton_cached", False):
+        return True
+    tl_tuple, constexpr = core.tuple, core.constexpr
+    blocks: dict = {}  # int shape -> (tl.tuple shape, numel, its str)
+    tensors: dict = {}  # int shape -> (numel constexpr, tl.tuple of constexprs)
+
+    def cached_block_init(self, element_ty, shape):
+        key = _int_shape(shape, tl_tuple, constexpr)
+        hit = blocks.get(key) if key is not None else None
+        if hit is None:
+            block_init(self, element_ty, shape)  # Triton's checks and errors
+            if key is not None:
+                blocks[key] = (self.shape, self.numel, str(self.shape))
+            return
+        self.element_ty = element_ty
+        self.shape, self.numel, text = hit
+        self.name = f"<{text}, {element_ty}>"
+
+    def cached_tensor_init(self, handle, type):
+        key = _int_shape(type.shape, tl_tuple, constexpr) if type.is_block() else ()
+        hit = tensors.get(key) if key is not None else None
+        if hit is None:
+            tensor_init(self, handle, type)
+            if key is not None:
+                tensors[key] = (self.numel, self.shape)
+            return
+        self.handle = handle
+        self.numel, self.shape = hit
+        self.type = type
+        self.dtype = type.scalar
+
+    if not _same_as_triton(core, block_init, tensor_init, cached_block_init, cached_tensor_init):
+        return False
+    cached_block_init._boft_triton_cached = True
+    cached_block_init._boft_triton_real, cached_tensor_init._boft_triton_real = block_init, tensor_init
+    core.block_type.__init__, core.tensor.__init__ = cached_block_init, cached_tensor_init
+    return True
+
+
+def _same_as_triton(core, block_init, tensor_init, cached_block_init, cached_tensor_init) -> bool:
+    """Whether the cached constructors leave the attributes Triton's do, on a few shapes (twice:
+    the miss and the hit)."""
+    try:
+        for shape in ([16], core.tuple([16, 32]), [core.constexpr(4), 8, 2]):
+            for dtype in (core.float32, core.bfloat16):
+                ref_block = core.block_type.__new__(core.block_type)
+                block_init(ref_block, dtype, shape)
+                ref_tensor = core.tensor.__new__(core.tensor)
+                tensor_init(ref_tensor, None, ref_block)
+                for _ in range(2):
+                    block = core.block_type.__new__(core.block_type)
+                    cached_block_init(block, dtype, shape)
+                    tensor = core.tensor.__new__(core.tensor)
+                    cached_tensor_init(tensor, None, block)
+                    if (vars(block).keys() != vars(ref_block).keys() or block != ref_block
+                            or block.name != ref_block.name or block.numel != ref_block.numel
+                            or vars(tensor).keys() != vars(ref_tensor).keys() or tensor.shape != ref_tensor.shape
+                            or tensor.numel != ref_tensor.numel or tensor.dtype != ref_tensor.dtype):
+                        return False
+    except Exception:  # pragma: no cover - another Triton's internals
+        return False
+    return True
+
+
+def install_dtype_table() -> bool:
+    """The interpreter's ``_get_np_dtype`` (Triton type -> numpy dtype, asked on every load, cast
+    and arithmetic op) builds its 19-entry table on every call; here each type's answer is kept
+    the first time Triton gives it. Keyed by the type's class and name, which Triton's types
+    compare by."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - depends on the Triton build
+        return False
+    real = getattr(interpreter, "_get_np_dtype", None)
+    if real is None:
+        return False
+    if getattr(real, "_boft_triton_cached", False):
+        return True
+    answers: dict = {}
+
+    def get_np_dtype(tt_dtype):
+        name = getattr(tt_dtype, "name", None)
+        if type(name) is not str:
+            return real(tt_dtype)
+        key = (type(tt_dtype), name)
+        hit = answers.get(key)
+        if hit is None:
+            hit = answers[key] = real(tt_dtype)
+        return hit
+
+    get_np_dtype._boft_triton_cached, get_np_dtype._boft_triton_real = True, real
+    interpreter._get_np_dtype = get_np_dtype
     return True
