@@ -16,8 +16,9 @@ Two more costs of Triton's Python frontend are paid once instead of on every op
 the interpreter's Triton-to-numpy dtype map). With the three, the interpreted kernel tests take
 about 30-45% less CPU time than with the first alone.
 
-Only the interpreter is affected; where Triton's internals differ (another version), nothing is
-installed and the interpreter runs as shipped.
+All three are installed only under ``TRITON_INTERPRET=1`` (``_common``), for the whole process;
+where Triton's internals differ (another version), nothing is installed and the interpreter runs
+as shipped.
 """
 
 from __future__ import annotations
@@ -85,11 +86,12 @@ def install_shape_caches() -> bool:
 
     An interpreted op makes a ``block_type`` and a ``tl.tensor`` for its result; their
     constructors turn the shape into a ``tl.tuple`` of constexprs, check it (powers of two) and
-    name it: about 60 us an op, 35-45% of an interpreted launch (Triton's frontend, run once per
-    op per program per loop step). Here a shape seen before takes the same (immutable) tuple,
-    numel and name; a new one goes through Triton's own code, so its checks and errors are
-    Triton's. Installed only where the constructors do what this copies (checked on a sample),
-    else Triton runs as shipped."""
+    name it: about 7 us of Python an op for the two (2 cached), run once per op per program per
+    loop step. Here a shape seen before takes the tuple, numel and name Triton built for it the
+    first time (shared: Triton's frontend and interpreter never mutate them, 3.6-3.7.1); a new
+    one goes through Triton's own code, so its checks and errors are Triton's. Installed only
+    where the constructors leave what this copies (checked on a sample), else Triton runs as
+    shipped."""
     try:
         from triton.language import core
     except ImportError:  # pragma: no cover - depends on the Triton build
@@ -99,7 +101,7 @@ def install_shape_caches() -> bool:
         return True
     tl_tuple, constexpr = core.tuple, core.constexpr
     blocks: dict = {}  # int shape -> (tl.tuple shape, numel, its str)
-    tensors: dict = {}  # int shape -> (numel constexpr, tl.tuple of constexprs)
+    tensors: dict = {}  # int shape -> (tl.tuple of constexprs, numel constexpr)
 
     def cached_block_init(self, element_ty, shape):
         key = _int_shape(shape, tl_tuple, constexpr)
@@ -119,10 +121,10 @@ def install_shape_caches() -> bool:
         if hit is None:
             tensor_init(self, handle, type)
             if key is not None:
-                tensors[key] = (self.numel, self.shape)
+                tensors[key] = (self.shape, self.numel)
             return
         self.handle = handle
-        self.numel, self.shape = hit
+        self.shape, self.numel = hit  # Triton's attribute order
         self.type = type
         self.dtype = type.scalar
 
@@ -134,9 +136,16 @@ def install_shape_caches() -> bool:
     return True
 
 
+def attributes(obj) -> list:
+    """An object's attributes as (type, repr) pairs, in order: tells ``constexpr[16]`` from 16 and a
+    ``tl.tuple`` from a tuple."""
+    return [(k, type(v), repr(v)) for k, v in vars(obj).items()]
+
+
 def _same_as_triton(core, block_init, tensor_init, cached_block_init, cached_tensor_init) -> bool:
-    """Whether the cached constructors leave the attributes Triton's do, on a few shapes (twice:
-    the miss and the hit)."""
+    """Whether the cached constructors leave the attributes Triton's do (types and values, in
+    order), on a few shapes twice (the miss and the hit) and a 0-d tensor, with a ``tl.tuple`` for
+    the block's shape (an older Triton's list would be mutable, and shared)."""
     try:
         for shape in ([16], core.tuple([16, 32]), [core.constexpr(4), 8, 2]):
             for dtype in (core.float32, core.bfloat16):
@@ -144,16 +153,22 @@ def _same_as_triton(core, block_init, tensor_init, cached_block_init, cached_ten
                 block_init(ref_block, dtype, shape)
                 ref_tensor = core.tensor.__new__(core.tensor)
                 tensor_init(ref_tensor, None, ref_block)
+                if type(ref_block.shape) is not core.tuple:
+                    return False
                 for _ in range(2):
                     block = core.block_type.__new__(core.block_type)
                     cached_block_init(block, dtype, shape)
                     tensor = core.tensor.__new__(core.tensor)
                     cached_tensor_init(tensor, None, block)
-                    if (vars(block).keys() != vars(ref_block).keys() or block != ref_block
-                            or block.name != ref_block.name or block.numel != ref_block.numel
-                            or vars(tensor).keys() != vars(ref_tensor).keys() or tensor.shape != ref_tensor.shape
-                            or tensor.numel != ref_tensor.numel or tensor.dtype != ref_tensor.dtype):
+                    if (attributes(block) != attributes(ref_block) or block != ref_block
+                            or attributes(tensor) != attributes(ref_tensor)):
                         return False
+        for _ in range(2):
+            ref_scalar, scalar = core.tensor.__new__(core.tensor), core.tensor.__new__(core.tensor)
+            tensor_init(ref_scalar, None, core.float32)
+            cached_tensor_init(scalar, None, core.float32)
+            if attributes(scalar) != attributes(ref_scalar):
+                return False
     except Exception:  # pragma: no cover - another Triton's internals
         return False
     return True
@@ -161,9 +176,10 @@ def _same_as_triton(core, block_init, tensor_init, cached_block_init, cached_ten
 
 def install_dtype_table() -> bool:
     """The interpreter's ``_get_np_dtype`` (Triton type -> numpy dtype, asked on every load, cast
-    and arithmetic op) builds its 19-entry table on every call; here each type's answer is kept
-    the first time Triton gives it. Keyed by the type's class and name, which Triton's types
-    compare by."""
+    and arithmetic op) builds its 18-entry table on every call; here each type's answer is kept
+    the first time Triton gives it, keyed by the type's class and name: the answer depends on
+    nothing else (every pointer is uint64, whatever its address space; a block's name holds its
+    element type's)."""
     try:
         from triton.runtime import interpreter
     except ImportError:  # pragma: no cover - depends on the Triton build
