@@ -321,8 +321,6 @@ def compile_stats(spec: dict, arch: int) -> dict:
     """Compile one kernel spec for ``sm_<arch>`` and read what the GPU would run."""
     import collections
     import re
-    import subprocess
-    import tempfile
 
     import triton
     from triton.backends.compiler import GPUTarget
@@ -341,12 +339,7 @@ def compile_stats(spec: dict, arch: int) -> dict:
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     # Read the cubin Triton built (its ptxas flags, not a second ptxas run's): registers from its
     # resource usage, spill bytes as ptxas -v counts them, the bytes of its local-memory stores.
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.TemporaryDirectory() as d:
-        cubin = Path(d) / "k.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-res-usage", "-sass", str(cubin)], capture_output=True,
-                              text=True).stdout
+    sass = disassemble(compiled.asm["cubin"], Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     regs = re.search(r"REG:(\d+)", sass)
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)(\.[A-Z0-9_.]+)?", sass)
     count = collections.Counter(op for op, _ in ops)
@@ -365,6 +358,52 @@ def compile_stats(spec: dict, arch: int) -> dict:
         "ldg": dict(widths),
         "spill_ops_in_loops": _spill_ops_in_loops(sass),
     }
+
+
+SASS_CACHE_ENV = "BOFT_TRITON_SASS_CACHE"
+
+
+def sass_cache_dir() -> Path | None:
+    """Where ``disassemble`` keeps what it read: ``$BOFT_TRITON_SASS_CACHE``, else ``sass`` in the
+    user cache dir (platformdirs); None (nothing kept) if there is neither."""
+    if os.environ.get(SASS_CACHE_ENV):
+        return Path(os.environ[SASS_CACHE_ENV])
+    try:
+        import platformdirs
+
+        return Path(platformdirs.user_cache_dir("boft_triton")) / "sass"
+    except Exception:  # platformdirs missing, or no home directory
+        return None
+
+
+def disassemble(cubin: bytes, cuobjdump: Path) -> str:
+    """``cuobjdump -res-usage -sass`` of a cubin. The disassembler spends about 0.4 s of CPU
+    starting, whatever the kernel: 67 of the compile test's 80 CPU-seconds (185 kernels) where
+    Triton's own cache holds the cubins. So its output is kept, under the hash of the cubin and
+    of the cuobjdump that read it (path, size, mtime), which fix it; a cache that cannot be read
+    or written is skipped."""
+    import hashlib
+    import subprocess
+    import tempfile
+
+    from boft_triton.io_utils import atomic_write_text
+
+    tool = cuobjdump.stat()
+    key = hashlib.sha256(cubin)
+    key.update(f"{cuobjdump.resolve()}:{tool.st_size}:{tool.st_mtime_ns}".encode())
+    folder = sass_cache_dir()
+    kept = folder / f"{key.hexdigest()}.txt" if folder is not None else None
+    with contextlib.suppress(OSError):
+        if kept is not None and kept.is_file():
+            return kept.read_text(encoding="utf-8")
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.cubin"
+        path.write_bytes(cubin)
+        run = subprocess.run([str(cuobjdump), "-res-usage", "-sass", str(path)], capture_output=True, text=True)
+    if run.returncode == 0 and kept is not None:
+        with contextlib.suppress(OSError):
+            atomic_write_text(kept, run.stdout)
+    return run.stdout
 
 
 def _spill_ops_in_loops(sass: str) -> int:

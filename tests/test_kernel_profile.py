@@ -206,3 +206,25 @@ def test_segmented_traffic_within_target(b, N):
         assert row["torch_bytes"] == 0 and row["elementwise_mul"] == 0, row
         assert row["fwd_ratio"] <= kernel_profile.TARGET_FWD, row
         assert row["fwd_ratio_to_floor"] <= 1.01, row
+
+
+def test_disassembly_is_kept_by_the_cubin_and_the_tool(tmp_path, monkeypatch):
+    """cuobjdump runs once per cubin (its 0.4 s start is most of a compile report whose cubins
+    Triton's cache holds); another cubin or another cuobjdump runs it again, and a cache that
+    cannot be written is skipped."""
+    from boft_triton.bench import kernel_profile as kp
+
+    calls = tmp_path / "calls"
+    tool = tmp_path / "cuobjdump"
+    tool.write_text(f'#!/bin/sh\necho run >> "{calls}"\necho "REG:42 $(cat "$3")"\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv(kp.SASS_CACHE_ENV, str(tmp_path / "cache"))
+    runs = lambda: calls.read_text().count("run")  # noqa: E731
+    assert kp.disassemble(b"cubin A", tool) == kp.disassemble(b"cubin A", tool) == "REG:42 cubin A\n"
+    assert runs() == 1
+    assert kp.disassemble(b"cubin B", tool) == "REG:42 cubin B\n" and runs() == 2
+    tool.write_text(tool.read_text() + "# another build\n")
+    assert kp.disassemble(b"cubin A", tool) == "REG:42 cubin A\n" and runs() == 3
+    monkeypatch.setenv(kp.SASS_CACHE_ENV, str(calls / "cache"))  # under a file: nothing can be kept
+    assert kp.disassemble(b"cubin A", tool) == kp.disassemble(b"cubin A", tool) == "REG:42 cubin A\n"
+    assert runs() == 5
