@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -380,8 +381,6 @@ def sass_cache_dir() -> Path | None:
 @functools.lru_cache(maxsize=None)
 def _file_hash(path: Path, size: int, mtime_ns: int) -> str:
     """sha256 of a file's bytes, once per (path, size, mtime) in a process."""
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -391,14 +390,14 @@ def disassemble(cubin: bytes, cuobjdump: Path) -> str:
     Triton's own cache holds the cubins. So its output is kept, under the hash of the cubin and
     of the cuobjdump that read it (its bytes: the same Triton in another virtual environment
     shares the entries), which fix it; a cache that cannot be read or written is skipped."""
-    import hashlib
     import subprocess
     import tempfile
 
     from boft_triton.io_utils import atomic_write_text
 
+    tool = cuobjdump.stat()
     key = hashlib.sha256(cubin)
-    key.update(_file_hash(cuobjdump, cuobjdump.stat().st_size, cuobjdump.stat().st_mtime_ns).encode())
+    key.update(_file_hash(cuobjdump, tool.st_size, tool.st_mtime_ns).encode())
     folder = sass_cache_dir()
     kept = folder / f"{key.hexdigest()}.txt" if folder is not None else None
     with contextlib.suppress(OSError):
